@@ -1,0 +1,22 @@
+"""Methods, one module each. Inference-time methods run per item (prompt × seed) on a frozen backbone."""
+
+from framework.config import choose
+from framework.errors import FrameworkError
+from framework.methods.base import Base
+from framework.methods.best_of_n import BestOfN
+from framework.methods.common import Item, ItemResult, Method, Problem, derive_seed
+from framework.methods.dno import DNO
+
+__all__ = ["Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
+
+METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO}
+
+
+def build_method(cfg, reward) -> Method:
+    """The method of `cfg`, checked against the reward: gradient methods refuse non-differentiable rewards."""
+    method = METHODS[choose(cfg.name, tuple(METHODS), "method.name")](cfg)
+    if method.needs_gradients and not reward.differentiable:
+        raise FrameworkError(
+            f"method {cfg.name} follows reward gradients, but reward {reward.name} is not differentiable; "
+            "use method=best_of_n (or a differentiable reward)")
+    return method

@@ -1,0 +1,35 @@
+"""Best-of-N: draw N seeded candidates, keep the one the reward likes best.
+
+Candidate 0 is the item's base sample, so Best-of-N never does worse than base. With `match_opt_steps=K`,
+N = ceil(K × opt_step_cost) spends about the model evaluations of K gradient steps (compute-matched baseline).
+"""
+
+import math
+
+import torch
+
+from framework.methods.common import ItemResult, Method, Problem, derive_seed
+
+
+def num_candidates(cfg) -> int:
+    return cfg.n if cfg.match_opt_steps is None else max(1, math.ceil(cfg.match_opt_steps * cfg.opt_step_cost))
+
+
+class BestOfN(Method):
+    @torch.no_grad()
+    def run(self, problem: Problem) -> ItemResult:
+        n, batch = num_candidates(self.cfg), self.cfg.batch_size
+        seeds = [problem.item.seed] + [derive_seed(problem.item.seed, k) for k in range(1, n)]
+        rewards, steps, base_image, best_image = [], [], None, None
+        for start in problem.progress(range(0, n, batch), total=math.ceil(n / batch), desc="candidates"):
+            images, _ = problem.render(*problem.noise(seeds[start : start + batch]))
+            for image, reward in zip(images, problem.score(images).tolist()):
+                if base_image is None:
+                    base_image = image
+                if not rewards or reward > max(rewards):
+                    best_image = image
+                rewards.append(reward)
+                steps.append({"step": len(rewards) - 1, "reward": reward, "best_reward": max(rewards)})
+        best = max(range(n), key=rewards.__getitem__)
+        return ItemResult(base_image, best_image, rewards[0], rewards[best], steps,
+                          {"n": n, "best_index": best, "candidate_seeds": seeds})

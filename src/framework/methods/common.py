@@ -1,0 +1,86 @@
+"""What every per-item method shares: the item, its seeded noise, rendering and scoring, and the result record."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from framework.config import SamplingConfig
+from framework.models import Backbone
+from framework.rewards import Reward
+from framework.sampling import Trajectory, ddim_sample
+
+
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed that depends only on `keys` (never on process rank or batch layout)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: a prompt and one seed for it."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"p{self.prompt_index:04d}_s{self.sample_index:03d}"
+
+
+@dataclass
+class ItemResult:
+    base_image: Tensor  # [3, H, W] in [0, 1]: the plain sample from the item's seed
+    final_image: Tensor  # what the method returns for the item
+    base_reward: float
+    final_reward: float
+    steps: list[dict] = field(default_factory=list)  # one record per optimisation step / candidate
+    info: dict = field(default_factory=dict)  # method-specific values worth keeping
+
+
+class Problem:
+    """One item's world: frozen backbone and reward, the prompt's conditioning (encoded once), seeded noise."""
+
+    def __init__(self, backbone: Backbone, reward: Reward, item: Item, sampling: SamplingConfig,
+                 show_progress: bool = False):
+        self.backbone, self.reward, self.item, self.sampling = backbone, reward, item, sampling
+        self.cond = backbone.encode([item.prompt])
+        self.show_progress = show_progress
+
+    def noise(self, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
+        """x_T [B, ...] and ξ [S, B, ...] (None at η = 0), drawn on the CPU from each seed so that they are the same
+        on every device and in any batch layout."""
+        steps = self.sampling.num_steps if self.sampling.eta > 0 else 0
+        shape = self.backbone.latent_shape()
+        draws = [torch.randn((1 + steps, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        noise = torch.stack(draws, dim=1).to(self.backbone.device)  # [1 + S, B, ...]
+        return noise[0], (noise[1:] if steps else None)
+
+    def render(self, x_T: Tensor, noises: Tensor | None, **sampler_options) -> tuple[Tensor, Trajectory]:
+        """Images in [0, 1] from the given noises (batch size = len(x_T)), and the sampler's trajectory."""
+        cfg = self.sampling
+        traj = ddim_sample(self.backbone, self.cond.repeat(len(x_T)), x_T, noises, num_steps=cfg.num_steps,
+                           eta=cfg.eta, guidance_scale=cfg.guidance_scale, **sampler_options)
+        return self.backbone.decode(traj.latents), traj
+
+    def score(self, images: Tensor) -> Tensor:
+        return self.reward(images, [self.item.prompt] * len(images))
+
+    def progress(self, iterable, total: int, desc: str):
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True)
+
+
+class Method:
+    """A per-item inference-time method. `needs_gradients`: it differentiates the reward."""
+
+    needs_gradients = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def run(self, problem: Problem) -> ItemResult:
+        raise NotImplementedError

@@ -1,0 +1,80 @@
+"""DNO, direct noise optimisation (arXiv 2405.18881): gradient ascent on the reward over the sampler's noise.
+
+loss(z) = −r(M(z)) + γ·R_prob(z), z = x_T and every ξ_t (`optimize=all`) or x_T alone, AdamW with gradient-norm
+clipping, backprop through the whole checkpointed chain (or its last `grad_steps` steps).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from framework.config import choose
+from framework.errors import NonFiniteLoss
+from framework.methods.common import ItemResult, Method, Problem, derive_seed
+
+
+def _block_log_prob(v: Tensor, block_size: int, perm_seed: int | None) -> Tensor:
+    """Concentration-bound log-probability that v's d-blocks (after a seeded permutation) are i.i.d. N(0, I):
+    lp_mean = min(−n‖m‖²/(2d), −log 2); lp_cov = min(−nδ²/2, −log 2), δ = max(√(1+‖C−I‖₂) − 1 − √(d/n), 0)."""
+    if perm_seed is not None:
+        generator = torch.Generator(device=v.device).manual_seed(perm_seed)
+        v = v[torch.randperm(v.numel(), generator=generator, device=v.device)]
+    d = block_size
+    n = v.numel() // d
+    rows = v[: n * d].reshape(n, d)
+    mean = rows.mean(0)
+    cov = rows.T @ rows / n
+    lp_mean = torch.clamp(-n * mean.square().sum() / (2 * d), max=-math.log(2))
+    spectral = torch.linalg.matrix_norm(cov - torch.eye(d, device=v.device, dtype=v.dtype), ord=2)
+    delta = torch.clamp(torch.sqrt(1 + spectral) - 1 - math.sqrt(d / n), min=0)
+    lp_cov = torch.clamp(-n * delta.square() / 2, max=-math.log(2))
+    return lp_mean + lp_cov
+
+
+def prob_regulariser(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tensor:
+    """R_prob: minus the block log-probability averaged over v's own order and the seeded permutations. It is flat
+    (2·log 2) while v looks Gaussian. Each permuted term is checkpointed so no permutation is kept for backward."""
+    terms = [_block_log_prob(v, block_size, None)]
+    terms += [checkpoint(_block_log_prob, v, block_size, s, use_reentrant=False) for s in perm_seeds]
+    return -torch.stack(terms).mean()
+
+
+class DNO(Method):
+    needs_gradients = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        choose(cfg.optimize, ("all", "x_T"), "method.optimize")
+
+    def run(self, problem: Problem) -> ItemResult:
+        cfg = self.cfg
+        x_T, noises = problem.noise([problem.item.seed])
+        variables = [x_T.requires_grad_()]
+        if cfg.optimize == "all" and noises is not None:
+            variables.append(noises.requires_grad_())
+        optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(cfg.num_permutations)]
+        steps, base = [], None
+        for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} dno"):
+            images, _ = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
+            reward = problem.score(images)[0]
+            flat = torch.cat([v.flatten() for v in variables])
+            reg = prob_regulariser(flat, cfg.block_size, perm_seeds) if cfg.gamma > 0 else flat.new_zeros(())
+            loss = -reward + cfg.gamma * reg
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at optimisation step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(variables, cfg.grad_clip)
+            optimizer.step()
+            if base is None:
+                base = (images[0].detach(), reward.item())
+            steps.append({"step": step, "reward": reward.item(), "loss": loss.item(), "r_prob": reg.item(),
+                          "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item()})
+        with torch.no_grad():
+            images, _ = problem.render(x_T, noises)
+            final_reward = problem.score(images)[0].item()
+        base_image, base_reward = base or (images[0], final_reward)
+        return ItemResult(base_image, images[0], base_reward, final_reward, steps)

@@ -1,0 +1,129 @@
+"""The Backbone contract and its Stable Diffusion (SD1.x and SDXL) implementation.
+
+A Backbone is everything the sampler and the methods need from a text-to-image diffusion model, and nothing more:
+`encode` prompts once, evaluate the CFG-guided noise prediction `eps`, `decode` latents to images in [0, 1], and the
+noise schedule. Diffusers does the model work: we keep its pipeline object to reuse its own prompt encoding (so
+SD1.x, SDXL and their CFG conventions match diffusers exactly) and register the networks as submodules so Lightning
+moves them between devices.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from torch import Tensor, nn
+
+
+@dataclass
+class Cond:
+    """Text conditioning of a batch. Row i of every tensor belongs to prompt i; `uncond_*` is CFG's negative."""
+
+    embeds: Tensor
+    uncond_embeds: Tensor
+    pooled: Tensor | None = None  # SDXL: pooled text embeds of text_encoder_2
+    uncond_pooled: Tensor | None = None
+    time_ids: Tensor | None = None  # SDXL: (original size, crop top-left, target size)
+
+    def repeat(self, n: int) -> "Cond":
+        """Each row repeated n times (row-major), for sampling n images per prompt in one batch."""
+        return replace(self, **{f.name: t.repeat_interleave(n, dim=0) for f in fields(self)
+                                if (t := getattr(self, f.name)) is not None})
+
+
+class Backbone(nn.Module):
+    """Interface of a conditional ε-prediction model with a DDIM-compatible schedule.
+
+    `num_evals` counts noise-prediction evaluations (one per guided ε̂, CFG's two branches counted once, checkpoint
+    recomputation counted again): the unit in which methods are compared at equal compute.
+    """
+
+    scheduler: DDIMScheduler
+
+    def __init__(self):
+        super().__init__()
+        self.num_evals = 0
+
+    def encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def schedule(self, num_steps: int) -> list[tuple[int, float, float]]:
+        """(t, ᾱ_t, ᾱ_prev) for each DDIM step, noisiest first, exactly as diffusers' DDIMScheduler steps them."""
+        sched = self.scheduler
+        sched.set_timesteps(num_steps)
+        stride = sched.config.num_train_timesteps // num_steps
+        alphas = sched.alphas_cumprod.tolist()
+        final = float(sched.final_alpha_cumprod)
+        return [(t, alphas[t], alphas[t - stride] if t - stride >= 0 else final) for t in sched.timesteps.tolist()]
+
+
+class StableDiffusionBackbone(Backbone):
+    """SD1.x (`StableDiffusionPipeline`) or SDXL (`StableDiffusionXLPipeline`) components at a fixed resolution."""
+
+    def __init__(self, pipe: DiffusionPipeline, resolution: int):
+        super().__init__()
+        self.pipe = pipe
+        self.is_sdxl = hasattr(pipe, "text_encoder_2")
+        self.resolution = resolution
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False).eval()  # frozen: backprop then computes input grads only
+        # The differentiable sampler is DDIM on the model's own training schedule. SD models were trained without
+        # x̂0 clipping/thresholding, which would also cut gradients, so both stay off.
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
+        self.prediction_type = self.scheduler.config.prediction_type
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.resolution // self.pipe.vae_scale_factor
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        if not self.is_sdxl:
+            embeds, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True)
+            return Cond(embeds, uncond)
+        embeds, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(prompts, device=self.device)
+        size = (self.resolution, self.resolution)
+        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype, int(pooled.shape[-1]))
+        return Cond(embeds, uncond, pooled, uncond_pooled, time_ids.to(self.device).repeat(len(prompts), 1))
+
+    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
+        """CFG-guided ε̂ = ε_u + w(ε_c − ε_u), in float32 whatever the UNet's dtype; w = 1 skips the negative."""
+        self.num_evals += 1
+        guided = guidance_scale != 1.0
+        pick = (lambda u, c: torch.cat([u, c])) if guided else (lambda u, c: c)
+        model_in = pick(x, x).to(self.unet.dtype)
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": pick(cond.uncond_pooled, cond.pooled), "time_ids": pick(cond.time_ids, cond.time_ids)}
+        out = self.unet(model_in, t, encoder_hidden_states=pick(cond.uncond_embeds, cond.embeds),
+                        added_cond_kwargs=added, return_dict=False)[0].float()
+        if self.prediction_type == "v_prediction":
+            alpha = float(self.scheduler.alphas_cumprod[t])
+            out = alpha**0.5 * out + (1 - alpha) ** 0.5 * pick(x, x).float()
+        elif self.prediction_type != "epsilon":
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if not guided:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → images in [0, 1], differentiable, scaled as the SD pipelines do."""
+        z = latents / self.vae.config.scaling_factor
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
+        return (images / 2 + 0.5).clamp(0, 1)

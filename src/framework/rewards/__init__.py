@@ -1,0 +1,83 @@
+"""Reward zoo: build any reward from its config (real weights from local paths or the HF cache, or tiny)."""
+
+from framework.config import RewardConfig, choose
+from framework.errors import FrameworkError
+from framework.rewards.base import Reward, clip_preprocess
+from framework.rewards.simple import CallableReward, ImageStatistic, JpegCompressibility
+
+__all__ = ["Reward", "build_reward", "clip_preprocess"]
+
+
+def _weight_file(cfg: RewardConfig, default: str | None = None):
+    import torch
+    from safetensors.torch import load_file
+
+    from framework.weights import resolve_file
+
+    spec = cfg.checkpoint or default
+    if spec is None:
+        raise FrameworkError(f"reward.checkpoint is not set: reward {cfg.name} needs its weight file")
+    path = resolve_file(spec, key="reward.checkpoint")
+    return path, (lambda: load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True))
+
+
+def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
+    import torch
+
+    from framework.rewards.clip import AestheticReward, aesthetic_mlp, load_clip
+
+    vision = load_clip(cfg.source, cfg.tiny, dtype, vision_only=True)
+    if cfg.tiny:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            state = {f"layers.{k}": v for k, v in aesthetic_mlp(vision.config.projection_dim).state_dict().items()}
+    else:
+        state = _weight_file(cfg)[1]()
+    return AestheticReward(vision, state).to(dtype)
+
+
+def _clip_similarity(scale):
+    def build(cfg: RewardConfig, dtype) -> Reward:
+        from framework.rewards.clip import CLIPSimilarity, load_clip, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.processor or cfg.source, cfg.tiny, key="reward.processor")
+        return CLIPSimilarity(load_clip(cfg.source, cfg.tiny, dtype), tokenizer, scale)
+
+    return build
+
+
+def _hps(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.hps import TINY_ARCH, load_hps
+
+    if cfg.tiny:
+        return load_hps(TINY_ARCH, None, dtype)
+    version = choose(cfg.version, ("v2.0", "v2.1"), "reward.version")
+    path, _ = _weight_file(cfg, default=f"xswu/HPSv2/HPS_{version}_compressed.pt")
+    return load_hps(cfg.arch or "ViT-H-14", path, dtype)
+
+
+def _callable(cfg: RewardConfig, dtype) -> Reward:
+    try:
+        return CallableReward(cfg.target, cfg.differentiable)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise FrameworkError(f"reward.target={cfg.target!r} cannot be imported as 'package.module:function': {e}")
+
+
+BUILDERS = {
+    "aesthetic": _aesthetic,
+    "hps": _hps,
+    "pickscore": _clip_similarity(scale=None),  # logit_scale.exp() · cos
+    "clipscore": _clip_similarity(scale=100.0),
+    "jpeg": lambda cfg, dtype: JpegCompressibility(cfg.jpeg_quality),
+    **{name: (lambda cfg, dtype, name=name: ImageStatistic(name)) for name in ImageStatistic.STATISTICS},
+    "callable": _callable,
+}
+
+
+def build_reward(cfg: RewardConfig) -> Reward:
+    from framework.models import torch_dtype
+
+    name = choose(cfg.name, tuple(BUILDERS), "reward.name")
+    reward = BUILDERS[name](cfg, torch_dtype(cfg.dtype, "reward.dtype"))
+    reward.name = name
+    return reward.requires_grad_(False).eval()

@@ -1,0 +1,33 @@
+"""The Reward contract: `reward(images [B,3,H,W] in [0,1], prompts) -> Tensor[B]`, higher is better."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Reward(nn.Module):
+    """A frozen scorer. `differentiable` says whether gradients reach the images (gradient methods require it)."""
+
+    differentiable: bool = True
+    name: str = "reward"
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        raise NotImplementedError
+
+
+def clip_preprocess(images: Tensor, size: int) -> Tensor:
+    """CLIP's image preprocessing as differentiable torch ops: bicubic resize of the short side to `size`,
+    centre crop, normalisation with the OpenAI CLIP mean/std (which HPSv2 and PickScore also use)."""
+    height, width = images.shape[-2:]
+    if min(height, width) != size:
+        scale = size / min(height, width)
+        height, width = max(size, round(height * scale)), max(size, round(width * scale))
+        images = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (height - size) // 2, (width - size) // 2
+    images = images[..., top : top + size, left : left + size]
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std

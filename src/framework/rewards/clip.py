@@ -1,0 +1,95 @@
+"""Rewards on Hugging Face CLIP models: LAION aesthetic, CLIPScore, PickScore."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
+
+from framework.models.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from framework.rewards.base import Reward, clip_preprocess
+
+TINY_CLIP = dict(
+    text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                     pad_token_id=49407),
+    vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4),
+    projection_dim=32,
+)
+
+
+def tiny_clip_config() -> CLIPConfig:
+    """A CLIP with ViT-L/14's structure at toy size (32-px images, width 32): same code path, milliseconds."""
+    return CLIPConfig(**TINY_CLIP)
+
+
+class CLIPSimilarity(Reward):
+    """`scale · cos(image, text)` on a CLIPModel; text embeddings are cached per prompt (they never change)."""
+
+    def __init__(self, model: CLIPModel, tokenizer, scale: float | None = None):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.scale = scale  # None: the model's own logit_scale.exp() (PickScore)
+        self._text_cache: dict[str, Tensor] = {}
+
+    def image_embeds(self, images: Tensor) -> Tensor:
+        pixels = clip_preprocess(images, self.model.config.vision_config.image_size).to(self.model.dtype)
+        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            tokens = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt",
+                                    max_length=self.model.config.text_config.max_position_embeddings)
+            feats = self.model.get_text_features(**tokens.to(self.model.device)).pooler_output.float()
+            self._text_cache.update(zip(missing, F.normalize(feats, dim=-1)))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        scale = self.model.logit_scale.exp().float() if self.scale is None else self.scale
+        return scale * (self.image_embeds(images) * self.text_embeds(prompts).to(images.device)).sum(-1)
+
+    def _apply(self, fn, recurse=True):  # moving devices invalidates the cached text embeddings
+        self._text_cache.clear()
+        return super()._apply(fn, recurse)
+
+
+def aesthetic_mlp(in_features: int) -> nn.Sequential:
+    """LAION improved-aesthetic-predictor head; indices match the keys of `sac+logos+ava1-l14-linearMSE.pth`
+    (layers.0, .2, .4, .6, .7; dropouts are inert at eval)."""
+    return nn.Sequential(nn.Linear(in_features, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
+class AestheticReward(Reward):
+    """LAION aesthetic score: MLP on the L2-normalised CLIP image embedding (ViT-L/14 for the real weights)."""
+
+    def __init__(self, vision: CLIPVisionModelWithProjection, mlp_state: dict[str, Tensor]):
+        super().__init__()
+        self.vision = vision
+        self.layers = aesthetic_mlp(mlp_state["layers.0.weight"].shape[1])
+        self.layers.load_state_dict({k.removeprefix("layers."): v for k, v in mlp_state.items()})
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        pixels = clip_preprocess(images, self.vision.config.image_size).to(self.vision.dtype)
+        embeds = F.normalize(self.vision(pixel_values=pixels).image_embeds.float(), dim=-1)
+        return self.layers(embeds.to(self.layers[0].weight.dtype)).squeeze(-1).float()
+
+
+def load_clip(source: str | None, tiny: bool, dtype: torch.dtype, vision_only: bool = False):
+    from framework.weights import load_pretrained
+
+    cls = CLIPVisionModelWithProjection if vision_only else CLIPModel
+    if tiny:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = tiny_clip_config()
+            return cls(config.vision_config if vision_only else config).to(dtype)
+    return load_pretrained(cls, source, key="reward.source", torch_dtype=dtype, use_safetensors=None)
+
+
+def load_tokenizer(source: str | None, tiny: bool, key: str):
+    from framework.weights import load_pretrained
+
+    return build_clip_tokenizer() if tiny else load_pretrained(AutoTokenizer, source, key=key)

@@ -1,0 +1,61 @@
+"""The differentiable DDIM sampler: the one place that knows DDIM's update.
+
+Noises are explicit arguments (x_T and one ξ per step, used when η > 0) so methods can optimise them and two
+trajectories can share them. At η = 0 it reproduces diffusers' DDIMScheduler/pipeline numerically. Memory stays
+flat in the number of steps with `checkpoint=True` (only each step's input x_t is kept; the model is re-run during
+backward), and `grad_steps=K` backpropagates through the last K steps only (DRaFT-K style truncation).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as checkpointed
+
+from framework.models import Backbone, Cond
+
+
+@dataclass
+class Trajectory:
+    """What one sampler run produced, step by step (noisiest first), for regularisers and metrics to reuse."""
+
+    latents: Tensor  # final x_0
+    timesteps: list[int] = field(default_factory=list)
+    x: list[Tensor] = field(default_factory=list)  # x_t fed to the model
+    eps: list[Tensor] = field(default_factory=list)  # ε̂ that drove the update
+    x0_pred: list[Tensor] = field(default_factory=list)
+
+
+def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | None = None, *, num_steps: int,
+                eta: float = 0.0, guidance_scale: float = 1.0, checkpoint: bool = False,
+                grad_steps: int | None = None) -> Trajectory:
+    """Run DDIM from x_T. `noises[i]` is ξ of step i (shape [num_steps, *x_T.shape]); required when η > 0.
+
+    x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t;  σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev);
+    x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t ξ_t.
+    """
+    if eta > 0 and (noises is None or noises.shape[0] != num_steps):
+        raise ValueError(f"eta > 0 needs one noise per step: noises of shape [{num_steps}, ...]")
+    first_grad_step = num_steps - grad_steps if grad_steps is not None else 0
+    traj = Trajectory(latents=x_T)
+    x = x_T
+    for i, (t, alpha, alpha_prev) in enumerate(backbone.schedule(num_steps)):
+        if i == first_grad_step and i > 0:
+            x = x.detach()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad_step):
+            if checkpoint and torch.is_grad_enabled():
+                eps = checkpointed(backbone.eps, x, t, cond, guidance_scale, use_reentrant=False)
+            else:
+                eps = backbone.eps(x, t, cond, guidance_scale)
+            x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+            sigma = eta * ((1 - alpha_prev) / (1 - alpha)) ** 0.5 * (1 - alpha / alpha_prev) ** 0.5
+            x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
+            if sigma > 0:
+                x_prev = x_prev + sigma * noises[i]
+        traj.timesteps.append(t)
+        traj.x.append(x)
+        traj.eps.append(eps)
+        traj.x0_pred.append(x0)
+        x = x_prev
+    traj.latents = x
+    return traj
