@@ -139,7 +139,7 @@ def check_known_keys(cfg) -> None:
 
     from framework.errors import FrameworkError
 
-    for group, node in cfg.items():
+    for group, node in cfg.items_ex(resolve=False):
         schema = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
         if schema is None or schema is dict:
             continue

@@ -29,7 +29,7 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     else:
         extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
         pipe = load_pretrained(PIPELINES[kind], cfg.source, key="model.source", revision=cfg.revision,
-                               variant=cfg.variant, torch_dtype=dtype, use_safetensors=True, **extra)
+                               variant=cfg.variant, dtype=dtype, use_safetensors=True, **extra)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     vae_dtype = torch_dtype(cfg.vae_dtype or cfg.dtype, "model.vae_dtype")

@@ -26,13 +26,12 @@ def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
 
     from framework.rewards.clip import AestheticReward, aesthetic_mlp, load_clip
 
+    state = None if cfg.tiny else _weight_file(cfg)[1]()  # the MLP file first: the part users most often lack
     vision = load_clip(cfg.source, cfg.tiny, dtype, vision_only=True)
     if cfg.tiny:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             state = {f"layers.{k}": v for k, v in aesthetic_mlp(vision.config.projection_dim).state_dict().items()}
-    else:
-        state = _weight_file(cfg)[1]()
     return AestheticReward(vision, state).to(dtype)
 
 

@@ -24,7 +24,7 @@ def clip_preprocess(images: Tensor, size: int) -> Tensor:
     height, width = images.shape[-2:]
     if min(height, width) != size:
         scale = size / min(height, width)
-        height, width = max(size, round(height * scale)), max(size, round(width * scale))
+        height, width = max(size, int(height * scale)), max(size, int(width * scale))  # floor, as HF does
         images = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     top, left = (height - size) // 2, (width - size) // 2
     images = images[..., top : top + size, left : left + size]

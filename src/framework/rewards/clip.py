@@ -78,15 +78,19 @@ class AestheticReward(Reward):
 
 
 def load_clip(source: str | None, tiny: bool, dtype: torch.dtype, vision_only: bool = False):
+    """CLIPModel, or only its vision tower with projection. The projection width lives in the top-level CLIPConfig;
+    the vision sub-config's own `projection_dim` is a default (512) that would silently re-initialise the
+    projection of ViT-L/14 (768), so it is copied over before loading."""
     from framework.weights import load_pretrained
 
-    cls = CLIPVisionModelWithProjection if vision_only else CLIPModel
+    config = tiny_clip_config() if tiny else load_pretrained(CLIPConfig, source, key="reward.source")
+    config.vision_config.projection_dim = config.projection_dim
     if tiny:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            config = tiny_clip_config()
-            return cls(config.vision_config if vision_only else config).to(dtype)
-    return load_pretrained(cls, source, key="reward.source", torch_dtype=dtype, use_safetensors=None)
+            return (CLIPVisionModelWithProjection(config.vision_config) if vision_only else CLIPModel(config)).to(dtype)
+    cls, config = (CLIPVisionModelWithProjection, config.vision_config) if vision_only else (CLIPModel, config)
+    return load_pretrained(cls, source, key="reward.source", config=config, dtype=dtype)
 
 
 def load_tokenizer(source: str | None, tiny: bool, key: str):

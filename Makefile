@@ -1,0 +1,33 @@
+# Two commands do everything, each with its own setup: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+# No network at run or test time: the hub is only read from the local cache.
+export HF_HUB_OFFLINE ?= 1
+# The quick main job: DNO on the tiny SD-shaped model (the default config) with a short budget.
+RUN_ARGS ?= method.num_steps=10 method.opt_steps=20
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# torch first, pinned, then everything under constraints.txt: otherwise pip may pull a newer torch + CUDA wheels.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m framework.run $(RUN_ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_sampler.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,116 @@
+"""`python -m framework.run [group=option ...] [key=value ...]`: one alignment run, configured by Hydra (conf/).
+
+Problems the user can fix end the run with one line on stderr and a non-zero exit code, never a traceback:
+exit 2 for bad input (config, weights, prompts), exit 3 when some items failed (the others are written).
+"""
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import framework.config  # noqa: F401  (registers the schemas before Hydra composes)
+from framework.config import check_known_keys
+from framework.errors import FrameworkError
+
+ITEM_AFFECTING = ("model", "reward", "method", "seed")
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to our progress and summary. Lightning sets its loggers to INFO when imported; diffusers'
+    and transformers' warnings (e.g. "couldn't connect to the Hub") are covered by our own one-line errors."""
+    import diffusers
+    import lightning  # noqa: F401
+    import transformers
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    for message in ("does not have many workers", "predict returned None", ".*treespec"):
+        warnings.filterwarnings("ignore", message=f".*{message}")
+
+
+def _label(cfg) -> str:
+    try:
+        choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+        return f"method={choices['method']} reward={choices['reward']} model={choices['model']}"
+    except ValueError:  # composed without Hydra's runtime (tests)
+        return f"method={cfg.method.name} reward={cfg.reward.name}"
+
+
+def print_summary(summary: dict, label: str) -> None:
+    print(f"\n{label}: {summary['num_ok']}/{summary['num_items']} items ok"
+          + (f", {summary['num_failed']} failed" if summary["num_failed"] else ""))
+    width = min(48, max(len(r["prompt"]) for r in summary["items"]))
+    print(f"  {'item':<12} {'prompt':<{width}}  reward base → final")
+    for row in summary["items"]:
+        prompt = row["prompt"][:width]
+        if row["status"] == "ok":
+            print(f"  {row['id']:<12} {prompt:<{width}}  {row['base_reward']:.4f} → {row['final_reward']:.4f}")
+        else:
+            print(f"  {row['id']:<12} {prompt:<{width}}  FAILED: {row['error']}")
+    if summary["num_ok"]:
+        gain = summary["final_reward_mean"] - summary["base_reward_mean"]
+        print(f"  {'mean':<12} {'':<{width}}  {summary['base_reward_mean']:.4f} → {summary['final_reward_mean']:.4f}"
+              f" ({gain:+.4f}), {summary['evals_mean']:.0f} model evals and {summary['seconds_mean']:.1f} s per item")
+    run_dir = Path(summary["run_dir"])
+    print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png\nsummary: {run_dir / 'summary.json'}")
+
+
+def run(cfg: DictConfig) -> dict | None:
+    """Run every pending item of `cfg`; returns the summary on rank 0 (None on other ranks)."""
+    import lightning as L
+
+    from framework.methods import build_method
+    from framework.models import load_backbone
+    from framework.prompts import load_prompts
+    from framework.rewards import build_reward
+    from framework.runner import InferenceTimeAlignment, ItemsDataModule, make_items
+    from framework.store import ItemStore
+    from framework.tracking import log_to_wandb
+
+    check_known_keys(cfg)
+    items = make_items(load_prompts(cfg.prompts), cfg.seed, cfg.samples_per_prompt)
+    fingerprint = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
+    store = ItemStore(Path(cfg.output_dir), fingerprint)
+    reward = build_reward(cfg.reward)
+    method = build_method(cfg.method, reward)
+    backbone = load_backbone(cfg.model)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, logger=False,
+                        inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
+                        use_distributed_sampler=False, default_root_dir=cfg.output_dir)
+    trainer.predict(InferenceTimeAlignment(backbone, reward, method, store), datamodule=ItemsDataModule(items, store),
+                    return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    summary = store.summarize(items)
+    label = _label(cfg)
+    print_summary(summary, label)
+    wandb_dir = log_to_wandb(cfg, summary, name=f"{Path(cfg.output_dir).name}")
+    if wandb_dir:
+        print(f"wandb:   {wandb_dir} ({cfg.logger.mode}; `wandb sync` uploads offline runs)")
+    return summary
+
+
+@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    _quiet_libraries()
+    try:
+        summary = run(cfg)
+    except FrameworkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if summary and (summary["num_failed"] or summary["num_missing"]):
+        print(f"error: {summary['num_failed']} of {summary['num_items']} items failed "
+              f"(see {summary['run_dir']}/summary.json); a rerun retries them", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Lightning wiring: items (prompt × seed) sharded over processes, each run through the method in `predict`.
+
+Items are assigned to ranks by position (item i → rank i mod world size) and seeded from (global seed, prompt,
+sample) only, so the results of an item are the same whichever process, or how many, ran it. Each rank writes its
+own finished items to disk; rank 0 summarises from disk after a barrier.
+"""
+
+import logging
+import resource
+import time
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from framework.errors import NonFiniteLoss
+from framework.methods import Item, Method, Problem, derive_seed
+from framework.store import ItemStore
+
+log = logging.getLogger(__name__)
+
+
+def make_items(prompts: list[str], seed: int, samples_per_prompt: int) -> list[Item]:
+    return [Item(p, s, prompt, derive_seed(seed, p, s)) for p, prompt in enumerate(prompts)
+            for s in range(samples_per_prompt)]
+
+
+def _as_is(item):
+    return item
+
+
+class ItemsDataModule(L.LightningDataModule):
+    def __init__(self, items: list[Item], store: ItemStore):
+        super().__init__()
+        self.items, self.store = items, store
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        pending = [item for item in self.items[rank::world] if not self.store.is_done(item)]
+        return DataLoader(pending, batch_size=None, collate_fn=_as_is)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # an Item holds no tensors; noises are drawn on the CPU and moved by Problem
+
+
+class InferenceTimeAlignment(L.LightningModule):
+    """Runs a per-item method with gradients enabled (Lightning predicts under no_grad) and stores each result."""
+
+    def __init__(self, backbone, reward, method: Method, store: ItemStore):
+        super().__init__()
+        self.backbone, self.reward = backbone, reward  # submodules: Lightning moves them to the device
+        self.method, self.store = method, store
+
+    def predict_step(self, item: Item) -> None:
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        evals, start = self.backbone.num_evals, time.perf_counter()
+        problem = Problem(self.backbone, self.reward, item, self.method.cfg, show_progress=self.trainer.is_global_zero)
+        try:
+            with torch.enable_grad() if self.method.needs_gradients else nullcontext():
+                result = self.method.run(problem)
+        except NonFiniteLoss as e:
+            log.warning("item %s (%r) failed: %s", item.id, item.prompt, e)
+            self.store.write_failure(item, str(e))
+            return
+        peak_mb = (torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        self.store.write(item, result, {
+            "evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start,
+            "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if on_cuda else "process_max_rss"})

@@ -1,0 +1,115 @@
+"""Results on disk: one folder per finished item, written atomically, so a rerun resumes where it stopped.
+
+<run dir>/run.json           what every item's result depends on (model, reward, method, seed); a rerun with
+                             different values is refused instead of mixing results
+<run dir>/items/<id>/        base.png, final.png, record.json (rewards, per-step records, compute)
+<run dir>/summary.json       per-item rows and run means, written by rank 0 at the end
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from framework.errors import FrameworkError
+from framework.methods import Item, ItemResult
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+class ItemStore:
+    def __init__(self, run_dir: Path, fingerprint: dict):
+        self.run_dir = Path(run_dir)
+        self.items_dir = self.run_dir / "items"
+        self.items_dir.mkdir(parents=True, exist_ok=True)
+        self._check_fingerprint(fingerprint)
+
+    def _check_fingerprint(self, fingerprint: dict) -> None:
+        path = self.run_dir / "run.json"
+        if path.exists():
+            before, now = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(fingerprint)))
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            if changed:
+                raise FrameworkError(f"{self.run_dir} holds results of a different configuration (changed: "
+                                     f"{', '.join(changed[:5])}); rerun into a new directory (hydra.run.dir=...)")
+        else:
+            self._write_json(path, fingerprint)
+
+    @staticmethod
+    def _write_json(path: Path, data) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+
+    def record(self, item: Item) -> dict | None:
+        path = self.items_dir / item.id / "record.json"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if (record["prompt"], record["seed"]) != (item.prompt, item.seed):
+            raise FrameworkError(f"{path} belongs to prompt {record['prompt']!r} (seed {record['seed']}), not "
+                                 f"{item.prompt!r}: the prompt list changed; rerun into a new directory")
+        return record
+
+    def is_done(self, item: Item) -> bool:
+        record = self.record(item)
+        return record is not None and record["status"] == "ok"
+
+    def _commit(self, item: Item, record: dict, images: dict[str, Tensor]) -> None:
+        """Write into a hidden folder, then rename it into place: readers never see a half-written item."""
+        tmp = self.items_dir / f".{item.id}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, image in images.items():
+            save_png(image, tmp / f"{name}.png")
+        (tmp / "record.json").write_text(json.dumps(record, indent=1))
+        final = self.items_dir / item.id
+        shutil.rmtree(final, ignore_errors=True)  # only a failed attempt can be there
+        os.replace(tmp, final)
+
+    def _base_record(self, item: Item) -> dict:
+        return {"id": item.id, "prompt_index": item.prompt_index, "sample_index": item.sample_index,
+                "prompt": item.prompt, "seed": item.seed}
+
+    def write(self, item: Item, result: ItemResult, compute: dict) -> None:
+        record = self._base_record(item) | {
+            "status": "ok", "base_reward": result.base_reward, "final_reward": result.final_reward,
+            "compute": compute, "info": result.info, "steps": result.steps}
+        self._commit(item, record, {"base": result.base_image, "final": result.final_image})
+
+    def write_failure(self, item: Item, error: str) -> None:
+        self._commit(item, self._base_record(item) | {"status": "failed", "error": error}, {})
+
+    def summarize(self, items: list[Item]) -> dict:
+        records = [self.record(item) for item in items]
+        ok = [r for r in records if r and r["status"] == "ok"]
+        failed = [r for r in records if r and r["status"] == "failed"]
+        mean = lambda key: float(np.mean([r[key] for r in ok])) if ok else float("nan")  # noqa: E731
+        summary = {
+            "run_dir": str(self.run_dir), "num_items": len(items), "num_ok": len(ok), "num_failed": len(failed),
+            "num_missing": sum(r is None for r in records),
+            "base_reward_mean": mean("base_reward"), "final_reward_mean": mean("final_reward"),
+            "evals_mean": float(np.mean([r["compute"]["evals"] for r in ok])) if ok else float("nan"),
+            "seconds_mean": float(np.mean([r["compute"]["seconds"] for r in ok])) if ok else float("nan"),
+            "items": [{k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward", "error")}
+                      for r in records if r],
+        }
+        self._write_json(self.run_dir / "summary.json", summary)
+        return summary

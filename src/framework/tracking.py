@@ -1,0 +1,38 @@
+"""Weights & Biases logging of a finished run (offline by default), read back from the item records on disk so that
+items from every process, and from earlier interrupted attempts, are all included."""
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
+    if cfg.logger.name == "none" or cfg.logger.mode == "disabled":
+        return None
+    import wandb
+
+    run_dir = Path(summary["run_dir"])
+    run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(run_dir), name=name,
+                     group=cfg.logger.group, tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
+                     settings=wandb.Settings(silent=True))
+    table = wandb.Table(columns=["item", "prompt", "seed", "status", "base", "final", "base_reward", "final_reward"])
+    curves = {}
+    for row in summary["items"]:
+        item_dir = run_dir / "items" / row["id"]
+        ok = row["status"] == "ok"
+        image = lambda kind: wandb.Image(str(item_dir / f"{kind}.png")) if ok else None  # noqa: E731
+        table.add_data(row["id"], row["prompt"], row["seed"], row["status"], image("base"), image("final"),
+                       row["base_reward"], row["final_reward"])
+        steps = json.loads((item_dir / "record.json").read_text()).get("steps", []) if ok else []
+        if steps:
+            curves[row["id"]] = [s["reward"] for s in steps]
+    logged = {"items": table}
+    if curves:
+        logged["reward_per_step"] = wandb.plot.line_series(
+            xs=[list(range(len(c))) for c in curves.values()], ys=list(curves.values()), keys=list(curves),
+            title="reward vs optimisation step", xname="step")
+    run.log(logged)
+    run.summary.update({k: v for k, v in summary.items() if k != "items" and isinstance(v, (int, float))})
+    run.finish()
+    return Path(run.dir).parent

@@ -1,0 +1,102 @@
+"""End-to-end: `python -m framework.run` in subprocesses, as a user types it."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+QUICK = ["method.num_steps=3", "method.opt_steps=2", "prompts.prompts=[a cat,a dog]"]
+
+
+def records(run_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((run_dir / "items").glob("*/record.json"))}
+
+
+def test_run_writes_items_summary_and_wandb_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*QUICK, run_dir=run_dir)
+    assert first.returncode == 0, first.stderr
+    assert "2/2 items ok" in first.stdout and f"images:  {run_dir}/items" in first.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    written = records(run_dir)
+    assert set(written) == {"p0000_s000", "p0001_s000"}
+    for row in summary["items"]:
+        record = written[row["id"]]
+        assert record["status"] == "ok" and row["final_reward"] == record["final_reward"]
+        assert len(record["steps"]) == 2 and record["compute"]["evals"] == 2 * (3 + 3) + 3
+        assert (run_dir / "items" / row["id"] / "final.png").stat().st_size > 0
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+    # A rerun skips finished items; a deleted item is redone, and only it.
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "items").glob("*/record.json")}
+    (run_dir / "items" / "p0001_s000" / "record.json").unlink()
+    second = run_cli(*QUICK, run_dir=run_dir)
+    assert second.returncode == 0, second.stderr
+    kept = run_dir / "items" / "p0000_s000" / "record.json"
+    assert kept.stat().st_mtime_ns == mtimes[kept]
+    assert records(run_dir)["p0001_s000"]["final_reward"] == written["p0001_s000"]["final_reward"]
+
+    changed = run_cli(*QUICK, "method.lr=0.5", run_dir=run_dir)
+    assert changed.returncode == 2 and "holds results of a different configuration (changed: method.lr)" in changed.stderr
+
+
+ERRORS = {
+    "missing model weights": (["model=sd15"], 2, "model.source: weights for 'stable-diffusion-v1-5/stable-diffusion"
+                                                 "-v1-5' are not in the local Hugging Face cache"),
+    "missing reward weights": (["reward=aesthetic"], 2, "reward.checkpoint: weight file "
+                                                        "'weights/sac+logos+ava1-l14-linearMSE.pth' not found"),
+    "unknown option": (["method=dpo"], 1, "Could not find 'method/dpo'"),
+    "unknown key": (["+method.learning_rate=1"], 2, "unknown option method.learning_rate"),
+    "non-differentiable reward": (["reward=jpeg"], 2, "reward jpeg is not differentiable"),
+    "empty prompts file": (["prompts=file", "prompts.path={tmp}/empty.txt"], 2, "holds no prompts"),
+    "malformed prompts file": (["prompts=file", "prompts.path={tmp}/bad.json"], 2, "is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_gives_one_clear_error_line(case, tmp_path):
+    overrides, code, message = ERRORS[case]
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "bad.json").write_text("[1, ")
+    result = run_cli(*[o.format(tmp=tmp_path) for o in overrides], "logger=none", run_dir=tmp_path / "run")
+    assert result.returncode == code
+    assert message in result.stderr and "Traceback" not in result.stderr
+    if code == 2:
+        assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+
+
+def test_nan_loss_marks_the_item_failed_and_keeps_the_others(tmp_path):
+    (tmp_path / "nan_reward.py").write_text(
+        "import torch\n"
+        "def score(images, prompts):\n"
+        "    bad = torch.tensor([p == 'bad' for p in prompts], dtype=images.dtype)\n"
+        "    return images.mean((1, 2, 3)) / (1 - bad)  * (1 - bad)\n")
+    run_dir = tmp_path / "run"
+    result = run_cli("reward=callable", "reward.target=nan_reward:score", "reward.differentiable=true",
+                     "method.num_steps=3", "method.opt_steps=2", "prompts.prompts=[a cat,bad,a dog]", "logger=none",
+                     run_dir=run_dir, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert "1 of 3 items failed" in result.stderr
+    written = records(run_dir)
+    assert written["p0001_s000"]["status"] == "failed" and "non-finite loss" in written["p0001_s000"]["error"]
+    assert written["p0000_s000"]["status"] == written["p0002_s000"]["status"] == "ok"
+    assert (run_dir / "items" / "p0002_s000" / "final.png").exists()
+    assert "FAILED: non-finite loss" in result.stdout
+
+
+def test_ddp_with_two_cpu_processes_equals_one_process(tmp_path):
+    common = ["method.num_steps=3", "method.opt_steps=2", "prompts.prompts=[a cat,a dog,a bird]", "logger=none"]
+    env = {"OMP_NUM_THREADS": "1"}  # same intra-op threading in both runs, for bitwise comparable floats
+    single = run_cli(*common, run_dir=tmp_path / "one", env=env)
+    ddp = run_cli(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two",
+                  env=env)
+    assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert set(one) == set(two) == {"p0000_s000", "p0001_s000", "p0002_s000"}
+    for item in one:
+        assert one[item]["seed"] == two[item]["seed"]
+        assert one[item]["final_reward"] == pytest.approx(two[item]["final_reward"], abs=1e-6)
+        assert [s["reward"] for s in one[item]["steps"]] == pytest.approx([s["reward"] for s in two[item]["steps"]],
+                                                                          abs=1e-6)

@@ -1,0 +1,55 @@
+import itertools
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose
+from framework.config import METHOD_SCHEMAS, ModelConfig, RewardConfig, check_known_keys
+from framework.errors import FrameworkError
+
+
+def options(group):
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+def test_every_model_reward_method_combination_composes():
+    combos = list(itertools.product(options("model"), options("reward"), options("method")))
+    assert len(combos) >= 5 * 13 * 3
+    for model, reward, method in combos:
+        overrides = [f"model={model}", f"reward={reward}", f"method={method}"]
+        if reward == "callable":
+            overrides.append("reward.target=math:fsum")
+        cfg = compose(*overrides)
+        assert OmegaConf.get_type(cfg.model) is ModelConfig
+        assert OmegaConf.get_type(cfg.reward) is RewardConfig
+        assert OmegaConf.get_type(cfg.method) is METHOD_SCHEMAS[method]
+        assert cfg.method.name == method
+        check_known_keys(cfg)
+
+
+def test_groups_have_their_documented_options():
+    assert {"sd14", "sd15", "sdxl", "tiny_sd", "tiny_sdxl"} <= set(options("model"))
+    assert {"aesthetic", "hps", "pickscore", "clipscore", "jpeg", "brightness", "darkness", "tiny_aesthetic",
+            "tiny_hps", "tiny_pickscore", "tiny_clipscore"} <= set(options("reward"))
+    assert {"inline", "file", "animal_animal", "simple_animals"} <= set(options("prompts"))
+    assert {"cpu", "gpu", "ddp"} <= set(options("trainer")) and {"wandb", "none"} <= set(options("logger"))
+
+
+def test_method_defaults_follow_the_papers():
+    dno = compose("method=dno").method
+    assert (dno.num_steps, dno.eta, dno.guidance_scale, dno.opt_steps, dno.lr, dno.grad_clip) == (50, 1.0, 5.0, 100,
+                                                                                                  0.01, 1.0)
+    assert compose("model=sd15").model.source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_unknown_key_added_with_plus_is_rejected_with_the_valid_keys():
+    cfg = compose("+method.learning_rate=0.1")
+    with pytest.raises(FrameworkError, match=r"unknown option method\.learning_rate; valid keys of method: .*lr"):
+        check_known_keys(cfg)
+
+
+def test_unknown_key_and_bad_type_fail_at_compose():
+    with pytest.raises(Exception, match="model.resolutio"):
+        compose("model.resolutio=3")
+    with pytest.raises(Exception, match="opt_steps"):
+        compose("method.opt_steps=many")

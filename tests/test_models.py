@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from conftest import noise_like
+from framework.config import ModelConfig
+from framework.errors import FrameworkError
+from framework.models import load_backbone
+from framework.models.tokenizer import build_clip_tokenizer
+from framework.sampling import ddim_sample
+
+
+def images_of(backbone, seed=0):
+    x_T = noise_like((2, *backbone.latent_shape()), seed)
+    with torch.no_grad():
+        cond = backbone.encode(["a red circle", "a photo of a dog"])
+        return backbone.decode(ddim_sample(backbone, cond, x_T, num_steps=4, guidance_scale=5.0).latents)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_save_pretrained_then_model_source_dir_gives_the_same_images(kind, tmp_path, tiny_sd, tiny_sdxl):
+    in_memory = {"sd": tiny_sd, "sdxl": tiny_sdxl}[kind]
+    in_memory.pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    loaded = load_backbone(ModelConfig(kind=kind, source=str(tmp_path / "pipe"), resolution=64))
+    assert loaded.unet is not in_memory.unet
+    assert loaded.is_sdxl == (kind == "sdxl")
+    torch.testing.assert_close(images_of(loaded), images_of(in_memory), rtol=0, atol=1e-6)
+
+
+def test_images_depend_on_prompt_and_noise(tiny_backbone):
+    a, b = images_of(tiny_backbone, seed=0), images_of(tiny_backbone, seed=1)
+    assert (a - b).abs().max() > 1e-3
+    assert (a[0] - a[1]).abs().max() > 1e-4  # rows of a batch stay distinct
+
+
+def test_sdxl_conditioning_has_pooled_embeds_and_time_ids(tiny_sdxl):
+    cond = tiny_sdxl.encode(["a cat", "a dog"])
+    assert cond.pooled.shape == (2, 32) and cond.time_ids.shape == (2, 6)
+    assert cond.time_ids[0].tolist() == [64, 64, 0, 0, 64, 64]
+    assert torch.count_nonzero(cond.uncond_embeds) == 0  # SDXL: force_zeros_for_empty_prompt, as diffusers does
+    assert cond.repeat(3).embeds.shape[0] == 6
+
+
+def test_missing_local_directory_is_one_clear_error(tmp_path):
+    with pytest.raises(FrameworkError, match=r"model\.source: directory '.*nope' not found"):
+        load_backbone(ModelConfig(kind="sd", source=str(tmp_path / "nope")))
+
+
+def test_hub_id_not_in_cache_says_how_to_provide_it():
+    with pytest.raises(FrameworkError, match=r"'CompVis/stable-diffusion-v1-4' are not in the local Hugging Face "
+                                             r"cache.*model\.source to a local path"):
+        load_backbone(ModelConfig(kind="sd", source="CompVis/stable-diffusion-v1-4"))
+
+
+def test_directory_missing_a_weight_file_names_the_problem(tmp_path, tiny_sd):
+    tiny_sd.pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FrameworkError, match=r"model\.source: cannot load '.*pipe'"):
+        load_backbone(ModelConfig(kind="sd", source=str(tmp_path / "pipe")))
+
+
+def test_rebuilt_tokenizer_gives_real_clip_token_ids():
+    import open_clip
+
+    tokenizer = build_clip_tokenizer()
+    assert len(tokenizer) == 49408
+    # Known ids of OpenAI CLIP: <start>=49406, "a"=320, "cat"=2368, <end>=49407.
+    assert tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+    reference = open_clip.get_tokenizer("ViT-H-14")
+    for text in ["a red circle and a blue square", "An astronaut, riding a horse! 42"]:
+        ids = tokenizer(text).input_ids
+        assert reference([text])[0][: len(ids)].tolist() == ids

@@ -1,0 +1,148 @@
+"""Each real loader on a tiny checkpoint written in the real file format, checked against an independent score."""
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPModel
+
+from conftest import noise_like
+from framework.config import RewardConfig
+from framework.errors import FrameworkError
+from framework.models.tokenizer import build_clip_tokenizer
+from framework.rewards import build_reward, clip_preprocess
+from framework.rewards.clip import tiny_clip_config
+from framework.rewards.hps import TINY_ARCH
+
+PROMPTS = ["a cat", "a red circle"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A CLIP model directory as on the hub (config + safetensors + tokenizer), tiny."""
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(3)
+    CLIPModel(tiny_clip_config()).save_pretrained(path)
+    build_clip_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+
+def assert_differentiable(scores, images):
+    (grad,) = torch.autograd.grad(scores.sum(), images)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_aesthetic_loads_laion_mlp_state_dict(clip_dir, tmp_path, images):
+    torch.manual_seed(4)
+    shapes = {0: (1024, 32), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}  # LAION's keys, input 32 here
+    state = {}
+    for i, shape in shapes.items():
+        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = torch.randn(shape) / shape[1] ** 0.5, torch.randn(shape[0])
+    torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    reward = build_reward(RewardConfig(name="aesthetic", source=str(clip_dir),
+                                       checkpoint=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")))
+    scores = reward(images, PROMPTS)
+    # Independent: CLIP image embedding → normalise → the five affine maps of the state dict, no activations.
+    clip = CLIPModel.from_pretrained(clip_dir)
+    with torch.no_grad():
+        h = F.normalize(clip.get_image_features(pixel_values=clip_preprocess(images, 32)).pooler_output, dim=-1)
+        for i in shapes:
+            h = F.linear(h, state[f"layers.{i}.weight"], state[f"layers.{i}.bias"])
+    torch.testing.assert_close(scores.detach(), h.squeeze(-1), rtol=1e-4, atol=1e-5)
+    assert_differentiable(scores, images)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_clip_similarity_rewards_load_hf_directories(name, clip_dir, tmp_path, images):
+    processor_dir = tmp_path / "processor"
+    build_clip_tokenizer().save_pretrained(processor_dir)
+    reward = build_reward(RewardConfig(name=name, source=str(clip_dir), processor=str(processor_dir)))
+    scores = reward(images, PROMPTS)
+    # Independent: the model's own forward gives logits_per_image = logit_scale.exp() · cos.
+    clip = CLIPModel.from_pretrained(clip_dir)
+    tokens = build_clip_tokenizer()(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        logits = clip(**tokens, pixel_values=clip_preprocess(images, 32)).logits_per_image.diagonal()
+    expected = logits if name == "pickscore" else 100 * logits / clip.logit_scale.exp()
+    torch.testing.assert_close(scores.detach(), expected, rtol=1e-4, atol=1e-4)
+    assert_differentiable(scores, images)
+
+
+def test_hps_loads_state_dict_checkpoint_through_open_clip(tmp_path, images):
+    torch.manual_seed(5)
+    model = open_clip.create_model(TINY_ARCH)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "HPS_tiny.pt")
+    reward = build_reward(RewardConfig(name="hps", arch=TINY_ARCH, checkpoint=str(tmp_path / "HPS_tiny.pt")))
+    scores = reward(images, PROMPTS)
+    with torch.no_grad():  # Independent: open_clip's forward returns normalised features.
+        image_features, text_features, _ = model(clip_preprocess(images, 32), open_clip.get_tokenizer(TINY_ARCH)(PROMPTS))
+    torch.testing.assert_close(scores.detach(), 100 * (image_features * text_features).sum(-1), rtol=1e-4, atol=1e-4)
+    assert_differentiable(scores, images)
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clipscore"])
+def test_tiny_rewards_are_finite_and_differentiable(name, images):
+    reward = build_reward(RewardConfig(name=name, tiny=True))
+    scores = reward(images, PROMPTS)
+    assert scores.shape == (2,) and torch.isfinite(scores).all() and reward.differentiable
+    assert_differentiable(scores, images)
+
+
+def test_missing_weight_files_are_named_with_how_to_provide_them(clip_dir):
+    with pytest.raises(FrameworkError, match=r"reward\.checkpoint: weight file 'weights/sac\+logos.*' not found"):
+        build_reward(RewardConfig(name="aesthetic", source=str(clip_dir),
+                                  checkpoint="weights/sac+logos+ava1-l14-linearMSE.pth"))
+    with pytest.raises(FrameworkError, match=r"'HPS_v2\.0_compressed\.pt' of 'xswu/HPSv2' is not available offline"):
+        build_reward(RewardConfig(name="hps", version="v2.0"))
+    with pytest.raises(FrameworkError, match=r"reward\.source: weights for 'yuvalkirstain/PickScore_v1' are not in"):
+        build_reward(RewardConfig(name="pickscore", source="yuvalkirstain/PickScore_v1",
+                                  processor=str(clip_dir)))
+
+
+def test_jpeg_prefers_a_flat_image_and_is_not_differentiable():
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    reward = build_reward(RewardConfig(name="jpeg"))
+    scores = reward(torch.cat([flat, noise]).requires_grad_(), PROMPTS)
+    assert not reward.differentiable and not scores.requires_grad
+    assert scores[0] > scores[1] and scores[1] < -5  # kB: a 64² noise JPEG at q95 is several kB
+
+
+def test_toy_rewards_closed_forms():
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 1
+    grey = torch.full((1, 3, 8, 8), 0.25)
+    score = lambda name, x: build_reward(RewardConfig(name=name))(x, ["p"]).item()  # noqa: E731
+    assert score("brightness", grey) == pytest.approx(0.25) and score("darkness", grey) == pytest.approx(-0.25)
+    assert score("saturation", red) == pytest.approx(1.0) and score("saturation", grey) == pytest.approx(0.0)
+    assert score("contrast", grey) == pytest.approx(0.0) and score("brightness", red) == pytest.approx(1 / 3)
+
+
+def test_callable_reward_sees_detached_images_unless_declared_differentiable(tmp_path, monkeypatch):
+    (tmp_path / "my_scores.py").write_text(
+        "def grad_flag(images, prompts):\n    return [float(images.requires_grad)] * len(images)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = torch.rand(2, 3, 8, 8).requires_grad_()
+    black_box = build_reward(RewardConfig(name="callable", target="my_scores:grad_flag"))
+    assert not black_box.differentiable and black_box(images, PROMPTS).tolist() == [0.0, 0.0]
+    with pytest.raises(FrameworkError, match="reward.target='my_scores:nope'"):
+        build_reward(RewardConfig(name="callable", target="my_scores:nope"))
+
+
+def test_preprocessing_matches_clip_image_processor():
+    """Our differentiable torch preprocessing against transformers' PIL-based CLIPImageProcessor."""
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    for size in [(64, 96), (300, 400), (512, 512)]:
+        smooth = F.interpolate(noise_like((1, 3, 16, 16)).sigmoid(), size=size, mode="bicubic").clamp(0, 1)
+        array = (smooth[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        reference = processor(Image.fromarray(array), return_tensors="pt").pixel_values
+        ours = clip_preprocess(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255, 224)
+        assert ours.shape == reference.shape == (1, 3, 224, 224)
+        assert (ours - reference).abs().mean() < 0.01  # PIL's and torch's bicubic kernels differ slightly

@@ -1,0 +1,82 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import noise_like
+from framework.sampling import ddim_sample
+
+PROMPTS = ["a cat", "a red circle and a blue square"]
+
+
+def test_eta0_matches_diffusers_pipeline(tiny_backbone):
+    """Same components, noise and steps: our sampler + decode against diffusers' own pipeline call."""
+    backbone = tiny_backbone
+    x_T = noise_like((2, *backbone.latent_shape()))
+    pipe = copy.copy(backbone.pipe)
+    pipe.scheduler = backbone.scheduler
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours = backbone.decode(ddim_sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8,
+                                           guidance_scale=5.0).latents)
+        reference = pipe(PROMPTS, latents=x_T.clone(), num_inference_steps=8, guidance_scale=5.0, eta=0.0,
+                         output_type="pt", height=64, width=64).images
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd):
+    """η > 0 with explicit ξ: against DDIMScheduler.step(..., eta, variance_noise=ξ) on the same ε̂."""
+    steps, eta = 6, 0.7
+    cond = tiny_sd.encode(PROMPTS[:1])
+    x_T, noises = noise_like((1, *tiny_sd.latent_shape())), noise_like((steps, 1, *tiny_sd.latent_shape()), 1)
+    with torch.no_grad():
+        ours = ddim_sample(tiny_sd, cond, x_T, noises, num_steps=steps, eta=eta, guidance_scale=5.0)
+        scheduler = copy.deepcopy(tiny_sd.scheduler)
+        scheduler.set_timesteps(steps)
+        x = x_T
+        for i, t in enumerate(scheduler.timesteps):
+            x = scheduler.step(tiny_sd.eps(x, int(t), cond, 5.0), t, x, eta=eta, variance_noise=noises[i]).prev_sample
+    torch.testing.assert_close(ours.latents, x, rtol=1e-5, atol=1e-4)
+    assert ours.timesteps == scheduler.timesteps.tolist() and len(ours.eps) == steps
+
+
+def test_eta_positive_needs_one_noise_per_step(tiny_sd):
+    cond = tiny_sd.encode(PROMPTS[:1])
+    with pytest.raises(ValueError, match="one noise per step"):
+        ddim_sample(tiny_sd, cond, noise_like((1, *tiny_sd.latent_shape())), num_steps=3, eta=1.0)
+
+
+def grads(backbone, **options):
+    steps = 5
+    cond = backbone.encode(PROMPTS[:1])
+    x_T = noise_like((1, *backbone.latent_shape())).requires_grad_()
+    noises = noise_like((steps, 1, *backbone.latent_shape()), 1).requires_grad_()
+    traj = ddim_sample(backbone, cond, x_T, noises, num_steps=steps, eta=1.0, guidance_scale=5.0, **options)
+    backbone.decode(traj.latents).mean().backward()
+    return x_T.grad, noises.grad
+
+
+def test_checkpointed_and_plain_gradients_agree(tiny_sd):
+    with torch.enable_grad():
+        plain, checkpointed = grads(tiny_sd, checkpoint=False), grads(tiny_sd, checkpoint=True)
+    for a, b in zip(plain, checkpointed):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_truncated_backprop_gives_zero_gradient_to_early_steps(tiny_sd):
+    with torch.enable_grad():
+        x_grad, noise_grad = grads(tiny_sd, checkpoint=True, grad_steps=2)
+    assert x_grad is None or x_grad.abs().sum() == 0
+    per_step = noise_grad.flatten(1).abs().sum(1)
+    assert torch.all(per_step[:3] == 0) and torch.all(per_step[3:] > 0)
+
+
+def test_checkpointing_recomputes_model_calls(tiny_sd):
+    """The evaluation counter sees what checkpointing costs: one extra model call per step in backward."""
+    with torch.enable_grad():
+        before = tiny_sd.num_evals
+        grads(tiny_sd, checkpoint=False)
+        plain = tiny_sd.num_evals - before
+        grads(tiny_sd, checkpoint=True)
+        assert tiny_sd.num_evals - before - plain == 2 * plain
