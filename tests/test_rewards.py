@@ -106,6 +106,16 @@ def test_missing_weight_files_are_named_with_how_to_provide_them(clip_dir):
                                   processor=str(clip_dir)))
 
 
+def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
+    import collections
+
+    torch.save({"state_dict": collections.Counter(a=1)}, tmp_path / "pickled.pt")  # needs full unpickling
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    for name in ("pickled.pt", "corrupt.pt"):
+        with pytest.raises(FrameworkError, match=rf"reward\.checkpoint: cannot load '.*{name}'.*weights_only=True"):
+            build_reward(RewardConfig(name="hps", arch=TINY_ARCH, checkpoint=str(tmp_path / name)))
+
+
 def test_jpeg_prefers_a_flat_image_and_is_not_differentiable():
     flat = torch.full((1, 3, 64, 64), 0.5)
     noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -45,7 +45,7 @@ def _label(cfg) -> str:
 def print_summary(summary: dict, label: str) -> None:
     print(f"\n{label}: {summary['num_ok']}/{summary['num_items']} items ok"
           + (f", {summary['num_failed']} failed" if summary["num_failed"] else ""))
-    width = min(48, max(len(r["prompt"]) for r in summary["items"]))
+    width = min(48, max(len("prompt"), *(len(r["prompt"]) for r in summary["items"])))
     print(f"  {'item':<12} {'prompt':<{width}}  reward base → final")
     for row in summary["items"]:
         prompt = row["prompt"][:width]

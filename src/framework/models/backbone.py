@@ -26,6 +26,8 @@ class Cond:
 
     def repeat(self, n: int) -> "Cond":
         """Each row repeated n times (row-major), for sampling n images per prompt in one batch."""
+        if n == 1:
+            return self
         return replace(self, **{f.name: t.repeat_interleave(n, dim=0) for f in fields(self)
                                 if (t := getattr(self, f.name)) is not None})
 

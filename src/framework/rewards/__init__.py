@@ -9,16 +9,32 @@ __all__ = ["Reward", "build_reward", "clip_preprocess"]
 
 
 def _weight_file(cfg: RewardConfig, default: str | None = None):
-    import torch
-    from safetensors.torch import load_file
-
     from framework.weights import resolve_file
 
     spec = cfg.checkpoint or default
     if spec is None:
         raise FrameworkError(f"reward.checkpoint is not set: reward {cfg.name} needs its weight file")
-    path = resolve_file(spec, key="reward.checkpoint")
-    return path, (lambda: load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True))
+    return resolve_file(spec, key="reward.checkpoint")
+
+
+def _load_checkpoint(path, load):
+    """Run `load(path)`; a file that is corrupt, or that needs unsafe unpickling, becomes one clear error."""
+    import pickle
+
+    try:
+        return load(path)
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FrameworkError(f"reward.checkpoint: cannot load '{path}' (safetensors or torch.load with "
+                             f"weights_only=True): {first_line}") from e
+
+
+def _state_dict(path):
+    import torch
+    from safetensors.torch import load_file
+
+    return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True,
+                                                                            map_location="cpu")
 
 
 def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
@@ -26,7 +42,8 @@ def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
 
     from framework.rewards.clip import AestheticReward, aesthetic_mlp, load_clip
 
-    state = None if cfg.tiny else _weight_file(cfg)[1]()  # the MLP file first: the part users most often lack
+    # The MLP file first: it is the part users most often lack.
+    state = None if cfg.tiny else _load_checkpoint(_weight_file(cfg), _state_dict)
     vision = load_clip(cfg.source, cfg.tiny, dtype, vision_only=True)
     if cfg.tiny:
         with torch.random.fork_rng(devices=[]):
@@ -51,8 +68,8 @@ def _hps(cfg: RewardConfig, dtype) -> Reward:
     if cfg.tiny:
         return load_hps(TINY_ARCH, None, dtype)
     version = choose(cfg.version, ("v2.0", "v2.1"), "reward.version")
-    path, _ = _weight_file(cfg, default=f"xswu/HPSv2/HPS_{version}_compressed.pt")
-    return load_hps(cfg.arch or "ViT-H-14", path, dtype)
+    path = _weight_file(cfg, default=f"xswu/HPSv2/HPS_{version}_compressed.pt")
+    return _load_checkpoint(path, lambda p: load_hps(cfg.arch or "ViT-H-14", p, dtype))
 
 
 def _callable(cfg: RewardConfig, dtype) -> Reward:
