@@ -20,16 +20,15 @@ class BestOfN(Method):
     def run(self, problem: Problem) -> ItemResult:
         n, batch = num_candidates(self.cfg), self.cfg.batch_size
         seeds = [problem.item.seed] + [derive_seed(problem.item.seed, k) for k in range(1, n)]
-        rewards, steps, base_image, best_image = [], [], None, None
+        rewards, steps, base_image, best, best_image = [], [], None, 0, None
         for start in problem.progress(range(0, n, batch), total=math.ceil(n / batch), desc="candidates"):
             images, _ = problem.render(*problem.noise(seeds[start : start + batch]))
             for image, reward in zip(images, problem.score(images).tolist()):
-                if base_image is None:
+                if not rewards:
                     base_image = image
-                if not rewards or reward > max(rewards):
-                    best_image = image
+                if not rewards or reward > rewards[best]:
+                    best, best_image = len(rewards), image
                 rewards.append(reward)
-                steps.append({"step": len(rewards) - 1, "reward": reward, "best_reward": max(rewards)})
-        best = max(range(n), key=rewards.__getitem__)
+                steps.append({"step": len(rewards) - 1, "reward": reward, "best_reward": rewards[best]})
         return ItemResult(base_image, best_image, rewards[0], rewards[best], steps,
                           {"n": n, "best_index": best, "candidate_seeds": seeds})

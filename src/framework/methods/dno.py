@@ -55,7 +55,8 @@ class DNO(Method):
         if cfg.optimize == "all" and noises is not None:
             variables.append(noises.requires_grad_())
         optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(cfg.num_permutations * (cfg.gamma > 0))]
+        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(cfg.num_permutations)] \
+            if cfg.gamma > 0 else []
         steps, base = [], None
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} dno"):
             images, _ = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
