@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from framework.testbed import MODEL_DIR
 
 
 @dataclass
@@ -26,7 +28,7 @@ class ModelConfig:
 @dataclass
 class RewardConfig:
     name: str = MISSING  # aesthetic | hps | pickscore | clipscore | jpeg | brightness | darkness | contrast |
-    #                      saturation | callable
+    #                      saturation | judge | callable
     source: str | None = None  # CLIP model: hub id or local directory (aesthetic, pickscore, clipscore)
     processor: str | None = None  # tokenizer source when it differs from `source` (pickscore)
     checkpoint: str | None = None  # weight file: local path or owner/repo/file (aesthetic MLP, HPS state dict)
@@ -82,7 +84,7 @@ class DNOConfig(SamplingConfig):
 
 @dataclass
 class PromptsConfig:
-    name: str = MISSING  # inline | file | animal_animal | simple_animals
+    name: str = MISSING  # inline | file | animal_animal | simple_animals | shapes
     prompts: list[str] = field(default_factory=list)  # inline
     path: str | None = None  # file: .txt (one per line, # comments) or .json (list of strings)
     limit: int | None = None  # keep the first N prompts
@@ -106,6 +108,13 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What is measured besides the optimised reward."""
+
+    adherence: bool = False  # ground-truth colour/shape adherence with the testbed judge (model=shapes sets it)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     reward: RewardConfig = MISSING
@@ -113,6 +122,7 @@ class Config:
     prompts: PromptsConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     samples_per_prompt: int = 1
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -122,6 +132,8 @@ METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConf
 
 
 def register_configs() -> None:
+    # ${testbed_model:} in conf/model/shapes.yaml: the trained testbed shipped inside the package
+    OmegaConf.register_new_resolver("testbed_model", lambda: str(MODEL_DIR), replace=True)
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)  # types model/reward/prompts/trainer/logger of every option
     for name, node in METHOD_SCHEMAS.items():  # each method/<name>.yaml starts from /schema/method/<name>

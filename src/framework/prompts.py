@@ -49,9 +49,12 @@ def read_prompt_file(path: str | None) -> list[str]:
 
 
 def load_prompts(cfg: PromptsConfig) -> list[str]:
-    name = choose(cfg.name, ("inline", "file", "animal_animal", "simple_animals"), "prompts.name")
-    prompts = {"inline": lambda: list(cfg.prompts), "file": lambda: read_prompt_file(cfg.path),
-               "animal_animal": animal_animal, "simple_animals": lambda: list(SIMPLE_ANIMALS)}[name]()
+    from framework.testbed.shapes import all_captions
+
+    sets = {"inline": lambda: list(cfg.prompts), "file": lambda: read_prompt_file(cfg.path),
+            "animal_animal": animal_animal, "simple_animals": lambda: list(SIMPLE_ANIMALS), "shapes": all_captions}
+    name = choose(cfg.name, tuple(sets), "prompts.name")
+    prompts = sets[name]()
     prompts = prompts[: cfg.limit] if cfg.limit is not None else prompts
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise FrameworkError(f"prompts ({name}) must be a non-empty list of non-empty strings")

@@ -43,22 +43,37 @@ def _label(cfg) -> str:
 
 
 def print_summary(summary: dict, label: str) -> None:
+    metrics = [m for m in ("adherence", "drift_rmse") if f"final_{m}_mean" in summary]
     print(f"\n{label}: {summary['num_ok']}/{summary['num_items']} items ok"
           + (f", {summary['num_failed']} failed" if summary["num_failed"] else ""))
     width = min(48, max(len("prompt"), *(len(r["prompt"]) for r in summary["items"])))
-    print(f"  {'item':<12} {'prompt':<{width}}  reward base → final")
+    header = "".join(f"  {'adherence' if m == 'adherence' else 'drift':>15}" for m in metrics)
+    print(f"  {'item':<12} {'prompt':<{width}}  {'reward base → final':>19}{header}")
+
+    def columns(row_metrics: dict, base_key, final_key) -> str:
+        text = ""
+        for m in metrics:
+            base, final = row_metrics.get(base_key(m)), row_metrics.get(final_key(m))
+            text += f"  {final:>15.3f}" if m == "drift_rmse" else f"  {base:>6.2f} → {final:<6.2f}"
+        return text
+
     for row in summary["items"]:
         prompt = row["prompt"][:width]
         if row["status"] == "ok":
-            print(f"  {row['id']:<12} {prompt:<{width}}  {row['base_reward']:.4f} → {row['final_reward']:.4f}")
+            flat = {f"{stage}.{k}": v for stage in ("base", "final") for k, v in row["metrics"][stage].items()}
+            print(f"  {row['id']:<12} {prompt:<{width}}  {row['base_reward']:>8.4f} → {row['final_reward']:<8.4f}"
+                  + columns(flat, lambda m: f"base.{m}", lambda m: f"final.{m}"))
         else:
             print(f"  {row['id']:<12} {prompt:<{width}}  FAILED: {row['error']}")
     if summary["num_ok"]:
-        gain = summary["final_reward_mean"] - summary["base_reward_mean"]
-        print(f"  {'mean':<12} {'':<{width}}  {summary['base_reward_mean']:.4f} → {summary['final_reward_mean']:.4f}"
-              f" ({gain:+.4f}), {summary['evals_mean']:.0f} model evals and {summary['seconds_mean']:.1f} s per item")
+        print(f"  {'mean':<12} {'':<{width}}  {summary['base_reward_mean']:>8.4f} → {summary['final_reward_mean']:<8.4f}"
+              + columns(summary, lambda m: f"base_{m}_mean", lambda m: f"final_{m}_mean"))
+        print(f"  {summary['evals_mean']:.0f} model evaluations and {summary['seconds_mean']:.1f} s per item"
+              + ("; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
+                 if "adherence" in metrics else "; drift = pixel RMSE to the base image (same seed)"))
     run_dir = Path(summary["run_dir"])
-    print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png\nsummary: {run_dir / 'summary.json'}")
+    print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"
+          f"summary: {run_dir / 'summary.json'}")
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -66,11 +81,13 @@ def run(cfg: DictConfig) -> dict | None:
     import lightning as L
 
     from framework.methods import build_method
+    from framework.metrics import ImageMetrics
     from framework.models import load_backbone
     from framework.prompts import load_prompts
     from framework.rewards import build_reward
     from framework.runner import InferenceTimeAlignment, ItemsDataModule, make_items
     from framework.store import ItemStore
+    from framework.testbed.judge import load_judge
     from framework.tracking import log_to_wandb
 
     check_known_keys(cfg)
@@ -80,11 +97,12 @@ def run(cfg: DictConfig) -> dict | None:
     reward = build_reward(cfg.reward)
     method = build_method(cfg.method, reward)
     backbone = load_backbone(cfg.model)
+    metrics = ImageMetrics(load_judge() if cfg.eval.adherence else None)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, logger=False,
                         inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
                         use_distributed_sampler=False, default_root_dir=cfg.output_dir)
-    trainer.predict(InferenceTimeAlignment(backbone, reward, method, store), datamodule=ItemsDataModule(items, store),
+    trainer.predict(InferenceTimeAlignment(backbone, reward, method, store, metrics), datamodule=ItemsDataModule(items, store),
                     return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:

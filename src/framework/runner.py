@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.errors import NonFiniteLoss
+from framework.metrics import ImageMetrics
 from framework.methods import Item, Method, Problem, derive_seed
 from framework.store import ItemStore
 
@@ -47,17 +48,18 @@ class ItemsDataModule(L.LightningDataModule):
 class InferenceTimeAlignment(L.LightningModule):
     """Runs a per-item method with gradients enabled (Lightning predicts under no_grad) and stores each result."""
 
-    def __init__(self, backbone, reward, method: Method, store: ItemStore):
+    def __init__(self, backbone, reward, method: Method, store: ItemStore, metrics: ImageMetrics):
         super().__init__()
         self.backbone, self.reward = backbone, reward  # submodules: Lightning moves them to the device
-        self.method, self.store = method, store
+        self.method, self.store, self.metrics = method, store, metrics
 
     def predict_step(self, item: Item) -> None:
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         evals, start = self.backbone.num_evals, time.perf_counter()
-        problem = Problem(self.backbone, self.reward, item, self.method.cfg, show_progress=self.trainer.is_global_zero)
+        problem = Problem(self.backbone, self.reward, item, self.method.cfg, self.metrics,
+                          show_progress=self.trainer.is_global_zero)
         try:
             with torch.enable_grad() if self.method.needs_gradients else nullcontext():
                 result = self.method.run(problem)
@@ -67,6 +69,8 @@ class InferenceTimeAlignment(L.LightningModule):
             return
         peak_mb = (torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        self.store.write(item, result, {
+        base, final = result.base_image[None], result.final_image[None]
+        metrics = {"base": problem.measure(base), "final": problem.measure(final, base)}
+        self.store.write(item, result, metrics, {
             "evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start,
             "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if on_cuda else "process_max_rss"})

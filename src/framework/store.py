@@ -12,11 +12,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from framework.errors import FrameworkError
 from framework.methods import Item, ItemResult
+
+GRID_ITEMS = 16
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -32,6 +36,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def save_png(image: Tensor, path: Path) -> None:
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array).save(path)
+
+
+def load_png(path: Path) -> Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 class ItemStore:
@@ -88,10 +96,10 @@ class ItemStore:
         return {"id": item.id, "prompt_index": item.prompt_index, "sample_index": item.sample_index,
                 "prompt": item.prompt, "seed": item.seed}
 
-    def write(self, item: Item, result: ItemResult, compute: dict) -> None:
+    def write(self, item: Item, result: ItemResult, metrics: dict, compute: dict) -> None:
         record = self._base_record(item) | {
             "status": "ok", "base_reward": result.base_reward, "final_reward": result.final_reward,
-            "compute": compute, "info": result.info, "steps": result.steps}
+            "metrics": metrics, "compute": compute, "info": result.info, "steps": result.steps}
         self._commit(item, record, {"base": result.base_image, "final": result.final_image})
 
     def write_failure(self, item: Item, error: str) -> None:
@@ -101,15 +109,30 @@ class ItemStore:
         records = [self.record(item) for item in items]
         ok = [r for r in records if r and r["status"] == "ok"]
         failed = [r for r in records if r and r["status"] == "failed"]
-        mean = lambda key: float(np.mean([r[key] for r in ok])) if ok else float("nan")  # noqa: E731
+        mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
         summary = {
             "run_dir": str(self.run_dir), "num_items": len(items), "num_ok": len(ok), "num_failed": len(failed),
             "num_missing": sum(r is None for r in records),
-            "base_reward_mean": mean("base_reward"), "final_reward_mean": mean("final_reward"),
-            "evals_mean": float(np.mean([r["compute"]["evals"] for r in ok])) if ok else float("nan"),
-            "seconds_mean": float(np.mean([r["compute"]["seconds"] for r in ok])) if ok else float("nan"),
-            "items": [{k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward", "error")}
-                      for r in records if r],
+            "base_reward_mean": mean([r["base_reward"] for r in ok]),
+            "final_reward_mean": mean([r["final_reward"] for r in ok]),
+            "evals_mean": mean([r["compute"]["evals"] for r in ok]),
+            "seconds_mean": mean([r["compute"]["seconds"] for r in ok]),
         }
+        for stage in ("base", "final"):  # every metric the records carry, e.g. adherence and drift
+            for key in sorted({k for r in ok for k in r["metrics"][stage]}):
+                summary[f"{stage}_{key}_mean"] = mean([r["metrics"][stage][key] for r in ok if key in
+                                                      r["metrics"][stage]])
+        summary["items"] = [{k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward",
+                                                   "metrics", "error")} for r in records if r]
         self._write_json(self.run_dir / "summary.json", summary)
+        self._write_grid(ok[:GRID_ITEMS])
         return summary
+
+    def _write_grid(self, records: list[dict]) -> None:
+        """grid.png: base images on the top row, the method's images below, one column per item."""
+        if not records:
+            return
+        tiles = [load_png(self.items_dir / r["id"] / f"{kind}.png") for kind in ("base", "final") for r in records]
+        grid = make_grid(tiles, nrow=len(records), padding=2, pad_value=1.0)
+        scale = max(1, 256 // tiles[0].shape[-1])  # small testbed images are enlarged (nearest) to be seen
+        save_png(grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2), self.run_dir / "grid.png")

@@ -8,6 +8,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from framework.config import SamplingConfig
+from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
 from framework.sampling import Trajectory, ddim_sample
@@ -46,9 +47,10 @@ class Problem:
     """One item's world: frozen backbone and reward, the prompt's conditioning (encoded once), seeded noise."""
 
     def __init__(self, backbone: Backbone, reward: Reward, item: Item, sampling: SamplingConfig,
-                 show_progress: bool = False):
+                 metrics: ImageMetrics | None = None, show_progress: bool = False):
         self.backbone, self.reward, self.item, self.sampling = backbone, reward, item, sampling
         self.cond = backbone.encode([item.prompt])
+        self.metrics = metrics or ImageMetrics()
         self.show_progress = show_progress
 
     def noise(self, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
@@ -69,6 +71,10 @@ class Problem:
 
     def score(self, images: Tensor) -> Tensor:
         return self.reward(images, [self.item.prompt] * len(images))
+
+    def measure(self, images: Tensor, base: Tensor | None = None) -> dict[str, float]:
+        """Drift from `base` and, on the testbed, ground-truth adherence (no gradients)."""
+        return self.metrics(images.detach(), self.item.prompt, None if base is None else base.detach())
 
     def progress(self, iterable, total: int, desc: str):
         return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True)

@@ -73,7 +73,8 @@ class DNO(Method):
             if base is None:
                 base = (images[0].detach(), reward.item())
             steps.append({"step": step, "reward": reward.item(), "loss": loss.item(), "r_prob": reg.item(),
-                          "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item()})
+                          "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item(),
+                          **problem.measure(images, base[0][None])})
         with torch.no_grad():
             images, _ = problem.render(x_T, noises)
             final_reward = problem.score(images)[0].item()

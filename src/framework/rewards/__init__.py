@@ -72,6 +72,12 @@ def _hps(cfg: RewardConfig, dtype) -> Reward:
     return _load_checkpoint(path, lambda p: load_hps(cfg.arch or "ViT-H-14", p, dtype))
 
 
+def _judge(cfg: RewardConfig, dtype) -> Reward:
+    from framework.testbed.judge import JudgeReward, load_judge
+
+    return JudgeReward(load_judge()).to(dtype)
+
+
 def _callable(cfg: RewardConfig, dtype) -> Reward:
     try:
         return CallableReward(cfg.target, cfg.differentiable)
@@ -86,6 +92,7 @@ BUILDERS = {
     "clipscore": _clip_similarity(scale=100.0),
     "jpeg": lambda cfg, dtype: JpegCompressibility(cfg.jpeg_quality),
     **{name: (lambda cfg, dtype, name=name: ImageStatistic(name)) for name in ImageStatistic.STATISTICS},
+    "judge": _judge,
     "callable": _callable,
 }
 

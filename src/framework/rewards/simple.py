@@ -37,8 +37,8 @@ class ImageStatistic(Reward):
     saturation = mean chroma max(r,g,b) − min(r,g,b)."""
 
     STATISTICS = {
-        "brightness": lambda x: x.mean((1, 2, 3)),
-        "darkness": lambda x: -x.mean((1, 2, 3)),
+        "brightness": lambda x: x.flatten(1).mean(1),  # any shape: also the analytic backbone's vectors
+        "darkness": lambda x: -x.flatten(1).mean(1),
         "contrast": lambda x: x.mean(1).flatten(1).std(1),
         "saturation": lambda x: (x.amax(1) - x.amin(1)).mean((1, 2)),
     }
