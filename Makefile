@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 # No network at run or test time: the hub is only read from the local cache.
 export HF_HUB_OFFLINE ?= 1
-# The quick main job: DNO on the tiny SD-shaped model (the default config) with a short budget.
-RUN_ARGS ?= method.num_steps=10 method.opt_steps=20
+# The quick main job: DNO on the embedded testbed (the default config) with a short budget.
+RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 prompts.limit=3
 
 .PHONY: install run test bench clean
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 
-QUICK = ["method.num_steps=3", "method.opt_steps=2", "prompts.prompts=[a cat,a dog]"]
+QUICK = ["model=tiny_sd", "method.num_steps=3", "method.opt_steps=2", "prompts=inline", "prompts.prompts=[a cat,a dog]"]
 
 
 def records(run_dir):
@@ -74,8 +74,9 @@ def test_nan_loss_marks_the_item_failed_and_keeps_the_others(tmp_path):
         "    bad = torch.tensor([p == 'bad' for p in prompts], dtype=images.dtype)\n"
         "    return images.mean((1, 2, 3)) / (1 - bad)  * (1 - bad)\n")
     run_dir = tmp_path / "run"
-    result = run_cli("reward=callable", "reward.target=nan_reward:score", "reward.differentiable=true",
-                     "method.num_steps=3", "method.opt_steps=2", "prompts.prompts=[a cat,bad,a dog]", "logger=none",
+    result = run_cli("model=tiny_sd", "reward=callable", "reward.target=nan_reward:score", "reward.differentiable=true",
+                     "method.num_steps=3", "method.opt_steps=2", "prompts=inline", "prompts.prompts=[a cat,bad,a dog]",
+                     "logger=none",
                      run_dir=run_dir, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert "1 of 3 items failed" in result.stderr
@@ -87,7 +88,8 @@ def test_nan_loss_marks_the_item_failed_and_keeps_the_others(tmp_path):
 
 
 def test_ddp_with_two_cpu_processes_equals_one_process(tmp_path):
-    common = ["method.num_steps=3", "method.opt_steps=2", "prompts.prompts=[a cat,a dog,a bird]", "logger=none"]
+    common = ["model=tiny_sd", "method.num_steps=3", "method.opt_steps=2", "prompts=inline",
+              "prompts.prompts=[a cat,a dog,a bird]", "logger=none"]
     env = {"OMP_NUM_THREADS": "1"}  # same intra-op threading in both runs, for bitwise comparable floats
     single = run_cli(*common, run_dir=tmp_path / "one", env=env)
     ddp = run_cli(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two",

@@ -38,10 +38,12 @@ def evaluate_adherence(model_dir: Path = MODEL_DIR, judge_file: Path = JUDGE_FIL
         hits = ((colors.argmax(1) == color) & (kinds.argmax(1) == shape)).sum().item()
         per_caption[caption] = hits / seeds
         correct += hits
-        centers, areas = shape_geometry(images)
-        center_spread.append(centers.std(0).mean().item())
-        area_spread.append((areas.std() / areas.mean()).item())
+        if seeds > 1:
+            centers, areas = shape_geometry(images)
+            center_spread.append(centers.std(0).mean().item())
+            area_spread.append((areas.std() / areas.mean()).item())
     return {"adherence": correct / (seeds * len(per_caption)), "per_caption": per_caption,
-            "position_std_px": sum(center_spread) / len(center_spread),  # across seeds of one caption, averaged
-            "area_relative_std": sum(area_spread) / len(area_spread),
+            # spread across the seeds of one caption, averaged over captions
+            "position_std_px": sum(center_spread) / len(center_spread) if center_spread else None,
+            "area_relative_std": sum(area_spread) / len(area_spread) if area_spread else None,
             "eval": {"seeds": seeds, "num_steps": num_steps, "guidance_scale": guidance_scale, "eta": 0.0}}

@@ -33,6 +33,14 @@ def parse_caption(text: str) -> tuple[int, int]:
     return colors[0], shapes[0]
 
 
+def is_caption(text: str) -> bool:
+    try:
+        parse_caption(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class Batch:
     images: Tensor  # [B, 3, 32, 32] in [0, 1]

@@ -40,30 +40,39 @@ def build_components():
     return vae, text_encoder, unet
 
 
-def log(stage: str, step: int, total: int, loss: float, start: float) -> None:
-    print(f"[{stage}] step {step}/{total} loss {loss:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def fit(stage: str, params, steps: int, peak_lr: float, loss_at, warmup: int = 100, clip: float | None = None,
+        log_every: int = 200) -> None:
+    """The one optimisation loop of every stage: AdamW (torch defaults), linear warm-up, cosine decay."""
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=peak_lr)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr, warmup)
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"[{stage}] step {step}/{steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
 
 
 def train_vae(vae: AutoencoderKL, steps: int, batch: int, generator: torch.Generator) -> float:
     """Reconstruction + a small KL term; returns the latent scaling factor (1 / std of latent means)."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, 2e-3)
+
+    def loss_at(step):
         x = shapes.sample(batch, generator).images * 2 - 1
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 200 == 0 or step == steps - 1:
-            log("vae", step, steps, loss.item(), start)
+        return F.mse_loss(vae.decode(posterior.sample(generator)).sample, x) + 1e-6 * posterior.kl().mean()
+
+    fit("vae", vae.parameters(), steps, 2e-3, loss_at)
     with torch.no_grad():
         means = vae.encode(shapes.sample(512, generator).images * 2 - 1).latent_dist.mean
     return float(1 / means.std())
@@ -79,31 +88,19 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(judge: Judge, steps: int, batch: int, generator: torch.Generator) -> None:
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, 3e-3)
+    def loss_at(step):
         b = shapes.sample(batch, generator)
         color_logits, shape_logits = judge(augment(b.images, generator))
-        loss = F.cross_entropy(color_logits, b.colors) + F.cross_entropy(shape_logits, b.shapes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 200 == 0 or step == steps - 1:
-            log("judge", step, steps, loss.item(), start)
+        return F.cross_entropy(color_logits, b.colors) + F.cross_entropy(shape_logits, b.shapes)
+
+    fit("judge", judge.parameters(), steps, 3e-3, loss_at)
 
 
 def train_unet(vae, text_encoder, unet, tokenizer, scaling: float, steps: int, batch: int,
                generator: torch.Generator) -> None:
-    scheduler = sd_scheduler()
-    alphas = scheduler.alphas_cumprod
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, warmup=200)
+    alphas = sd_scheduler().alphas_cumprod
+
+    def loss_at(step):
         b = shapes.sample(batch, generator)
         captions = [c if torch.rand(1, generator=generator) > 0.1 else "" for c in b.captions]
         with torch.no_grad():
@@ -113,15 +110,11 @@ def train_unet(vae, text_encoder, unet, tokenizer, scaling: float, steps: int, b
         t = torch.randint(0, len(alphas), (batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if step % 250 == 0 or step == steps - 1:
-            log("unet", step, steps, loss.item(), start)
+        pred = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, text_encoder(tokens)[0]).sample
+        return F.mse_loss(pred, noise)
+
+    fit("unet", [*unet.parameters(), *text_encoder.parameters()], steps, 1e-3, loss_at, warmup=200, clip=1.0,
+        log_every=250)
 
 
 @torch.no_grad()
