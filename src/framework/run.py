@@ -102,8 +102,8 @@ def run(cfg: DictConfig) -> dict | None:
                         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, logger=False,
                         inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
                         use_distributed_sampler=False, default_root_dir=cfg.output_dir)
-    trainer.predict(InferenceTimeAlignment(backbone, reward, method, store, metrics), datamodule=ItemsDataModule(items, store),
-                    return_predictions=False)
+    module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
+    trainer.predict(module, datamodule=ItemsDataModule(items, store), return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None

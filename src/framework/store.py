@@ -39,7 +39,7 @@ def save_png(image: Tensor, path: Path) -> None:
 
 
 def load_png(path: Path) -> Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 class ItemStore:
