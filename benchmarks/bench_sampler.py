@@ -6,6 +6,7 @@
 2. one DNO optimisation step (checkpointed) vs one plain sample, at 10 and 50 sampler steps     target ≤ 4.0
 3. peak memory of a DNO step at 50 vs 10 steps (fresh process each; CPU: peak RSS; CUDA: max allocated), and
    the bytes autograd holds for backward at 50 vs 10 steps                                     target ≤ 1.2
+4. a MIRA item vs a DNO item with the same budget (same model evaluations)                    target ≤ 1.05
 """
 
 import argparse
@@ -86,6 +87,18 @@ def step_vs_sample(device: str, num_steps: int, repeats: int) -> tuple[float, fl
                   repeats)
 
 
+def mira_vs_dno(device: str, repeats: int) -> tuple[float, float, float]:
+    """A whole MIRA item (β > 0, 5 optimisation steps) vs the same DNO item: the surrogate reuses ε̂."""
+    from framework.config import MIRAConfig
+    from framework.methods import build_method
+
+    backbone, problem = setup(device, 10)
+    common = dict(num_steps=10, opt_steps=5, optimize="x_T")
+    mira, dno = MIRAConfig(beta=1.0, **common), DNOConfig(gamma=0.0, **common)
+    run = lambda cfg: build_method(cfg, problem.reward).run(Problem(backbone, problem.reward, problem.item, cfg))  # noqa
+    return paired(lambda: run(mira), lambda: run(dno), repeats)
+
+
 def _rss_high_water_mark(reset: bool = False) -> int:
     """Linux VmHWM in bytes; `reset` restarts it from the current RSS (clear_refs 5), so the peak of one step can be
     told apart from the peaks of model construction."""
@@ -162,6 +175,8 @@ def main() -> None:
           f"{held10 / mib:.1f} MiB; per step: {(held50 - held10) / 40 / 1024:.0f} KiB)")
     print(f"   the step's own growth: {(peak50 - base50) / mib:.0f} MiB at 50 steps vs {(peak10 - base10) / mib:.0f} MiB "
           f"at 10 (model weights and runtime excluded)")
+    ratio, mira, dno = mira_vs_dno(args.device, args.repeats)
+    print(f"4. MIRA item / DNO item (5 steps of 10):      {ratio:5.2f}  ({mira:.3f} s vs {dno:.3f} s)   target ≤ 1.05")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_prob_regulariser_is_flat_for_gaussian_noise_and_pushes_back_otherwise()
 
 def test_dno_with_gamma_records_the_regulariser(tiny_sd, brightness):
     result = run(DNOConfig(num_steps=3, opt_steps=2, gamma=1.0, num_permutations=5), tiny_sd, brightness)
-    assert all(s["r_prob"] >= 2 * math.log(2) - 1e-6 for s in result.steps)
+    assert all(s["regulariser"] >= 2 * math.log(2) - 1e-6 for s in result.steps)
 
 
 def test_best_of_n_returns_the_best_of_its_candidates(tiny_sd):

@@ -68,18 +68,32 @@ class BestOfNConfig(SamplingConfig):
 
 
 @dataclass
-class DNOConfig(SamplingConfig):
-    name: str = "dno"
+class NoiseOptimisationConfig(SamplingConfig):
+    """The optimiser and budget shared by noise-optimisation methods (DNO's defaults), so they compare fairly."""
+
     opt_steps: int = 100
     lr: float = 0.01
     weight_decay: float = 0.01  # AdamW's torch default
     grad_clip: float = 1.0
     optimize: str = "all"  # all (x_T and every ξ_t) | x_T
+    checkpoint: bool = True  # per-model-call gradient checkpointing
+    grad_steps: int | None = None  # backprop through the last K sampler steps only (None = all)
+
+
+@dataclass
+class DNOConfig(NoiseOptimisationConfig):
+    name: str = "dno"
     gamma: float = 0.0  # weight of the probability regulariser R_prob (0 = off)
     block_size: int = 4  # d in R_prob
     num_permutations: int = 100
-    checkpoint: bool = True  # per-model-call gradient checkpointing
-    grad_steps: int | None = None  # backprop through the last K sampler steps only (None = all)
+
+
+@dataclass
+class MIRAConfig(NoiseOptimisationConfig):
+    name: str = "mira"
+    optimize: str = "x_T"
+    beta: float = 0.1  # weight of R_MIRA; sweep it (0.01–10 depending on the reward's scale)
+    weighting: str = "uniform"  # uniform | girsanov (exact Gaussian-KL weight of each DDIM step; needs eta > 0)
 
 
 @dataclass
@@ -128,7 +142,7 @@ class Config:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
-METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConfig}
+METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConfig, "mira": MIRAConfig}
 
 
 def register_configs() -> None:

@@ -26,6 +26,13 @@ class Trajectory:
     x0_pred: list[Tensor] = field(default_factory=list)
 
 
+def ddim_coefficients(alpha: float, alpha_prev: float, eta: float) -> tuple[float, float]:
+    """σ_t of a DDIM step and the coefficient of ε̂ in its mean μ = a·x_t + c·ε̂ (with x̂0 substituted), which
+    MIRA's Girsanov weighting needs: c = √(1−ᾱ_prev−σ²) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t."""
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha)) ** 0.5 * (1 - alpha / alpha_prev) ** 0.5
+    return sigma, (1 - alpha_prev - sigma**2) ** 0.5 - (alpha_prev / alpha) ** 0.5 * (1 - alpha) ** 0.5
+
+
 def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | None = None, *, num_steps: int,
                 eta: float = 0.0, guidance_scale: float = 1.0, checkpoint: bool = False,
                 grad_steps: int | None = None) -> Trajectory:
@@ -48,7 +55,7 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
             else:
                 eps = backbone.eps(x, t, cond, guidance_scale)
             x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-            sigma = eta * ((1 - alpha_prev) / (1 - alpha)) ** 0.5 * (1 - alpha / alpha_prev) ** 0.5
+            sigma, _ = ddim_coefficients(alpha, alpha_prev, eta)
             x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
             if sigma > 0:
                 x_prev = x_prev + sigma * noises[i]

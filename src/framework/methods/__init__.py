@@ -6,10 +6,11 @@ from framework.methods.base import Base
 from framework.methods.best_of_n import BestOfN
 from framework.methods.common import Item, ItemResult, Method, Problem, derive_seed
 from framework.methods.dno import DNO
+from framework.methods.mira import MIRA
 
 __all__ = ["Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 
-METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO}
+METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO, "mira": MIRA}
 
 
 def build_method(cfg, reward) -> Method:

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from framework.config import choose
 from framework.errors import NonFiniteLoss
 from framework.methods.common import ItemResult, Method, Problem, derive_seed
+from framework.sampling import Trajectory
 
 
 def _block_log_prob(v: Tensor, block_size: int, perm_seed: int | None) -> Tensor:
@@ -42,11 +43,23 @@ def prob_regulariser(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tenso
 
 
 class DNO(Method):
+    """Noise optimisation; subclasses change only the regulariser (`weight` × `regulariser`)."""
+
     needs_gradients = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         choose(cfg.optimize, ("all", "x_T"), "method.optimize")
+
+    @property
+    def weight(self) -> float:
+        return self.cfg.gamma
+
+    def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
+        """R_prob of the optimised noise (permutations seeded per item)."""
+        if self._perm_seeds is None:
+            self._perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(self.cfg.num_permutations)]
+        return prob_regulariser(flat_noise, self.cfg.block_size, self._perm_seeds)
 
     def run(self, problem: Problem) -> ItemResult:
         cfg = self.cfg
@@ -55,15 +68,14 @@ class DNO(Method):
         if cfg.optimize == "all" and noises is not None:
             variables.append(noises.requires_grad_())
         optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(cfg.num_permutations)] \
-            if cfg.gamma > 0 else []
+        self._perm_seeds = None
         steps, base = [], None
-        for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} dno"):
-            images, _ = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
+        for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
+            images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
             reward = problem.score(images)[0]
             flat = torch.cat([v.flatten() for v in variables])
-            reg = prob_regulariser(flat, cfg.block_size, perm_seeds) if cfg.gamma > 0 else flat.new_zeros(())
-            loss = -reward + cfg.gamma * reg
+            reg = self.regulariser(problem, flat, traj, step) if self.weight > 0 else flat.new_zeros(())
+            loss = -reward + self.weight * reg
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at optimisation step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -72,7 +84,7 @@ class DNO(Method):
             optimizer.step()
             if base is None:
                 base = (images[0].detach(), reward.item())
-            steps.append({"step": step, "reward": reward.item(), "loss": loss.item(), "r_prob": reg.item(),
+            steps.append({"step": step, "reward": reward.item(), "loss": loss.item(), "regulariser": reg.item(),
                           "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item(),
                           **problem.measure(images, base[0][None])})
         with torch.no_grad():

@@ -1,0 +1,47 @@
+"""MIRA (arXiv 2510.01549): noise optimisation regularised in image space, not noise space.
+
+loss(z) = −r(M(z)) + β·R_MIRA(z),  R_MIRA(z) = (1/S) Σ_t w_t · mean((ε̂(x_t^(z)) − sg[ε̂(x_t^(z0))])²),
+
+a score-based surrogate of KL[p(x0 | z, c) ‖ p(x0 | z0, c)]. The reference ε̂(x_t^(z0)) is what the first
+optimisation step's forward pass computes (z = z0, same injected ξ), so it is cached from there: no extra model
+evaluation, ever. At z = z0 the surrogate and its gradient are 0. Weights w_t: 1 (`uniform`) or the exact KL weight
+of each DDIM Gaussian transition, c_t²/(2σ_t²) with c_t the coefficient of ε̂ in the step's mean (`girsanov`).
+"""
+
+import torch
+from torch import Tensor
+
+from framework.config import choose
+from framework.errors import FrameworkError
+from framework.methods.common import Problem
+from framework.methods.dno import DNO
+from framework.sampling import Trajectory, ddim_coefficients
+
+
+def girsanov_weights(schedule: list[tuple[int, float, float]], eta: float) -> list[float]:
+    weights = []
+    for _, alpha, alpha_prev in schedule:
+        sigma, eps_coef = ddim_coefficients(alpha, alpha_prev, eta)
+        weights.append(eps_coef**2 / (2 * sigma**2))
+    return weights
+
+
+class MIRA(DNO):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        choose(cfg.weighting, ("uniform", "girsanov"), "method.weighting")
+        if cfg.weighting == "girsanov" and cfg.eta <= 0:
+            raise FrameworkError("method.weighting=girsanov needs method.eta > 0 (a DDIM step at eta=0 has no "
+                                 "noise, so its Gaussian KL is undefined)")
+
+    @property
+    def weight(self) -> float:
+        return self.cfg.beta
+
+    def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
+        if step == 0:  # z = z0: this forward pass is the reference trajectory
+            self._reference = [eps.detach() for eps in traj.eps]
+            self._weights = (girsanov_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
+                             if self.cfg.weighting == "girsanov" else [1.0] * len(traj.eps))
+        terms = [w * (eps - ref).square().mean() for w, eps, ref in zip(self._weights, traj.eps, self._reference)]
+        return torch.stack(terms).mean()

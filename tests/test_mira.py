@@ -1,0 +1,92 @@
+"""MIRA: zero surrogate at z0, equivalence with DNO at β = 0, no extra model evaluations, Girsanov weights."""
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from framework.config import DNOConfig, MIRAConfig, RewardConfig
+from framework.errors import FrameworkError
+from framework.methods import Item, Problem, build_method
+from framework.methods.mira import girsanov_weights
+from framework.rewards import build_reward
+from framework.sampling import ddim_coefficients
+
+ITEM = Item(0, 0, "a red circle", 77)
+
+
+@pytest.fixture(scope="module")
+def brightness():
+    return build_reward(RewardConfig(name="brightness"))
+
+
+def run(cfg, backbone, reward):
+    before = backbone.num_evals
+    result = build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))
+    return result, backbone.num_evals - before
+
+
+def test_surrogate_and_its_gradient_are_zero_at_the_initial_noise(tiny_sd, brightness):
+    cfg = MIRAConfig(num_steps=4, beta=1.0)
+    mira, problem = build_method(cfg, brightness), Problem(tiny_sd, brightness, ITEM, cfg)
+    x_T, noises = problem.noise([ITEM.seed])
+    x_T.requires_grad_()
+    with torch.enable_grad():
+        _, traj = problem.render(x_T, noises, checkpoint=True)
+        value = mira.regulariser(problem, x_T.flatten(), traj, step=0)
+        (grad,) = torch.autograd.grad(value, x_T)
+    assert value.item() == 0 and grad.abs().max().item() == 0
+    with torch.enable_grad():  # away from z0 it is positive
+        _, moved = problem.render(x_T + 0.5, noises, checkpoint=True)
+        assert mira.regulariser(problem, x_T.flatten(), moved, step=1).item() > 0
+
+
+def test_beta_zero_equals_dno_on_x_T_without_regulariser(tiny_sd, brightness):
+    common = dict(num_steps=4, opt_steps=3, optimize="x_T")
+    mira, _ = run(MIRAConfig(beta=0.0, **common), tiny_sd, brightness)
+    dno, _ = run(DNOConfig(gamma=0.0, **common), tiny_sd, brightness)
+    assert [s["reward"] for s in mira.steps] == [s["reward"] for s in dno.steps]
+    assert torch.equal(mira.final_image, dno.final_image)
+
+
+def test_mira_costs_no_model_evaluation_more_than_dno(tiny_sd, brightness):
+    common = dict(num_steps=4, opt_steps=3, optimize="x_T")
+    mira, mira_evals = run(MIRAConfig(beta=1.0, **common), tiny_sd, brightness)
+    _, dno_evals = run(DNOConfig(gamma=0.0, **common), tiny_sd, brightness)
+    assert mira_evals == dno_evals
+    assert mira.steps[0]["regulariser"] == 0 and mira.steps[-1]["regulariser"] > 0
+
+
+def test_girsanov_weight_is_the_closed_form_kl_of_one_ddim_step():
+    """Two ε̂ at the same x_t: the DDIM transitions N(μ_i, σ²I) differ by c·Δε, so KL = c²‖Δε‖²/(2σ²)."""
+    alpha, alpha_prev, eta = 0.3, 0.5, 0.8
+    x = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps1, eps2 = (torch.randn(16, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (1, 2))
+    sigma, _ = ddim_coefficients(alpha, alpha_prev, eta)
+
+    def mean(eps):  # the DDIM update without its noise term, written out independently
+        x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        return alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
+
+    kl = kl_divergence(Normal(mean(eps1), sigma), Normal(mean(eps2), sigma)).sum()
+    (weight,) = girsanov_weights([(0, alpha, alpha_prev)], eta)
+    assert (weight * (eps1 - eps2).square().sum()).item() == pytest.approx(kl.item(), rel=1e-9)
+
+
+def test_girsanov_needs_stochastic_steps(brightness):
+    with pytest.raises(FrameworkError, match="weighting=girsanov needs method.eta > 0"):
+        build_method(MIRAConfig(eta=0.0, weighting="girsanov"), brightness)
+
+
+def test_mira_on_the_testbed_raises_reward_and_drifts_less_than_dno():
+    """Same budget, same seed: the image-space surrogate keeps the image closer to the base sample."""
+    from framework.config import ModelConfig
+    from framework.models import load_backbone
+    from framework.testbed import MODEL_DIR
+
+    backbone = load_backbone(ModelConfig(kind="sd", source=str(MODEL_DIR), resolution=32))
+    reward = build_reward(RewardConfig(name="brightness"))
+    common = dict(num_steps=6, opt_steps=15, lr=0.05, optimize="x_T")
+    mira, _ = run(MIRAConfig(beta=50.0, weighting="girsanov", **common), backbone, reward)
+    dno, _ = run(DNOConfig(**common), backbone, reward)
+    assert mira.final_reward > mira.base_reward
+    assert mira.steps[-1]["drift_rmse"] < dno.steps[-1]["drift_rmse"]
