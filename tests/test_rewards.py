@@ -156,3 +156,9 @@ def test_preprocessing_matches_clip_image_processor():
         ours = clip_preprocess(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255, 224)
         assert ours.shape == reference.shape == (1, 3, 224, 224)
         assert (ours - reference).abs().mean() < 0.01  # PIL's and torch's bicubic kernels differ slightly
+
+
+def test_missing_tokenizer_names_the_key_that_was_used(tmp_path):
+    """Without reward.processor the tokenizer comes from reward.source, and the error says so."""
+    with pytest.raises(FrameworkError, match=r"^reward\.source: directory"):
+        build_reward(RewardConfig(name="clipscore", source=str(tmp_path / "missing")))

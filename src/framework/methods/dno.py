@@ -56,10 +56,9 @@ class DNO(Method):
         return self.cfg.gamma
 
     def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
-        """R_prob of the optimised noise (permutations seeded per item)."""
-        if self._perm_seeds is None:
-            self._perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(self.cfg.num_permutations)]
-        return prob_regulariser(flat_noise, self.cfg.block_size, self._perm_seeds)
+        """R_prob of the optimised noise (permutations seeded per item, the same at every step)."""
+        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(self.cfg.num_permutations)]
+        return prob_regulariser(flat_noise, self.cfg.block_size, perm_seeds)
 
     def run(self, problem: Problem) -> ItemResult:
         cfg = self.cfg
@@ -68,7 +67,6 @@ class DNO(Method):
         if cfg.optimize == "all" and noises is not None:
             variables.append(noises.requires_grad_())
         optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self._perm_seeds = None
         steps, base = [], None
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
             images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)

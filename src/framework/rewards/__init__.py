@@ -56,7 +56,8 @@ def _clip_similarity(scale):
     def build(cfg: RewardConfig, dtype) -> Reward:
         from framework.rewards.clip import CLIPSimilarity, load_clip, load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.processor or cfg.source, cfg.tiny, key="reward.processor")
+        key = "reward.processor" if cfg.processor else "reward.source"
+        tokenizer = load_tokenizer(cfg.processor or cfg.source, cfg.tiny, key=key)
         return CLIPSimilarity(load_clip(cfg.source, cfg.tiny, dtype), tokenizer, scale)
 
     return build
