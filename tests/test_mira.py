@@ -56,6 +56,28 @@ def test_mira_costs_no_model_evaluation_more_than_dno(tiny_sd, brightness):
     assert mira.steps[0]["regulariser"] == 0 and mira.steps[-1]["regulariser"] > 0
 
 
+def test_cond_surrogate_compares_the_conditional_branch_of_the_same_evaluation(tiny_sd, brightness):
+    cfg = MIRAConfig(num_steps=3, beta=1.0, surrogate_guidance="cond")
+    mira, problem = build_method(cfg, brightness), Problem(tiny_sd, brightness, ITEM, cfg)
+    x_T, noises = problem.noise([ITEM.seed])
+    _, reference = problem.render(x_T, noises)
+    _, moved = problem.render(x_T + 0.5, noises)
+    assert mira.regulariser(problem, x_T.flatten(), reference, step=0).item() == 0
+    value = mira.regulariser(problem, x_T.flatten(), moved, step=1).item()
+    cond = problem.cond
+    expected = torch.stack([(tiny_sd.eps(x, t, cond, 1.0) - tiny_sd.eps(r, t, cond, 1.0)).square().mean()
+                            for x, r, t in zip(moved.x, reference.x, moved.timesteps)]).mean().item()
+    assert value == pytest.approx(expected, rel=1e-4)
+    guided_value = build_method(MIRAConfig(num_steps=3, beta=1.0), brightness)
+    guided_value.regulariser(problem, x_T.flatten(), reference, step=0)
+    assert guided_value.regulariser(problem, x_T.flatten(), moved, step=1).item() != pytest.approx(value, rel=1e-2)
+
+
+def test_surrogate_guidance_is_checked(brightness):
+    with pytest.raises(FrameworkError, match="method.surrogate_guidance='uncond' is not valid"):
+        build_method(MIRAConfig(surrogate_guidance="uncond"), brightness)
+
+
 def test_girsanov_weight_is_the_closed_form_kl_of_one_ddim_step():
     """Two ε̂ at the same x_t: the DDIM transitions N(μ_i, σ²I) differ by c·Δε, so KL = c²‖Δε‖²/(2σ²)."""
     alpha, alpha_prev, eta = 0.3, 0.5, 0.8

@@ -94,6 +94,28 @@ class MIRAConfig(NoiseOptimisationConfig):
     optimize: str = "x_T"
     beta: float = 0.1  # weight of R_MIRA; sweep it (0.01–10 depending on the reward's scale)
     weighting: str = "uniform"  # uniform | girsanov (exact Gaussian-KL weight of each DDIM step; needs eta > 0)
+    surrogate_guidance: str = "cfg"  # cfg (the guided ε̂ that drives the sampler) | cond (conditional branch only)
+
+
+@dataclass
+class DNOZeroOrderConfig(DNOConfig):
+    """DNO with the reward's image gradient estimated from perturbed samples (black-box rewards)."""
+
+    name: str = "dno_zo"
+    num_candidates: int = 4  # K perturbed samples per optimisation step (no grad)
+    mu: float = 0.01  # perturbation scale of the noise
+
+
+@dataclass
+class MIRADPOConfig(MIRAConfig):
+    """MIRA-DPO: preference loss on the best/worst of K perturbed samples, plus β·R_MIRA (β = 0 drops it)."""
+
+    name: str = "mira_dpo"
+    num_candidates: int = 4  # K ≥ 2
+    mu: float = 0.01
+    beta_dpo: float = 1.0  # inverse temperature of the preference loss
+    tau: float = 0.01  # per-element scale of the Gaussian log-ratio surrogate
+    space: str = "image"  # image | latent: where Δ_z compares samples
 
 
 @dataclass
@@ -142,7 +164,8 @@ class Config:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
-METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConfig, "mira": MIRAConfig}
+METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConfig, "mira": MIRAConfig,
+                  "dno_zo": DNOZeroOrderConfig, "mira_dpo": MIRADPOConfig}
 
 
 def register_configs() -> None:

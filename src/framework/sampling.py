@@ -23,6 +23,7 @@ class Trajectory:
     timesteps: list[int] = field(default_factory=list)
     x: list[Tensor] = field(default_factory=list)  # x_t fed to the model
     eps: list[Tensor] = field(default_factory=list)  # ε̂ that drove the update
+    eps_cond: list[Tensor] = field(default_factory=list)  # its conditional branch ε_c (same evaluation)
     x0_pred: list[Tensor] = field(default_factory=list)
 
 
@@ -51,9 +52,9 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
             x = x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad_step):
             if checkpoint and torch.is_grad_enabled():
-                eps = checkpointed(backbone.eps, x, t, cond, guidance_scale, use_reentrant=False)
+                eps, eps_cond = checkpointed(backbone.eps_branches, x, t, cond, guidance_scale, use_reentrant=False)
             else:
-                eps = backbone.eps(x, t, cond, guidance_scale)
+                eps, eps_cond = backbone.eps_branches(x, t, cond, guidance_scale)
             x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
             sigma, _ = ddim_coefficients(alpha, alpha_prev, eta)
             x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
@@ -62,6 +63,7 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
         traj.timesteps.append(t)
         traj.x.append(x)
         traj.eps.append(eps)
+        traj.eps_cond.append(eps_cond)
         traj.x0_pred.append(x0)
         x = x_prev
     traj.latents = x

@@ -6,18 +6,20 @@ from framework.methods.base import Base
 from framework.methods.best_of_n import BestOfN
 from framework.methods.common import Item, ItemResult, Method, Problem, derive_seed
 from framework.methods.dno import DNO
+from framework.methods.dno_zo import DNOZeroOrder
 from framework.methods.mira import MIRA
+from framework.methods.mira_dpo import MIRADPO
 
 __all__ = ["Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 
-METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO, "mira": MIRA}
+METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO, "mira": MIRA, "dno_zo": DNOZeroOrder, "mira_dpo": MIRADPO}
 
 
 def build_method(cfg, reward) -> Method:
     """The method of `cfg`, checked against the reward: gradient methods refuse non-differentiable rewards."""
     method = METHODS[choose(cfg.name, tuple(METHODS), "method.name")](cfg)
-    if method.needs_gradients and not reward.differentiable:
+    if method.uses_reward_gradients and not reward.differentiable:
         raise FrameworkError(
             f"method {cfg.name} follows reward gradients, but reward {reward.name} is not differentiable; "
-            "use method=best_of_n (or a differentiable reward)")
+            "use a black-box method (method=mira_dpo, dno_zo or best_of_n) or a differentiable reward")
     return method

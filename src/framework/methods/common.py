@@ -81,9 +81,11 @@ class Problem:
 
 
 class Method:
-    """A per-item inference-time method. `needs_gradients`: it differentiates the reward."""
+    """A per-item inference-time method. `needs_gradients`: it backpropagates through the backbone;
+    `uses_reward_gradients`: through the reward too (so it refuses a non-differentiable one)."""
 
     needs_gradients = False
+    uses_reward_gradients = False
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -43,9 +43,11 @@ def prob_regulariser(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tenso
 
 
 class DNO(Method):
-    """Noise optimisation; subclasses change only the regulariser (`weight` × `regulariser`)."""
+    """Noise optimisation. Subclasses change the regulariser (`weight` × `regulariser`) or, for black-box rewards,
+    the differentiable term that stands for −r(M(z)) (`reward_term`); the loop, optimiser and budget stay shared."""
 
     needs_gradients = True
+    uses_reward_gradients = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -60,6 +62,12 @@ class DNO(Method):
         perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(self.cfg.num_permutations)]
         return prob_regulariser(flat_noise, self.cfg.block_size, perm_seeds)
 
+    def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
+                    step: int) -> tuple[Tensor, float, dict]:
+        """(−r(M(z)) as a differentiable loss term, r(M(z)), extra values for the step record)."""
+        reward = problem.score(images)[0]
+        return -reward, reward.item(), {}
+
     def run(self, problem: Problem) -> ItemResult:
         cfg = self.cfg
         x_T, noises = problem.noise([problem.item.seed])
@@ -70,21 +78,23 @@ class DNO(Method):
         steps, base = [], None
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
             images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
-            reward = problem.score(images)[0]
+            if base is None:
+                base = (images[0].detach(), None)
+            term, reward, extra = self.reward_term(problem, images, traj, x_T, noises, step)
             flat = torch.cat([v.flatten() for v in variables])
             reg = self.regulariser(problem, flat, traj, step) if self.weight > 0 else flat.new_zeros(())
-            loss = -reward + self.weight * reg
+            loss = term + self.weight * reg
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at optimisation step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(variables, cfg.grad_clip)
             optimizer.step()
-            if base is None:
-                base = (images[0].detach(), reward.item())
-            steps.append({"step": step, "reward": reward.item(), "loss": loss.item(), "regulariser": reg.item(),
+            if step == 0:
+                base = (base[0], reward)
+            steps.append({"step": step, "reward": reward, "loss": loss.item(), "regulariser": reg.item(),
                           "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item(),
-                          **problem.measure(images, base[0][None])})
+                          **extra, **problem.measure(images, base[0][None])})
         with torch.no_grad():
             images, _ = problem.render(x_T, noises)
             final_reward = problem.score(images)[0].item()

@@ -6,6 +6,8 @@ a score-based surrogate of KL[p(x0 | z, c) ‖ p(x0 | z0, c)]. The reference ε�
 optimisation step's forward pass computes (z = z0, same injected ξ), so it is cached from there: no extra model
 evaluation, ever. At z = z0 the surrogate and its gradient are 0. Weights w_t: 1 (`uniform`) or the exact KL weight
 of each DDIM Gaussian transition, c_t²/(2σ_t²) with c_t the coefficient of ε̂ in the step's mean (`girsanov`).
+The compared prediction is the CFG-guided ε̂ that drives the sampler (`surrogate_guidance=cfg`) or its conditional
+branch ε_c (`cond`), which the same model evaluation returns.
 """
 
 import torch
@@ -30,6 +32,7 @@ class MIRA(DNO):
     def __init__(self, cfg):
         super().__init__(cfg)
         choose(cfg.weighting, ("uniform", "girsanov"), "method.weighting")
+        choose(cfg.surrogate_guidance, ("cfg", "cond"), "method.surrogate_guidance")
         if cfg.weighting == "girsanov" and cfg.eta <= 0:
             raise FrameworkError("method.weighting=girsanov needs method.eta > 0 (a DDIM step at eta=0 has no "
                                  "noise, so its Gaussian KL is undefined)")
@@ -39,9 +42,10 @@ class MIRA(DNO):
         return self.cfg.beta
 
     def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
+        predictions = traj.eps if self.cfg.surrogate_guidance == "cfg" else traj.eps_cond
         if step == 0:  # z = z0: this forward pass is the reference trajectory
-            self._reference = [eps.detach() for eps in traj.eps]
+            self._reference = [eps.detach() for eps in predictions]
             self._weights = (girsanov_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
-                             if self.cfg.weighting == "girsanov" else [1.0] * len(traj.eps))
-        terms = [w * (eps - ref).square().mean() for w, eps, ref in zip(self._weights, traj.eps, self._reference)]
+                             if self.cfg.weighting == "girsanov" else [1.0] * len(predictions))
+        terms = [w * (eps - ref).square().mean() for w, eps, ref in zip(self._weights, predictions, self._reference)]
         return torch.stack(terms).mean()

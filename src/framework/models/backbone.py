@@ -35,8 +35,8 @@ class Cond:
 class Backbone(nn.Module):
     """Interface of a conditional ε-prediction model with a DDIM-compatible schedule.
 
-    `num_evals` counts noise-prediction evaluations (one per guided ε̂, CFG's two branches counted once, checkpoint
-    recomputation counted again): the unit in which methods are compared at equal compute.
+    `num_evals` counts noise-prediction evaluations per image (one per guided ε̂ of one image, CFG's two branches
+    counted once, checkpoint recomputation counted again): the unit in which methods are compared at equal compute.
     """
 
     scheduler: DDIMScheduler
@@ -48,8 +48,12 @@ class Backbone(nn.Module):
     def encode(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
-    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
+    def eps_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+        """(CFG-guided ε̂ = ε_u + w(ε_c − ε_u), conditional ε_c), both from the same model evaluation."""
         raise NotImplementedError
+
+    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
+        return self.eps_branches(x, t, cond, guidance_scale)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
         raise NotImplementedError
@@ -103,9 +107,9 @@ class StableDiffusionBackbone(Backbone):
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype, int(pooled.shape[-1]))
         return Cond(embeds, uncond, pooled, uncond_pooled, time_ids.to(self.device).repeat(len(prompts), 1))
 
-    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
-        """CFG-guided ε̂ = ε_u + w(ε_c − ε_u), in float32 whatever the UNet's dtype; w = 1 skips the negative."""
-        self.num_evals += 1
+    def eps_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+        """In float32 whatever the UNet's dtype; w = 1 skips the negative branch."""
+        self.num_evals += len(x)
         guided = guidance_scale != 1.0
         pick = (lambda u, c: torch.cat([u, c])) if guided else (lambda u, c: c)
         model_in = pick(x, x).to(self.unet.dtype)
@@ -120,9 +124,9 @@ class StableDiffusionBackbone(Backbone):
         elif self.prediction_type != "epsilon":
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
         if not guided:
-            return out
+            return out, out
         uncond, text = out.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+        return uncond + guidance_scale * (text - uncond), text
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents → images in [0, 1], differentiable, scaled as the SD pipelines do."""

@@ -85,14 +85,14 @@ class GaussianMixtureBackbone(Backbone):
         score = -(responsibilities[:, :, None] * diff / var[None, :, None]).sum(1)
         return -((1 - alpha) ** 0.5) * score
 
-    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
-        self.num_evals += 1
+    def eps_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+        self.num_evals += len(x)
         alpha = float(self.scheduler.alphas_cumprod[t])
         conditional = self._eps(x.float(), alpha, cond.embeds)
         if guidance_scale == 1.0:
-            return conditional
+            return conditional, conditional
         unconditional = self._eps(x.float(), alpha, cond.uncond_embeds)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        return unconditional + guidance_scale * (conditional - unconditional), conditional
 
     def decode(self, latents: Tensor) -> Tensor:
         return latents  # the samples are the data

@@ -1,0 +1,51 @@
+"""MIRA-DPO: MIRA for non-differentiable rewards, as preference optimisation at inference time (frozen backbone).
+
+Each step draws K candidates around the current noise (no grad), ranks them with the black-box reward and keeps the
+best x_w and worst x_l (a tied pair gives no preference and no reward gradient that step). With the Gaussian
+surrogate of the log-likelihood ratio of a sample under z versus the initial z0,
+
+    Δ_z(x) = (‖x − M(z0)‖² − ‖x − M(z)‖²) / (2τ²),      ‖·‖² = mean of squares (τ is a per-element scale),
+
+the loss is −log σ(β_dpo·[Δ_z(x_w) − Δ_z(x_l)]) + β·R_MIRA(z). Its gradient pulls M(z) towards x_w and away from
+x_l until the preference is expressed (the sigmoid saturates), through one differentiable pass M(z). `space`
+compares decoded images (default) or final latents. β = 0 drops the MIRA term.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from framework.config import choose
+from framework.methods.common import Problem
+from framework.methods.dno_zo import perturbed_candidates
+from framework.methods.mira import MIRA
+from framework.sampling import Trajectory
+
+
+class MIRADPO(MIRA):
+    uses_reward_gradients = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        choose(cfg.space, ("image", "latent"), "method.space")
+
+    def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
+                    step: int) -> tuple[Tensor, float, dict]:
+        cfg = self.cfg
+        candidate_images, candidate_latents, rewards = perturbed_candidates(problem, cfg, x_T, noises, step)
+        current = images if cfg.space == "image" else traj.latents
+        candidates = candidate_images if cfg.space == "image" else candidate_latents
+        if step == 0:  # z = z0: this pass is the reference sample M(z0)
+            self._reference_sample = current.detach()
+        with torch.no_grad():
+            reward = problem.score(images.detach())[0].item()
+        winner, loser = int(rewards.argmax()), int(rewards.argmin())
+        extra = {"pair_gap": (rewards[winner] - rewards[loser]).item()}
+        if rewards[winner] == rewards[loser]:
+            return current.sum() * 0.0, reward, extra | {"preference": 0.5}
+
+        def log_ratio(x: Tensor) -> Tensor:
+            return ((x - self._reference_sample).square().mean() - (x - current[0]).square().mean()) / (2 * cfg.tau**2)
+
+        margin = cfg.beta_dpo * (log_ratio(candidates[winner]) - log_ratio(candidates[loser]))
+        return -F.logsigmoid(margin), reward, extra | {"preference": torch.sigmoid(margin).item()}
