@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 # No network at run or test time: the hub is only read from the local cache.
 export HF_HUB_OFFLINE ?= 1
-# The quick main job: DNO on the embedded testbed (the default config) with a short budget.
-RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 prompts.limit=3
+# The quick main job: MIRA on the embedded testbed (the default config) with a short budget (lr raised from 0.01
+# so 20 steps show a visible change).
+RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 method.lr=0.05 prompts.limit=3
 
 .PHONY: install run test bench clean
 

@@ -37,6 +37,21 @@ def tiny_backbone(request, tiny_sd, tiny_sdxl):
     return {"sd": tiny_sd, "sdxl": tiny_sdxl}[request.param]
 
 
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A CLIP model directory as on the hub (config + safetensors + tokenizer), tiny."""
+    from transformers import CLIPModel
+
+    from framework.models.tokenizer import build_clip_tokenizer
+    from framework.rewards.clip import tiny_clip_config
+
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(3)
+    CLIPModel(tiny_clip_config()).save_pretrained(path)
+    build_clip_tokenizer().save_pretrained(path)
+    return path
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -13,20 +13,9 @@ from framework.config import RewardConfig
 from framework.errors import FrameworkError
 from framework.models.tokenizer import build_clip_tokenizer
 from framework.rewards import build_reward, clip_preprocess
-from framework.rewards.clip import tiny_clip_config
 from framework.rewards.hps import TINY_ARCH
 
 PROMPTS = ["a cat", "a red circle"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A CLIP model directory as on the hub (config + safetensors + tokenizer), tiny."""
-    path = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(3)
-    CLIPModel(tiny_clip_config()).save_pretrained(path)
-    build_clip_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture

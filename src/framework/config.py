@@ -5,12 +5,15 @@ time. Methods have one schema each (`schema/method/<name>`), since their knobs d
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from framework.testbed import MODEL_DIR
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the Hydra configs (src layout: <repo>/conf)
 
 
 @dataclass
@@ -78,14 +81,15 @@ class NoiseOptimisationConfig(SamplingConfig):
     optimize: str = "all"  # all (x_T and every ξ_t) | x_T
     checkpoint: bool = True  # per-model-call gradient checkpointing
     grad_steps: int | None = None  # backprop through the last K sampler steps only (None = all)
+    # R_prob (DNO's regulariser; for every noise method also the final noise's Gaussianity metric)
+    block_size: int = 4  # d in R_prob
+    num_permutations: int = 100
 
 
 @dataclass
 class DNOConfig(NoiseOptimisationConfig):
     name: str = "dno"
     gamma: float = 0.0  # weight of the probability regulariser R_prob (0 = off)
-    block_size: int = 4  # d in R_prob
-    num_permutations: int = 100
 
 
 @dataclass
@@ -148,6 +152,11 @@ class EvalConfig:
     """What is measured besides the optimised reward."""
 
     adherence: bool = False  # ground-truth colour/shape adherence with the testbed judge (model=shapes sets it)
+    # Image embedding for drift, CMMD and diversity: auto (judge on the testbed, clip on real models, none on tiny
+    # random ones) | clip (also gives CLIPScore adherence) | judge | none
+    features: str = "auto"
+    clip: str = "openai/clip-vit-large-patch14"  # CLIP for features=clip: hub id, local directory, or "tiny"
+    rewards: list[str] = field(default_factory=list)  # held-out rewards by conf/reward name, reported as eval_<name>
 
 
 @dataclass

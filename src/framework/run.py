@@ -71,9 +71,26 @@ def print_summary(summary: dict, label: str) -> None:
         print(f"  {summary['evals_mean']:.0f} model evaluations and {summary['seconds_mean']:.1f} s per item"
               + ("; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
                  if "adherence" in metrics else "; drift = pixel RMSE to the base image (same seed)"))
+        held_out = sorted(k[len("final_"):-len("_mean")] for k in summary if k.startswith("final_eval_"))
+        for key in held_out + [k for k in ("clipscore", "drift_embedding") if f"final_{k}_mean" in summary]:
+            base = summary.get(f"base_{key}_mean")
+            print(f"  {key}: " + (f"{base:.4f} → " if base is not None else "") + f"{summary[f'final_{key}_mean']:.4f}")
+        print_set_metrics(summary.get("sets", {}))
     run_dir = Path(summary["run_dir"])
     print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"
           f"summary: {run_dir / 'summary.json'}")
+
+
+def print_set_metrics(sets: dict) -> None:
+    if "win_rate_vs_base" in sets:
+        win = sets["win_rate_vs_base"]
+        print(f"  win rate of final over base images: {win['rate']:.2f} (95% CI {win['low']:.2f}–{win['high']:.2f})")
+    if "cmmd" in sets:
+        print(f"  final vs base sets: CMMD {sets['cmmd']:.3f}, spectral distance {sets['spectral_distance']:.4f}, "
+              f"log-spectral {sets['log_spectral_distance']:.3f}")
+    if "final_diversity_vendi" in sets:
+        print(f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → {sets['final_diversity_vendi']:.2f}"
+              f", mean pairwise distance {sets['base_diversity_pairwise']:.4f} → {sets['final_diversity_pairwise']:.4f}")
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -81,13 +98,12 @@ def run(cfg: DictConfig) -> dict | None:
     import lightning as L
 
     from framework.methods import build_method
-    from framework.metrics import ImageMetrics
+    from framework.metrics import build_metrics
     from framework.models import load_backbone
     from framework.prompts import load_prompts
     from framework.rewards import build_reward
     from framework.runner import InferenceTimeAlignment, ItemsDataModule, make_items
     from framework.store import ItemStore
-    from framework.testbed.judge import load_judge
     from framework.tracking import log_to_wandb
 
     check_known_keys(cfg)
@@ -97,7 +113,7 @@ def run(cfg: DictConfig) -> dict | None:
     reward = build_reward(cfg.reward)
     method = build_method(cfg.method, reward)
     backbone = load_backbone(cfg.model)
-    metrics = ImageMetrics(load_judge() if cfg.eval.adherence else None)
+    metrics = build_metrics(cfg.eval, cfg.model)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, logger=False,
                         inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
@@ -107,7 +123,7 @@ def run(cfg: DictConfig) -> dict | None:
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None
-    summary = store.summarize(items)
+    summary = store.summarize(items, metrics.set_metrics)
     label = _label(cfg)
     print_summary(summary, label)
     wandb_dir = log_to_wandb(cfg, summary, name=f"{Path(cfg.output_dir).name}")

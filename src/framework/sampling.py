@@ -68,3 +68,11 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
         x = x_prev
     traj.latents = x
     return traj
+
+
+def trajectory_divergence(predictions: list[Tensor], reference: list[Tensor], weights: list[float] | None = None
+                          ) -> Tensor:
+    """(1/S) Σ_t w_t · mean((ε_t − ε_t^ref)²): the score-based surrogate of the KL between the image distributions
+    of two trajectories with the same injected noise (MIRA's R_MIRA; w_t = 1 unless given)."""
+    weights = weights or [1.0] * len(predictions)
+    return torch.stack([w * (eps - ref).square().mean() for w, eps, ref in zip(weights, predictions, reference)]).mean()

@@ -105,7 +105,12 @@ class ItemStore:
     def write_failure(self, item: Item, error: str) -> None:
         self._commit(item, self._base_record(item) | {"status": "failed", "error": error}, {})
 
-    def summarize(self, items: list[Item]) -> dict:
+    def load_image(self, record: dict, kind: str) -> Tensor:
+        return load_png(self.items_dir / record["id"] / f"{kind}.png")
+
+    def summarize(self, items: list[Item], set_metrics=None) -> dict:
+        """summary.json: run means of rewards, compute and every per-item metric (`<stage>_<metric>_mean`), numeric
+        method info (`info_<key>_mean`), and `set_metrics(ok_records, load_image)` (run-level metrics) if given."""
         records = [self.record(item) for item in items]
         ok = [r for r in records if r and r["status"] == "ok"]
         failed = [r for r in records if r and r["status"] == "failed"]
@@ -122,6 +127,10 @@ class ItemStore:
             for key in sorted({k for r in ok for k in r["metrics"][stage]}):
                 summary[f"{stage}_{key}_mean"] = mean([r["metrics"][stage][key] for r in ok if key in
                                                       r["metrics"][stage]])
+        for key in sorted({k for r in ok for k, v in r["info"].items() if isinstance(v, (int, float))}):
+            summary[f"info_{key}_mean"] = mean([r["info"][key] for r in ok if key in r["info"]])
+        if set_metrics is not None:
+            summary["sets"] = set_metrics(ok, self.load_image)
         summary["items"] = [{k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward",
                                                    "metrics", "error")} for r in records if r]
         self._write_json(self.run_dir / "summary.json", summary)
@@ -132,7 +141,7 @@ class ItemStore:
         """grid.png: base images on the top row, the method's images below, one column per item."""
         if not records:
             return
-        tiles = [load_png(self.items_dir / r["id"] / f"{kind}.png") for kind in ("base", "final") for r in records]
+        tiles = [self.load_image(r, kind) for kind in ("base", "final") for r in records]
         grid = make_grid(tiles, nrow=len(records), padding=2, pad_value=1.0)
         scale = max(1, 256 // tiles[0].shape[-1])  # small testbed images are enlarged (nearest) to be seen
         save_png(grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2), self.run_dir / "grid.png")

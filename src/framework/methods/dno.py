@@ -1,7 +1,9 @@
 """DNO, direct noise optimisation (arXiv 2405.18881): gradient ascent on the reward over the sampler's noise.
 
 loss(z) = −r(M(z)) + γ·R_prob(z), z = x_T and every ξ_t (`optimize=all`) or x_T alone, AdamW with gradient-norm
-clipping, backprop through the whole checkpointed chain (or its last `grad_steps` steps).
+clipping, backprop through the whole checkpointed chain (or its last `grad_steps` steps). Every step records the
+reward, the regulariser, R_MIRA to the step-0 trajectory (uniform weights, guided ε̂: drift in score space, for any
+noise method) and the image metrics; the final noise's ‖z‖²/D and R_prob say how Gaussian it still is.
 """
 
 import math
@@ -13,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from framework.config import choose
 from framework.errors import NonFiniteLoss
 from framework.methods.common import ItemResult, Method, Problem, derive_seed
-from framework.sampling import Trajectory
+from framework.sampling import Trajectory, trajectory_divergence
 
 
 def _block_log_prob(v: Tensor, block_size: int, perm_seed: int | None) -> Tensor:
@@ -59,6 +61,9 @@ class DNO(Method):
 
     def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
         """R_prob of the optimised noise (permutations seeded per item, the same at every step)."""
+        return self.prob_regulariser(problem, flat_noise)
+
+    def prob_regulariser(self, problem: Problem, flat_noise: Tensor) -> Tensor:
         perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(self.cfg.num_permutations)]
         return prob_regulariser(flat_noise, self.cfg.block_size, perm_seeds)
 
@@ -75,11 +80,11 @@ class DNO(Method):
         if cfg.optimize == "all" and noises is not None:
             variables.append(noises.requires_grad_())
         optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps, base = [], None
+        steps, base, reference = [], None, None
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
             images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
-            if base is None:
-                base = (images[0].detach(), None)
+            if base is None:  # z = z0: the base image and the reference trajectory of the drift metrics
+                base, reference = (images[0].detach(), None), [eps.detach() for eps in traj.eps]
             term, reward, extra = self.reward_term(problem, images, traj, x_T, noises, step)
             flat = torch.cat([v.flatten() for v in variables])
             reg = self.regulariser(problem, flat, traj, step) if self.weight > 0 else flat.new_zeros(())
@@ -92,11 +97,14 @@ class DNO(Method):
             optimizer.step()
             if step == 0:
                 base = (base[0], reward)
+            r_mira = trajectory_divergence([eps.detach() for eps in traj.eps], reference).item()
             steps.append({"step": step, "reward": reward, "loss": loss.item(), "regulariser": reg.item(),
                           "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item(),
-                          **extra, **problem.measure(images, base[0][None])})
+                          "r_mira": r_mira, **extra, **problem.measure(images, base[0][None])})
         with torch.no_grad():
             images, _ = problem.render(x_T, noises)
             final_reward = problem.score(images)[0].item()
+            flat = torch.cat([v.flatten() for v in variables])  # how Gaussian the final noise still is
+            info = {"noise_sq": flat.square().mean().item(), "r_prob": self.prob_regulariser(problem, flat).item()}
         base_image, base_reward = base or (images[0], final_reward)
-        return ItemResult(base_image, images[0], base_reward, final_reward, steps)
+        return ItemResult(base_image, images[0], base_reward, final_reward, steps, info)

@@ -10,14 +10,13 @@ The compared prediction is the CFG-guided ε̂ that drives the sampler (`surroga
 branch ε_c (`cond`), which the same model evaluation returns.
 """
 
-import torch
 from torch import Tensor
 
 from framework.config import choose
 from framework.errors import FrameworkError
 from framework.methods.common import Problem
 from framework.methods.dno import DNO
-from framework.sampling import Trajectory, ddim_coefficients
+from framework.sampling import Trajectory, ddim_coefficients, trajectory_divergence
 
 
 def girsanov_weights(schedule: list[tuple[int, float, float]], eta: float) -> list[float]:
@@ -47,5 +46,4 @@ class MIRA(DNO):
             self._reference = [eps.detach() for eps in predictions]
             self._weights = (girsanov_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
                              if self.cfg.weighting == "girsanov" else [1.0] * len(predictions))
-        terms = [w * (eps - ref).square().mean() for w, eps, ref in zip(self._weights, predictions, self._reference)]
-        return torch.stack(terms).mean()
+        return trajectory_divergence(predictions, self._reference, self._weights)

@@ -1,26 +1,111 @@
-"""Measurements of an item's images besides the optimised reward, taken without gradients: drift from the item's
-base image (same seed) and, on the testbed, ground-truth prompt adherence."""
+"""Measurements besides the optimised reward, taken without gradients.
+
+Per image (each optimisation step and the final image of every item): drift from the item's base image (same seed)
+as pixel RMSE and embedding cosine distance, CLIPScore, held-out evaluation rewards and, on the testbed,
+ground-truth prompt adherence. Per run (`set_metrics`): CMMD and spectral distances between the final and base
+image sets, diversity across the seeds of each prompt, and the win rate of final over base images.
+"""
+
+from collections import defaultdict
+from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from framework.metrics.sets import cmmd, log_spectral_distance, mean_pairwise_distance, spectral_distance, \
+    vendi_score, win_rate
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
 
+FEATURE_BATCH = 64
 
-class ImageMetrics:
-    def __init__(self, judge=None):
-        self.judge = judge  # framework.testbed.judge.Judge, for ground-truth adherence
+
+class ImageMetrics(nn.Module):
+    """`features`: "clip" (the CLIP model of `clip`), "judge" (the testbed judge's penultimate layer) or None.
+    `eval_rewards`: held-out rewards reported as `eval_<name>`. Every model is a submodule, so it moves with the
+    runner to the run's device."""
+
+    def __init__(self, judge=None, features: str | None = None, clip=None, eval_rewards: dict | None = None):
+        super().__init__()
+        self.judge, self.clip, self.features = judge, clip, features  # judge: testbed.judge.Judge; clip: CLIPSimilarity
+        self.eval_rewards = nn.ModuleDict(eval_rewards or {})
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, prompt: str, base: Tensor | None = None) -> dict[str, float]:
-        """Means over the batch: `drift_rmse` (pixel RMSE to `base`), and for prompts of the shapes world
-        `adherence` (judge: colour and shape both right) and `judge_log_prob`; other prompts have no ground truth."""
-        metrics = {}
+    def embed(self, images: Tensor) -> Tensor | None:
+        if self.features is None:
+            return None
+        chunks = [images[i : i + FEATURE_BATCH].to(self._device(images)) for i in range(0, len(images), FEATURE_BATCH)]
+        embed = self.clip.image_embeds if self.features == "clip" else self.judge.features
+        return torch.cat([F.normalize(embed(c.float()).float(), dim=-1) for c in chunks])
+
+    def _device(self, images: Tensor) -> torch.device:
+        parameter = next(self.parameters(), None)
+        return images.device if parameter is None else parameter.device
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, prompt: str, base: Tensor | None = None) -> dict[str, float]:
+        """Means over the batch of: `drift_rmse` (pixel RMSE to `base`), `drift_embedding` (1 − cos of the
+        embeddings), `clipscore` (100·cos(image, prompt), clamped at 0), `eval_<name>`, and for shapes-world prompts
+        `adherence` (judge: colour and shape both right) and `judge_log_prob`."""
+        metrics, prompts = {}, [prompt] * len(images)
         if base is not None:
             metrics["drift_rmse"] = (images - base).flatten(1).square().mean(1).sqrt().mean().item()
+            if self.features is not None:
+                similarity = (self.embed(images) * self.embed(base)).sum(-1)
+                metrics["drift_embedding"] = (1 - similarity).mean().item()
+        if self.clip is not None:
+            metrics["clipscore"] = self.clip(images.to(self._device(images)), prompts).clamp_min(0).mean().item()
+        for name, reward in self.eval_rewards.items():
+            metrics[f"eval_{name}"] = reward(images.to(self._device(images)), prompts).mean().item()
         if self.judge is not None and is_caption(prompt):
-
-            log_prob, correct = judge_log_prob(self.judge.to(images.device), images.float(), [prompt] * len(images))
+            log_prob, correct = judge_log_prob(self.judge, images.to(self._device(images)).float(), prompts)
             metrics |= {"adherence": correct.mean().item(), "judge_log_prob": log_prob.mean().item()}
         return metrics
+
+    def set_metrics(self, records: list[dict], load_image) -> dict[str, float]:
+        """Run-level metrics of finished items (records as the store writes them; `load_image(record, kind)`).
+        Set statistics need embeddings and at least 2 items; diversity needs 2 seeds of a prompt."""
+        out = {}
+        if len(records) >= 1:
+            out["win_rate_vs_base"] = dict(zip(("rate", "low", "high"), win_rate(
+                [r["final_reward"] for r in records], [r["base_reward"] for r in records],
+                [r["prompt_index"] for r in records])))
+        if self.features is None or len(records) < 2:
+            return out
+        base, final = (self.embed(torch.stack([load_image(r, kind) for r in records])).cpu()
+                       for kind in ("base", "final"))
+        out |= {"cmmd": cmmd(final, base), "spectral_distance": spectral_distance(base, final),
+                "log_spectral_distance": log_spectral_distance(base, final)}
+        by_prompt = defaultdict(list)
+        for i, r in enumerate(records):
+            by_prompt[r["prompt_index"]].append(i)
+        groups = [rows for rows in by_prompt.values() if len(rows) >= 2]
+        for name, embeds in (("base", base), ("final", final)):
+            if groups:
+                out[f"{name}_diversity_pairwise"] = sum(mean_pairwise_distance(embeds[g]) for g in groups) / len(groups)
+                out[f"{name}_diversity_vendi"] = sum(vendi_score(embeds[g]) for g in groups) / len(groups)
+        return out
+
+
+def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
+    """The metrics `eval` asks for. `features=auto`: the judge on the testbed, CLIP on real models, none on tiny
+    random models (whose images carry no meaning)."""
+    from framework.config import RewardConfig, choose
+    from framework.errors import FrameworkError
+    from framework.rewards import build_reward, load_named_reward
+    from framework.testbed.judge import load_judge
+
+    features = choose(eval_cfg.features, ("auto", "clip", "judge", "none"), "eval.features")
+    if features == "auto":
+        features = "judge" if eval_cfg.adherence else "none" if model_cfg.tiny else "clip"
+    judge = load_judge() if eval_cfg.adherence or features == "judge" else None
+    clip = None
+    if features == "clip":  # CLIP embeddings, and CLIPScore adherence from the same model
+        tiny = eval_cfg.clip == "tiny"
+        try:
+            clip = build_reward(RewardConfig(name="clipscore", source=None if tiny else eval_cfg.clip, tiny=tiny))
+        except FrameworkError as e:  # name the key the user sets here
+            raise FrameworkError(str(e).replace("reward.source", "eval.clip") + " (or eval.features=none)") from None
+    rewards = {name: load_named_reward(name) for name in eval_cfg.rewards}
+    return ImageMetrics(judge, None if features == "none" else features, clip, rewards)

@@ -105,3 +105,20 @@ def build_reward(cfg: RewardConfig) -> Reward:
     reward = BUILDERS[name](cfg, torch_dtype(cfg.dtype, "reward.dtype"))
     reward.name = name
     return reward.requires_grad_(False).eval()
+
+
+def load_named_reward(name: str) -> Reward:
+    """The reward of conf/reward/<name>.yaml (e.g. a held-out evaluation reward), validated like `reward=<name>`."""
+    from omegaconf import OmegaConf
+
+    from framework.config import CONF_DIR
+
+    path = CONF_DIR / "reward" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise FrameworkError(f"eval.rewards: no reward config {name!r}; choose from: {', '.join(options)}")
+    cfg = OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path))
+    try:
+        return build_reward(OmegaConf.to_object(cfg))
+    except FrameworkError as e:
+        raise FrameworkError(f"eval.rewards={name} ({path}): {e}") from None

@@ -20,10 +20,14 @@ class Judge(nn.Module):
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, stride=2, padding=1),
             nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, len(COLORS) + len(SHAPES)))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def features(self, images: Tensor) -> Tensor:
+        """The 64-d penultimate activations: the testbed's image embedding for drift and diversity metrics."""
         if images.shape[-1] != 32:
             images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-        logits = self.net(images)
+        return self.net[:-1](images)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.net[-1](self.features(images))
         return logits[:, : len(COLORS)], logits[:, len(COLORS) :]
 
 
