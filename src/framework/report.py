@@ -1,7 +1,13 @@
-"""Curves from finished runs: `python -m framework.report RUN_DIR [--at 0,25,50,100] [--keys reward,adherence]`.
+"""Curves and comparisons from finished runs.
 
-Prints, for each k, the mean over items of each key *after k optimisation steps*: the record of step k is measured
-on the image of the noise after k updates, and after the last update the item's final record applies.
+    python -m framework.report RUN_DIR [--at 0,25,50,100] [--keys reward,adherence,drift_rmse]
+    python -m framework.report RUN_DIR --versus OTHER_RUN [--judge reward|eval_<name>]
+
+The first prints, for each k, the mean over items of each key *after k optimisation steps*: the record of step k is
+measured on the image of the noise after k updates, and after the last update the item's final record applies.
+The second prints the win rate of RUN_DIR's final images over OTHER_RUN's on the same (prompt, seed) items, judged
+by the optimised reward or a held-out reward both runs recorded (`eval.rewards`), with a bootstrap 95 % interval
+over prompts.
 """
 
 import argparse
@@ -20,9 +26,36 @@ def value_after(record: dict, k: int, key: str) -> float | None:
     return None
 
 
-def step_curve(run_dir: Path, at: list[int], keys: list[str]) -> list[dict]:
+def _records(run_dir: Path) -> list[dict]:
     records = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("items/*/record.json"))]
-    records = [r for r in records if r["status"] == "ok"]
+    return [r for r in records if r["status"] == "ok"]
+
+
+def _final_value(record: dict, judge: str) -> float:
+    return record["final_reward"] if judge == "reward" else record["metrics"]["final"][judge]
+
+
+def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
+    """Win rate of run A's final images over run B's on the items both finished (same prompt and seed)."""
+    from framework.errors import FrameworkError
+    from framework.metrics.sets import win_rate
+
+    b = {r["id"]: r for r in _records(run_b)}
+    pairs = [(r, b[r["id"]]) for r in _records(run_a) if r["id"] in b]
+    if not pairs:
+        raise FrameworkError(f"{run_a} and {run_b} have no finished item in common")
+    for ra, rb in pairs:
+        if (ra["prompt"], ra["seed"]) != (rb["prompt"], rb["seed"]):
+            raise FrameworkError(f"item {ra['id']} differs between the runs (prompt or seed): not comparable")
+        if judge != "reward" and (judge not in ra["metrics"]["final"] or judge not in rb["metrics"]["final"]):
+            raise FrameworkError(f"item {ra['id']} has no {judge!r} in both runs; run both with eval.rewards=[...]")
+    rate, low, high = win_rate([_final_value(ra, judge) for ra, _ in pairs], [_final_value(rb, judge) for _, rb in pairs],
+                               [ra["prompt_index"] for ra, _ in pairs])
+    return {"judge": judge, "items": len(pairs), "rate": rate, "low": low, "high": high}
+
+
+def step_curve(run_dir: Path, at: list[int], keys: list[str]) -> list[dict]:
+    records = _records(run_dir)
     rows = []
     for k in at:
         row = {"step": k, "items": 0}
@@ -39,7 +72,19 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--at", default="0,25,50,100", help="optimisation steps, comma-separated")
     parser.add_argument("--keys", default="reward,adherence,drift_rmse")
+    parser.add_argument("--versus", type=Path, help="another run: print the win rate of RUN_DIR over it")
+    parser.add_argument("--judge", default="reward", help="reward (the optimised one) or eval_<name>")
     args = parser.parse_args()
+    if args.versus is not None:
+        from framework.errors import FrameworkError
+
+        try:
+            result = versus(args.run_dir, args.versus, args.judge)
+        except FrameworkError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"win rate of {args.run_dir} over {args.versus} under {result['judge']}: {result['rate']:.3f} "
+              f"(95% CI {result['low']:.3f}–{result['high']:.3f}, {result['items']} items)")
+        return
     keys = args.keys.split(",")
     rows = step_curve(args.run_dir, [int(k) for k in args.at.split(",")], keys)
     print("| steps | " + " | ".join(keys) + " | items |")

@@ -23,11 +23,11 @@ from framework.methods import Item, ItemResult
 GRID_ITEMS = 16
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -52,7 +52,7 @@ class ItemStore:
     def _check_fingerprint(self, fingerprint: dict) -> None:
         path = self.run_dir / "run.json"
         if path.exists():
-            before, now = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(fingerprint)))
+            before, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(fingerprint)))
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
                 raise FrameworkError(f"{self.run_dir} holds results of a different configuration (changed: "
@@ -122,6 +122,7 @@ class ItemStore:
             "final_reward_mean": mean([r["final_reward"] for r in ok]),
             "evals_mean": mean([r["compute"]["evals"] for r in ok]),
             "seconds_mean": mean([r["compute"]["seconds"] for r in ok]),
+            "peak_memory_mb_max": max((r["compute"]["peak_memory_mb"] for r in ok), default=float("nan")),
         }
         for stage in ("base", "final"):  # every metric the records carry, e.g. adherence and drift
             for key in sorted({k for r in ok for k in r["metrics"][stage]}):

@@ -6,6 +6,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from framework.report import step_curve
+from framework.store import flatten
+
+
+def _log_step_curves(run, run_dir: Path) -> None:
+    """Means over items of every per-step value (reward, regulariser, drift, adherence, ...) against the
+    optimisation step, as W&B history: the reward/drift-vs-compute curves of the run."""
+    records = [json.loads(p.read_text()) for p in run_dir.glob("items/*/record.json")]
+    steps = [s for r in records if r["status"] == "ok" for s in r.get("steps", [])]
+    keys = sorted({k for s in steps for k, v in s.items() if isinstance(v, (int, float)) and k != "step"})
+    if not steps:
+        return
+    for row in step_curve(run_dir, list(range(max(s["step"] for s in steps) + 2)), keys):
+        run.log({f"per_step/{k}": row[k] for k in keys if row[k] == row[k]}, step=row["step"])  # skip NaN
+
 
 def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
     if cfg.logger.name == "none" or cfg.logger.mode == "disabled":
@@ -16,6 +31,7 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
     run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(run_dir), name=name,
                      group=cfg.logger.group, tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
                      settings=wandb.Settings(silent=True))
+    _log_step_curves(run, run_dir)
     table = wandb.Table(columns=["item", "prompt", "seed", "status", "base", "final", "base_reward", "final_reward"])
     curves = {}
     for row in summary["items"]:
@@ -34,5 +50,6 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
             title="reward vs optimisation step", xname="step")
     run.log(logged)
     run.summary.update({k: v for k, v in summary.items() if k != "items" and isinstance(v, (int, float))})
+    run.summary.update({f"sets/{k}": v for k, v in flatten(summary.get("sets", {})).items()})
     run.finish()
     return Path(run.dir).parent

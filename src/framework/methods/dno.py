@@ -80,11 +80,9 @@ class DNO(Method):
         if cfg.optimize == "all" and noises is not None:
             variables.append(noises.requires_grad_())
         optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps, base, reference = [], None, None
+        steps, base_image, base_reward, reference = [], None, None, None
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
             images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
-            if base is None:  # z = z0: the base image and the reference trajectory of the drift metrics
-                base, reference = (images[0].detach(), None), [eps.detach() for eps in traj.eps]
             term, reward, extra = self.reward_term(problem, images, traj, x_T, noises, step)
             flat = torch.cat([v.flatten() for v in variables])
             reg = self.regulariser(problem, flat, traj, step) if self.weight > 0 else flat.new_zeros(())
@@ -95,16 +93,17 @@ class DNO(Method):
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(variables, cfg.grad_clip)
             optimizer.step()
-            if step == 0:
-                base = (base[0], reward)
+            if step == 0:  # z = z0: the base sample and the reference trajectory of the drift metrics
+                base_image, base_reward, reference = images[0].detach(), reward, [eps.detach() for eps in traj.eps]
             r_mira = trajectory_divergence([eps.detach() for eps in traj.eps], reference).item()
             steps.append({"step": step, "reward": reward, "loss": loss.item(), "regulariser": reg.item(),
                           "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item(),
-                          "r_mira": r_mira, **extra, **problem.measure(images, base[0][None])})
+                          "r_mira": r_mira, **extra, **problem.measure(images, base_image[None])})
         with torch.no_grad():
             images, _ = problem.render(x_T, noises)
             final_reward = problem.score(images)[0].item()
             flat = torch.cat([v.flatten() for v in variables])  # how Gaussian the final noise still is
             info = {"noise_sq": flat.square().mean().item(), "r_prob": self.prob_regulariser(problem, flat).item()}
-        base_image, base_reward = base or (images[0], final_reward)
+        if base_image is None:  # opt_steps = 0
+            base_image, base_reward = images[0], final_reward
         return ItemResult(base_image, images[0], base_reward, final_reward, steps, info)
