@@ -72,9 +72,11 @@ def print_summary(summary: dict, label: str) -> None:
               + ("; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
                  if "adherence" in metrics else "; drift = pixel RMSE to the base image (same seed)"))
         held_out = sorted(k[len("final_"):-len("_mean")] for k in summary if k.startswith("final_eval_"))
-        for key in held_out + [k for k in ("clipscore", "drift_embedding") if f"final_{k}_mean" in summary]:
+        labels = {"clipscore": "CLIPScore", "drift_embedding": "embedding drift (1 − cos to the base image)"}
+        for key in held_out + [k for k in labels if f"final_{k}_mean" in summary]:
             base = summary.get(f"base_{key}_mean")
-            print(f"  {key}: " + (f"{base:.4f} → " if base is not None else "") + f"{summary[f'final_{key}_mean']:.4f}")
+            print(f"  {labels.get(key, key)}: " + (f"{base:.4f} → " if base is not None else "")
+                  + f"{summary[f'final_{key}_mean']:.4f}")
         print_set_metrics(summary.get("sets", {}))
     run_dir = Path(summary["run_dir"])
     print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"
