@@ -123,6 +123,50 @@ class MIRADPOConfig(MIRAConfig):
 
 
 @dataclass
+class DRaFTConfig(SamplingConfig):
+    """DRaFT-K / DRaFT-LV LoRA fine-tuning (+ KL to the adapter-free UNet); then the items are sampled with the
+    trained adapter and measured like any method (base = adapters off, same seed)."""
+
+    name: str = "draft"
+    num_steps: int = 25
+    eta: float = 0.0
+    guidance_scale: float = 7.5  # 7.5 for SD1.x; use 5.0 for SDXL
+    variant: str = "k"  # k (DRaFT-K; k=null is full DRaFT) | lv (DRaFT-LV)
+    k: int | None = 1  # sampler steps that keep gradients (the last k)
+    lv_samples: int = 2  # n re-noised copies of DRaFT-LV
+    kl_weight: float = 0.0  # λ of DRaFT+KL: λ·mean over differentiated steps of mean((ε̃_ft − sg ε̃_base)²)
+    lora_rank: int = 32
+    lr: float = 2.5e-4
+    weight_decay: float = 5e-3
+    grad_clip: float = 10.0
+    train_steps: int = 200
+    train_batch_size: int = 4  # prompts per optimiser step (the global batch; split evenly over processes)
+    checkpoint: bool = True  # per-model-call gradient checkpointing
+    save_every: int = 50  # adapter + resumable training state every N steps
+    sample_every: int = 50  # log sample images and their reward every N steps
+
+
+@dataclass
+class LoRAScaleConfig(SamplingConfig):
+    """Sampling with a trained adapter scaled by α: W = W0 + α·BA (0 = base, 1 = as trained)."""
+
+    name: str = "lora_scale"
+    adapter: str = MISSING  # directory with pytorch_lora_weights.safetensors (a draft run's adapter/)
+    alpha: float = 1.0
+
+
+@dataclass
+class AIGConfig(SamplingConfig):
+    """Annealed importance guidance: ε = (1 − γ_i)·ε̃_base + γ_i·ε̃_ft along the trajectory (i = 0 noisiest)."""
+
+    name: str = "aig"
+    adapter: str = MISSING
+    schedule: str = "power"  # power (γ_i = (i/N)^p) | linear (p = 1) | step (γ_i = 1[i/N ≥ f])
+    p: float = 1.0  # 0 = fine-tuned only, inf = base only
+    f: float = 0.5
+
+
+@dataclass
 class PromptsConfig:
     name: str = MISSING  # inline | file | animal_animal | simple_animals | shapes
     prompts: list[str] = field(default_factory=list)  # inline
@@ -174,7 +218,8 @@ class Config:
 
 
 METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConfig, "mira": MIRAConfig,
-                  "dno_zo": DNOZeroOrderConfig, "mira_dpo": MIRADPOConfig}
+                  "dno_zo": DNOZeroOrderConfig, "mira_dpo": MIRADPOConfig, "draft": DRaFTConfig,
+                  "lora_scale": LoRAScaleConfig, "aig": AIGConfig}
 
 
 def register_configs() -> None:

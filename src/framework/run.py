@@ -95,13 +95,31 @@ def print_set_metrics(sets: dict) -> None:
               f", mean pairwise distance {sets['base_diversity_pairwise']:.4f} → {sets['final_diversity_pairwise']:.4f}")
 
 
+def draft_trainer_options(cfg) -> dict:
+    """Fine-tuning: step budget, gradient clipping, resumable checkpoints and training curves (CSV, and W&B)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = [CSVLogger(cfg.output_dir, name="train", version="")]
+    if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
+        loggers.append(WandbLogger(project=cfg.logger.project, name=f"{Path(cfg.output_dir).name}-train",
+                                   save_dir=cfg.output_dir, offline=cfg.logger.mode == "offline",
+                                   group=cfg.logger.group, tags=list(cfg.logger.tags)))
+    checkpoints = ModelCheckpoint(dirpath=Path(cfg.output_dir) / "checkpoints", every_n_train_steps=cfg.method.save_every,
+                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    return {"max_steps": cfg.method.train_steps, "gradient_clip_val": cfg.method.grad_clip, "logger": loggers,
+            "callbacks": [checkpoints], "enable_checkpointing": True, "log_every_n_steps": 1}
+
+
 def run(cfg: DictConfig) -> dict | None:
     """Run every pending item of `cfg`; returns the summary on rank 0 (None on other ranks)."""
     import lightning as L
 
     from framework.methods import build_method
     from framework.metrics import build_metrics
+    from framework.config import LoRAScaleConfig
     from framework.models import load_backbone
+    from framework.models.lora import load_lora
     from framework.prompts import load_prompts
     from framework.rewards import build_reward
     from framework.runner import InferenceTimeAlignment, ItemsDataModule, make_items
@@ -113,13 +131,25 @@ def run(cfg: DictConfig) -> dict | None:
     fingerprint = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
     store = ItemStore(Path(cfg.output_dir), fingerprint)
     reward = build_reward(cfg.reward)
-    method = build_method(cfg.method, reward)
+    fine_tune = cfg.method.name == "draft"
+    method = None if fine_tune else build_method(cfg.method, reward)
     backbone = load_backbone(cfg.model)
+    if "adapter" in cfg.method:
+        load_lora(backbone.unet, cfg.method.adapter)
     metrics = build_metrics(cfg.eval, cfg.model)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, logger=False,
-                        inference_mode=False, enable_checkpointing=False, enable_model_summary=False,
-                        use_distributed_sampler=False, default_root_dir=cfg.output_dir)
+                        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
+                        inference_mode=False, enable_model_summary=False, use_distributed_sampler=False,
+                        default_root_dir=cfg.output_dir,
+                        **(draft_trainer_options(cfg) if fine_tune else {"logger": False, "enable_checkpointing": False}))
+    if fine_tune:  # train the adapter, then sample every item with it (base = adapters off, same seed)
+        from framework.methods.draft import DRaFT, train
+
+        prompts = load_prompts(cfg.prompts)
+        adapter = train(trainer, DRaFT(backbone, reward, cfg.method, prompts, cfg.seed, Path(cfg.output_dir)))
+        method = build_method(OmegaConf.structured(LoRAScaleConfig(
+            num_steps=cfg.method.num_steps, eta=cfg.method.eta, guidance_scale=cfg.method.guidance_scale,
+            batch_size=cfg.method.batch_size, adapter=str(adapter), alpha=1.0)), reward)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
     trainer.predict(module, datamodule=ItemsDataModule(items, store), return_predictions=False)
     trainer.strategy.barrier()

@@ -6,7 +6,9 @@ flat in the number of steps with `checkpoint=True` (only each step's input x_t i
 backward), and `grad_steps=K` backpropagates through the last K steps only (DRaFT-K style truncation).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -34,10 +36,25 @@ def ddim_coefficients(alpha: float, alpha_prev: float, eta: float) -> tuple[floa
     return sigma, (1 - alpha_prev - sigma**2) ** 0.5 - (alpha_prev / alpha) ** 0.5 * (1 - alpha) ** 0.5
 
 
+def _mixed_eps_branches(backbone: Backbone, x: Tensor, t: int, cond: Cond, guidance_scale: float, gamma: float
+                        ) -> tuple[Tensor, Tensor]:
+    """(1 − γ)·ε̃_base + γ·ε̃_ft, base = the same backbone with its adapters off. At γ = 0 or 1 only one model is
+    evaluated, so the endpoints are exactly base or fine-tuned sampling."""
+    if gamma == 1:
+        return backbone.eps_branches(x, t, cond, guidance_scale)
+    with backbone.adapters_disabled():
+        base = backbone.eps_branches(x, t, cond, guidance_scale)
+    if gamma == 0:
+        return base
+    tuned = backbone.eps_branches(x, t, cond, guidance_scale)
+    return tuple((1 - gamma) * b + gamma * f for b, f in zip(base, tuned))
+
+
 def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | None = None, *, num_steps: int,
                 eta: float = 0.0, guidance_scale: float = 1.0, checkpoint: bool = False,
-                grad_steps: int | None = None) -> Trajectory:
+                grad_steps: int | None = None, mix: Callable[[int], float] | None = None) -> Trajectory:
     """Run DDIM from x_T. `noises[i]` is ξ of step i (shape [num_steps, *x_T.shape]); required when η > 0.
+    `mix(i)` = γ_i mixes the fine-tuned and adapter-free predictions at step i (AIG); None = the backbone as is.
 
     x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t;  σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev);
     x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t ξ_t.
@@ -51,10 +68,11 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
         if i == first_grad_step and i > 0:
             x = x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad_step):
+            predict = backbone.eps_branches if mix is None else partial(_mixed_eps_branches, backbone, gamma=mix(i))
             if checkpoint and torch.is_grad_enabled():
-                eps, eps_cond = checkpointed(backbone.eps_branches, x, t, cond, guidance_scale, use_reentrant=False)
+                eps, eps_cond = checkpointed(predict, x, t, cond, guidance_scale, use_reentrant=False)
             else:
-                eps, eps_cond = backbone.eps_branches(x, t, cond, guidance_scale)
+                eps, eps_cond = predict(x, t, cond, guidance_scale)
             x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
             sigma, _ = ddim_coefficients(alpha, alpha_prev, eta)
             x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps

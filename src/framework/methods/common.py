@@ -19,6 +19,16 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
+    """x_T [B, ...] and ξ [S, B, ...] (None at η = 0), drawn on the CPU from each seed so that they are the same
+    on every device and in any batch layout."""
+    steps = sampling.num_steps if sampling.eta > 0 else 0
+    shape = backbone.latent_shape()
+    draws = [torch.randn((1 + steps, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    noise = torch.stack(draws, dim=1).to(backbone.device)  # [1 + S, B, ...]
+    return noise[0], (noise[1:] if steps else None)
+
+
 @dataclass(frozen=True)
 class Item:
     """One unit of work: a prompt and one seed for it."""
@@ -54,13 +64,7 @@ class Problem:
         self.show_progress = show_progress
 
     def noise(self, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
-        """x_T [B, ...] and ξ [S, B, ...] (None at η = 0), drawn on the CPU from each seed so that they are the same
-        on every device and in any batch layout."""
-        steps = self.sampling.num_steps if self.sampling.eta > 0 else 0
-        shape = self.backbone.latent_shape()
-        draws = [torch.randn((1 + steps, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
-        noise = torch.stack(draws, dim=1).to(self.backbone.device)  # [1 + S, B, ...]
-        return noise[0], (noise[1:] if steps else None)
+        return draw_noise(self.backbone, self.sampling, seeds)
 
     def render(self, x_T: Tensor, noises: Tensor | None, **sampler_options) -> tuple[Tensor, Trajectory]:
         """Images in [0, 1] from the given noises (batch size = len(x_T)), and the sampler's trajectory."""

@@ -58,6 +58,10 @@ class Backbone(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def adapters_disabled(self):
+        """Context in which `eps` is the base model's (LoRA adapters off); backbones without adapters refuse."""
+        raise NotImplementedError(f"{type(self).__name__} has no adapters")
+
     def latent_shape(self) -> tuple[int, int, int]:
         raise NotImplementedError
 
@@ -127,6 +131,11 @@ class StableDiffusionBackbone(Backbone):
             return out, out
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond), text
+
+    def adapters_disabled(self):
+        from framework.models.lora import adapters_disabled
+
+        return adapters_disabled(self.unet)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents → images in [0, 1], differentiable, scaled as the SD pipelines do."""

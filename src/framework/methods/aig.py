@@ -1,0 +1,36 @@
+"""AIG, annealed importance guidance (arXiv 2409.06493): at sampler step i of N (i = 0 noisiest) the prediction is
+ε = (1 − γ_i)·ε̃_base + γ_i·ε̃_ft, each with its own CFG, so early (layout) steps follow the base model and late
+(detail) steps the fine-tuned one. Base = the same UNet with its adapters off. Schedules: power γ_i = (i/N)^p
+(p = 0: fine-tuned only, p = ∞: base only), linear (p = 1), step γ_i = 1[i/N ≥ f]."""
+
+import math
+
+import torch
+
+from framework.config import choose
+from framework.methods.common import ItemResult, Method, Problem
+
+
+def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> float:
+    if schedule == "step":
+        return float(i / n >= f)
+    p = 1.0 if schedule == "linear" else p
+    if math.isinf(p):
+        return 0.0
+    return (i / n) ** p  # 0 ** 0 = 1: p = 0 is the fine-tuned model at every step
+
+
+class AIG(Method):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        choose(cfg.schedule, ("power", "linear", "step"), "method.schedule")
+
+    @torch.no_grad()
+    def run(self, problem: Problem) -> ItemResult:
+        cfg = self.cfg
+        noise = problem.noise([problem.item.seed])
+        with problem.backbone.adapters_disabled():
+            base, _ = problem.render(*noise)
+        images, _ = problem.render(*noise, mix=lambda i: aig_gamma(cfg.schedule, i, cfg.num_steps, cfg.p, cfg.f))
+        base_reward, final_reward = problem.score(torch.cat([base, images])).tolist()
+        return ItemResult(base[0], images[0], base_reward, final_reward)

@@ -1,0 +1,140 @@
+"""DRaFT (arXiv 2309.17400): fine-tune LoRA adapters of the UNet by back-propagating the reward through sampling.
+
+DRaFT-K: only the last K DDIM steps keep gradients (K = null: full DRaFT); loss −mean r(decode(x̂0 of the last
+step)). DRaFT-LV: sample x0 without gradients, re-noise it n times to the last timestep and take one denoising step
+with gradients each; loss −Σ_i mean r(x̂0^i). DRaFT+KL adds λ·mean over the differentiated steps of
+mean((ε̃_ft − sg ε̃_base)²), the base prediction being the same UNet with adapters off at the same x_t.
+
+Training is a Lightning `fit`. The prompts and noises of optimiser step s derive from (seed, s, row) only, and each
+process takes rows rank::world of the global batch, so a resumed run, or a DDP run with the same global batch,
+sees exactly the data of an uninterrupted single-process run.
+"""
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from framework.config import choose
+from framework.errors import FrameworkError, NonFiniteLoss
+from framework.methods.common import derive_seed, draw_noise
+from framework.models.lora import add_lora, save_lora
+from framework.sampling import ddim_sample
+
+SAMPLE_PROMPTS = 4  # images in each periodic sample grid
+
+
+class DRaFT(L.LightningModule):
+    def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
+        super().__init__()
+        choose(cfg.variant, ("k", "lv"), "method.variant")
+        self.backbone, self.reward = backbone, reward
+        self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
+        self.trainable = add_lora(backbone.unet, cfg.lora_rank)
+        self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
+
+    def rows(self, step: int) -> tuple[list[int], list[int]]:
+        """Prompt indices and noise seeds of this process's share of optimiser step `step`'s global batch."""
+        batch, world = self.cfg.train_batch_size, self.trainer.world_size
+        rng = np.random.default_rng(derive_seed(self.seed, 1 << 21, step))
+        prompt_indices = rng.integers(len(self.prompts), size=batch).tolist()
+        seeds = [derive_seed(self.seed, 1 << 22, step, row) for row in range(batch)]
+        rank = self.trainer.global_rank
+        return prompt_indices[rank::world], seeds[rank::world]
+
+    def losses(self, prompts: list[str], seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """(−mean reward, mean reward, KL term) of one batch."""
+        cfg, backbone = self.cfg, self.backbone
+        cond = backbone.encode(prompts)
+        x_T, noises = draw_noise(backbone, cfg, seeds)
+        sample = dict(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale)
+        if cfg.variant == "k":
+            traj = ddim_sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sample)
+            first = cfg.num_steps - (cfg.k or cfg.num_steps)
+            rewards = self.reward(backbone.decode(traj.x0_pred[-1]), prompts)
+            differentiated = list(zip(traj.x[first:], traj.timesteps[first:], traj.eps[first:]))
+        else:
+            with torch.no_grad():
+                x0 = ddim_sample(backbone, cond, x_T, noises, **sample).latents
+            t, alpha, _ = backbone.schedule(cfg.num_steps)[-1]
+            rewards, differentiated = 0, []
+            for i in range(cfg.lv_samples):
+                fresh = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+                    derive_seed(seed, 1 << 23, i))) for seed in seeds]).to(x0.device)
+                x1 = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * fresh
+                eps = backbone.eps(x1, t, cond, cfg.guidance_scale)
+                x0_hat = (x1 - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+                rewards = rewards + self.reward(backbone.decode(x0_hat), prompts)
+                differentiated.append((x1, t, eps))
+        kl = torch.zeros((), device=x_T.device)
+        if cfg.kl_weight > 0:
+            with torch.no_grad(), backbone.adapters_disabled():
+                base = [backbone.eps(x.detach(), t, cond, cfg.guidance_scale) for x, t, _ in differentiated]
+            kl = torch.stack([(eps - b).square().mean() for (_, _, eps), b in zip(differentiated, base)]).mean()
+        return -rewards.mean(), rewards.mean() / (1 if cfg.variant == "k" else cfg.lv_samples), kl
+
+    def training_step(self, batch, batch_idx) -> Tensor:
+        step = self.global_step
+        prompt_indices, seeds = self.rows(step)
+        reward_loss, reward, kl = self.losses([self.prompts[i] for i in prompt_indices], seeds)
+        loss = reward_loss + self.cfg.kl_weight * kl
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite DRaFT loss ({loss.item()}) at step {step}")
+        self.log_dict({"train/loss": loss, "train/reward": reward, "train/kl": kl}, sync_dist=True, prog_bar=True)
+        if self.cfg.sample_every and step % self.cfg.sample_every == 0:
+            self.log_samples(step)
+        return loss
+
+    @torch.no_grad()
+    def log_samples(self, step: int) -> None:
+        """A fixed grid (first prompts, fixed seeds) so the same images can be watched across training."""
+        if not self.trainer.is_global_zero:
+            return
+        prompts = self.prompts[:SAMPLE_PROMPTS]
+        x_T, noises = draw_noise(self.backbone, self.cfg, [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))])
+        traj = ddim_sample(self.backbone, self.backbone.encode(prompts), x_T, noises, num_steps=self.cfg.num_steps,
+                           eta=self.cfg.eta, guidance_scale=self.cfg.guidance_scale)
+        images = self.backbone.decode(traj.latents)
+        reward = self.reward(images, prompts).mean().item()
+        from framework.store import save_png
+
+        path = self.out_dir / "samples" / f"step{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(make_grid(images.cpu(), nrow=len(prompts)), path)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("samples", [str(path)], step=step, caption=[f"step {step}, reward {reward:.4f}"])
+            logger.log_metrics({"samples/reward": reward}, step=step)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the adapter only (the frozen model is reloaded from its source) and write it in diffusers format."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        if self.trainer.is_global_zero:
+            save_lora(self.backbone.unet, self.out_dir / "checkpoints" / f"adapter-step{self.global_step:06d}")
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(self.cfg.train_steps), batch_size=None)  # content: see `rows`
+
+
+def check_batch(cfg, world_size: int) -> None:
+    if cfg.train_batch_size % world_size:
+        raise FrameworkError(f"method.train_batch_size={cfg.train_batch_size} must be a multiple of the "
+                             f"{world_size} processes (each takes an equal share of the global batch)")
+
+
+def train(trainer: L.Trainer, module: DRaFT) -> Path:
+    """Fit (resuming from the last checkpoint of the run directory if there is one); returns the adapter directory."""
+    check_batch(module.cfg, trainer.world_size)
+    last = module.out_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, ckpt_path=last if last.exists() else None, weights_only=True)
+    adapter = module.out_dir / "adapter"
+    if trainer.is_global_zero:
+        save_lora(module.backbone.unet, adapter)
+    trainer.strategy.barrier()
+    return adapter

@@ -1,0 +1,22 @@
+"""LoRA scaling: sample with a trained adapter scaled by α, W = W0 + α·BA (α = 0: base model, α = 1: fine-tuned).
+The item's base image is the adapter-free sample of the same seed."""
+
+import torch
+
+from framework.methods.common import ItemResult, Method, Problem
+from framework.models.lora import set_lora_scale
+
+
+class LoRAScale(Method):
+    @torch.no_grad()
+    def run(self, problem: Problem) -> ItemResult:
+        noise = problem.noise([problem.item.seed])
+        with problem.backbone.adapters_disabled():
+            base, _ = problem.render(*noise)
+        set_lora_scale(problem.backbone.unet, self.cfg.alpha)
+        try:
+            images, _ = problem.render(*noise)
+        finally:
+            set_lora_scale(problem.backbone.unet, 1.0)
+        base_reward, final_reward = problem.score(torch.cat([base, images])).tolist()
+        return ItemResult(base[0], images[0], base_reward, final_reward, info={"alpha": self.cfg.alpha})

@@ -1,0 +1,132 @@
+"""LoRA fine-tuning and sampling-time methods: exact endpoints (init, α, p), truncated gradients, save/load, resume."""
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+from framework.config import AIGConfig, DRaFTConfig, LoRAScaleConfig, ModelConfig, RewardConfig
+from framework.methods import Item, Problem, build_method
+from framework.methods.aig import aig_gamma
+from framework.methods.draft import DRaFT
+from framework.models import load_backbone
+from framework.models.lora import add_lora, load_lora, save_lora
+from framework.rewards import build_reward
+
+ITEM = Item(0, 0, "a cat", 11)
+
+
+@pytest.fixture(scope="module")
+def brightness():
+    return build_reward(RewardConfig(name="brightness"))
+
+
+def fresh_backbone(trained: bool):
+    """A tiny SD with an adapter: zero B as initialised, or random B as if trained."""
+    backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
+    params = add_lora(backbone.unet, rank=4)
+    if trained:
+        generator = torch.Generator().manual_seed(0)
+        for p in params:
+            p.data = 0.3 * torch.randn(p.shape, generator=generator)
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    return fresh_backbone(trained=True)
+
+
+def sample(backbone, reward, cfg):
+    return build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))
+
+
+def test_at_initialisation_samples_equal_the_base_and_kl_is_zero(brightness):
+    backbone = fresh_backbone(trained=False)
+    result = sample(backbone, brightness, LoRAScaleConfig(num_steps=3, adapter="-"))
+    assert torch.equal(result.final_image, result.base_image)
+    module = DRaFT.__new__(DRaFT)  # the loss alone, without a trainer
+    torch.nn.Module.__init__(module)
+    module.backbone, module.reward = backbone, brightness
+    module.cfg = DRaFTConfig(num_steps=3, k=2, kl_weight=1.0)
+    with torch.enable_grad():
+        _, _, kl = module.losses(["a cat"], [5])
+    assert kl.item() == 0
+
+
+def test_lora_scale_and_aig_endpoints_are_exact(tuned, brightness):
+    common = dict(num_steps=4, adapter="-")
+    base = sample(tuned, brightness, LoRAScaleConfig(alpha=0.0, **common))
+    full = sample(tuned, brightness, LoRAScaleConfig(alpha=1.0, **common))
+    assert torch.equal(base.final_image, base.base_image)
+    assert not torch.equal(full.final_image, full.base_image)  # the adapter does change the samples
+    assert torch.equal(sample(tuned, brightness, AIGConfig(p=0.0, **common)).final_image, full.final_image)
+    assert torch.equal(sample(tuned, brightness, AIGConfig(p=math.inf, **common)).final_image, base.final_image)
+    middle = sample(tuned, brightness, AIGConfig(p=1.0, **common)).final_image
+    assert not torch.equal(middle, full.final_image) and not torch.equal(middle, base.final_image)
+
+
+def test_aig_schedules():
+    assert [aig_gamma("power", i, 4, p=2.0) for i in range(4)] == [0, 1 / 16, 1 / 4, 9 / 16]
+    assert [aig_gamma("linear", i, 4) for i in range(4)] == [0, 0.25, 0.5, 0.75]
+    assert [aig_gamma("step", i, 4, f=0.5) for i in range(4)] == [0, 0, 1, 1]
+    assert aig_gamma("power", 0, 4, p=0.0) == 1 and aig_gamma("power", 3, 4, p=math.inf) == 0
+
+
+def test_draft_k1_differentiates_only_the_last_step(tuned, brightness):
+    module = DRaFT.__new__(DRaFT)
+    torch.nn.Module.__init__(module)
+    module.backbone, module.reward, module.cfg = tuned, brightness, DRaFTConfig(num_steps=4, k=1, checkpoint=False)
+    grad_enabled, original = [], tuned.eps_branches
+    tuned.eps_branches = lambda *a, **k: (grad_enabled.append(torch.is_grad_enabled()), original(*a, **k))[1]
+    try:
+        with torch.enable_grad():
+            loss, _, _ = module.losses(["a cat"], [5])
+            loss.backward()
+    finally:
+        del tuned.eps_branches
+    assert grad_enabled == [False, False, False, True]
+    grads = [p.grad for p in tuned.unet.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    tuned.unet.zero_grad(set_to_none=True)
+
+
+def test_adapter_save_then_load_reproduces_samples(tuned, brightness, tmp_path):
+    cfg = LoRAScaleConfig(num_steps=3, adapter=str(tmp_path))
+    save_lora(tuned.unet, tmp_path)
+    reloaded = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
+    load_lora(reloaded.unet, tmp_path)
+    torch.testing.assert_close(sample(reloaded, brightness, cfg).final_image, sample(tuned, brightness, cfg).final_image,
+                               rtol=0, atol=1e-6)
+
+
+def losses(run_dir):
+    with open(run_dir / "train" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_path):
+    args = ["method=draft", "model=tiny_sd", "model.resolution=32", "method.num_steps=3", "method.train_steps=4",
+            "method.save_every=2", "method.sample_every=2", "method.train_batch_size=2", "method.lora_rank=4",
+            "method.lr=0.01", "prompts=inline", "prompts.prompts=[a cat,a dog]", "logger=none"]
+    full = run_cli(*args, run_dir=tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    assert (tmp_path / "full" / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "full" / "samples" / "step000002.png").exists()
+    # An interrupted run: only the step-2 checkpoint exists. The rerun resumes from it and trains steps 2 and 3.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "run.json", resumed / "run.json")
+    shutil.copy(tmp_path / "full" / "checkpoints" / "step000002.ckpt", resumed / "checkpoints" / "last.ckpt")
+    result = run_cli(*args, run_dir=resumed)
+    assert result.returncode == 0, result.stderr
+    before, after = losses(tmp_path / "full"), losses(resumed)
+    assert sorted(after) == [2, 3] and sorted(before) == [0, 1, 2, 3]
+    assert [after[s] for s in (2, 3)] == pytest.approx([before[s] for s in (2, 3)], rel=1e-5)
+    finals = [json.loads((d / "items" / "p0000_s000" / "record.json").read_text())["final_reward"]
+              for d in (tmp_path / "full", resumed)]
+    assert finals[0] == pytest.approx(finals[1], abs=1e-6)
