@@ -49,12 +49,8 @@ def test_at_initialisation_samples_equal_the_base_and_kl_is_zero(brightness):
     backbone = fresh_backbone(trained=False)
     result = sample(backbone, brightness, LoRAScaleConfig(num_steps=3, adapter="-"))
     assert torch.equal(result.final_image, result.base_image)
-    module = DRaFT.__new__(DRaFT)  # the loss alone, without a trainer
-    torch.nn.Module.__init__(module)
-    module.backbone, module.reward = backbone, brightness
-    module.cfg = DRaFTConfig(num_steps=3, k=2, kl_weight=1.0)
     with torch.enable_grad():
-        _, _, kl = module.losses(["a cat"], [5])
+        _, _, kl = loss_module(backbone, brightness, DRaFTConfig(num_steps=3, k=2, kl_weight=1.0)).losses(["a cat"], [5])
     assert kl.item() == 0
 
 
@@ -77,19 +73,29 @@ def test_aig_schedules():
     assert aig_gamma("power", 0, 4, p=0.0) == 1 and aig_gamma("power", 3, 4, p=math.inf) == 0
 
 
-def test_draft_k1_differentiates_only_the_last_step(tuned, brightness):
+def loss_module(backbone, reward, cfg) -> DRaFT:
+    """DRaFT's loss alone, without a trainer."""
     module = DRaFT.__new__(DRaFT)
     torch.nn.Module.__init__(module)
-    module.backbone, module.reward, module.cfg = tuned, brightness, DRaFTConfig(num_steps=4, k=1, checkpoint=False)
+    module.backbone, module.reward, module.cfg = backbone, reward, cfg
+    return module
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    (DRaFTConfig(num_steps=4, k=1, checkpoint=False), [False, False, False, True]),
+    (DRaFTConfig(num_steps=4, variant="lv", lv_samples=2), [False] * 4 + [True, True]),
+], ids=["draft_k1", "draft_lv"])
+def test_only_the_last_step_is_differentiated(tuned, brightness, cfg, expected):
+    """DRaFT-K (K=1): gradients through the last sampler step only; DRaFT-LV: through its n re-noised last steps."""
     grad_enabled, original = [], tuned.eps_branches
     tuned.eps_branches = lambda *a, **k: (grad_enabled.append(torch.is_grad_enabled()), original(*a, **k))[1]
     try:
         with torch.enable_grad():
-            loss, _, _ = module.losses(["a cat"], [5])
+            loss, reward, _ = loss_module(tuned, brightness, cfg).losses(["a cat"], [5])
             loss.backward()
     finally:
         del tuned.eps_branches
-    assert grad_enabled == [False, False, False, True]
+    assert grad_enabled == expected and torch.isfinite(loss) and 0 < reward.item() < 1
     grads = [p.grad for p in tuned.unet.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     tuned.unet.zero_grad(set_to_none=True)
@@ -130,3 +136,32 @@ def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_pat
     finals = [json.loads((d / "items" / "p0000_s000" / "record.json").read_text())["final_reward"]
               for d in (tmp_path / "full", resumed)]
     assert finals[0] == pytest.approx(finals[1], abs=1e-6)
+
+
+def test_ddp_with_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["method=draft", "model=tiny_sd", "model.resolution=32", "method.num_steps=3", "method.train_steps=3",
+            "method.save_every=3", "method.sample_every=0", "method.train_batch_size=2", "method.lora_rank=4",
+            "method.lr=0.01", "prompts=inline", "prompts.prompts=[a cat,a dog]", "logger=none"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = run_cli(*args, run_dir=tmp_path / "one", env=env)
+    two = run_cli(*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two",
+                  env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = (load_file(tmp_path / d / "adapter" / "pytorch_lora_weights.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # it did train
+
+
+def test_draft_raises_the_training_reward_on_the_testbed(tmp_path):
+    result = run_cli("method=draft", "reward=brightness", "method.num_steps=5", "method.train_steps=16",
+                     "method.lr=2e-3", "method.save_every=16", "method.sample_every=0", "prompts.limit=4",
+                     "logger=none", run_dir=tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "run" / "train" / "metrics.csv") as f:
+        rewards = [float(r["train/reward"]) for r in csv.DictReader(f) if r.get("train/reward")]
+    assert len(rewards) == 16 and sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.02
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_reward_mean"] > summary["base_reward_mean"]

@@ -30,7 +30,7 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    for message in ("does not have many workers", "predict returned None", ".*treespec"):
+    for message in ("does not have many workers", "predict returned None", ".*treespec", r".*module\(s\) in eval mode"):
         warnings.filterwarnings("ignore", message=f".*{message}")
 
 

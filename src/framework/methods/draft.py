@@ -23,6 +23,7 @@ from framework.errors import FrameworkError, NonFiniteLoss
 from framework.methods.common import derive_seed, draw_noise
 from framework.models.lora import add_lora, save_lora
 from framework.sampling import ddim_sample
+from framework.store import save_png
 
 SAMPLE_PROMPTS = 4  # images in each periodic sample grid
 
@@ -31,9 +32,12 @@ class DRaFT(L.LightningModule):
     def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
         super().__init__()
         choose(cfg.variant, ("k", "lv"), "method.variant")
+        if not reward.differentiable:
+            raise FrameworkError(f"method draft back-propagates the reward, but reward {reward.name} is not "
+                                 "differentiable; choose a differentiable reward")
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
-        self.trainable = add_lora(backbone.unet, cfg.lora_rank)
+        self.trainable = add_lora(backbone.unet, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
 
     def rows(self, step: int) -> tuple[list[int], list[int]]:
@@ -94,13 +98,12 @@ class DRaFT(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         prompts = self.prompts[:SAMPLE_PROMPTS]
-        x_T, noises = draw_noise(self.backbone, self.cfg, [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))])
+        seeds = [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))]
+        x_T, noises = draw_noise(self.backbone, self.cfg, seeds)
         traj = ddim_sample(self.backbone, self.backbone.encode(prompts), x_T, noises, num_steps=self.cfg.num_steps,
                            eta=self.cfg.eta, guidance_scale=self.cfg.guidance_scale)
         images = self.backbone.decode(traj.latents)
         reward = self.reward(images, prompts).mean().item()
-        from framework.store import save_png
-
         path = self.out_dir / "samples" / f"step{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(make_grid(images.cpu(), nrow=len(prompts)), path)

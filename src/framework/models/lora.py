@@ -8,6 +8,7 @@ and AIG's base branch free in memory.
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from torch import nn
 
 # Attention projections and feed-forward linears of every transformer block (SD1.x and SDXL share the names).
@@ -15,12 +16,15 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> list[nn.Parameter]:
-    """Attach a fresh adapter (B = 0, so the model is unchanged) and return its trainable parameters."""
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> list[nn.Parameter]:
+    """Attach a fresh adapter (B = 0, so the model is unchanged; A random from `seed`, so every process and every
+    rerun starts from the same adapter) and return its trainable parameters."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS,
-                                init_lora_weights=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS,
+                                    init_lora_weights=True))
     trainable = []
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_("lora_" in name)
