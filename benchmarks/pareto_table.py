@@ -1,4 +1,4 @@
-"""Reward vs diversity on the testbed (brightness): DRaFT+KL at three λ, then LoRA scaling at three α and AIG at three
+"""Reward vs diversity on the testbed (brightness): DRaFT+KL over a λ grid, then LoRA scaling at three α and AIG at three
 p, all reusing the λ = 0 adapter (one training per λ). Resumable: finished trainings and items are reused.
 
     python benchmarks/pareto_table.py [--train-steps 60] [--out outputs/benchmarks/pareto]
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-KL_WEIGHTS = (0.0, 1.0, 10.0)
+KL_WEIGHTS = (0.0, 0.0001, 0.001, 0.01, 0.1, 1.0)
 ALPHAS = (0.25, 0.5, 0.75)
 POWERS = (1.0, 2.0, 4.0)
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/pareto"))
     args = parser.parse_args()
-    sampling = ["method.num_steps=10", "method.guidance_scale=5.0"]
+    sampling = ["method.num_steps=10", "method.eta=0", "method.guidance_scale=5.0"]  # DRaFT's sampler for all
     common = ["model=shapes", "reward=brightness", "prompts=shapes", "prompts.limit=4", "samples_per_prompt=4",
               "logger=none", *sampling]
     rows = []

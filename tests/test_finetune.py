@@ -110,9 +110,13 @@ def test_adapter_save_then_load_reproduces_samples(tuned, brightness, tmp_path):
                                rtol=0, atol=1e-6)
 
 
-def losses(run_dir):
-    with open(run_dir / "train" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+def train_log(run_dir, key="train/loss"):
+    """Per-step values over every attempt's train/version_*/metrics.csv (a resumed run adds a version)."""
+    values = {}
+    for path in sorted((run_dir / "train").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            values |= {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+    return values
 
 
 def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_path):
@@ -130,12 +134,17 @@ def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_pat
     shutil.copy(tmp_path / "full" / "checkpoints" / "step000002.ckpt", resumed / "checkpoints" / "last.ckpt")
     result = run_cli(*args, run_dir=resumed)
     assert result.returncode == 0, result.stderr
-    before, after = losses(tmp_path / "full"), losses(resumed)
+    before, after = train_log(tmp_path / "full"), train_log(resumed)
     assert sorted(after) == [2, 3] and sorted(before) == [0, 1, 2, 3]
     assert [after[s] for s in (2, 3)] == pytest.approx([before[s] for s in (2, 3)], rel=1e-5)
     finals = [json.loads((d / "items" / "p0000_s000" / "record.json").read_text())["final_reward"]
               for d in (tmp_path / "full", resumed)]
     assert finals[0] == pytest.approx(finals[1], abs=1e-6)
+    # Rerunning a finished run reuses its adapter: nothing is retrained and the training log is kept.
+    again = run_cli(*args, run_dir=tmp_path / "full")
+    assert again.returncode == 0, again.stderr
+    assert train_log(tmp_path / "full") == before
+    assert "Epoch" not in again.stdout + again.stderr  # no training loop ran
 
 
 def test_ddp_with_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_path):
@@ -160,8 +169,7 @@ def test_draft_raises_the_training_reward_on_the_testbed(tmp_path):
                      "method.lr=2e-3", "method.save_every=16", "method.sample_every=0", "prompts.limit=4",
                      "logger=none", run_dir=tmp_path / "run")
     assert result.returncode == 0, result.stderr
-    with open(tmp_path / "run" / "train" / "metrics.csv") as f:
-        rewards = [float(r["train/reward"]) for r in csv.DictReader(f) if r.get("train/reward")]
+    rewards = list(train_log(tmp_path / "run", "train/reward").values())
     assert len(rewards) == 16 and sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.02
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_reward_mean"] > summary["base_reward_mean"]

@@ -100,7 +100,7 @@ def draft_trainer_options(cfg) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    loggers = [CSVLogger(cfg.output_dir, name="train", version="")]
+    loggers = [CSVLogger(cfg.output_dir, name="train")]  # train/version_<attempt>/metrics.csv: resumes add one
     if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
         loggers.append(WandbLogger(project=cfg.logger.project, name=f"{Path(cfg.output_dir).name}-train",
                                    save_dir=cfg.output_dir, offline=cfg.logger.mode == "offline",
@@ -119,6 +119,7 @@ def run(cfg: DictConfig) -> dict | None:
     from framework.metrics import build_metrics
     from framework.config import LoRAScaleConfig
     from framework.models import load_backbone
+    from framework.models.lora import WEIGHT_NAME as LORA_WEIGHT_NAME
     from framework.models.lora import load_lora
     from framework.prompts import load_prompts
     from framework.rewards import build_reward
@@ -145,8 +146,12 @@ def run(cfg: DictConfig) -> dict | None:
     if fine_tune:  # train the adapter, then sample every item with it (base = adapters off, same seed)
         from framework.methods.draft import DRaFT, train
 
-        prompts = load_prompts(cfg.prompts)
-        adapter = train(trainer, DRaFT(backbone, reward, cfg.method, prompts, cfg.seed, Path(cfg.output_dir)))
+        adapter = Path(cfg.output_dir) / "adapter"
+        if (adapter / LORA_WEIGHT_NAME).exists():  # trained by an earlier attempt: reuse, do not retrain
+            load_lora(backbone.unet, adapter)
+        else:
+            adapter = train(trainer, DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed,
+                                           Path(cfg.output_dir)))
         method = build_method(OmegaConf.structured(LoRAScaleConfig(
             num_steps=cfg.method.num_steps, eta=cfg.method.eta, guidance_scale=cfg.method.guidance_scale,
             batch_size=cfg.method.batch_size, adapter=str(adapter), alpha=1.0)), reward)
