@@ -166,9 +166,11 @@ def test_ddp_with_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_p
 
 def test_draft_raises_the_training_reward_on_the_testbed(tmp_path):
     result = run_cli("method=draft", "reward=brightness", "method.num_steps=5", "method.train_steps=16",
-                     "method.lr=2e-3", "method.save_every=16", "method.sample_every=0", "prompts.limit=4",
-                     "logger=none", run_dir=tmp_path / "run")
+                     "method.lr=2e-3", "method.save_every=16", "method.sample_every=8", "prompts.limit=4",
+                     run_dir=tmp_path / "run")
     assert result.returncode == 0, result.stderr
+    # W&B (offline): the training run holds the periodic sample grids, next to the evaluation run
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))) == 2
     rewards = list(train_log(tmp_path / "run", "train/reward").values())
     assert len(rewards) == 16 and sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.02
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

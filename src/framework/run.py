@@ -95,31 +95,14 @@ def print_set_metrics(sets: dict) -> None:
               f", mean pairwise distance {sets['base_diversity_pairwise']:.4f} → {sets['final_diversity_pairwise']:.4f}")
 
 
-def draft_trainer_options(cfg) -> dict:
-    """Fine-tuning: step budget, gradient clipping, resumable checkpoints and training curves (CSV, and W&B)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
-
-    loggers = [CSVLogger(cfg.output_dir, name="train")]  # train/version_<attempt>/metrics.csv: resumes add one
-    if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
-        loggers.append(WandbLogger(project=cfg.logger.project, name=f"{Path(cfg.output_dir).name}-train",
-                                   save_dir=cfg.output_dir, offline=cfg.logger.mode == "offline",
-                                   group=cfg.logger.group, tags=list(cfg.logger.tags)))
-    checkpoints = ModelCheckpoint(dirpath=Path(cfg.output_dir) / "checkpoints", every_n_train_steps=cfg.method.save_every,
-                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
-    return {"max_steps": cfg.method.train_steps, "gradient_clip_val": cfg.method.grad_clip, "logger": loggers,
-            "callbacks": [checkpoints], "enable_checkpointing": True, "log_every_n_steps": 1}
-
-
 def run(cfg: DictConfig) -> dict | None:
     """Run every pending item of `cfg`; returns the summary on rank 0 (None on other ranks)."""
     import lightning as L
 
     from framework.methods import build_method
     from framework.metrics import build_metrics
-    from framework.config import LoRAScaleConfig
+    from framework.methods.draft import fine_tune_then_sample, trainer_options
     from framework.models import load_backbone
-    from framework.models.lora import WEIGHT_NAME as LORA_WEIGHT_NAME
     from framework.models.lora import load_lora
     from framework.prompts import load_prompts
     from framework.rewards import build_reward
@@ -142,19 +125,9 @@ def run(cfg: DictConfig) -> dict | None:
                         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
                         inference_mode=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=cfg.output_dir,
-                        **(draft_trainer_options(cfg) if fine_tune else {"logger": False, "enable_checkpointing": False}))
+                        **(trainer_options(cfg) if fine_tune else {"logger": False, "enable_checkpointing": False}))
     if fine_tune:  # train the adapter, then sample every item with it (base = adapters off, same seed)
-        from framework.methods.draft import DRaFT, train
-
-        adapter = Path(cfg.output_dir) / "adapter"
-        if (adapter / LORA_WEIGHT_NAME).exists():  # trained by an earlier attempt: reuse, do not retrain
-            load_lora(backbone.unet, adapter)
-        else:
-            adapter = train(trainer, DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed,
-                                           Path(cfg.output_dir)))
-        method = build_method(OmegaConf.structured(LoRAScaleConfig(
-            num_steps=cfg.method.num_steps, eta=cfg.method.eta, guidance_scale=cfg.method.guidance_scale,
-            batch_size=cfg.method.batch_size, adapter=str(adapter), alpha=1.0)), reward)
+        method = build_method(fine_tune_then_sample(cfg, trainer, backbone, reward), reward)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
     trainer.predict(module, datamodule=ItemsDataModule(items, store), return_predictions=False)
     trainer.strategy.barrier()

@@ -141,3 +141,40 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
         save_lora(module.backbone.unet, adapter)
     trainer.strategy.barrier()
     return adapter
+
+
+def trainer_options(cfg) -> dict:
+    """Lightning Trainer options of a fine-tuning run: step budget, gradient clipping, resumable checkpoints every
+    `save_every` steps, training curves as CSV (one train/version_<attempt>/ per attempt) and W&B."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = [CSVLogger(cfg.output_dir, name="train")]
+    if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
+        loggers.append(WandbLogger(project=cfg.logger.project, name=f"{Path(cfg.output_dir).name}-train",
+                                   save_dir=cfg.output_dir, offline=cfg.logger.mode == "offline",
+                                   group=cfg.logger.group, tags=list(cfg.logger.tags)))
+    checkpoints = ModelCheckpoint(dirpath=Path(cfg.output_dir) / "checkpoints", every_n_train_steps=cfg.method.save_every,
+                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    return {"max_steps": cfg.method.train_steps, "gradient_clip_val": cfg.method.grad_clip, "logger": loggers,
+            "callbacks": [checkpoints], "enable_checkpointing": True, "log_every_n_steps": 1}
+
+
+def fine_tune_then_sample(cfg, trainer: L.Trainer, backbone, reward):
+    """Train the run's adapter (or reuse it when an earlier attempt finished) and return the config of the method
+    that samples the items with it: LoRA scale 1 on DRaFT's own sampler."""
+    from omegaconf import OmegaConf
+
+    from framework.config import LoRAScaleConfig
+    from framework.models.lora import WEIGHT_NAME, load_lora
+    from framework.prompts import load_prompts
+
+    adapter = Path(cfg.output_dir) / "adapter"
+    if (adapter / WEIGHT_NAME).exists():
+        load_lora(backbone.unet, adapter)
+    else:
+        module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
+        adapter = train(trainer, module)
+    m = cfg.method
+    return OmegaConf.structured(LoRAScaleConfig(num_steps=m.num_steps, eta=m.eta, guidance_scale=m.guidance_scale,
+                                                batch_size=m.batch_size, adapter=str(adapter), alpha=1.0))
