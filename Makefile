@@ -10,7 +10,11 @@ export HF_HUB_OFFLINE ?= 1
 # so 20 steps show a visible change).
 RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 method.lr=0.05 prompts.limit=3
 
-.PHONY: install run test bench clean
+# make reproduce-tables [SCALE=testbed|paper] [EXPERIMENT="mechanism compute_matched"]
+SCALE ?= testbed
+EXPERIMENT ?=
+
+.PHONY: install run test bench reproduce-tables clean
 
 install: $(STAMP)
 
@@ -26,6 +30,9 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+reproduce-tables: install
+	$(PY) -m framework.experiments --scale $(SCALE) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 bench: install
 	$(PY) benchmarks/bench_sampler.py
