@@ -20,7 +20,7 @@ def test_mean_ci_brackets_the_mean_and_collapses_for_constant_values():
 
 def test_shipped_experiments_are_valid():
     names = {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")}
-    assert {"mechanism", "compute_matched"} <= names
+    assert {"mechanism", "compute_matched", "win_rate", "pareto"} <= names
     for name in names:
         spec = load_experiment(EXPERIMENTS_DIR / f"{name}.yaml")
         assert {"testbed", "paper"} <= set(spec["scales"]) and spec["runs"]
@@ -49,3 +49,27 @@ def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/record.json")} == mtimes
     with pytest.raises(FrameworkError, match="has no scale 'paper'"):
         reproduce("smoke", "paper", out, experiments_dir=tmp_path)
+
+
+def test_win_rate_run_level_metrics_and_runs_that_use_an_earlier_run(tmp_path):
+    """A pareto experiment: a DRaFT run, then LoRA scaling on its adapter ({run:...}); win rate against a run."""
+    spec = {"title": "pareto smoke", "kind": "pareto", "versus": "DRaFT",
+            "metrics": ["reward", "win_rate", "sets.final_diversity_vendi"],
+            "pareto": {"x": "sets.final_diversity_vendi", "y": "reward"},
+            "scales": {"tiny": ["model=tiny_sd", "model.resolution=32", "method.num_steps=3", "prompts=inline",
+                                "prompts.prompts=[a cat]", "samples_per_prompt=2", "eval.features=clip",
+                                "eval.clip=tiny", "logger=none"]},
+            "runs": {"DRaFT": ["method=draft", "method.train_steps=2", "method.save_every=2", "method.sample_every=0",
+                               "method.train_batch_size=1", "method.lora_rank=4", "method.lr=0.05"],
+                     "LoRA half": ["method=lora_scale", "method.adapter={run:DRaFT}/adapter", "method.alpha=0.5"]}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    written = reproduce("p", "tiny", tmp_path / "out", experiments_dir=tmp_path)
+    assert written[-1].suffix == ".png" and written[-1].stat().st_size > 0
+    with open(written[0]) as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(rows["DRaFT"]["win_rate_mean"]) == 0.5  # against itself
+    assert 0 <= float(rows["LoRA half"]["win_rate_low"]) <= float(rows["LoRA half"]["win_rate_high"]) <= 1
+    summary = json.loads((tmp_path / "out" / "runs" / "tiny" / "p" / "LoRA_half" / "summary.json").read_text())
+    assert float(rows["LoRA half"]["sets.final_diversity_vendi_mean"]) == pytest.approx(
+        summary["sets"]["final_diversity_vendi"], rel=1e-5)
+    assert rows["LoRA half"]["sets.final_diversity_vendi_low"] == "nan"

@@ -7,10 +7,17 @@ outputs/tables/<scale>/<name>.{csv,md,tex} (run means with bootstrap 95 % interv
 `kind: curve`, <name>.png (mean value against the optimisation step).
 
     title: ...
-    kind: table | curve
-    metrics: [reward, adherence, drift_rmse]     # final values of each item ("reward" is the optimised one)
+    kind: table | curve | pareto
+    metrics: [reward, adherence, drift_rmse]     # see below
     scales: {testbed: [overrides...], paper: [overrides...]}
-    runs: {label: [overrides...], ...}
+    runs: {label: [overrides...], ...}           # "{run:LABEL}" in an override is that run's directory
+    versus: LABEL                                # win_rate: share of items where LABEL's image beats the row's
+    judge: reward                                # ... under the optimised reward or a recorded eval_<name>
+    pareto: {x: sets.final_diversity_vendi, y: reward}   # kind pareto: the scatter to draw
+
+Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...; mean
+and bootstrap interval over items), run-level `sets.<key>` of summary.json (CMMD, diversity, spectral distance; a
+single value) and `win_rate` (bootstrap interval over prompts).
 """
 
 import argparse
@@ -28,7 +35,7 @@ from framework.errors import FrameworkError
 from framework.report import step_curve
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-KINDS = ("table", "curve")
+KINDS = ("table", "curve", "pareto")
 
 
 def load_experiment(path: Path) -> dict:
@@ -75,6 +82,23 @@ def final_values(run_dir: Path, metric: str) -> np.ndarray:
     return np.array([v for v in values if v is not None], dtype=float)
 
 
+def run_metric(metric: str, run_dir: Path, spec: dict, run_dirs: dict[str, Path]) -> tuple[int, tuple]:
+    """(items, (value, low, high)) of one metric of one run; low/high are NaN for single run-level values."""
+    from framework.report import versus
+
+    if metric.startswith("sets."):
+        sets = json.loads((run_dir / "summary.json").read_text()).get("sets", {})
+        value = sets.get(metric.removeprefix("sets."), float("nan"))
+        return 0, (value, float("nan"), float("nan"))
+    if metric == "win_rate":
+        if "versus" not in spec:
+            raise FrameworkError("metric win_rate needs `versus: <run label>` in the experiment")
+        result = versus(run_dirs[spec["versus"]], run_dir, spec.get("judge", "reward"))
+        return result["items"], (result["rate"], result["low"], result["high"])
+    values = final_values(run_dir, metric)
+    return len(values), mean_ci(values)
+
+
 def mean_ci(values: np.ndarray, num_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean and bootstrap 95 % percentile interval over items."""
     if len(values) == 0:
@@ -91,7 +115,7 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path) -
         writer.writerow(["run", "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")])
         for row in rows:
             writer.writerow([row["run"], row["items"]] + [f"{v:.6g}" for m in metrics for v in row[m]])
-    cell = lambda ci: f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
+    cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
     md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over items)", "",
           "| run | items | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     md += [f"| {r['run']} | {r['items']} | " + " | ".join(cell(r[m]) for m in metrics) + " |" for r in rows]
@@ -128,6 +152,30 @@ def draw_curves(run_dirs: dict[str, Path], metrics: list[str], title: str, path:
     plt.close(fig)
 
 
+def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
+    """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG) joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(row["run"].split()[0], []).append(row)
+    for family, members in families.items():
+        ax.plot([r[x][0] for r in members], [r[y][0] for r in members], "o-", label=family)
+        for r in members:
+            ax.annotate(r["run"].removeprefix(family).strip(), (r[x][0], r[y][0]), fontsize=6)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
     path = experiments_dir / f"{name}.yaml"
     if not path.is_file():
@@ -137,19 +185,23 @@ def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIME
     if scale not in spec["scales"]:
         raise FrameworkError(f"experiment {name} has no scale {scale!r}; it has: {', '.join(spec['scales'])}")
     run_dirs = {label: out / "runs" / scale / name / slug(label) for label in spec["runs"]}
-    for label, overrides in spec["runs"].items():
+    for label, overrides in spec["runs"].items():  # in order: a run may use an earlier one's outputs
+        overrides = [re.sub(r"\{run:([^}]+)\}", lambda m: str(run_dirs[m.group(1)].resolve()), o) for o in overrides]
         ensure_run([*spec["scales"][scale], *overrides], run_dirs[label])
     tables = out / "tables" / scale
     tables.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, run_dir in run_dirs.items():
-        values = {m: final_values(run_dir, m) for m in spec["metrics"]}
-        rows.append({"run": label, "items": max(len(v) for v in values.values())} |
-                    {m: mean_ci(v) for m, v in values.items()})
+        measured = {m: run_metric(m, run_dir, spec, run_dirs) for m in spec["metrics"]}
+        rows.append({"run": label, "items": max(n for n, _ in measured.values())} |
+                    {m: ci for m, (_, ci) in measured.items()})
     write_tables(rows, spec["metrics"], spec["title"], tables / name)
     written = [tables / f"{name}.{ext}" for ext in ("csv", "md", "tex")]
     if spec["kind"] == "curve":
         draw_curves(run_dirs, spec["metrics"], spec["title"], tables / f"{name}.png")
+        written.append(tables / f"{name}.png")
+    if spec["kind"] == "pareto":
+        draw_pareto(rows, spec["pareto"]["x"], spec["pareto"]["y"], spec["title"], tables / f"{name}.png")
         written.append(tables / f"{name}.png")
     return written
 
