@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from framework.errors import FrameworkError
-from framework.report import step_curve
+from framework.report import final_value, ok_records, step_curve
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 KINDS = ("table", "curve", "pareto")
@@ -74,11 +74,7 @@ def ensure_run(overrides: list[str], run_dir: Path) -> None:
 
 
 def final_values(run_dir: Path, metric: str) -> np.ndarray:
-    values = []
-    for path in sorted(run_dir.glob("items/*/record.json")):
-        record = json.loads(path.read_text())
-        if record["status"] == "ok":
-            values.append(record["final_reward"] if metric == "reward" else record["metrics"]["final"].get(metric))
+    values = [final_value(record, metric) for record in ok_records(run_dir)]
     return np.array([v for v in values if v is not None], dtype=float)
 
 
@@ -137,8 +133,7 @@ def draw_curves(run_dirs: dict[str, Path], metrics: list[str], title: str, path:
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     for label, run_dir in run_dirs.items():
-        records = [json.loads(p.read_text()) for p in run_dir.glob("items/*/record.json")]
-        num_steps = max((len(r.get("steps", [])) for r in records), default=0)
+        num_steps = max((len(r.get("steps", [])) for r in ok_records(run_dir)), default=0)
         curve = step_curve(run_dir, list(range(num_steps + 1)), metrics)
         for ax, metric in zip(axes[0], metrics):
             ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=label)

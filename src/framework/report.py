@@ -26,13 +26,14 @@ def value_after(record: dict, k: int, key: str) -> float | None:
     return None
 
 
-def _records(run_dir: Path) -> list[dict]:
+def ok_records(run_dir: Path) -> list[dict]:
     records = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("items/*/record.json"))]
     return [r for r in records if r["status"] == "ok"]
 
 
-def _final_value(record: dict, judge: str) -> float:
-    return record["final_reward"] if judge == "reward" else record["metrics"]["final"][judge]
+def final_value(record: dict, key: str) -> float | None:
+    """An item's final value of `key`: the optimised reward ("reward") or a final-image metric (None if absent)."""
+    return record["final_reward"] if key == "reward" else record["metrics"]["final"].get(key)
 
 
 def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
@@ -40,8 +41,8 @@ def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
     from framework.errors import FrameworkError
     from framework.metrics.sets import win_rate
 
-    b = {r["id"]: r for r in _records(run_b)}
-    pairs = [(r, b[r["id"]]) for r in _records(run_a) if r["id"] in b]
+    b = {r["id"]: r for r in ok_records(run_b)}
+    pairs = [(r, b[r["id"]]) for r in ok_records(run_a) if r["id"] in b]
     if not pairs:
         raise FrameworkError(f"{run_a} and {run_b} have no finished item in common")
     for ra, rb in pairs:
@@ -49,13 +50,13 @@ def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
             raise FrameworkError(f"item {ra['id']} differs between the runs (prompt or seed): not comparable")
         if judge != "reward" and (judge not in ra["metrics"]["final"] or judge not in rb["metrics"]["final"]):
             raise FrameworkError(f"item {ra['id']} has no {judge!r} in both runs; run both with eval.rewards=[...]")
-    rate, low, high = win_rate([_final_value(ra, judge) for ra, _ in pairs], [_final_value(rb, judge) for _, rb in pairs],
-                               [ra["prompt_index"] for ra, _ in pairs])
+    rate, low, high = win_rate([final_value(ra, judge) for ra, _ in pairs],
+                               [final_value(rb, judge) for _, rb in pairs], [ra["prompt_index"] for ra, _ in pairs])
     return {"judge": judge, "items": len(pairs), "rate": rate, "low": low, "high": high}
 
 
 def step_curve(run_dir: Path, at: list[int], keys: list[str]) -> list[dict]:
-    records = _records(run_dir)
+    records = ok_records(run_dir)
     rows = []
     for k in at:
         row = {"step": k, "items": 0}
