@@ -1,14 +1,29 @@
-"""Experiments: declared grids run (and resume) through the CLI, then aggregate into CSV/Markdown/LaTeX and figures."""
+"""Experiments: declared grids run (and resume) through the CLI, then aggregate into CSV/Markdown/LaTeX and figures;
+Hydra multirun sweeps with their aggregated table; the paper scale's weight check."""
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from conftest import REPO, run_cli
 from framework.errors import FrameworkError
-from framework.experiments import EXPERIMENTS_DIR, load_experiment, mean_ci, reproduce
+from framework.experiments import EXPERIMENTS_DIR, load_experiment, mean_ci, reproduce, reproduce_all, slug
+from framework.report import step_curve
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+def record_mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in root.glob("runs/**/record.json")}
 
 
 def test_mean_ci_brackets_the_mean_and_collapses_for_constant_values():
@@ -34,19 +49,32 @@ def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_pat
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     out = tmp_path / "out"
     written = reproduce("smoke", "tiny", out, experiments_dir=tmp_path)
-    assert [p.suffix for p in written] == [".csv", ".md", ".tex", ".png"] and all(p.stat().st_size for p in written)
-    with open(written[0]) as f:
-        rows = {r["run"]: r for r in csv.DictReader(f)}
-    dno_dir = out / "runs" / "tiny" / "smoke" / "DNO_gamma_0"
+    assert [p.name for p in written] == ["smoke.csv", "smoke.md", "smoke.tex", "smoke_curves.csv", "smoke.png"]
+    assert all(p.stat().st_size for p in written)
+    rows = read_csv(written[0])
+    [dno_dir] = (out / "runs" / "tiny").glob("DNO_gamma_0-*")
     finals = [json.loads(p.read_text())["final_reward"] for p in dno_dir.glob("items/*/record.json")]
     assert float(rows["DNO γ=0"]["reward_mean"]) == pytest.approx(np.mean(finals), rel=1e-5)
     assert float(rows["DNO γ=0"]["reward_low"]) <= float(rows["DNO γ=0"]["reward_mean"]) <= float(rows["DNO γ=0"]["reward_high"])
     assert float(rows["Base"]["drift_rmse_mean"]) == 0
     assert "| DNO γ=0 | 2 |" in written[1].read_text() and r"$\pm$" in written[2].read_text()
 
-    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/record.json")}
+    with open(written[3]) as f:  # the figure's data: the mean per optimisation step of each run
+        curve = [r for r in csv.DictReader(f) if r["run"] == "DNO γ=0"]
+    expected = step_curve(dno_dir, [0, 1, 2], ["reward"])
+    assert [float(r["reward"]) for r in curve] == pytest.approx([e["reward"] for e in expected], rel=1e-5)
+
+    mtimes = record_mtimes(out)
     reproduce("smoke", "tiny", out, experiments_dir=tmp_path)  # finished runs are reused, not rerun
-    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/record.json")} == mtimes
+    assert record_mtimes(out) == mtimes
+    # Killed mid-run: one item and the summary never written. The rerun finishes that item only, none duplicated.
+    (dno_dir / "items" / "p0001_s000" / "record.json").unlink()
+    (dno_dir / "summary.json").unlink()
+    reproduce("smoke", "tiny", out, experiments_dir=tmp_path)
+    after = record_mtimes(out)
+    assert {p: t for p, t in after.items() if "p0001_s000" not in str(p) or "DNO" not in str(p)} == \
+        {p: t for p, t in mtimes.items() if "p0001_s000" not in str(p) or "DNO" not in str(p)}
+    assert json.loads((dno_dir / "summary.json").read_text())["num_ok"] == 2 and len(list(dno_dir.glob("items/*"))) == 2
     with pytest.raises(FrameworkError, match="has no scale 'paper'"):
         reproduce("smoke", "paper", out, experiments_dir=tmp_path)
 
@@ -65,11 +93,147 @@ def test_win_rate_run_level_metrics_and_runs_that_use_an_earlier_run(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     written = reproduce("p", "tiny", tmp_path / "out", experiments_dir=tmp_path)
     assert written[-1].suffix == ".png" and written[-1].stat().st_size > 0
-    with open(written[0]) as f:
-        rows = {r["run"]: r for r in csv.DictReader(f)}
+    rows = read_csv(written[0])
     assert float(rows["DRaFT"]["win_rate_mean"]) == 0.5  # against itself
     assert 0 <= float(rows["LoRA half"]["win_rate_low"]) <= float(rows["LoRA half"]["win_rate_high"]) <= 1
-    summary = json.loads((tmp_path / "out" / "runs" / "tiny" / "p" / "LoRA_half" / "summary.json").read_text())
+    [lora_dir] = (tmp_path / "out" / "runs" / "tiny").glob("LoRA_half-*")
+    summary = json.loads((lora_dir / "summary.json").read_text())
     assert float(rows["LoRA half"]["sets.final_diversity_vendi_mean"]) == pytest.approx(
         summary["sets"]["final_diversity_vendi"], rel=1e-5)
     assert rows["LoRA half"]["sets.final_diversity_vendi_low"] == "nan"
+
+
+TESTBED = ["model=shapes", "prompts=shapes", "prompts.limit=2", "method.num_steps=3", "method.opt_steps=2",
+           "method.lr=0.05", "logger=none"]
+
+
+def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_shared(tmp_path):
+    """2 methods × 2 β on the testbed: every cell equals its run's summary.json; a second experiment with one
+    identical run (same composed config, other overrides order) reuses its directory instead of running it again."""
+    spec = {"title": "grid", "kind": "table", "metrics": ["reward", "adherence", "drift_rmse", "win_rate"],
+            "versus": "MIRA", "scales": {"testbed": TESTBED},
+            "grid": {"testbed": {"beta": {"β=0.01": ["method.beta=0.01"], "β=1": ["method.beta=1"]}}},
+            "runs": {"MIRA": ["method=mira"], "MIRA-DPO": ["method=mira_dpo", "reward=jpeg"]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    out = tmp_path / "out"
+    rows = read_csv(reproduce("grid", "testbed", out, experiments_dir=tmp_path)[0])
+    assert set(rows) == {"MIRA · β=0.01", "MIRA · β=1", "MIRA-DPO · β=0.01", "MIRA-DPO · β=1"}
+    for name, row in rows.items():
+        [run_dir] = (out / "runs" / "testbed").glob(f"{slug(name)}-*")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert row["beta"] == name.split(" · ")[1] and int(row["items"]) == summary["num_ok"] == 2
+        for metric in ("reward", "adherence", "drift_rmse"):
+            assert float(row[f"{metric}_mean"]) == pytest.approx(summary[f"final_{metric}_mean"], rel=1e-5)
+    assert float(rows["MIRA · β=1"]["win_rate_mean"]) == 0.5  # versus the MIRA run of its own cell
+    assert rows["MIRA-DPO · β=1"]["win_rate_mean"] != "nan"
+
+    mtimes = record_mtimes(out)
+    other = {"title": "other", "kind": "table", "metrics": ["reward"], "scales": {"testbed": ["method.beta=1", *TESTBED]},
+             "runs": {"MIRA again": ["method=mira"]}}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other, allow_unicode=True))
+    assert read_csv(reproduce("other", "testbed", out, experiments_dir=tmp_path)[0])["MIRA again"]["reward_mean"] == \
+        rows["MIRA · β=1"]["reward_mean"]
+    assert record_mtimes(out) == mtimes
+
+
+def test_bad_override_fails_before_any_run(tmp_path):
+    spec = {"title": "bad", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED},
+            "runs": {"MIRA": ["method=mira"], "Typo": ["method=mira", "method.betta=1"]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(FrameworkError, match="experiment bad, run 'Typo': .*betta"):
+        reproduce("bad", "testbed", tmp_path / "out", experiments_dir=tmp_path)
+    assert not (tmp_path / "out" / "runs").exists()  # MIRA was not run either
+
+
+def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "framework.experiments", "--scale", "paper", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: scale paper:") and "nothing was run" in message
+    for weight in ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
+                   "xswu/HPSv2/HPS_v2.1_compressed.pt", "yuvalkirstain/PickScore_v1", "weights/hpdv2/photo.json",
+                   "weights/sac+logos+ava1-l14-linearMSE.pth"):
+        assert f"'{weight}'" in message
+    assert "hf download" in message and "HF_HOME" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_weight_check_finds_local_paths_and_hub_cache_entries(tmp_path):
+    """`unavailable` against an independent layout: a Hugging Face cache entry written by hand, local paths."""
+    from huggingface_hub import constants
+
+    from framework.weights import unavailable
+
+    repo = tmp_path / "absent"
+    assert unavailable("pretrained", str(repo)) == "not found" and unavailable("file", str(repo / "w.pt")) == "not found"
+    repo.mkdir()
+    (repo / "w.pt").write_bytes(b"x")
+    assert unavailable("pretrained", str(repo)) is None and unavailable("file", str(repo / "w.pt")) is None
+
+    cached = Path(constants.HF_HUB_CACHE) / "models--framework-test--cached"
+    assert unavailable("pretrained", "framework-test/cached") == "not in the Hugging Face cache"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("a" * 40)
+    (cached / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (cached / "snapshots" / ("a" * 40) / "model.pt").write_bytes(b"x")
+    assert unavailable("pretrained", "framework-test/cached") is None
+    assert unavailable("file", "framework-test/cached/model.pt") is None
+    assert unavailable("file", "framework-test/cached/other.pt") == "not in the Hugging Face cache"
+
+    spec = {"title": "local", "kind": "table", "metrics": ["reward"], "runs": {"Base": ["method=base"]},
+            "scales": {"paper": ["model=sd15", f"model.source={tmp_path}/sd15", "reward=brightness", "logger=none",
+                                 "eval.features=none"]}}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(FrameworkError, match=f"'{tmp_path}/sd15' \\(model.source\\): not found; needed by local"):
+        reproduce_all(["local"], "paper", tmp_path / "out", experiments_dir=tmp_path)
+
+
+def test_multirun_sweep_gives_one_run_per_value_and_one_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("--multirun", "method=mira", "method.beta=0.01,0.1,1", *TESTBED, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(d for d in sweep.iterdir() if (d / "summary.json").exists())
+    assert [d.name for d in jobs] == ["0", "1", "2"]
+    rows = read_csv(sweep / "table.csv")
+    assert list(rows) == ["method.beta=0.01", "method.beta=0.1", "method.beta=1"]
+    for job, row in zip(jobs, rows.values()):
+        summary = json.loads((job / "summary.json").read_text())
+        assert float(row["reward_mean"]) == pytest.approx(summary["final_reward_mean"], rel=1e-5)
+        assert float(row["evals_mean"]) == summary["evals_mean"]
+    assert "| method.beta=1 | 2 |" in (sweep / "table.md").read_text() and f"sweep table: {sweep}" in result.stdout
+
+
+def test_slurm_launcher_config_and_the_submitit_job_path(tmp_path):
+    """hydra/launcher=slurm composes with its documented fields; the same submitit launcher with its local executor
+    runs a sweep end to end (pickled jobs in other processes) and writes the sweep table."""
+    shown = run_cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert shown.returncode == 0, shown.stderr
+    launcher = yaml.safe_load(shown.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
+    assert launcher["max_num_timeout"] > 0 and launcher["gpus_per_node"] == 1
+
+    sweep = tmp_path / "sweep"
+    result = run_cli("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "method=base",
+                     "model=tiny_sd", "model.resolution=32", "method.num_steps=2", "prompts=inline",
+                     "prompts.prompts=[a cat]", "logger=none", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(sweep / "table.csv")
+    assert list(rows) == ["seed=0", "seed=1"] and rows["seed=0"]["reward_mean"] != rows["seed=1"]["reward_mean"]
+
+
+def test_multirun_jobs_are_one_wandb_group():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from framework.tracking import _group
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", ["hydra.sweep.dir=/tmp/sweeps/beta_grid", "hydra.mode=MULTIRUN"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert _group(cfg) == "beta_grid"
+        cfg.logger.group = "mine"
+        assert _group(cfg) == "mine"
+    finally:
+        HydraConfig.instance().cfg = None

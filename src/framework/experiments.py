@@ -1,41 +1,52 @@
 """`python -m framework.experiments [--scale testbed|paper] [--experiment NAME ...]` (`make reproduce-tables`).
 
 An experiment is a YAML file in experiments/: named runs (lists of `framework.run` overrides), overrides shared by
-every run at each scale, and how to aggregate. Runs that are missing or unfinished are run (each run directory
-resumes: finished items are kept); then every experiment is aggregated from the run directories into
-outputs/tables/<scale>/<name>.{csv,md,tex} (run means with bootstrap 95 % intervals over items) and, for
-`kind: curve`, <name>.png (mean value against the optimisation step).
+every run at each scale, an optional grid per scale (every run in every cell), and how to aggregate. Before anything
+runs, every run's config is composed and its weights are checked, so a bad override or a missing weight fails at
+once with one message listing them all. Then runs that are missing or unfinished are run (each run directory
+resumes: finished items are kept; a run is identified by its configuration, so experiments share identical runs),
+and every experiment is aggregated into outputs/tables/<scale>/<name>.{csv,md,tex} (run means with bootstrap 95 %
+intervals over items) and, for `kind: curve` or `pareto`, <name>.png with its data as CSV beside it.
 
     title: ...
     kind: table | curve | pareto
     metrics: [reward, adherence, drift_rmse]     # see below
     scales: {testbed: [overrides...], paper: [overrides...]}
-    runs: {label: [overrides...], ...}           # "{run:LABEL}" in an override is that run's directory
+    grid: {paper: {model: {SD1.5: [model=sd15], SDXL: [model=sdxl]}, reward: {...}}}   # optional, per scale
+    runs: {label: [overrides...], ...}           # "{run:LABEL}" in an override is that run's directory (same cell)
     versus: LABEL                                # win_rate: share of items where LABEL's image beats the row's
     judge: reward                                # ... under the optimised reward or a recorded eval_<name>
     pareto: {x: sets.final_diversity_vendi, y: reward}   # kind pareto: the scatter to draw
+    curves: [reward, drift_rmse, r_mira]         # kind curve: per-step keys to plot (default: the item metrics)
 
-Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...; mean
-and bootstrap interval over items), run-level `sets.<key>` of summary.json (CMMD, diversity, spectral distance; a
-single value) and `win_rate` (bootstrap interval over prompts).
+Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...,
+and compute: `evals`, `seconds`; mean and bootstrap interval over items), `last.<key>` (the value at the last
+optimisation step, e.g. `last.r_mira`), run-level `sets.<key>` of summary.json (CMMD, diversity, spectral distance;
+a single value) and `win_rate` (bootstrap interval over prompts).
 """
 
 import argparse
 import csv
+import hashlib
 import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from framework.errors import FrameworkError
 from framework.report import final_value, ok_records, step_curve
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 KINDS = ("table", "curve", "pareto")
+RUN_REF = re.compile(r"\{run:([^}]+)\}")
 
 
 def load_experiment(path: Path) -> dict:
@@ -58,40 +69,121 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
-def ensure_run(overrides: list[str], run_dir: Path) -> None:
+IDENTITY_EXCLUDES = ("logger", "trainer", "output_dir")  # how and where a run is logged or executed, not what it is
+
+
+@dataclass
+class Run:
+    label: str  # the run's label in the experiment
+    cell: dict[str, str]  # grid axis -> option label ({} without a grid)
+    overrides: list[str]  # scale, cell and run overrides, {run:LABEL} references resolved to directories
+    ident: str  # hash of the composed configuration (without IDENTITY_EXCLUDES)
+    dir: Path
+    cfg: Any = None  # the composed config (DictConfig)
+
+    @property
+    def name(self) -> str:
+        return " · ".join([self.label, *self.cell.values()])
+
+
+def compose_run(overrides: list[str], where: str):
+    """The config `framework.run` would get from these overrides; a bad override is one clear error here."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.config import check_known_keys
+
+    try:
+        cfg = compose("config", overrides=overrides)
+        check_known_keys(cfg)
+        identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in IDENTITY_EXCLUDES]),
+                                          resolve=True)
+    except (HydraException, OmegaConfBaseException, FrameworkError) as e:
+        raise FrameworkError(f"{where}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    return cfg, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan(spec: dict, scale: str, runs_root: Path, experiment: str) -> list[Run]:
+    """Every run of the experiment at `scale`: each run label in each grid cell, composed. A run's directory is
+    named by its label and configuration hash; an existing directory of the same configuration (e.g. made by another
+    experiment) is reused."""
+    from hydra import initialize_config_dir
+
+    from framework.config import CONF_DIR
+
+    cells: list[dict] = [{}]
+    for axis, options in (spec.get("grid") or {}).get(scale, {}).items():
+        cells = [cell | {axis: (option, overrides)} for cell in cells for option, overrides in options.items()]
+    runs = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for cell in cells:
+            done: dict[str, Run] = {}
+            for label, overrides in spec["runs"].items():  # in order: a run may use an earlier one's outputs
+                where = f"experiment {experiment}, run {label!r}"
+
+                def directory(match):
+                    if match.group(1) not in done:
+                        raise FrameworkError(f"{where}: {match.group(0)} must name an earlier run")
+                    return str(done[match.group(1)].dir.resolve())
+
+                full = [RUN_REF.sub(directory, o) for o in
+                        [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra), *overrides]]
+                cfg, ident = compose_run(full, where)
+                run = Run(label, {axis: option for axis, (option, _) in cell.items()}, full, ident, Path(), cfg)
+                existing = sorted(runs_root.glob(f"*-{ident}"))
+                run.dir = existing[0] if existing else runs_root / f"{slug(run.name)}-{ident}"
+                done[label] = run
+            runs += done.values()
+    return runs
+
+
+def missing_weights(runs: list[Run]) -> set[tuple[str, str, str]]:
+    from framework.weights import missing_weights
+
+    return {need for run in runs for need in missing_weights(run.cfg)}
+
+
+def ensure_run(run: Run, group: str) -> None:
     """Run (or resume) one configuration; a run whose summary reports every item finished is left alone."""
-    summary = run_dir / "summary.json"
+    summary = run.dir / "summary.json"
     if summary.exists():
         counts = json.loads(summary.read_text())
         if counts["num_ok"] == counts["num_items"]:
             return
-    print(f"running {run_dir}: {' '.join(overrides)}", flush=True)
-    result = subprocess.run([sys.executable, "-m", "framework.run", *overrides, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    print(f"running {run.name} in {run.dir}", flush=True)
+    command = [sys.executable, "-m", "framework.run", *run.overrides, f"logger.group={group}", f"hydra.run.dir={run.dir}"]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
-        raise FrameworkError(f"run {run_dir} failed: {' / '.join(lines[-2:])}")
+        raise FrameworkError(f"run {run.dir} failed: {' / '.join(lines[-2:])}")
 
 
 def final_values(run_dir: Path, metric: str) -> np.ndarray:
-    values = [final_value(record, metric) for record in ok_records(run_dir)]
+    """Per-item values: the final image's (`reward`, `drift_rmse`, `evals`, ...) or, for `last.<key>`, the value at
+    the last optimisation step (e.g. `last.r_mira`, recorded along the trajectory only)."""
+    if metric.startswith("last."):
+        values = [(r.get("steps") or [{}])[-1].get(metric.removeprefix("last.")) for r in ok_records(run_dir)]
+    else:
+        values = [final_value(record, metric) for record in ok_records(run_dir)]
     return np.array([v for v in values if v is not None], dtype=float)
 
 
-def run_metric(metric: str, run_dir: Path, spec: dict, run_dirs: dict[str, Path]) -> tuple[int, tuple]:
+def run_metric(metric: str, run: Run, spec: dict, runs: list[Run]) -> tuple[int, tuple]:
     """(items, (value, low, high)) of one metric of one run; low/high are NaN for single run-level values."""
     from framework.report import versus
 
     if metric.startswith("sets."):
-        sets = json.loads((run_dir / "summary.json").read_text()).get("sets", {})
+        sets = json.loads((run.dir / "summary.json").read_text()).get("sets", {})
         value = sets.get(metric.removeprefix("sets."), float("nan"))
         return 0, (value, float("nan"), float("nan"))
     if metric == "win_rate":
         if "versus" not in spec:
             raise FrameworkError("metric win_rate needs `versus: <run label>` in the experiment")
-        result = versus(run_dirs[spec["versus"]], run_dir, spec.get("judge", "reward"))
+        other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)
+        result = versus(other.dir, run.dir, spec.get("judge", "reward"))
         return result["items"], (result["rate"], result["low"], result["high"])
-    values = final_values(run_dir, metric)
+    values = final_values(run.dir, metric)
     return len(values), mean_ci(values)
 
 
@@ -104,13 +196,14 @@ def mean_ci(values: np.ndarray, num_bootstrap: int = 2000, seed: int = 0) -> tup
     return float(values.mean()), float(low), float(high)
 
 
-def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path) -> None:
-    """CSV (mean, low, high per metric), Markdown and LaTeX (mean ± half-width of the interval)."""
+def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, axes: tuple[str, ...] = ()) -> None:
+    """CSV (grid axes, mean, low, high per metric), Markdown and LaTeX (mean ± half-width of the interval)."""
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")])
+        writer.writerow(["run", *axes, "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")])
         for row in rows:
-            writer.writerow([row["run"], row["items"]] + [f"{v:.6g}" for m in metrics for v in row[m]])
+            writer.writerow([row["run"], *(row[a] for a in axes), row["items"]]
+                            + [f"{v:.6g}" for m in metrics for v in row[m]])
     cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
     md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over items)", "",
           "| run | items | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
@@ -125,18 +218,30 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path) -
     stem.with_suffix(".tex").write_text("\n".join(lines) + "\n")
 
 
-def draw_curves(run_dirs: dict[str, Path], metrics: list[str], title: str, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_curves(runs: list[Run], metrics: list[str], title: str, path: Path) -> Path:
+    """Mean of each metric over items against the optimisation step, one line per run; the plotted values go to
+    <path stem>_curves.csv."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
-    for label, run_dir in run_dirs.items():
-        num_steps = max((len(r.get("steps", [])) for r in ok_records(run_dir)), default=0)
-        curve = step_curve(run_dir, list(range(num_steps + 1)), metrics)
-        for ax, metric in zip(axes[0], metrics):
-            ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=label)
+    data = path.with_name(f"{path.stem}_curves.csv")
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "items", *metrics])
+        for run in runs:
+            num_steps = max((len(r.get("steps", [])) for r in ok_records(run.dir)), default=0)
+            curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
+            writer.writerows([run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)] for row in curve)
+            for ax, metric in zip(axes[0], metrics):
+                ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=run.name)
     for ax, metric in zip(axes[0], metrics):
         ax.set_xlabel("optimisation step")
         ax.set_title(metric)
@@ -145,23 +250,21 @@ def draw_curves(run_dirs: dict[str, Path], metrics: list[str], title: str, path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return data
 
 
 def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
-    """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG) joined by a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG, in one grid cell)
+    joined by a line. The plotted values are the table's CSV."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     families: dict[str, list[dict]] = {}
     for row in rows:
-        families.setdefault(row["run"].split()[0], []).append(row)
+        families.setdefault(row["run"].replace(row["label"], row["label"].split()[0]), []).append(row)
     for family, members in families.items():
         ax.plot([r[x][0] for r in members], [r[y][0] for r in members], "o-", label=family)
         for r in members:
-            ax.annotate(r["run"].removeprefix(family).strip(), (r[x][0], r[y][0]), fontsize=6)
+            ax.annotate(" ".join(r["label"].split()[1:]), (r[x][0], r[y][0]), fontsize=6)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.legend(fontsize=7)
@@ -171,7 +274,7 @@ def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> Non
     plt.close(fig)
 
 
-def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
+def prepare(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> tuple[dict, list[Run]]:
     path = experiments_dir / f"{name}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in experiments_dir.glob("*.yaml"))
@@ -179,26 +282,79 @@ def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIME
     spec = load_experiment(path)
     if scale not in spec["scales"]:
         raise FrameworkError(f"experiment {name} has no scale {scale!r}; it has: {', '.join(spec['scales'])}")
-    run_dirs = {label: out / "runs" / scale / name / slug(label) for label in spec["runs"]}
-    for label, overrides in spec["runs"].items():  # in order: a run may use an earlier one's outputs
-        overrides = [re.sub(r"\{run:([^}]+)\}", lambda m: str(run_dirs[m.group(1)].resolve()), o) for o in overrides]
-        ensure_run([*spec["scales"][scale], *overrides], run_dirs[label])
-    tables = out / "tables" / scale
+    return spec, plan(spec, scale, out / "runs" / scale, name)
+
+
+def aggregate(name: str, spec: dict, runs: list[Run], tables: Path) -> list[Path]:
     tables.mkdir(parents=True, exist_ok=True)
+    axes = tuple(runs[0].cell)
     rows = []
-    for label, run_dir in run_dirs.items():
-        measured = {m: run_metric(m, run_dir, spec, run_dirs) for m in spec["metrics"]}
-        rows.append({"run": label, "items": max(n for n, _ in measured.values())} |
-                    {m: ci for m, (_, ci) in measured.items()})
-    write_tables(rows, spec["metrics"], spec["title"], tables / name)
+    for run in runs:
+        measured = {m: run_metric(m, run, spec, runs) for m in spec["metrics"]}
+        rows.append({"run": run.name, "label": run.label, **run.cell, "items": max(n for n, _ in measured.values())}
+                    | {m: ci for m, (_, ci) in measured.items()})
+    write_tables(rows, spec["metrics"], spec["title"], tables / name, axes)
     written = [tables / f"{name}.{ext}" for ext in ("csv", "md", "tex")]
     if spec["kind"] == "curve":
-        draw_curves(run_dirs, spec["metrics"], spec["title"], tables / f"{name}.png")
-        written.append(tables / f"{name}.png")
+        curves = spec.get("curves") or [m for m in spec["metrics"] if not m.startswith(("sets.", "last.", "win_rate"))]
+        written.append(draw_curves(runs, curves, spec["title"], tables / f"{name}.png"))
     if spec["kind"] == "pareto":
         draw_pareto(rows, spec["pareto"]["x"], spec["pareto"]["y"], spec["title"], tables / f"{name}.png")
+    if spec["kind"] != "table":
         written.append(tables / f"{name}.png")
     return written
+
+
+def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
+    """Check every experiment first (configs compose, weights present), then run what is missing and aggregate."""
+    planned = {name: prepare(name, scale, out, experiments_dir) for name in names}
+    missing: dict[tuple[str, str], tuple[set, set]] = {}  # (value, why) -> (config keys, experiments)
+    for name, (_, runs) in planned.items():
+        for key, spec, why in missing_weights(runs):
+            keys, names = missing.setdefault((spec, why), (set(), set()))
+            keys.add(key)
+            names.add(name)
+    if missing:
+        lines = [f"  - {spec!r} ({'; '.join(sorted(keys))}): {why}; needed by {', '.join(sorted(names))}"
+                 for (spec, why), (keys, names) in sorted(missing.items())]
+        raise FrameworkError(
+            f"scale {scale}: {len(missing)} weight(s) or prompt file(s) are missing; nothing was run:\n"
+            + "\n".join(lines) + "\nProvide them: for a hub id, run `hf download <id>` (a file: `hf download <owner/repo> "
+            "<file>`) on a machine with network access and copy the Hugging Face cache (HF_HOME) here; or put local "
+            f"files and directories at the paths shown, or point the keys at them in the `scales: {scale}` overrides "
+            "of experiments/<name>.yaml (e.g. model.source=/data/sd15).")
+    written = []
+    for name, (spec, runs) in planned.items():
+        for run in runs:
+            ensure_run(run, group=f"{name}-{scale}")
+        written += aggregate(name, spec, runs, out / "tables" / scale)
+    return written
+
+
+def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
+    return reproduce_all([name], scale, out, experiments_dir)
+
+
+class SweepTable(Callback):
+    """Hydra callback (conf/config.yaml): after `--multirun`, one table of every job of the sweep directory, rows
+    labelled by the overrides that differ between jobs: <sweep dir>/table.{csv,md,tex}."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted((d for d in sweep_dir.iterdir() if (d / "summary.json").is_file()),
+                      key=lambda d: (len(d.name), d.name))
+        if not jobs:
+            return
+        overrides = {d: yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or [] for d in jobs}
+        shared = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
+        runs = [Run(" ".join(o for o in overrides[d] if o not in shared) or d.name, {}, overrides[d], "", d)
+                for d in jobs]
+        metrics = ["reward", "drift_rmse", "evals", "seconds"]
+        if any(final_value(r, "adherence") is not None for r in ok_records(jobs[0])):
+            metrics.insert(1, "adherence")
+        spec = {"title": f"sweep {sweep_dir}", "kind": "table", "metrics": metrics}
+        written = aggregate("table", spec, runs, sweep_dir)
+        print("\n" + written[1].read_text() + f"\nsweep table: {', '.join(map(str, written))}")
 
 
 def main() -> None:
@@ -209,11 +365,14 @@ def main() -> None:
     args = parser.parse_args()
     names = args.experiment or sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
     try:
-        for name in names:
-            for path in reproduce(name, args.scale, args.out):
-                print(f"{name}: {path}")
+        written = reproduce_all(names, args.scale, args.out)
     except FrameworkError as e:
         raise SystemExit(f"error: {e}") from None
+    for path in written:
+        if path.suffix == ".md":
+            print("\n" + path.read_text(), end="")
+    print("\n".join(["", f"runs:   {args.out / 'runs' / args.scale}/<run>-<config hash>/", "tables and figures:"]
+                    + [f"  {path}" for path in written]))
 
 
 if __name__ == "__main__":

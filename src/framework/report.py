@@ -32,8 +32,11 @@ def ok_records(run_dir: Path) -> list[dict]:
 
 
 def final_value(record: dict, key: str) -> float | None:
-    """An item's final value of `key`: the optimised reward ("reward") or a final-image metric (None if absent)."""
-    return record["final_reward"] if key == "reward" else record["metrics"]["final"].get(key)
+    """An item's final value of `key`: the optimised reward ("reward"), a final-image metric, or a compute figure
+    (`evals`, `seconds`, `peak_memory_mb`); None if absent."""
+    if key == "reward":
+        return record["final_reward"]
+    return record["metrics"]["final"].get(key, record.get("compute", {}).get(key))
 
 
 def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:

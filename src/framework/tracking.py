@@ -22,6 +22,21 @@ def _log_step_curves(run, run_dir: Path) -> None:
         run.log({f"per_step/{k}": row[k] for k in keys if row[k] == row[k]}, step=row["step"])  # skip NaN
 
 
+def _group(cfg) -> str | None:
+    """`logger.group`, or for a job of a `--multirun` sweep the sweep directory's name: the jobs of one sweep are
+    one W&B group."""
+    if cfg.logger.group:
+        return cfg.logger.group
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed without Hydra's runtime (tests, the API)
+        return None
+    return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
 def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
     if cfg.logger.name == "none" or cfg.logger.mode == "disabled":
         return None
@@ -29,7 +44,7 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
 
     run_dir = Path(summary["run_dir"])
     run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(run_dir), name=name,
-                     group=cfg.logger.group, tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
+                     group=_group(cfg), tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
                      settings=wandb.Settings(silent=True))
     _log_step_curves(run, run_dir)
     table = wandb.Table(columns=["item", "prompt", "seed", "status", "base", "final", "base_reward", "final_reward"])

@@ -6,7 +6,7 @@ missing, under which config key, and how to provide it.
 
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from framework.errors import FrameworkError
@@ -38,17 +38,62 @@ def resolve_file(spec: str, *, key: str) -> Path:
         raise FrameworkError(f"{key}: weight file '{filename}' of '{repo_id}' is not available offline; {how}") from e
 
 
+def _missing_directory(source: str, key: str) -> FrameworkError:
+    return FrameworkError(f"{key}: directory '{source}' not found; set {key} to a directory saved with "
+                          "save_pretrained or to a hub id")
+
+
+def _not_cached(source: str, key: str) -> FrameworkError:
+    how = _HOW_TO_PROVIDE.format(ref=source, key=key)
+    return FrameworkError(f"{key}: weights for '{source}' are not in the local Hugging Face cache; {how}")
+
+
 def load_pretrained(loader, source: str, *, key: str, **kwargs):
     """`loader.from_pretrained(source)` with errors turned into one actionable line."""
     path = Path(source).expanduser()
     if _looks_local(source) and not path.is_dir():
-        raise FrameworkError(f"{key}: directory '{source}' not found; set {key} to a directory saved with "
-                             "save_pretrained or to a hub id")
+        raise _missing_directory(source, key)
     try:
         return loader.from_pretrained(str(path) if path.is_dir() else source, **kwargs)
     except (OSError, ValueError, HfHubHTTPError) as e:
         if path.is_dir():
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FrameworkError(f"{key}: cannot load '{source}': {first_line}") from e
-        how = _HOW_TO_PROVIDE.format(ref=source, key=key)
-        raise FrameworkError(f"{key}: weights for '{source}' are not in the local Hugging Face cache; {how}") from e
+        raise _not_cached(source, key) from e
+
+
+def unavailable(kind: str, spec: str, revision: str | None = None) -> str | None:
+    """Why a weight ("file", or "pretrained": a save_pretrained directory or hub id) is not on this machine, or None
+    if it is; never downloads (experiments check every run's weights this way before running any)."""
+    path = Path(spec).expanduser()
+    if _looks_local(spec) or (kind == "file" and len(spec.split("/")) < 3):
+        return None if (path.is_file() if kind == "file" else path.is_dir()) else "not found"
+    try:
+        if kind == "file":
+            parts = spec.split("/")
+            hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), local_files_only=True)
+        else:
+            snapshot_download(spec, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return "not in the Hugging Face cache"
+    return None
+
+
+def missing_weights(cfg) -> list[tuple[str, str, str]]:
+    """(config key, value, why) of every weight or prompt file that run config `cfg` needs and this machine lacks."""
+    from framework.metrics import resolve_features
+    from framework.rewards import named_reward_config, required_weights
+
+    needs = []  # (kind, spec, key, revision)
+    if not cfg.model.tiny and cfg.model.source:
+        needs.append(("pretrained", cfg.model.source, "model.source", cfg.model.revision))
+    needs += [(kind, spec, key, None) for kind, spec, key in required_weights(cfg.reward, "reward")]
+    for name in cfg.eval.rewards:
+        needs += [(kind, spec, f"{key} of reward={name} (eval.rewards)", None)
+                  for kind, spec, key in required_weights(named_reward_config(name), "reward")]
+    if resolve_features(cfg.eval, cfg.model) == "clip" and cfg.eval.clip != "tiny":
+        needs.append(("pretrained", cfg.eval.clip, "eval.clip", None))
+    missing = [(key, spec, why) for kind, spec, key, revision in needs if (why := unavailable(kind, spec, revision))]
+    if cfg.prompts.name == "file" and not Path(cfg.prompts.path or "").expanduser().is_file():
+        missing.append(("prompts.path", cfg.prompts.path or "", "not found"))
+    return missing

@@ -88,17 +88,25 @@ class ImageMetrics(nn.Module):
         return out
 
 
-def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
-    """The metrics `eval` asks for. `features=auto`: the judge on the testbed, CLIP on real models, none on tiny
-    random models (whose images carry no meaning)."""
-    from framework.config import RewardConfig, choose
-    from framework.errors import FrameworkError
-    from framework.rewards import build_reward, load_named_reward
-    from framework.testbed.judge import load_judge
+def resolve_features(eval_cfg, model_cfg) -> str:
+    """`eval.features`, with auto meaning the judge on the testbed, CLIP on real models and none on tiny random
+    models (whose images carry no meaning)."""
+    from framework.config import choose
 
     features = choose(eval_cfg.features, ("auto", "clip", "judge", "none"), "eval.features")
     if features == "auto":
         features = "judge" if eval_cfg.adherence else "none" if model_cfg.tiny else "clip"
+    return features
+
+
+def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
+    """The metrics `eval` asks for."""
+    from framework.config import RewardConfig
+    from framework.errors import FrameworkError
+    from framework.rewards import build_reward, load_named_reward
+    from framework.testbed.judge import load_judge
+
+    features = resolve_features(eval_cfg, model_cfg)
     judge = load_judge() if eval_cfg.adherence or features == "judge" else None
     clip = None
     if features == "clip":  # CLIP embeddings, and CLIPScore adherence from the same model

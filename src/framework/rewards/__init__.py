@@ -63,13 +63,17 @@ def _clip_similarity(scale):
     return build
 
 
+def _hps_checkpoint(cfg: RewardConfig) -> str:
+    version = choose(cfg.version, ("v2.0", "v2.1"), "reward.version")
+    return cfg.checkpoint or f"xswu/HPSv2/HPS_{version}_compressed.pt"
+
+
 def _hps(cfg: RewardConfig, dtype) -> Reward:
     from framework.rewards.hps import TINY_ARCH, load_hps
 
     if cfg.tiny:
         return load_hps(TINY_ARCH, None, dtype)
-    version = choose(cfg.version, ("v2.0", "v2.1"), "reward.version")
-    path = _weight_file(cfg, default=f"xswu/HPSv2/HPS_{version}_compressed.pt")
+    path = _weight_file(cfg, default=_hps_checkpoint(cfg))
     return _load_checkpoint(path, lambda p: load_hps(cfg.arch or "ViT-H-14", p, dtype))
 
 
@@ -107,8 +111,23 @@ def build_reward(cfg: RewardConfig) -> Reward:
     return reward.requires_grad_(False).eval()
 
 
-def load_named_reward(name: str) -> Reward:
-    """The reward of conf/reward/<name>.yaml (e.g. a held-out evaluation reward), validated like `reward=<name>`."""
+def required_weights(cfg: RewardConfig, prefix: str) -> list[tuple[str, str, str]]:
+    """(kind, spec, config key) of every weight `build_reward(cfg)` reads: kind "file" (a weight file) or
+    "pretrained" (a save_pretrained directory or hub id)."""
+    if cfg.tiny:
+        return []
+    pretrained = [("pretrained", cfg.source, f"{prefix}.source")] if cfg.source else []
+    if cfg.name == "aesthetic":
+        return [("file", cfg.checkpoint or "", f"{prefix}.checkpoint"), *pretrained]
+    if cfg.name == "hps":
+        return [("file", _hps_checkpoint(cfg), f"{prefix}.checkpoint")]
+    if cfg.name in ("pickscore", "clipscore"):
+        return pretrained + ([("pretrained", cfg.processor, f"{prefix}.processor")] if cfg.processor else [])
+    return []
+
+
+def named_reward_config(name: str) -> RewardConfig:
+    """The config of conf/reward/<name>.yaml (e.g. a held-out evaluation reward), validated like `reward=<name>`."""
     from omegaconf import OmegaConf
 
     from framework.config import CONF_DIR
@@ -117,8 +136,11 @@ def load_named_reward(name: str) -> Reward:
     if not path.is_file():
         options = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FrameworkError(f"eval.rewards: no reward config {name!r}; choose from: {', '.join(options)}")
-    cfg = OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path)))
+
+
+def load_named_reward(name: str) -> Reward:
     try:
-        return build_reward(OmegaConf.to_object(cfg))
+        return build_reward(named_reward_config(name))
     except FrameworkError as e:
-        raise FrameworkError(f"eval.rewards={name} ({path}): {e}") from None
+        raise FrameworkError(f"eval.rewards={name} (conf/reward/{name}.yaml): {e}") from None
