@@ -226,14 +226,14 @@ def test_multirun_jobs_are_one_wandb_group():
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from framework.tracking import _group
+    from framework.tracking import wandb_group
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", ["hydra.sweep.dir=/tmp/sweeps/beta_grid", "hydra.mode=MULTIRUN"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:
-        assert _group(cfg) == "beta_grid"
+        assert wandb_group(cfg) == "beta_grid"
         cfg.logger.group = "mine"
-        assert _group(cfg) == "mine"
+        assert wandb_group(cfg) == "mine"
     finally:
         HydraConfig.instance().cfg = None

@@ -205,7 +205,8 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
             writer.writerow([row["run"], *(row[a] for a in axes), row["items"]]
                             + [f"{v:.6g}" for m in metrics for v in row[m]])
     cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
-    md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over items)", "",
+    over = "items" + ("; win_rate: over prompts" if "win_rate" in metrics else "")
+    md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over {over})", "",
           "| run | items | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     md += [f"| {r['run']} | {r['items']} | " + " | ".join(cell(r[m]) for m in metrics) + " |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -22,7 +22,7 @@ def _log_step_curves(run, run_dir: Path) -> None:
         run.log({f"per_step/{k}": row[k] for k in keys if row[k] == row[k]}, step=row["step"])  # skip NaN
 
 
-def _group(cfg) -> str | None:
+def wandb_group(cfg) -> str | None:
     """`logger.group`, or for a job of a `--multirun` sweep the sweep directory's name: the jobs of one sweep are
     one W&B group."""
     if cfg.logger.group:
@@ -44,7 +44,7 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
 
     run_dir = Path(summary["run_dir"])
     run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(run_dir), name=name,
-                     group=_group(cfg), tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
+                     group=wandb_group(cfg), tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
                      settings=wandb.Settings(silent=True))
     _log_step_curves(run, run_dir)
     table = wandb.Table(columns=["item", "prompt", "seed", "status", "base", "final", "base_reward", "final_reward"])
