@@ -108,16 +108,21 @@ TESTBED = ["model=shapes", "prompts=shapes", "prompts.limit=2", "method.num_step
 
 
 def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_shared(tmp_path):
-    """2 methods × 2 β on the testbed: every cell equals its run's summary.json; a second experiment with one
-    identical run (same composed config, other overrides order) reuses its directory instead of running it again."""
+    """2 methods × 2 β on the testbed: every cell equals its run's summary.json. A second experiment in the same call
+    declaring one identical run (same composed config, other override order) shares its directory: it runs once."""
     spec = {"title": "grid", "kind": "table", "metrics": ["reward", "adherence", "drift_rmse", "win_rate"],
             "versus": "MIRA", "scales": {"testbed": TESTBED},
             "grid": {"testbed": {"beta": {"β=0.01": ["method.beta=0.01"], "β=1": ["method.beta=1"]}}},
             "runs": {"MIRA": ["method=mira"], "MIRA-DPO": ["method=mira_dpo", "reward=jpeg"]}}
+    other = {"title": "other", "kind": "table", "metrics": ["reward"], "scales": {"testbed": ["method.beta=1", *TESTBED]},
+             "runs": {"MIRA again": ["method=mira"]}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other, allow_unicode=True))
     out = tmp_path / "out"
-    rows = read_csv(reproduce("grid", "testbed", out, experiments_dir=tmp_path)[0])
+    written = reproduce_all(["grid", "other"], "testbed", out, experiments_dir=tmp_path)
+    rows = read_csv(written[0])
     assert set(rows) == {"MIRA · β=0.01", "MIRA · β=1", "MIRA-DPO · β=0.01", "MIRA-DPO · β=1"}
+    assert len(list((out / "runs" / "testbed").iterdir())) == 4  # "MIRA again" is "MIRA · β=1"
     for name, row in rows.items():
         [run_dir] = (out / "runs" / "testbed").glob(f"{slug(name)}-*")
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -126,14 +131,7 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
             assert float(row[f"{metric}_mean"]) == pytest.approx(summary[f"final_{metric}_mean"], rel=1e-5)
     assert float(rows["MIRA · β=1"]["win_rate_mean"]) == 0.5  # versus the MIRA run of its own cell
     assert rows["MIRA-DPO · β=1"]["win_rate_mean"] != "nan"
-
-    mtimes = record_mtimes(out)
-    other = {"title": "other", "kind": "table", "metrics": ["reward"], "scales": {"testbed": ["method.beta=1", *TESTBED]},
-             "runs": {"MIRA again": ["method=mira"]}}
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other, allow_unicode=True))
-    assert read_csv(reproduce("other", "testbed", out, experiments_dir=tmp_path)[0])["MIRA again"]["reward_mean"] == \
-        rows["MIRA · β=1"]["reward_mean"]
-    assert record_mtimes(out) == mtimes
+    assert read_csv(written[3])["MIRA again"]["reward_mean"] == rows["MIRA · β=1"]["reward_mean"]
 
 
 def test_bad_override_fails_before_any_run(tmp_path):

@@ -104,10 +104,10 @@ def compose_run(overrides: list[str], where: str):
     return cfg, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def plan(spec: dict, scale: str, runs_root: Path, experiment: str) -> list[Run]:
+def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict[str, Path]) -> list[Run]:
     """Every run of the experiment at `scale`: each run label in each grid cell, composed. A run's directory is
-    named by its label and configuration hash; an existing directory of the same configuration (e.g. made by another
-    experiment) is reused."""
+    named by its label and configuration hash; a directory of the same configuration that exists, or that an
+    experiment planned earlier in this call claimed (`claimed`: hash -> directory), is reused."""
     from hydra import initialize_config_dir
 
     from framework.config import CONF_DIR
@@ -131,8 +131,10 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str) -> list[Run]:
                         [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra), *overrides]]
                 cfg, ident = compose_run(full, where)
                 run = Run(label, {axis: option for axis, (option, _) in cell.items()}, full, ident, Path(), cfg)
-                existing = sorted(runs_root.glob(f"*-{ident}"))
-                run.dir = existing[0] if existing else runs_root / f"{slug(run.name)}-{ident}"
+                if ident not in claimed:
+                    existing = sorted(runs_root.glob(f"*-{ident}"))
+                    claimed[ident] = existing[0] if existing else runs_root / f"{slug(run.name)}-{ident}"
+                run.dir = claimed[ident]
                 done[label] = run
             runs += done.values()
     return runs
@@ -275,7 +277,7 @@ def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> Non
     plt.close(fig)
 
 
-def prepare(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> tuple[dict, list[Run]]:
+def prepare(name: str, scale: str, out: Path, experiments_dir: Path, claimed: dict) -> tuple[dict, list[Run]]:
     path = experiments_dir / f"{name}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in experiments_dir.glob("*.yaml"))
@@ -283,7 +285,7 @@ def prepare(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENT
     spec = load_experiment(path)
     if scale not in spec["scales"]:
         raise FrameworkError(f"experiment {name} has no scale {scale!r}; it has: {', '.join(spec['scales'])}")
-    return spec, plan(spec, scale, out / "runs" / scale, name)
+    return spec, plan(spec, scale, out / "runs" / scale, name, claimed)
 
 
 def aggregate(name: str, spec: dict, runs: list[Run], tables: Path) -> list[Path]:
@@ -308,7 +310,8 @@ def aggregate(name: str, spec: dict, runs: list[Run], tables: Path) -> list[Path
 
 def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
     """Check every experiment first (configs compose, weights present), then run what is missing and aggregate."""
-    planned = {name: prepare(name, scale, out, experiments_dir) for name in names}
+    claimed: dict[str, Path] = {}  # one directory per configuration across all the experiments
+    planned = {name: prepare(name, scale, out, experiments_dir, claimed) for name in names}
     missing: dict[tuple[str, str], tuple[set, set]] = {}  # (value, why) -> (config keys, experiments)
     for name, (_, runs) in planned.items():
         for key, spec, why in missing_weights(runs):
