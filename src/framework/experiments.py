@@ -79,7 +79,7 @@ class Run:
     overrides: list[str]  # scale, cell and run overrides, {run:LABEL} references resolved to directories
     ident: str  # hash of the composed configuration (without IDENTITY_EXCLUDES)
     dir: Path
-    cfg: Any = None  # the composed config (DictConfig)
+    cfg: Any = None  # the composed config (DictConfig); None for sweep jobs read back from disk
 
     @property
     def name(self) -> str:
@@ -130,20 +130,14 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
                 full = [RUN_REF.sub(directory, o) for o in
                         [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra), *overrides]]
                 cfg, ident = compose_run(full, where)
-                run = Run(label, {axis: option for axis, (option, _) in cell.items()}, full, ident, Path(), cfg)
+                cell_options = {axis: option for axis, (option, _) in cell.items()}
                 if ident not in claimed:
                     existing = sorted(runs_root.glob(f"*-{ident}"))
-                    claimed[ident] = existing[0] if existing else runs_root / f"{slug(run.name)}-{ident}"
-                run.dir = claimed[ident]
-                done[label] = run
+                    name = " · ".join([label, *cell_options.values()])
+                    claimed[ident] = existing[0] if existing else runs_root / f"{slug(name)}-{ident}"
+                done[label] = Run(label, cell_options, full, ident, claimed[ident], cfg)
             runs += done.values()
     return runs
-
-
-def missing_weights(runs: list[Run]) -> set[tuple[str, str, str]]:
-    from framework.weights import missing_weights
-
-    return {need for run in runs for need in missing_weights(run.cfg)}
 
 
 def ensure_run(run: Run, group: str) -> None:
@@ -312,9 +306,11 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
     """Check every experiment first (configs compose, weights present), then run what is missing and aggregate."""
     claimed: dict[str, Path] = {}  # one directory per configuration across all the experiments
     planned = {name: prepare(name, scale, out, experiments_dir, claimed) for name in names}
+    from framework.weights import missing_weights
+
     missing: dict[tuple[str, str], tuple[set, set]] = {}  # (value, why) -> (config keys, experiments)
     for name, (_, runs) in planned.items():
-        for key, spec, why in missing_weights(runs):
+        for key, spec, why in {need for run in runs for need in missing_weights(run.cfg)}:
             keys, names = missing.setdefault((spec, why), (set(), set()))
             keys.add(key)
             names.add(name)

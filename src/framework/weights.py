@@ -38,28 +38,20 @@ def resolve_file(spec: str, *, key: str) -> Path:
         raise FrameworkError(f"{key}: weight file '{filename}' of '{repo_id}' is not available offline; {how}") from e
 
 
-def _missing_directory(source: str, key: str) -> FrameworkError:
-    return FrameworkError(f"{key}: directory '{source}' not found; set {key} to a directory saved with "
-                          "save_pretrained or to a hub id")
-
-
-def _not_cached(source: str, key: str) -> FrameworkError:
-    how = _HOW_TO_PROVIDE.format(ref=source, key=key)
-    return FrameworkError(f"{key}: weights for '{source}' are not in the local Hugging Face cache; {how}")
-
-
 def load_pretrained(loader, source: str, *, key: str, **kwargs):
     """`loader.from_pretrained(source)` with errors turned into one actionable line."""
     path = Path(source).expanduser()
     if _looks_local(source) and not path.is_dir():
-        raise _missing_directory(source, key)
+        raise FrameworkError(f"{key}: directory '{source}' not found; set {key} to a directory saved with "
+                             "save_pretrained or to a hub id")
     try:
         return loader.from_pretrained(str(path) if path.is_dir() else source, **kwargs)
     except (OSError, ValueError, HfHubHTTPError) as e:
         if path.is_dir():
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FrameworkError(f"{key}: cannot load '{source}': {first_line}") from e
-        raise _not_cached(source, key) from e
+        how = _HOW_TO_PROVIDE.format(ref=source, key=key)
+        raise FrameworkError(f"{key}: weights for '{source}' are not in the local Hugging Face cache; {how}") from e
 
 
 def unavailable(kind: str, spec: str, revision: str | None = None) -> str | None:
