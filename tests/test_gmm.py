@@ -69,3 +69,117 @@ def test_dno_runs_on_the_mixture_and_its_drift_has_an_exact_likelihood(gmm):
     assert result.steps[-1]["drift_rmse"] > 0.1
     log_p = gmm.log_prob(torch.stack([result.base_image, result.final_image]), ["left", "left"])
     assert log_p[1] < log_p[0]
+
+
+# Every per-item method on the mixture, against closed forms. With one Gaussian component per class, N(μ, s²I), no
+# CFG and η = 0, ε is linear in x, each DDIM step maps x_t − √ᾱ_t μ to g_t·(x_t − √ᾱ_t μ) one step later, and the
+# whole sampler is affine in x_T (the gains below are written from the Gaussian's exact ε, not from the sampler's
+# code). AIG and LoRA scaling need adapters: not here.
+
+S, MU, STD = 10, torch.tensor([[[1.5, -0.5, 0.25]], [[-2.0, 1.0, 0.5]]]), 0.6
+COMMON = dict(num_steps=S, eta=0.0, guidance_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    return GaussianMixtureBackbone(["left", "right"], MU, torch.full((2, 1), STD), torch.ones(2, 1))
+
+
+def step_gains(backbone):
+    """[(a_t, k_t)] per step with x_t − √ᾱ_t μ = a_t (x_T − √ᾱ_T μ) and ε̂_t = k_t (x_t − √ᾱ_t μ), k_t = √(1−ᾱ_t)/var_t;
+    and the sampler as a function of x_T."""
+    schedule = backbone.schedule(S)
+    a, gains = 1.0, []
+    for _, alpha, alpha_prev in schedule:
+        var = alpha * STD**2 + 1 - alpha
+        gains.append((a, (1 - alpha) ** 0.5 / var))
+        a *= alpha_prev**0.5 * (1 - (1 - alpha) / var) / alpha**0.5 + ((1 - alpha_prev) * (1 - alpha)) ** 0.5 / var
+    first, last = schedule[0][1], schedule[-1][2]
+    return gains, lambda x_T: last**0.5 * MU[0, 0] + a * (x_T - first**0.5 * MU[0, 0])
+
+
+def solve(gaussian, cfg, reward, seed=3):
+    from framework.methods import Item, Problem, build_method
+
+    problem = Problem(gaussian, reward, Item(0, 0, "left", seed), cfg)
+    return build_method(cfg, reward).run(problem), problem
+
+
+@pytest.fixture(scope="module")
+def brightness():
+    from framework.config import RewardConfig
+    from framework.rewards import build_reward
+
+    return build_reward(RewardConfig(name="brightness"))
+
+
+def test_base_and_best_of_n_sample_the_closed_form(gaussian, brightness):
+    from framework.config import BaseConfig, BestOfNConfig
+
+    _, sampler = step_gains(gaussian)
+    result, problem = solve(gaussian, BaseConfig(**COMMON), brightness)
+    x_T, _ = problem.noise([problem.item.seed])
+    torch.testing.assert_close(result.final_image, sampler(x_T[0]), rtol=1e-5, atol=1e-5)
+    best, problem = solve(gaussian, BestOfNConfig(n=6, batch_size=4, **COMMON), brightness)
+    outputs = [sampler(problem.noise([s])[0][0]) for s in best.info["candidate_seeds"]]
+    expected = max(range(6), key=lambda k: outputs[k].mean().item())
+    assert best.info["best_index"] == expected
+    torch.testing.assert_close(best.final_image, outputs[expected], rtol=1e-5, atol=1e-5)
+
+
+def test_dno_and_mira_steps_follow_adam_through_the_linear_sampler(gaussian, brightness):
+    """Step 0's gradient of −mean(x_0) is the same negative number on every coordinate, so AdamW's first step is
+    z·(1 − lr·wd) + lr. MIRA's
+    surrogate has zero gradient at z0, so its first step is the same; after it, R_MIRA has the closed form
+    (1/S) Σ_t (a_t √(1−ᾱ_t)/var_t)² · mean((z1 − z0)²)."""
+    from framework.config import DNOConfig, MIRAConfig
+
+    gains, sampler = step_gains(gaussian)
+    lr, wd = 0.1, 0.01
+    dno, problem = solve(gaussian, DNOConfig(opt_steps=1, lr=lr, weight_decay=wd, optimize="x_T", **COMMON), brightness)
+    z0 = problem.noise([problem.item.seed])[0][0]
+    z1 = z0 * (1 - lr * wd) + lr
+    torch.testing.assert_close(dno.final_image, sampler(z1), rtol=1e-5, atol=1e-5)
+    assert dno.final_reward == pytest.approx(sampler(z1).mean().item(), rel=1e-5)
+    mira, _ = solve(gaussian, MIRAConfig(opt_steps=2, lr=lr, weight_decay=wd, beta=1.0, **COMMON), brightness)
+    expected = sum((a * k) ** 2 for a, k in gains) / S * (z1 - z0).square().mean().item()
+    assert mira.steps[0]["regulariser"] == 0
+    assert mira.steps[1]["regulariser"] == pytest.approx(expected, rel=1e-4)
+
+
+def reward_term_gradient(gaussian, cfg, reward):
+    """d(reward term)/d(sample) at the initial noise, and the candidates the method drew."""
+    from framework.methods import Item, Problem, build_method
+    from framework.methods.dno_zo import perturbed_candidates
+
+    method, problem = build_method(cfg, reward), Problem(gaussian, reward, Item(0, 0, "left", 3), cfg)
+    x_T, noises = problem.noise([problem.item.seed])
+    samples, traj = problem.render(x_T, noises)
+    samples.requires_grad_()
+    with torch.enable_grad():
+        term, _, _ = method.reward_term(problem, samples, traj, x_T, noises, step=0)
+        (grad,) = torch.autograd.grad(term, samples)
+    candidates, _, rewards = perturbed_candidates(problem, cfg, x_T, noises, step=0)
+    return grad[0], samples.detach()[0], candidates, rewards
+
+
+def test_zeroth_order_direction_on_vectors(gaussian, brightness):
+    """ĝ = Σ_k (r_0 − r_k)(x_k − x_0), normalised, on [K, d] samples (the per-candidate weight must not broadcast
+    across coordinates)."""
+    from framework.config import DNOZeroOrderConfig
+
+    grad, x0, candidates, rewards = reward_term_gradient(
+        gaussian, DNOZeroOrderConfig(num_candidates=5, mu=0.3, **COMMON), brightness)
+    r0 = x0.mean()
+    direction = sum((r0 - r) * (x - x0) for r, x in zip(rewards, candidates))
+    torch.testing.assert_close(grad, direction / direction.norm(), rtol=1e-5, atol=1e-6)
+
+
+def test_preference_gradient_on_vectors(gaussian, brightness):
+    """MIRA-DPO at z0: −½·β_dpo·(x_w − x_l)/(τ²·d) on vector samples."""
+    from framework.config import MIRADPOConfig
+
+    cfg = MIRADPOConfig(num_candidates=5, mu=0.3, beta_dpo=2.0, tau=0.1, **COMMON)
+    grad, _, candidates, rewards = reward_term_gradient(gaussian, cfg, brightness)
+    winner, loser = candidates[rewards.argmax()], candidates[rewards.argmin()]
+    torch.testing.assert_close(grad, -0.5 * cfg.beta_dpo * (winner - loser) / (cfg.tau**2 * 3), rtol=1e-4, atol=1e-7)

@@ -8,7 +8,7 @@ from framework.config import BaseConfig, BestOfNConfig, DNOConfig, RewardConfig
 from framework.errors import FrameworkError, NonFiniteLoss
 from framework.methods import Item, Problem, build_method, derive_seed
 from framework.methods.best_of_n import num_candidates
-from framework.methods.dno import _block_log_prob, prob_regulariser
+from framework.methods.dno import prob_regulariser
 from framework.rewards import Reward, build_reward
 from framework.runner import make_items
 
@@ -63,33 +63,61 @@ def test_nan_loss_raises_non_finite_loss(tiny_sd):
         run(DNOConfig(num_steps=3, opt_steps=2), tiny_sd, NaNReward())
 
 
-def test_block_log_prob_matches_a_direct_numpy_computation():
-    v = torch.randn(4 * 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.3 + 0.2
-    d, rows = 4, v.numpy().reshape(50, 4)
+def numpy_block_log_prob(v: np.ndarray, d: int = 4) -> float:
+    """DNO's concentration bounds written out in numpy: lp_mean + lp_cov of v cut into rows of d."""
+    rows = v[: len(v) // d * d].reshape(-1, d)
     n = len(rows)
     mean, cov = rows.mean(0), rows.T @ rows / n
     lp_mean = min(-n * (mean**2).sum() / (2 * d), -math.log(2))
     delta = max(math.sqrt(1 + np.linalg.norm(cov - np.eye(d), ord=2)) - 1 - math.sqrt(d / n), 0)
-    lp_cov = min(-n * delta**2 / 2, -math.log(2))
-    assert _block_log_prob(v, d, None).item() == pytest.approx(lp_mean + lp_cov, rel=1e-10)
+    return lp_mean + min(-n * delta**2 / 2, -math.log(2))
 
 
-def test_prob_regulariser_is_flat_for_gaussian_noise_and_pushes_back_otherwise():
+def test_prob_regulariser_weights_the_original_order_as_dno_does():
+    """R_prob = −(lp(v) + mean_k lp(π_k v)) against numpy with the same permutations. On noise with a lag-1
+    correlation of 0.1 only the original order sees the correlation: DNO's weighting then reacts many times more
+    than an average over the original order and the K permutations (weight 1/(K+1) each) would."""
+    n, seeds = 4 * 16384, list(range(100))  # K = 100 permutations, as in DNO
+    white = np.random.default_rng(0).standard_normal(n + 1)
+    theta = 0.1  # MA(1): lag-1 correlation θ/(1 + θ²) ≈ 0.1, unit variance
+    correlated = (white[1:] + theta * white[:-1]) / (1 + theta**2) ** 0.5
+    for v in (white[1:], correlated):
+        perms = [torch.randperm(n, generator=torch.Generator().manual_seed(s)).numpy() for s in seeds]
+        own, permuted = numpy_block_log_prob(v), [numpy_block_log_prob(v[p]) for p in perms]
+        ours = prob_regulariser(torch.from_numpy(v), 4, seeds).item()
+        assert ours == pytest.approx(-(own + np.mean(permuted)), rel=1e-9)
+    flat = prob_regulariser(torch.from_numpy(white[1:]), 4, seeds).item()
+    assert flat == pytest.approx(4 * math.log(2), abs=0.5)  # Gaussian noise: (nearly) every bound at its cap
+    raised = prob_regulariser(torch.from_numpy(correlated), 4, seeds).item()
+
+    def diluted(v):
+        return -np.mean([numpy_block_log_prob(v)] + [numpy_block_log_prob(v[p]) for p in perms])
+
+    assert raised / flat > 5 and diluted(correlated) / diluted(white[1:]) < 1.5
+
+
+def test_prob_regulariser_pushes_shifted_noise_back():
     gaussian = torch.randn(4 * 4096, generator=torch.Generator().manual_seed(1))
-    seeds = list(range(20))
-    flat = prob_regulariser(gaussian, 4, seeds)
-    assert flat.item() == pytest.approx(2 * math.log(2), abs=0.5)
     shifted = (gaussian + 0.3).requires_grad_()
-    pushed = prob_regulariser(shifted, 4, seeds)
-    assert pushed.item() > 10 * flat.item()
+    pushed = prob_regulariser(shifted, 4, list(range(5)))
+    assert pushed.item() > 10 * 4 * math.log(2)
     pushed.backward()
     assert (shifted.grad.mean() > 0).item()  # descending the gradient pulls the mean back towards 0
-    assert prob_regulariser(gaussian, 4, seeds).item() == flat.item()  # permutations are seeded
+
+
+def test_dno_draws_fresh_permutations_per_step_unless_told_not_to(tiny_sd, brightness):
+    method = build_method(DNOConfig(num_steps=3, gamma=1.0, num_permutations=3), brightness)
+    problem = Problem(tiny_sd, brightness, ITEM, method.cfg)
+    shifted = torch.randn(4 * 256, generator=torch.Generator().manual_seed(2)) + 0.05
+    fresh = [method.prob_regulariser(problem, shifted, step).item() for step in (0, 1, 0)]
+    assert fresh[0] == fresh[2] != fresh[1]  # seeded from (item, step): reproducible, new at each step
+    fixed = build_method(DNOConfig(num_steps=3, gamma=1.0, num_permutations=3, fresh_permutations=False), brightness)
+    assert fixed.prob_regulariser(problem, shifted, 0).item() == fixed.prob_regulariser(problem, shifted, 1).item()
 
 
 def test_dno_with_gamma_records_the_regulariser(tiny_sd, brightness):
     result = run(DNOConfig(num_steps=3, opt_steps=2, gamma=1.0, num_permutations=5), tiny_sd, brightness)
-    assert all(s["regulariser"] >= 2 * math.log(2) - 1e-6 for s in result.steps)
+    assert all(s["regulariser"] >= 4 * math.log(2) - 1e-6 for s in result.steps)
 
 
 def test_best_of_n_returns_the_best_of_its_candidates(tiny_sd):
@@ -120,3 +148,34 @@ def test_item_seeds_depend_only_on_global_seed_prompt_and_sample():
     assert all(i.seed == derive_seed(7, i.prompt_index, i.sample_index) for i in items)
     assert len({i.seed for i in items}) == 6
     assert make_items(["a", "b", "c", "d"], seed=7, samples_per_prompt=2)[:6] == items
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_steps_get_non_zero_finite_gradients(dtype):
+    """A small reward (scale 1e-3) through a half-precision UNet and VAE: in float16 its input gradients underflow
+    to exactly zero without loss scaling (checked below), so DNO scales the loss; bfloat16 has float32's range."""
+    from framework.config import ModelConfig
+    from framework.models import load_backbone
+
+    backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32, dtype=dtype))
+    reward = build_reward(RewardConfig(name="brightness", scale=1e-3))
+    result = run(DNOConfig(num_steps=3, opt_steps=2, optimize="x_T"), backbone, reward)
+    assert all(math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in result.steps)
+    assert not torch.equal(result.final_image, result.base_image)
+    if dtype == "float16":  # the same backward without the scaler: nothing reaches the noise
+        problem = Problem(backbone, reward, ITEM, DNOConfig(num_steps=3))
+        x_T, noises = problem.noise([ITEM.seed])
+        with torch.enable_grad():
+            images, _ = problem.render(x_T.requires_grad_(), noises, checkpoint=True)
+            problem.score(images).sum().backward()
+        assert x_T.grad.abs().max() == 0
+
+
+def test_draft_refuses_float16():
+    from framework.config import DRaFTConfig, ModelConfig
+    from framework.methods.draft import DRaFT
+    from framework.models import load_backbone
+
+    backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32, dtype="float16"))
+    with pytest.raises(FrameworkError, match="does not train in float16.*bfloat16"):
+        DRaFT(backbone, build_reward(RewardConfig(name="brightness")), DRaFTConfig(), ["a cat"], 0, ".")

@@ -1,4 +1,4 @@
-"""MIRA: zero surrogate at z0, equivalence with DNO at β = 0, no extra model evaluations, Girsanov weights."""
+"""MIRA: zero surrogate at z0, equivalence with DNO at β = 0, no extra model evaluations, per-step KL weights."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch.distributions import Normal, kl_divergence
 from framework.config import DNOConfig, MIRAConfig, RewardConfig
 from framework.errors import FrameworkError
 from framework.methods import Item, Problem, build_method
-from framework.methods.mira import girsanov_weights
+from framework.methods.mira import eps_kl_weights
 from framework.rewards import build_reward
 from framework.sampling import ddim_coefficients
 
@@ -78,7 +78,7 @@ def test_surrogate_guidance_is_checked(brightness):
         build_method(MIRAConfig(surrogate_guidance="uncond"), brightness)
 
 
-def test_girsanov_weight_is_the_closed_form_kl_of_one_ddim_step():
+def test_eps_kl_weight_is_the_closed_form_kl_of_one_ddim_step():
     """Two ε̂ at the same x_t: the DDIM transitions N(μ_i, σ²I) differ by c·Δε, so KL = c²‖Δε‖²/(2σ²)."""
     alpha, alpha_prev, eta = 0.3, 0.5, 0.8
     x = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -90,13 +90,14 @@ def test_girsanov_weight_is_the_closed_form_kl_of_one_ddim_step():
         return alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
 
     kl = kl_divergence(Normal(mean(eps1), sigma), Normal(mean(eps2), sigma)).sum()
-    (weight,) = girsanov_weights([(0, alpha, alpha_prev)], eta)
+    (weight,) = eps_kl_weights([(0, alpha, alpha_prev)], eta)
     assert (weight * (eps1 - eps2).square().sum()).item() == pytest.approx(kl.item(), rel=1e-9)
 
 
-def test_girsanov_needs_stochastic_steps(brightness):
-    with pytest.raises(FrameworkError, match="weighting=girsanov needs method.eta > 0"):
-        build_method(MIRAConfig(eta=0.0, weighting="girsanov"), brightness)
+def test_eps_kl_needs_stochastic_steps(brightness):
+    for cfg in (MIRAConfig(eta=0.0, weighting="eps_kl"), MIRAConfig(final_step_noise=False, weighting="eps_kl")):
+        with pytest.raises(FrameworkError, match="weighting=eps_kl needs method.eta > 0 and method.final_step_noise"):
+            build_method(cfg, brightness)
 
 
 def test_mira_on_the_testbed_raises_reward_and_drifts_less_than_dno():
@@ -108,7 +109,7 @@ def test_mira_on_the_testbed_raises_reward_and_drifts_less_than_dno():
     backbone = load_backbone(ModelConfig(kind="sd", source=str(MODEL_DIR), resolution=32))
     reward = build_reward(RewardConfig(name="brightness"))
     common = dict(num_steps=6, opt_steps=15, lr=0.05, optimize="x_T")
-    mira, _ = run(MIRAConfig(beta=50.0, weighting="girsanov", **common), backbone, reward)
+    mira, _ = run(MIRAConfig(beta=50.0, weighting="eps_kl", **common), backbone, reward)
     dno, _ = run(DNOConfig(**common), backbone, reward)
     assert mira.final_reward > mira.base_reward
     assert mira.steps[-1]["drift_rmse"] < dno.steps[-1]["drift_rmse"]

@@ -17,32 +17,38 @@ def test_eta0_matches_diffusers_pipeline(tiny_backbone):
     pipe.scheduler = backbone.scheduler
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        ours = backbone.decode(ddim_sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8,
-                                           guidance_scale=5.0).latents)
+        ours = backbone.postprocess(backbone.decode(ddim_sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8,
+                                                                guidance_scale=5.0).latents))
         reference = pipe(PROMPTS, latents=x_T.clone(), num_inference_steps=8, guidance_scale=5.0, eta=0.0,
                          output_type="pt", height=64, width=64).images
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
-def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd):
-    """η > 0 with explicit ξ: against DDIMScheduler.step(..., eta, variance_noise=ξ) on the same ε̂."""
+@pytest.mark.parametrize("final_step_noise", [True, False])
+def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd, final_step_noise):
+    """η > 0 with explicit ξ: against DDIMScheduler.step(..., eta, variance_noise=ξ) on the same ε̂; without final
+    step noise the last step is diffusers' step at η = 0 (DNO's sampler), and one ξ fewer is taken."""
     steps, eta = 6, 0.7
     cond = tiny_sd.encode(PROMPTS[:1])
     x_T, noises = noise_like((1, *tiny_sd.latent_shape())), noise_like((steps, 1, *tiny_sd.latent_shape()), 1)
+    used = noises if final_step_noise else noises[:-1]
     with torch.no_grad():
-        ours = ddim_sample(tiny_sd, cond, x_T, noises, num_steps=steps, eta=eta, guidance_scale=5.0)
+        ours = ddim_sample(tiny_sd, cond, x_T, used, num_steps=steps, eta=eta, guidance_scale=5.0,
+                           final_step_noise=final_step_noise)
         scheduler = copy.deepcopy(tiny_sd.scheduler)
         scheduler.set_timesteps(steps)
         x = x_T
         for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.step(tiny_sd.eps(x, int(t), cond, 5.0), t, x, eta=eta, variance_noise=noises[i]).prev_sample
+            last_plain = i == steps - 1 and not final_step_noise
+            x = scheduler.step(tiny_sd.eps(x, int(t), cond, 5.0), t, x, eta=0.0 if last_plain else eta,
+                               variance_noise=None if last_plain else noises[i]).prev_sample
     torch.testing.assert_close(ours.latents, x, rtol=1e-5, atol=1e-4)
     assert ours.timesteps == scheduler.timesteps.tolist() and len(ours.eps) == steps
 
 
 def test_eta_positive_needs_one_noise_per_step(tiny_sd):
     cond = tiny_sd.encode(PROMPTS[:1])
-    with pytest.raises(ValueError, match="one noise per step"):
+    with pytest.raises(ValueError, match="one noise per stochastic step"):
         ddim_sample(tiny_sd, cond, noise_like((1, *tiny_sd.latent_shape())), num_steps=3, eta=1.0)
 
 

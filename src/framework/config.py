@@ -42,6 +42,10 @@ class RewardConfig:
     jpeg_quality: int = 95
     target: str | None = None  # callable: "package.module:function" taking (images, prompts)
     differentiable: bool = False  # callable: whether gradients flow through `target`
+    # Score the images clamped to [0, 1] (true) or as decoded (false); null = the reward's own default: the toy
+    # statistics read the raw decoder output as DNO does, every model-based reward, JPEG and callables clamp.
+    clamp: bool | None = None
+    scale: float = 1.0  # multiplies the score (hps: 0.01 gives the raw cosine of DNO's code); β/γ scale with it
 
 
 @dataclass
@@ -51,6 +55,9 @@ class SamplingConfig:
     num_steps: int = 50
     eta: float = 1.0
     guidance_scale: float = 5.0
+    # σ·ξ at the last DDIM step when eta > 0: true as diffusers' DDIMScheduler; false as DNO's sampler (the last
+    # step deterministic), which matters for rewards that see high-frequency noise (JPEG)
+    final_step_noise: bool = True
     batch_size: int = 8  # images per sampler call where a method draws several
 
 
@@ -83,7 +90,8 @@ class NoiseOptimisationConfig(SamplingConfig):
     grad_steps: int | None = None  # backprop through the last K sampler steps only (None = all)
     # R_prob (DNO's regulariser; for every noise method also the final noise's Gaussianity metric)
     block_size: int = 4  # d in R_prob
-    num_permutations: int = 100
+    num_permutations: int = 100  # K: R_prob = −(lp(z) + mean of lp over K permutations of z)
+    fresh_permutations: bool = True  # new permutations at every optimisation step (DNO's code); false: one set per item
 
 
 @dataclass
@@ -97,7 +105,9 @@ class MIRAConfig(NoiseOptimisationConfig):
     name: str = "mira"
     optimize: str = "x_T"
     beta: float = 0.1  # weight of R_MIRA; sweep it (0.01–10 depending on the reward's scale)
-    weighting: str = "uniform"  # uniform | girsanov (exact Gaussian-KL weight of each DDIM step; needs eta > 0)
+    # uniform | eps_kl (the weight making each step's ε̂ difference the exact Gaussian KL of that DDIM step taken from
+    # the same x_t; needs eta > 0 and final_step_noise)
+    weighting: str = "uniform"
     surrogate_guidance: str = "cfg"  # cfg (the guided ε̂ that drives the sampler) | cond (conditional branch only)
 
 

@@ -31,7 +31,7 @@ class Trajectory:
 
 def ddim_coefficients(alpha: float, alpha_prev: float, eta: float) -> tuple[float, float]:
     """σ_t of a DDIM step and the coefficient of ε̂ in its mean μ = a·x_t + c·ε̂ (with x̂0 substituted), which
-    MIRA's Girsanov weighting needs: c = √(1−ᾱ_prev−σ²) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t."""
+    MIRA's eps_kl weighting needs: c = √(1−ᾱ_prev−σ²) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t."""
     sigma = eta * ((1 - alpha_prev) / (1 - alpha)) ** 0.5 * (1 - alpha / alpha_prev) ** 0.5
     return sigma, (1 - alpha_prev - sigma**2) ** 0.5 - (alpha_prev / alpha) ** 0.5 * (1 - alpha) ** 0.5
 
@@ -50,17 +50,26 @@ def _mixed_eps_branches(backbone: Backbone, x: Tensor, t: int, cond: Cond, guida
     return tuple((1 - gamma) * b + gamma * f for b, f in zip(base, tuned))
 
 
+def num_noises(num_steps: int, eta: float, final_step_noise: bool = True) -> int:
+    """How many ξ the sampler injects: one per stochastic step (none at η = 0; the last step is deterministic when
+    `final_step_noise` is off, as in DNO's sampler)."""
+    return 0 if eta <= 0 else num_steps - (0 if final_step_noise else 1)
+
+
 def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | None = None, *, num_steps: int,
                 eta: float = 0.0, guidance_scale: float = 1.0, checkpoint: bool = False,
-                grad_steps: int | None = None, mix: Callable[[int], float] | None = None) -> Trajectory:
-    """Run DDIM from x_T. `noises[i]` is ξ of step i (shape [num_steps, *x_T.shape]); required when η > 0.
+                grad_steps: int | None = None, mix: Callable[[int], float] | None = None,
+                final_step_noise: bool = True) -> Trajectory:
+    """Run DDIM from x_T. `noises[i]` is ξ of step i (shape [num_noises(...), *x_T.shape]); required when η > 0.
     `mix(i)` = γ_i mixes the fine-tuned and adapter-free predictions at step i (AIG); None = the backbone as is.
+    `final_step_noise=False` makes the last step deterministic (σ = 0, as DNO's sampler; diffusers adds σ·ξ there).
 
     x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t;  σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev);
     x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t ξ_t.
     """
-    if eta > 0 and (noises is None or noises.shape[0] != num_steps):
-        raise ValueError(f"eta > 0 needs one noise per step: noises of shape [{num_steps}, ...]")
+    expected = num_noises(num_steps, eta, final_step_noise)
+    if expected and (noises is None or noises.shape[0] != expected):
+        raise ValueError(f"eta > 0 needs one noise per stochastic step: noises of shape [{expected}, ...]")
     first_grad_step = num_steps - grad_steps if grad_steps is not None else 0
     traj = Trajectory(latents=x_T)
     x = x_T
@@ -74,7 +83,7 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
             else:
                 eps, eps_cond = predict(x, t, cond, guidance_scale)
             x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-            sigma, _ = ddim_coefficients(alpha, alpha_prev, eta)
+            sigma, _ = ddim_coefficients(alpha, alpha_prev, eta if i < expected else 0.0)
             x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
             if sigma > 0:
                 x_prev = x_prev + sigma * noises[i]

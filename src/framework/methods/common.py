@@ -11,7 +11,7 @@ from framework.config import SamplingConfig
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
-from framework.sampling import Trajectory, ddim_sample
+from framework.sampling import Trajectory, ddim_sample, num_noises
 
 
 def derive_seed(*keys: int) -> int:
@@ -20,13 +20,15 @@ def derive_seed(*keys: int) -> int:
 
 
 def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
-    """x_T [B, ...] and ξ [S, B, ...] (None at η = 0), drawn on the CPU from each seed so that they are the same
-    on every device and in any batch layout."""
+    """x_T [B, ...] and one ξ per stochastic step [S', B, ...] (None at η = 0), drawn on the CPU from each seed so
+    that they are the same on every device and in any batch layout. S + 1 draws are made whatever S' is, so
+    switching the final step's noise off leaves x_T and the other ξ unchanged."""
     steps = sampling.num_steps if sampling.eta > 0 else 0
     shape = backbone.latent_shape()
     draws = [torch.randn((1 + steps, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
     noise = torch.stack(draws, dim=1).to(backbone.device)  # [1 + S, B, ...]
-    return noise[0], (noise[1:] if steps else None)
+    used = num_noises(sampling.num_steps, sampling.eta, sampling.final_step_noise)
+    return noise[0], (noise[1 : 1 + used] if used else None)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Item:
 
 @dataclass
 class ItemResult:
-    base_image: Tensor  # [3, H, W] in [0, 1]: the plain sample from the item's seed
+    base_image: Tensor  # [3, H, W] as decoded (saved clamped to [0, 1]): the plain sample from the item's seed
     final_image: Tensor  # what the method returns for the item
     base_reward: float
     final_reward: float
@@ -67,18 +69,21 @@ class Problem:
         return draw_noise(self.backbone, self.sampling, seeds)
 
     def render(self, x_T: Tensor, noises: Tensor | None, **sampler_options) -> tuple[Tensor, Trajectory]:
-        """Images in [0, 1] from the given noises (batch size = len(x_T)), and the sampler's trajectory."""
+        """Decoded images (unclamped, see Backbone.decode) from the given noises (batch size = len(x_T)), and the
+        sampler's trajectory."""
         cfg = self.sampling
         traj = ddim_sample(self.backbone, self.cond.repeat(len(x_T)), x_T, noises, num_steps=cfg.num_steps,
-                           eta=cfg.eta, guidance_scale=cfg.guidance_scale, **sampler_options)
+                           eta=cfg.eta, guidance_scale=cfg.guidance_scale, final_step_noise=cfg.final_step_noise,
+                           **sampler_options)
         return self.backbone.decode(traj.latents), traj
 
     def score(self, images: Tensor) -> Tensor:
         return self.reward(images, [self.item.prompt] * len(images))
 
     def measure(self, images: Tensor, base: Tensor | None = None) -> dict[str, float]:
-        """Drift from `base` and, on the testbed, ground-truth adherence (no gradients)."""
-        return self.metrics(images.detach(), self.item.prompt, None if base is None else base.detach())
+        """Drift from `base` and, on the testbed, ground-truth adherence (no gradients), of the images as saved."""
+        shown = self.backbone.postprocess
+        return self.metrics(shown(images.detach()), self.item.prompt, None if base is None else shown(base.detach()))
 
     def progress(self, iterable, total: int, desc: str):
         return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True)

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import choose
-from framework.errors import NonFiniteLoss
+from framework.errors import FrameworkError, NonFiniteLoss
 from framework.methods.common import ItemResult, Method, Problem, derive_seed
 from framework.sampling import Trajectory, trajectory_divergence
 
@@ -37,11 +37,17 @@ def _block_log_prob(v: Tensor, block_size: int, perm_seed: int | None) -> Tensor
 
 
 def prob_regulariser(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tensor:
-    """R_prob: minus the block log-probability averaged over v's own order and the seeded permutations. It is flat
-    (2·log 2) while v looks Gaussian. Each permuted term is checkpointed so no permutation is kept for backward."""
-    terms = [_block_log_prob(v, block_size, None)]
-    terms += [checkpoint(_block_log_prob, v, block_size, s, use_reentrant=False) for s in perm_seeds]
-    return -torch.stack(terms).mean()
+    """R_prob = −(lp(v) + (1/K) Σ_k lp(π_k v)), as in DNO's code: v's own order at weight 1 (the only term that sees
+    correlation between neighbouring entries) plus the mean over K seeded permutations (which see the marginal
+    statistics). It is flat (4·log 2) while v looks Gaussian. Each permuted term is checkpointed so no permutation is
+    kept for backward."""
+    if v.numel() < block_size:
+        raise FrameworkError(f"R_prob needs at least method.block_size={block_size} noise entries, got {v.numel()}")
+    own_order = _block_log_prob(v, block_size, None)
+    if not perm_seeds:
+        return -own_order
+    permuted = [checkpoint(_block_log_prob, v, block_size, s, use_reentrant=False) for s in perm_seeds]
+    return -(own_order + torch.stack(permuted).mean())
 
 
 class DNO(Method):
@@ -60,11 +66,13 @@ class DNO(Method):
         return self.cfg.gamma
 
     def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
-        """R_prob of the optimised noise (permutations seeded per item, the same at every step)."""
-        return self.prob_regulariser(problem, flat_noise)
+        return self.prob_regulariser(problem, flat_noise, step)
 
-    def prob_regulariser(self, problem: Problem, flat_noise: Tensor) -> Tensor:
-        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, k) for k in range(self.cfg.num_permutations)]
+    def prob_regulariser(self, problem: Problem, flat_noise: Tensor, step: int) -> Tensor:
+        """R_prob of the optimised noise. Its permutations are drawn afresh at every step, as DNO does
+        (`fresh_permutations`), or once per item; either way seeded from the item and step, so runs reproduce."""
+        draw = step if self.cfg.fresh_permutations else 0
+        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, draw, k) for k in range(self.cfg.num_permutations)]
         return prob_regulariser(flat_noise, self.cfg.block_size, perm_seeds)
 
     def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
@@ -80,6 +88,9 @@ class DNO(Method):
         if cfg.optimize == "all" and noises is not None:
             variables.append(noises.requires_grad_())
         optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # float16 networks: input gradients underflow without loss scaling (DNO uses a scaler too). A step whose
+        # scaled gradients overflow is skipped (its grad_norm is recorded as inf) and the scale is lowered.
+        scaler = torch.amp.GradScaler(x_T.device.type, init_scale=2.0**13, enabled=problem.backbone.float16)
         steps, base_image, base_reward, reference = [], None, None, None
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
             images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
@@ -90,9 +101,11 @@ class DNO(Method):
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at optimisation step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(variables, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if step == 0:  # z = z0: the base sample and the reference trajectory of the drift metrics
                 base_image, base_reward, reference = images[0].detach(), reward, [eps.detach() for eps in traj.eps]
             r_mira = trajectory_divergence([eps.detach() for eps in traj.eps], reference).item()
@@ -103,7 +116,9 @@ class DNO(Method):
             images, _ = problem.render(x_T, noises)
             final_reward = problem.score(images)[0].item()
             flat = torch.cat([v.flatten() for v in variables])  # how Gaussian the final noise still is
-            info = {"noise_sq": flat.square().mean().item(), "r_prob": self.prob_regulariser(problem, flat).item()}
+            info = {"noise_sq": flat.square().mean().item()}
+            if flat.numel() >= cfg.block_size:  # R_prob needs one block at least
+                info["r_prob"] = self.prob_regulariser(problem, flat, cfg.opt_steps).item()
         if base_image is None:  # opt_steps = 0
             base_image, base_reward = images[0], final_reward
         return ItemResult(base_image, images[0], base_reward, final_reward, steps, info)

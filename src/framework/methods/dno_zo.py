@@ -46,6 +46,7 @@ class DNOZeroOrder(DNO):
         with torch.no_grad():
             current = images.detach()
             reward = problem.score(current)[0]
-            direction = ((reward - rewards).view(-1, 1, 1, 1) * (candidates - current)).sum(0)  # ℓ_k − ℓ_0 = r_0 − r_k
+            weights = (reward - rewards).view(-1, *[1] * (candidates.dim() - 1))  # ℓ_k − ℓ_0 = r_0 − r_k
+            direction = (weights * (candidates - current)).sum(0)  # any sample shape: images or vectors
             direction = direction / direction.norm().clamp_min(1e-12)
         return (direction * images[0]).sum(), reward.item(), {"candidate_reward_max": rewards.max().item()}

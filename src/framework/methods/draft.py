@@ -1,9 +1,10 @@
 """DRaFT (arXiv 2309.17400): fine-tune LoRA adapters of the UNet by back-propagating the reward through sampling.
 
-DRaFT-K: only the last K DDIM steps keep gradients (K = null: full DRaFT); loss −mean r(decode(x̂0 of the last
-step)). DRaFT-LV: sample x0 without gradients, re-noise it n times to the last timestep and take one denoising step
-with gradients each; loss −Σ_i mean r(x̂0^i). DRaFT+KL adds λ·mean over the differentiated steps of
-mean((ε̃_ft − sg ε̃_base)²), the base prediction being the same UNet with adapters off at the same x_t.
+DRaFT-K: only the last K DDIM steps keep gradients (K = null: full DRaFT); loss −mean r(decode(x_0)), x_0 the
+sampler's output (as DRaFT and NeMo-Aligner's DRaFT+ score it). DRaFT-LV: sample x0 without gradients, re-noise it
+n times to the last timestep and take one denoising step with gradients each; loss −Σ_i mean r(x̂0^i). DRaFT+KL adds
+λ·mean over the differentiated steps of mean((ε̃_ft − sg ε̃_base)²), the base prediction being the same UNet with
+adapters off at the same x_t: the mean-squared ε difference that stands for the KL (logged as `train/eps_mse`).
 
 Training is a Lightning `fit`. The prompts and noises of optimiser step s derive from (seed, s, row) only, and each
 process takes rows rank::world of the global batch, so a resumed run, or a DDP run with the same global batch,
@@ -35,6 +36,9 @@ class DRaFT(L.LightningModule):
         if not reward.differentiable:
             raise FrameworkError(f"method draft back-propagates the reward, but reward {reward.name} is not "
                                  "differentiable; choose a differentiable reward")
+        if backbone.float16:
+            raise FrameworkError("method draft does not train in float16 (the LoRA fit has no loss scaling, so small "
+                                 "gradients underflow to zero); use model.dtype=bfloat16 or float32")
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
         self.trainable = add_lora(backbone.unet, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
@@ -50,15 +54,16 @@ class DRaFT(L.LightningModule):
         return prompt_indices[rank::world], seeds[rank::world]
 
     def losses(self, prompts: list[str], seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """(−mean reward, mean reward, KL term) of one batch."""
+        """(−mean reward, mean reward, mean-squared ε difference to the base model) of one batch."""
         cfg, backbone = self.cfg, self.backbone
         cond = backbone.encode(prompts)
         x_T, noises = draw_noise(backbone, cfg, seeds)
-        sample = dict(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale)
+        sample = dict(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                      final_step_noise=cfg.final_step_noise)
         if cfg.variant == "k":
             traj = ddim_sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sample)
             first = cfg.num_steps - (cfg.k or cfg.num_steps)
-            rewards = self.reward(backbone.decode(traj.x0_pred[-1]), prompts)
+            rewards = self.reward(backbone.decode(traj.latents), prompts)
             differentiated = list(zip(traj.x[first:], traj.timesteps[first:], traj.eps[first:]))
         else:
             with torch.no_grad():
@@ -73,21 +78,22 @@ class DRaFT(L.LightningModule):
                 x0_hat = (x1 - (1 - alpha) ** 0.5 * eps) / alpha**0.5
                 rewards = rewards + self.reward(backbone.decode(x0_hat), prompts)
                 differentiated.append((x1, t, eps))
-        kl = torch.zeros((), device=x_T.device)
+        eps_mse = torch.zeros((), device=x_T.device)
         if cfg.kl_weight > 0:
             with torch.no_grad(), backbone.adapters_disabled():
                 base = [backbone.eps(x.detach(), t, cond, cfg.guidance_scale) for x, t, _ in differentiated]
-            kl = torch.stack([(eps - b).square().mean() for (_, _, eps), b in zip(differentiated, base)]).mean()
-        return -rewards.mean(), rewards.mean() / (1 if cfg.variant == "k" else cfg.lv_samples), kl
+            eps_mse = torch.stack([(eps - b).square().mean() for (_, _, eps), b in zip(differentiated, base)]).mean()
+        return -rewards.mean(), rewards.mean() / (1 if cfg.variant == "k" else cfg.lv_samples), eps_mse
 
     def training_step(self, batch, batch_idx) -> Tensor:
         step = self.global_step
         prompt_indices, seeds = self.rows(step)
-        reward_loss, reward, kl = self.losses([self.prompts[i] for i in prompt_indices], seeds)
-        loss = reward_loss + self.cfg.kl_weight * kl
+        reward_loss, reward, eps_mse = self.losses([self.prompts[i] for i in prompt_indices], seeds)
+        loss = reward_loss + self.cfg.kl_weight * eps_mse
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite DRaFT loss ({loss.item()}) at step {step}")
-        self.log_dict({"train/loss": loss, "train/reward": reward, "train/kl": kl}, sync_dist=True, prog_bar=True)
+        self.log_dict({"train/loss": loss, "train/reward": reward, "train/eps_mse": eps_mse}, sync_dist=True,
+                      prog_bar=True)
         if self.cfg.sample_every and step % self.cfg.sample_every == 0:
             self.log_samples(step)
         return loss
@@ -101,7 +107,8 @@ class DRaFT(L.LightningModule):
         seeds = [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))]
         x_T, noises = draw_noise(self.backbone, self.cfg, seeds)
         traj = ddim_sample(self.backbone, self.backbone.encode(prompts), x_T, noises, num_steps=self.cfg.num_steps,
-                           eta=self.cfg.eta, guidance_scale=self.cfg.guidance_scale)
+                           eta=self.cfg.eta, guidance_scale=self.cfg.guidance_scale,
+                           final_step_noise=self.cfg.final_step_noise)
         images = self.backbone.decode(traj.latents)
         reward = self.reward(images, prompts).mean().item()
         path = self.out_dir / "samples" / f"step{step:06d}.png"
@@ -177,4 +184,5 @@ def fine_tune_then_sample(cfg, trainer: L.Trainer, backbone, reward):
         adapter = train(trainer, module)
     m = cfg.method
     return OmegaConf.structured(LoRAScaleConfig(num_steps=m.num_steps, eta=m.eta, guidance_scale=m.guidance_scale,
-                                                batch_size=m.batch_size, adapter=str(adapter), alpha=1.0))
+                                                final_step_noise=m.final_step_noise, batch_size=m.batch_size,
+                                                adapter=str(adapter), alpha=1.0))

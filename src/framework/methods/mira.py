@@ -4,8 +4,10 @@ loss(z) = −r(M(z)) + β·R_MIRA(z),  R_MIRA(z) = (1/S) Σ_t w_t · mean((ε̂(
 
 a score-based surrogate of KL[p(x0 | z, c) ‖ p(x0 | z0, c)]. The reference ε̂(x_t^(z0)) is what the first
 optimisation step's forward pass computes (z = z0, same injected ξ), so it is cached from there: no extra model
-evaluation, ever. At z = z0 the surrogate and its gradient are 0. Weights w_t: 1 (`uniform`) or the exact KL weight
-of each DDIM Gaussian transition, c_t²/(2σ_t²) with c_t the coefficient of ε̂ in the step's mean (`girsanov`).
+evaluation, ever. At z = z0 the surrogate and its gradient are 0. Weights w_t: 1 (`uniform`) or `eps_kl`: the weight
+c_t²/(2σ_t²) that turns the ε̂ difference into the exact Gaussian KL of one DDIM transition, c_t being the
+coefficient of ε̂ in the step's mean. It is the KL between the two steps taken from the same x_t; the two
+trajectories' means also differ by a_t·(x_t − x_t^(z0)), which this weighting (like the surrogate) leaves out.
 The compared prediction is the CFG-guided ε̂ that drives the sampler (`surrogate_guidance=cfg`) or its conditional
 branch ε_c (`cond`), which the same model evaluation returns.
 """
@@ -19,7 +21,7 @@ from framework.methods.dno import DNO
 from framework.sampling import Trajectory, ddim_coefficients, trajectory_divergence
 
 
-def girsanov_weights(schedule: list[tuple[int, float, float]], eta: float) -> list[float]:
+def eps_kl_weights(schedule: list[tuple[int, float, float]], eta: float) -> list[float]:
     weights = []
     for _, alpha, alpha_prev in schedule:
         sigma, eps_coef = ddim_coefficients(alpha, alpha_prev, eta)
@@ -30,11 +32,11 @@ def girsanov_weights(schedule: list[tuple[int, float, float]], eta: float) -> li
 class MIRA(DNO):
     def __init__(self, cfg):
         super().__init__(cfg)
-        choose(cfg.weighting, ("uniform", "girsanov"), "method.weighting")
+        choose(cfg.weighting, ("uniform", "eps_kl"), "method.weighting")
         choose(cfg.surrogate_guidance, ("cfg", "cond"), "method.surrogate_guidance")
-        if cfg.weighting == "girsanov" and cfg.eta <= 0:
-            raise FrameworkError("method.weighting=girsanov needs method.eta > 0 (a DDIM step at eta=0 has no "
-                                 "noise, so its Gaussian KL is undefined)")
+        if cfg.weighting == "eps_kl" and (cfg.eta <= 0 or not cfg.final_step_noise):
+            raise FrameworkError("method.weighting=eps_kl needs method.eta > 0 and method.final_step_noise=true "
+                                 "(a deterministic DDIM step has no noise, so its Gaussian KL is undefined)")
 
     @property
     def weight(self) -> float:
@@ -44,6 +46,6 @@ class MIRA(DNO):
         predictions = traj.eps if self.cfg.surrogate_guidance == "cfg" else traj.eps_cond
         if step == 0:  # z = z0: this forward pass is the reference trajectory
             self._reference = [eps.detach() for eps in predictions]
-            self._weights = (girsanov_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
-                             if self.cfg.weighting == "girsanov" else [1.0] * len(predictions))
+            self._weights = (eps_kl_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
+                             if self.cfg.weighting == "eps_kl" else [1.0] * len(predictions))
         return trajectory_divergence(predictions, self._reference, self._weights)

@@ -1,8 +1,8 @@
 """The Backbone contract and its Stable Diffusion (SD1.x and SDXL) implementation.
 
 A Backbone is everything the sampler and the methods need from a text-to-image diffusion model, and nothing more:
-`encode` prompts once, evaluate the CFG-guided noise prediction `eps`, `decode` latents to images in [0, 1], and the
-noise schedule. Diffusers does the model work: we keep its pipeline object to reuse its own prompt encoding (so
+`encode` prompts once, evaluate the CFG-guided noise prediction `eps`, `decode` latents to images on the [0, 1] scale,
+and the noise schedule. Diffusers does the model work: we keep its pipeline object to reuse its own prompt encoding (so
 SD1.x, SDXL and their CFG conventions match diffusers exactly) and register the networks as submodules so Lightning
 moves them between devices.
 """
@@ -56,7 +56,13 @@ class Backbone(nn.Module):
         return self.eps_branches(x, t, cond, guidance_scale)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
+        """Images on the [0, 1] scale as the decoder produced them, not clamped: rewards that read raw pixels see
+        out-of-range values (DNO's white/black rewards do), the others clamp them themselves."""
         raise NotImplementedError
+
+    def postprocess(self, images: Tensor) -> Tensor:
+        """The decoded images as saved and measured: clamped to [0, 1]."""
+        return images.clamp(0, 1)
 
     def adapters_disabled(self):
         """Context in which `eps` is the base model's (LoRA adapters off); backbones without adapters refuse."""
@@ -68,6 +74,11 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def float16(self) -> bool:
+        """Whether any network runs in float16, whose narrow range makes backward need loss scaling."""
+        return any(p.dtype == torch.float16 for p in self.parameters())
 
     def schedule(self, num_steps: int) -> list[tuple[int, float, float]]:
         """(t, ᾱ_t, ᾱ_prev) for each DDIM step, noisiest first, exactly as diffusers' DDIMScheduler steps them."""
@@ -138,7 +149,7 @@ class StableDiffusionBackbone(Backbone):
         return adapters_disabled(self.unet)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents → images in [0, 1], differentiable, scaled as the SD pipelines do."""
+        """Latents → images on the [0, 1] scale (unclamped), differentiable, scaled as the SD pipelines do."""
         z = latents / self.vae.config.scaling_factor
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
-        return (images / 2 + 0.5).clamp(0, 1)
+        return images / 2 + 0.5

@@ -96,3 +96,6 @@ class GaussianMixtureBackbone(Backbone):
 
     def decode(self, latents: Tensor) -> Tensor:
         return latents  # the samples are the data
+
+    def postprocess(self, images: Tensor) -> Tensor:
+        return images  # vectors, not pixels: nothing to clamp

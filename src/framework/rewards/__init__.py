@@ -52,13 +52,13 @@ def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
     return AestheticReward(vision, state).to(dtype)
 
 
-def _clip_similarity(scale):
+def _clip_similarity(cos_scale):
     def build(cfg: RewardConfig, dtype) -> Reward:
         from framework.rewards.clip import CLIPSimilarity, load_clip, load_tokenizer
 
         key = "reward.processor" if cfg.processor else "reward.source"
         tokenizer = load_tokenizer(cfg.processor or cfg.source, cfg.tiny, key=key)
-        return CLIPSimilarity(load_clip(cfg.source, cfg.tiny, dtype), tokenizer, scale)
+        return CLIPSimilarity(load_clip(cfg.source, cfg.tiny, dtype), tokenizer, cos_scale)
 
     return build
 
@@ -93,8 +93,8 @@ def _callable(cfg: RewardConfig, dtype) -> Reward:
 BUILDERS = {
     "aesthetic": _aesthetic,
     "hps": _hps,
-    "pickscore": _clip_similarity(scale=None),  # logit_scale.exp() · cos
-    "clipscore": _clip_similarity(scale=100.0),
+    "pickscore": _clip_similarity(cos_scale=None),  # logit_scale.exp() · cos
+    "clipscore": _clip_similarity(cos_scale=100.0),
     "jpeg": lambda cfg, dtype: JpegCompressibility(cfg.jpeg_quality),
     **{name: (lambda cfg, dtype, name=name: ImageStatistic(name)) for name in ImageStatistic.STATISTICS},
     "judge": _judge,
@@ -107,7 +107,9 @@ def build_reward(cfg: RewardConfig) -> Reward:
 
     name = choose(cfg.name, tuple(BUILDERS), "reward.name")
     reward = BUILDERS[name](cfg, torch_dtype(cfg.dtype, "reward.dtype"))
-    reward.name = name
+    reward.name, reward.scale = name, cfg.scale
+    if cfg.clamp is not None:
+        reward.clamp = cfg.clamp
     return reward.requires_grad_(False).eval()
 
 

@@ -9,12 +9,23 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Reward(nn.Module):
-    """A frozen scorer. `differentiable` says whether gradients reach the images (gradient methods require it)."""
+    """A frozen scorer. `differentiable` says whether gradients reach the images (gradient methods require it).
+
+    `clamp`: score the images clamped to [0, 1] (what is saved; models trained on real images expect it) or as the
+    decoder produced them (toy statistics, as DNO scores them, so out-of-range hacking stays visible and saturated
+    pixels keep their gradient). `scale` multiplies the documented score (e.g. 0.01 turns HPS's 100·cos into the raw
+    cosine some papers use). Subclasses implement `score`."""
 
     differentiable: bool = True
+    clamp: bool = True
+    scale: float = 1.0
     name: str = "reward"
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        scores = self.score(images.clamp(0, 1) if self.clamp else images, prompts)
+        return scores if self.scale == 1.0 else self.scale * scores
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         raise NotImplementedError
 
 

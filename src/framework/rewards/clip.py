@@ -24,12 +24,12 @@ def tiny_clip_config() -> CLIPConfig:
 
 
 class CLIPSimilarity(Reward):
-    """`scale · cos(image, text)` on a CLIPModel; text embeddings are cached per prompt (they never change)."""
+    """`cos_scale · cos(image, text)` on a CLIPModel; text embeddings are cached per prompt (they never change)."""
 
-    def __init__(self, model: CLIPModel, tokenizer, scale: float | None = None):
+    def __init__(self, model: CLIPModel, tokenizer, cos_scale: float | None = None):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.scale = scale  # None: the model's own logit_scale.exp() (PickScore)
+        self.cos_scale = cos_scale  # None: the model's own logit_scale.exp() (PickScore)
         self._text_cache: dict[str, Tensor] = {}
 
     def image_embeds(self, images: Tensor) -> Tensor:
@@ -46,8 +46,8 @@ class CLIPSimilarity(Reward):
             self._text_cache.update(zip(missing, F.normalize(feats, dim=-1)))
         return torch.stack([self._text_cache[p] for p in prompts])
 
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
-        scale = self.model.logit_scale.exp().float() if self.scale is None else self.scale
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        scale = self.model.logit_scale.exp().float() if self.cos_scale is None else self.cos_scale
         return scale * (self.image_embeds(images) * self.text_embeds(prompts).to(images.device)).sum(-1)
 
     def _apply(self, fn, recurse=True):  # moving devices invalidates the cached text embeddings
@@ -71,7 +71,7 @@ class AestheticReward(Reward):
         self.layers = aesthetic_mlp(mlp_state["layers.0.weight"].shape[1])
         self.layers.load_state_dict({k.removeprefix("layers."): v for k, v in mlp_state.items()})
 
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         pixels = clip_preprocess(images, self.vision.config.image_size).to(self.vision.dtype)
         embeds = F.normalize(self.vision(pixel_values=pixels).image_embeds.float(), dim=-1)
         return self.layers(embeds.to(self.layers[0].weight.dtype)).squeeze(-1).float()

@@ -32,7 +32,7 @@ class HPSReward(Reward):
             self._text_cache.update(zip(missing, F.normalize(feats, dim=-1)))
         return torch.stack([self._text_cache[p] for p in prompts])
 
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         size = self.model.visual.image_size
         pixels = clip_preprocess(images, size[0] if isinstance(size, tuple) else size)
         dtype = self.model.logit_scale.dtype

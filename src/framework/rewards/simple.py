@@ -21,7 +21,7 @@ class JpegCompressibility(Reward):
         self.quality = quality
 
     @torch.no_grad()
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
         sizes = []
         for array in pixels.numpy():
@@ -34,7 +34,9 @@ class JpegCompressibility(Reward):
 class ImageStatistic(Reward):
     """Toy rewards with closed forms, for hacking experiments and tests:
     brightness = mean pixel; darkness = −mean pixel; contrast = std of the grey image;
-    saturation = mean chroma max(r,g,b) − min(r,g,b)."""
+    saturation = mean chroma max(r,g,b) − min(r,g,b). By default they read the raw decoder output (DNO's reading)."""
+
+    clamp = False
 
     STATISTICS = {
         "brightness": lambda x: x.flatten(1).mean(1),  # any shape: also the analytic backbone's vectors
@@ -47,7 +49,7 @@ class ImageStatistic(Reward):
         super().__init__()
         self.statistic = statistic
 
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         return self.STATISTICS[self.statistic](images.float())
 
 
@@ -61,7 +63,7 @@ class CallableReward(Reward):
         self.fn = getattr(importlib.import_module(module_name), attr)
         self.differentiable = differentiable
 
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         if not self.differentiable:
             with torch.no_grad():
                 scores = self.fn(images.detach(), prompts)

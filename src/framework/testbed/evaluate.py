@@ -31,8 +31,8 @@ def evaluate_adherence(model_dir: Path = MODEL_DIR, judge_file: Path = JUDGE_FIL
     for caption in all_captions():
         x_T = torch.randn((seeds, *backbone.latent_shape()), generator=torch.Generator().manual_seed(0))
         cond = backbone.encode([caption]).repeat(seeds)
-        images = backbone.decode(ddim_sample(backbone, cond, x_T, num_steps=num_steps,
-                                             guidance_scale=guidance_scale).latents)
+        images = backbone.postprocess(backbone.decode(ddim_sample(backbone, cond, x_T, num_steps=num_steps,
+                                                                  guidance_scale=guidance_scale).latents))
         colors, kinds = judge(images)
         color, shape = parse_caption(caption)
         hits = ((colors.argmax(1) == color) & (kinds.argmax(1) == shape)).sum().item()

@@ -70,5 +70,5 @@ class JudgeReward(Reward):
         super().__init__()
         self.judge = judge
 
-    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         return judge_log_prob(self.judge, images, prompts)[0]
