@@ -86,7 +86,7 @@ def test_win_rate_run_level_metrics_and_runs_that_use_an_earlier_run(tmp_path):
             "pareto": {"x": "sets.final_diversity_vendi", "y": "reward"},
             "scales": {"tiny": ["model=tiny_sd", "model.resolution=32", "method.num_steps=3", "prompts=inline",
                                 "prompts.prompts=[a cat]", "samples_per_prompt=2", "eval.features=clip",
-                                "eval.clip=tiny", "logger=none"]},
+                                "eval.clip=tiny", "eval.cmmd_clip=tiny", "logger=none"]},
             "runs": {"DRaFT": ["method=draft", "method.train_steps=2", "method.save_every=2", "method.sample_every=0",
                                "method.train_batch_size=1", "method.lora_rank=4", "method.lr=0.05"],
                      "LoRA half": ["method=lora_scale", "method.adapter={run:DRaFT}/adapter", "method.alpha=0.5"]}}

@@ -76,24 +76,45 @@ def testbed_images():
 
 
 def test_image_metrics_with_judge_features_and_held_out_rewards(testbed_images):
+    import io
+
+    from PIL import Image
+
     metrics = ImageMetrics(load_judge(), "judge", eval_rewards={"jpeg": build_reward(RewardConfig(name="jpeg"))})
     images = testbed_images[:1]
     same = metrics(images, "a red circle", images.clone())
     assert same["drift_rmse"] == 0 and same["drift_embedding"] == pytest.approx(0, abs=1e-6)
     assert same["adherence"] == 1.0
-    assert same["eval_jpeg"] == pytest.approx(build_reward(RewardConfig(name="jpeg"))(images, [""]).item())
+    buffer = io.BytesIO()  # independent: PIL's own JPEG size of the 8-bit image, in kB
+    Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG",
+                                                                                              quality=95)
+    assert same["eval_jpeg"] == pytest.approx(-buffer.tell() / 1000)
     other = metrics(testbed_images[1:], "a red circle", images)
     assert other["drift_embedding"] > 0.01 and other["adherence"] == 0.0
+    rmse = ((testbed_images[1] - images[0]) ** 2).mean().sqrt().item()
+    assert other["drift_rmse"] == pytest.approx(rmse, rel=1e-6)
 
 
 def test_clip_features_and_clipscore_from_a_local_clip_directory(clip_dir):
-    metrics = build_metrics(EvalConfig(features="clip", clip=str(clip_dir)), ModelConfig(kind="sd"))
+    from transformers import CLIPModel
+
+    from framework.models.tokenizer import build_clip_tokenizer
+    from framework.rewards import clip_preprocess
+
+    metrics = build_metrics(EvalConfig(features="clip", clip=str(clip_dir), cmmd_clip="none"), ModelConfig(kind="sd"))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     values = metrics(images, "a cat", images.flip(0))
-    clipscore = build_reward(RewardConfig(name="clipscore", source=str(clip_dir)))
-    assert values["clipscore"] == pytest.approx(clipscore(images, ["a cat"] * 2).clamp_min(0).mean().item(), rel=1e-5)
-    cos = (metrics.embed(images) * metrics.embed(images.flip(0))).sum(-1)
-    assert values["drift_embedding"] == pytest.approx((1 - cos).mean().item(), rel=1e-5) and values["drift_embedding"] > 0
+    # Independent: CLIPModel's own forward (projected embeddings, logits = logit_scale·cos) and its image features.
+    clip = CLIPModel.from_pretrained(clip_dir)
+    tokens = build_clip_tokenizer()(["a cat"], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = clip(**tokens, pixel_values=clip_preprocess(images, 32))
+    cos = out.logits_per_image[:, 0] / clip.logit_scale.exp()
+    assert values["clipscore"] == pytest.approx((100 * cos).clamp_min(0).mean().item(), rel=1e-4)
+    embeds = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+    assert embeds.shape[-1] == 24  # the projection, not the width
+    expected = (1 - (embeds * embeds.flip(0)).sum(-1)).mean().item()
+    assert values["drift_embedding"] == pytest.approx(expected, rel=1e-4) and values["drift_embedding"] > 0
 
 
 def test_feature_choice_follows_the_model_and_missing_clip_is_one_clear_error():
@@ -113,6 +134,31 @@ def test_set_metrics_of_a_run(testbed_images):
         record["row"] = i
     out = metrics.set_metrics(records, lambda record, kind: images[kind][record["row"]])
     assert out["win_rate_vs_base"]["rate"] == pytest.approx(0.625)
-    assert out["cmmd"] > 0 and out["spectral_distance"] > 0
+    assert out["cmmd_judge"] > 0 and "cmmd" not in out and out["spectral_distance"] > 0
     assert out["base_diversity_vendi"] == pytest.approx(1.0, abs=1e-6)  # two identical seeds per prompt
     assert out["final_diversity_vendi"] > 1.2 and out["final_diversity_pairwise"] > 0
+
+
+def test_cmmd_uses_its_own_clip_when_features_are_clip(clip_dir, tmp_path):
+    """CMMD as published reads ViT-L/14-336 embeddings, not the drift features' CLIP: with two different CLIPs the
+    set's CMMD equals numpy CMMD of the second one's image embeddings (from CLIPModel's own forward)."""
+    from transformers import CLIPModel
+
+    from framework.rewards import clip_preprocess
+    from framework.rewards.clip import tiny_clip_config
+
+    torch.manual_seed(9)
+    CLIPModel(tiny_clip_config()).save_pretrained(tmp_path / "cmmd_clip")
+    metrics = build_metrics(EvalConfig(features="clip", clip=str(clip_dir), cmmd_clip=str(tmp_path / "cmmd_clip")),
+                            ModelConfig(kind="sd"))
+    images = {"base": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+              "final": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
+    records = [{"prompt_index": i, "final_reward": 1.0, "base_reward": 0.0, "row": i} for i in range(4)]
+    out = metrics.set_metrics(records, lambda record, kind: images[kind][record["row"]])
+    reference = CLIPModel.from_pretrained(tmp_path / "cmmd_clip")
+    with torch.no_grad():
+        embeds = {k: torch.nn.functional.normalize(reference.get_image_features(
+            pixel_values=clip_preprocess(v, 32)).pooler_output, dim=-1) for k, v in images.items()}
+    assert out["cmmd"] == pytest.approx(numpy_cmmd(embeds["final"], embeds["base"]), rel=1e-4)
+    with pytest.raises(FrameworkError, match=r"eval\.cmmd_clip: weights for 'openai/clip-vit-large-patch14-336'"):
+        build_metrics(EvalConfig(features="clip", clip=str(clip_dir)), ModelConfig(kind="sd"))

@@ -30,7 +30,7 @@ def assert_differentiable(scores, images):
 
 def test_aesthetic_loads_laion_mlp_state_dict(clip_dir, tmp_path, images):
     torch.manual_seed(4)
-    shapes = {0: (1024, 32), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}  # LAION's keys, input 32 here
+    shapes = {0: (1024, 24), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}  # LAION's keys; 24 = projection
     state = {}
     for i, shape in shapes.items():
         state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = torch.randn(shape) / shape[1] ** 0.5, torch.randn(shape[0])
@@ -38,10 +38,13 @@ def test_aesthetic_loads_laion_mlp_state_dict(clip_dir, tmp_path, images):
     reward = build_reward(RewardConfig(name="aesthetic", source=str(clip_dir),
                                        checkpoint=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")))
     scores = reward(images, PROMPTS)
-    # Independent: CLIP image embedding → normalise → the five affine maps of the state dict, no activations.
+    # Independent: the vision tower's pooled output through the visual projection (width 32 → 24), normalised, then
+    # the five affine maps of the state dict, no activations.
     clip = CLIPModel.from_pretrained(clip_dir)
     with torch.no_grad():
-        h = F.normalize(clip.get_image_features(pixel_values=clip_preprocess(images, 32)).pooler_output, dim=-1)
+        pooled = clip.vision_model(pixel_values=clip_preprocess(images, 32)).pooler_output
+        assert pooled.shape[-1] == 32 and clip.config.projection_dim == 24
+        h = F.normalize(clip.visual_projection(pooled), dim=-1)
         for i in shapes:
             h = F.linear(h, state[f"layers.{i}.weight"], state[f"layers.{i}.bias"])
     torch.testing.assert_close(scores.detach(), h.squeeze(-1), rtol=1e-4, atol=1e-5)
@@ -122,6 +125,21 @@ def test_toy_rewards_closed_forms():
     assert score("brightness", grey) == pytest.approx(0.25) and score("darkness", grey) == pytest.approx(-0.25)
     assert score("saturation", red) == pytest.approx(1.0) and score("saturation", grey) == pytest.approx(0.0)
     assert score("contrast", grey) == pytest.approx(0.0) and score("brightness", red) == pytest.approx(1 / 3)
+
+
+def test_toy_rewards_read_raw_pixels_model_rewards_clamp_and_scale_multiplies():
+    """DNO's reading: a toy statistic scores the decoder's raw output, overshoot included, and keeps its gradient
+    at saturated pixels; a model-based reward sees the clamped image (what is saved); `scale` multiplies."""
+    over = torch.full((1, 3, 32, 32), 1.5, requires_grad=True)
+    raw, clamped = (build_reward(RewardConfig(name="brightness", clamp=c)) for c in (None, True))
+    assert raw(over, ["p"]).item() == pytest.approx(1.5) and clamped(over, ["p"]).item() == pytest.approx(1.0)
+    (grad,) = torch.autograd.grad(raw(over, ["p"]).sum(), over)
+    assert grad.abs().min() > 0
+    clip = build_reward(RewardConfig(name="clipscore", tiny=True))
+    assert clip(over, ["a cat"]).item() == pytest.approx(clip(torch.ones(1, 3, 32, 32), ["a cat"]).item(), rel=1e-6)
+    hps, hps_cos = (build_reward(RewardConfig(name="hps", tiny=True, scale=s)) for s in (1.0, 0.01))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hps_cos(images, PROMPTS), 0.01 * hps(images, PROMPTS))
 
 
 def test_callable_reward_sees_detached_images_unless_declared_differentiable(tmp_path, monkeypatch):

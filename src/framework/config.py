@@ -210,6 +210,9 @@ class EvalConfig:
     # random ones) | clip (also gives CLIPScore adherence) | judge | none
     features: str = "auto"
     clip: str = "openai/clip-vit-large-patch14"  # CLIP for features=clip: hub id, local directory, or "tiny"
+    # CMMD's CLIP when features=clip (CMMD as published is defined on ViT-L/14 at 336 px): hub id, local directory,
+    # "tiny", or "none" (no CMMD). With features=judge CMMD is computed on the judge's features (sets.cmmd_judge).
+    cmmd_clip: str = "openai/clip-vit-large-patch14-336"
     rewards: list[str] = field(default_factory=list)  # held-out rewards by conf/reward name, reported as eval_<name>
 
 

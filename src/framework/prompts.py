@@ -6,7 +6,8 @@ from pathlib import Path
 from framework.config import PromptsConfig, choose
 from framework.errors import FrameworkError
 
-# MIRA's Animal-Animal set: "a {A} and a {B}" for every pair A before B in this order (66 prompts).
+# Animal-Animal (from Attend-and-Excite, Chefer et al. 2023; MIRA evaluates on it): "a {A} and a {B}" for every
+# pair A before B in this order (66 prompts).
 PAIR_ANIMALS = ["cat", "dog", "bird", "bear", "lion", "horse", "elephant", "monkey", "frog", "turtle", "rabbit",
                 "mouse"]
 # DDPO's simple animals, used bare as prompts, as DDPO and the AIG paper do (45 prompts).

@@ -87,8 +87,10 @@ def print_set_metrics(sets: dict) -> None:
     if "win_rate_vs_base" in sets:
         win = sets["win_rate_vs_base"]
         print(f"  win rate of final over base images: {win['rate']:.2f} (95% CI {win['low']:.2f}–{win['high']:.2f})")
-    if "cmmd" in sets:
-        print(f"  final vs base sets: CMMD {sets['cmmd']:.3f}, spectral distance {sets['spectral_distance']:.4f}, "
+    if "spectral_distance" in sets:
+        cmmd = (f"CMMD {sets['cmmd']:.3f}, " if "cmmd" in sets
+                else f"CMMD on judge features {sets['cmmd_judge']:.3f}, " if "cmmd_judge" in sets else "")
+        print(f"  final vs base sets: {cmmd}spectral distance {sets['spectral_distance']:.4f}, "
               f"log-spectral {sets['log_spectral_distance']:.3f}")
     if "final_diversity_vendi" in sets:
         print(f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → {sets['final_diversity_vendi']:.2f}"

@@ -3,7 +3,9 @@
 Per image (each optimisation step and the final image of every item): drift from the item's base image (same seed)
 as pixel RMSE and embedding cosine distance, CLIPScore, held-out evaluation rewards and, on the testbed,
 ground-truth prompt adherence. Per run (`set_metrics`): CMMD and spectral distances between the final and base
-image sets, diversity across the seeds of each prompt, and the win rate of final over base images.
+image sets, diversity across the seeds of each prompt, and the win rate of final over base images. CMMD is computed
+as published, on CLIP ViT-L/14 at 336 px (`eval.cmmd_clip`; `cmmd`), or on the testbed judge's features
+(`cmmd_judge`, not comparable with published values).
 """
 
 from collections import defaultdict
@@ -23,20 +25,26 @@ FEATURE_BATCH = 64
 
 class ImageMetrics(nn.Module):
     """`features`: "clip" (the CLIP model of `clip`), "judge" (the testbed judge's penultimate layer) or None.
+    `cmmd_clip`: the CLIP whose embeddings CMMD uses when features are CLIP's (ViT-L/14-336 for published CMMD).
     `eval_rewards`: held-out rewards reported as `eval_<name>`. Every model is a submodule, so it moves with the
     runner to the run's device."""
 
-    def __init__(self, judge=None, features: str | None = None, clip=None, eval_rewards: dict | None = None):
+    def __init__(self, judge=None, features: str | None = None, clip=None, eval_rewards: dict | None = None,
+                 cmmd_clip=None):
         super().__init__()
         self.judge, self.clip, self.features = judge, clip, features  # judge: testbed.judge.Judge; clip: CLIPSimilarity
+        self.cmmd_clip = cmmd_clip
         self.eval_rewards = nn.ModuleDict(eval_rewards or {})
 
     @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor | None:
-        if self.features is None:
+    def embed(self, images: Tensor, model=None) -> Tensor | None:
+        """Normalised embeddings of the configured features (or of the CLIP `model`), in chunks."""
+        if model is None and self.features is None:
             return None
+        if model is None and self.features == "clip":
+            model = self.clip
+        embed = self.judge.features if model is None else model.image_embeds
         chunks = [images[i : i + FEATURE_BATCH].to(self._device(images)) for i in range(0, len(images), FEATURE_BATCH)]
-        embed = self.clip.image_embeds if self.features == "clip" else self.judge.features
         return torch.cat([F.normalize(embed(c.float()).float(), dim=-1) for c in chunks])
 
     def _device(self, images: Tensor) -> torch.device:
@@ -73,9 +81,13 @@ class ImageMetrics(nn.Module):
                 [r["prompt_index"] for r in records])))
         if self.features is None or len(records) < 2:
             return out
-        base, final = (self.embed(torch.stack([load_image(r, kind) for r in records])).cpu()
-                       for kind in ("base", "final"))
-        out |= {"cmmd": cmmd(final, base), "spectral_distance": spectral_distance(base, final),
+        images = {kind: torch.stack([load_image(r, kind) for r in records]) for kind in ("base", "final")}
+        base, final = (self.embed(images[kind]).cpu() for kind in ("base", "final"))
+        if self.features == "judge":
+            out["cmmd_judge"] = cmmd(final, base)
+        elif self.cmmd_clip is not None:
+            out["cmmd"] = cmmd(*(self.embed(images[kind], self.cmmd_clip).cpu() for kind in ("final", "base")))
+        out |= {"spectral_distance": spectral_distance(base, final),
                 "log_spectral_distance": log_spectral_distance(base, final)}
         by_prompt = defaultdict(list)
         for i, r in enumerate(records):
@@ -108,12 +120,18 @@ def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
 
     features = resolve_features(eval_cfg, model_cfg)
     judge = load_judge() if eval_cfg.adherence or features == "judge" else None
-    clip = None
-    if features == "clip":  # CLIP embeddings, and CLIPScore adherence from the same model
-        tiny = eval_cfg.clip == "tiny"
+
+    def clip_model(source: str, key: str, alternative: str):
+        tiny = source == "tiny"
         try:
-            clip = build_reward(RewardConfig(name="clipscore", source=None if tiny else eval_cfg.clip, tiny=tiny))
+            return build_reward(RewardConfig(name="clipscore", source=None if tiny else source, tiny=tiny))
         except FrameworkError as e:  # name the key the user sets here
-            raise FrameworkError(str(e).replace("reward.source", "eval.clip") + " (or eval.features=none)") from None
+            raise FrameworkError(str(e).replace("reward.source", key) + f" (or {alternative})") from None
+
+    clip = cmmd_clip = None
+    if features == "clip":  # CLIP embeddings, and CLIPScore adherence from the same model
+        clip = clip_model(eval_cfg.clip, "eval.clip", "eval.features=none")
+        if eval_cfg.cmmd_clip != "none":
+            cmmd_clip = clip_model(eval_cfg.cmmd_clip, "eval.cmmd_clip", "eval.cmmd_clip=none")
     rewards = {name: load_named_reward(name) for name in eval_cfg.rewards}
-    return ImageMetrics(judge, None if features == "none" else features, clip, rewards)
+    return ImageMetrics(judge, None if features == "none" else features, clip, rewards, cmmd_clip)

@@ -14,12 +14,12 @@ TINY_CLIP = dict(
                      pad_token_id=49407),
     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                        num_attention_heads=4),
-    projection_dim=32,
+    projection_dim=24,  # not the width: a reward reading the unprojected embedding fails (as with ViT-L/14: 1024 → 768)
 )
 
 
 def tiny_clip_config() -> CLIPConfig:
-    """A CLIP with ViT-L/14's structure at toy size (32-px images, width 32): same code path, milliseconds."""
+    """A CLIP with ViT-L/14's structure at toy size (32-px images, width 32, projection 24): same code path."""
     return CLIPConfig(**TINY_CLIP)
 
 
