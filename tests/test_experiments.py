@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, run_cli
 from framework.errors import FrameworkError
 from framework.experiments import EXPERIMENTS_DIR, load_experiment, mean_ci, reproduce, reproduce_all, slug
-from framework.report import step_curve
+from framework.report import ok_records, step_curve
 
 
 def read_csv(path):
@@ -94,8 +94,8 @@ def test_win_rate_run_level_metrics_and_runs_that_use_an_earlier_run(tmp_path):
     written = reproduce("p", "tiny", tmp_path / "out", experiments_dir=tmp_path)
     assert written[-1].suffix == ".png" and written[-1].stat().st_size > 0
     rows = read_csv(written[0])
-    assert float(rows["DRaFT"]["win_rate_mean"]) == 0.5  # against itself
-    assert 0 <= float(rows["LoRA half"]["win_rate_low"]) <= float(rows["LoRA half"]["win_rate_high"]) <= 1
+    assert float(rows["DRaFT"]["win_rate:reward_mean"]) == 0.5  # against itself
+    assert 0 <= float(rows["LoRA half"]["win_rate:reward_low"]) <= float(rows["LoRA half"]["win_rate:reward_high"]) <= 1
     [lora_dir] = (tmp_path / "out" / "runs" / "tiny").glob("LoRA_half-*")
     summary = json.loads((lora_dir / "summary.json").read_text())
     assert float(rows["LoRA half"]["sets.final_diversity_vendi_mean"]) == pytest.approx(
@@ -111,7 +111,7 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
     """2 methods × 2 β on the testbed: every cell equals its run's summary.json. A second experiment in the same call
     declaring one identical run (same composed config, other override order) shares its directory: it runs once."""
     spec = {"title": "grid", "kind": "table", "metrics": ["reward", "adherence", "drift_rmse", "win_rate"],
-            "versus": "MIRA", "scales": {"testbed": TESTBED},
+            "versus": "MIRA", "judges": ["reward", "judge_log_prob", "eval_hps"], "scales": {"testbed": TESTBED},
             "grid": {"testbed": {"beta": {"β=0.01": ["method.beta=0.01"], "β=1": ["method.beta=1"]}}},
             "runs": {"MIRA": ["method=mira"], "MIRA-DPO": ["method=mira_dpo", "reward=jpeg"]}}
     other = {"title": "other", "kind": "table", "metrics": ["reward"], "scales": {"testbed": ["method.beta=1", *TESTBED]},
@@ -129,9 +129,28 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
         assert row["beta"] == name.split(" · ")[1] and int(row["items"]) == summary["num_ok"] == 2
         for metric in ("reward", "adherence", "drift_rmse"):
             assert float(row[f"{metric}_mean"]) == pytest.approx(summary[f"final_{metric}_mean"], rel=1e-5)
-    assert float(rows["MIRA · β=1"]["win_rate_mean"]) == 0.5  # versus the MIRA run of its own cell
-    assert rows["MIRA-DPO · β=1"]["win_rate_mean"] != "nan"
+    for judge in ("reward", "judge_log_prob"):  # one column per judge; eval_hps was recorded by no run: left out
+        assert float(rows["MIRA · β=1"][f"win_rate:{judge}_mean"]) == 0.5  # versus the MIRA run of its own cell
+    assert "win_rate:eval_hps_mean" not in rows["MIRA · β=1"]
+    [mira_dir] = (out / "runs" / "testbed").glob("MIRA_beta_0.01-*")
+    [dpo_dir] = (out / "runs" / "testbed").glob("MIRA-DPO_beta_0.01-*")
+    mira, dpo = ({r["id"]: r["metrics"]["final"]["judge_log_prob"] for r in ok_records(d)} for d in (mira_dir, dpo_dir))
+    wins = np.mean([(mira[i] > dpo[i]) + 0.5 * (mira[i] == dpo[i]) for i in mira])  # MIRA's image beats the row's
+    assert float(rows["MIRA-DPO · β=0.01"]["win_rate:judge_log_prob_mean"]) == pytest.approx(wins)
     assert read_csv(written[3])["MIRA again"]["reward_mean"] == rows["MIRA · β=1"]["reward_mean"]
+
+
+def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
+    from framework.experiments import plan
+
+    spec = {"title": "s", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED, "other": TESTBED},
+            "runs": {"MIRA": ["method=mira"], "DNO": {"testbed": ["method=dno", "method.opt_steps=3"]}}}
+    testbed = plan(spec, "testbed", tmp_path, "s", {})
+    assert [r.label for r in testbed] == ["MIRA", "DNO"] and testbed[1].cfg.method.opt_steps == 3
+    assert [r.label for r in plan(spec, "other", tmp_path, "s", {})] == ["MIRA"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**spec, "judge": "reward"}))
+    with pytest.raises(FrameworkError, match="`judge` is now `judges`, a list"):
+        load_experiment(tmp_path / "old.yaml")
 
 
 def test_bad_override_fails_before_any_run(tmp_path):

@@ -136,9 +136,14 @@ def test_best_of_n_returns_the_best_of_its_candidates(tiny_sd):
     assert base.final_reward == pytest.approx(result.base_reward, abs=1e-5)
 
 
-def test_compute_matched_n():
+def test_compute_matched_best_of_n_spends_the_evaluations_of_the_gradient_steps(tiny_sd, brightness):
+    """Counted by the backbone: N = 2K + 1 samples cost what K checkpointed DNO steps and their final sample cost."""
     assert num_candidates(BestOfNConfig(n=7)) == 7
-    assert num_candidates(BestOfNConfig(match_opt_steps=10, opt_step_cost=3.0)) == 30
+    before = tiny_sd.num_evals
+    run(DNOConfig(num_steps=3, opt_steps=4), tiny_sd, brightness)
+    dno = tiny_sd.num_evals - before
+    run(BestOfNConfig(num_steps=3, match_opt_steps=4), tiny_sd, brightness)
+    assert tiny_sd.num_evals - before - dno == dno == 3 * num_candidates(BestOfNConfig(match_opt_steps=4))
 
 
 def test_item_seeds_depend_only_on_global_seed_prompt_and_sample():

@@ -70,11 +70,10 @@ class BaseConfig(SamplingConfig):
 class BestOfNConfig(SamplingConfig):
     name: str = "best_of_n"
     n: int = 16
-    # Compute-matched N: when set, N = ceil(match_opt_steps × opt_step_cost) so Best-of-N spends the model
-    # evaluations of that many gradient steps. One checkpointed gradient step costs ≈ 3 plain samples (forward,
-    # recompute, input-only backward); `make bench` measures the ratio on your hardware.
+    # Compute-matched N: when set, N = 2K + 1 spends exactly the model evaluations of K checkpointed gradient steps
+    # of DNO/MIRA (each step evaluates the model twice per sampler step, forward and recompute, and the final
+    # sample once more), as the backbone counts them; backward passes are not counted (compare `seconds` for them).
     match_opt_steps: int | None = None
-    opt_step_cost: float = 3.0
 
 
 @dataclass

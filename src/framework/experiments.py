@@ -13,16 +13,21 @@ intervals over items) and, for `kind: curve` or `pareto`, <name>.png with its da
     metrics: [reward, adherence, drift_rmse]     # see below
     scales: {testbed: [overrides...], paper: [overrides...]}
     grid: {paper: {model: {SD1.5: [model=sd15], SDXL: [model=sdxl]}, reward: {...}}}   # optional, per scale
-    runs: {label: [overrides...], ...}           # "{run:LABEL}" in an override is that run's directory (same cell)
+    runs: {label: [overrides...], ...}           # "{run:LABEL}" in an override is that run's directory (same cell);
+                                                 # {scale: [overrides...]} instead of a list: per-scale overrides,
+                                                 # and the run exists only at the scales it names
     versus: LABEL                                # win_rate: share of items where LABEL's image beats the row's
-    judge: reward                                # ... under the optimised reward or a recorded eval_<name>
+    judges: [adherence, eval_pickscore, reward]  # ... one win-rate column per judge (`win_rate:<judge>`): the
+                                                 # optimised reward or any recorded final metric; a judge that no run
+                                                 # of the scale recorded is left out
     pareto: {x: sets.final_diversity_vendi, y: reward}   # kind pareto: the scatter to draw
     curves: [reward, drift_rmse, r_mira]         # kind curve: per-step keys to plot (default: the item metrics)
 
 Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...,
 and compute: `evals`, `seconds`; mean and bootstrap interval over items), `last.<key>` (the value at the last
 optimisation step, e.g. `last.r_mira`), run-level `sets.<key>` of summary.json (CMMD, diversity, spectral distance;
-a single value) and `win_rate` (bootstrap interval over prompts).
+a single value) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric that no run of the
+scale recorded (e.g. `sets.cmmd_judge` off the testbed) is left out of the table, with a note.
 """
 
 import argparse
@@ -56,7 +61,21 @@ def load_experiment(path: Path) -> dict:
         raise FrameworkError(f"{path}: missing keys {', '.join(sorted(missing))}")
     if spec["kind"] not in KINDS:
         raise FrameworkError(f"{path}: kind {spec['kind']!r} is not one of {', '.join(KINDS)}")
+    if "judge" in spec:
+        raise FrameworkError(f"{path}: `judge` is now `judges`, a list (one win-rate column per judge)")
     return spec
+
+
+def table_metrics(spec: dict) -> list[str]:
+    """The metric columns: `win_rate` becomes one `win_rate:<judge>` column per judge (default: the reward)."""
+    judges = spec.get("judges", ["reward"])
+    return [col for m in spec["metrics"] for col in ([f"win_rate:{j}" for j in judges] if m == "win_rate" else [m])]
+
+
+def run_overrides(spec: dict, scale: str) -> dict[str, list[str]]:
+    """label -> overrides of the runs that exist at `scale` (a run given per scale exists at the scales it names)."""
+    return {label: overrides if isinstance(overrides, list) else overrides[scale]
+            for label, overrides in spec["runs"].items() if isinstance(overrides, list) or scale in overrides}
 
 
 GREEK = {"α": "alpha", "β": "beta", "γ": "gamma", "λ": "lambda"}
@@ -119,7 +138,7 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for cell in cells:
             done: dict[str, Run] = {}
-            for label, overrides in spec["runs"].items():  # in order: a run may use an earlier one's outputs
+            for label, overrides in run_overrides(spec, scale).items():  # in order: {run:X} names an earlier run
                 where = f"experiment {experiment}, run {label!r}"
 
                 def directory(match):
@@ -173,11 +192,14 @@ def run_metric(metric: str, run: Run, spec: dict, runs: list[Run]) -> tuple[int,
         sets = json.loads((run.dir / "summary.json").read_text()).get("sets", {})
         value = sets.get(metric.removeprefix("sets."), float("nan"))
         return 0, (value, float("nan"), float("nan"))
-    if metric == "win_rate":
+    if metric.startswith("win_rate:"):
         if "versus" not in spec:
             raise FrameworkError("metric win_rate needs `versus: <run label>` in the experiment")
+        judge = metric.removeprefix("win_rate:")
         other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)
-        result = versus(other.dir, run.dir, spec.get("judge", "reward"))
+        if judge != "reward" and not any(final_value(r, judge) is not None for r in ok_records(run.dir)):
+            return 0, (float("nan"),) * 3  # not recorded at this scale
+        result = versus(other.dir, run.dir, judge)
         return result["items"], (result["rate"], result["low"], result["high"])
     values = final_values(run.dir, metric)
     return len(values), mean_ci(values)
@@ -201,7 +223,7 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
             writer.writerow([row["run"], *(row[a] for a in axes), row["items"]]
                             + [f"{v:.6g}" for m in metrics for v in row[m]])
     cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
-    over = "items" + ("; win_rate: over prompts" if "win_rate" in metrics else "")
+    over = "items" + ("; win_rate: over prompts" if any(m.startswith("win_rate") for m in metrics) else "")
     md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over {over})", "",
           "| run | items | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     md += [f"| {r['run']} | {r['items']} | " + " | ".join(cell(r[m]) for m in metrics) + " |" for r in rows]
@@ -287,10 +309,13 @@ def aggregate(name: str, spec: dict, runs: list[Run], tables: Path) -> list[Path
     axes = tuple(runs[0].cell)
     rows = []
     for run in runs:
-        measured = {m: run_metric(m, run, spec, runs) for m in spec["metrics"]}
+        measured = {m: run_metric(m, run, spec, runs) for m in table_metrics(spec)}
         rows.append({"run": run.name, "label": run.label, **run.cell, "items": max(n for n, _ in measured.values())}
                     | {m: ci for m, (_, ci) in measured.items()})
-    write_tables(rows, spec["metrics"], spec["title"], tables / name, axes)
+    metrics = [m for m in table_metrics(spec) if any(not np.isnan(row[m][0]) for row in rows)]
+    for metric in sorted(set(table_metrics(spec)) - set(metrics)):
+        print(f"note: {name}: no run recorded {metric}; left out of the table", flush=True)
+    write_tables(rows, metrics, spec["title"], tables / name, axes)
     written = [tables / f"{name}.{ext}" for ext in ("csv", "md", "tex")]
     if spec["kind"] == "curve":
         curves = spec.get("curves") or [m for m in spec["metrics"] if not m.startswith(("sets.", "last.", "win_rate"))]

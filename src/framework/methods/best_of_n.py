@@ -1,7 +1,8 @@
 """Best-of-N: draw N seeded candidates, keep the one the reward likes best.
 
 Candidate 0 is the item's base sample, so Best-of-N never does worse than base. With `match_opt_steps=K`,
-N = ceil(K × opt_step_cost) spends about the model evaluations of K gradient steps (compute-matched baseline).
+N = 2K + 1 spends the model evaluations of K checkpointed DNO/MIRA steps (2 per sampler step, forward and
+recompute) plus their final sample: the compute-matched baseline, equal in the backbone's evaluation count.
 """
 
 import math
@@ -12,7 +13,7 @@ from framework.methods.common import ItemResult, Method, Problem, derive_seed
 
 
 def num_candidates(cfg) -> int:
-    return cfg.n if cfg.match_opt_steps is None else max(1, math.ceil(cfg.match_opt_steps * cfg.opt_step_cost))
+    return cfg.n if cfg.match_opt_steps is None else 2 * cfg.match_opt_steps + 1
 
 
 class BestOfN(Method):
