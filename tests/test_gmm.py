@@ -129,9 +129,8 @@ def test_base_and_best_of_n_sample_the_closed_form(gaussian, brightness):
 
 def test_dno_and_mira_steps_follow_adam_through_the_linear_sampler(gaussian, brightness):
     """Step 0's gradient of −mean(x_0) is the same negative number on every coordinate, so AdamW's first step is
-    z·(1 − lr·wd) + lr. MIRA's
-    surrogate has zero gradient at z0, so its first step is the same; after it, R_MIRA has the closed form
-    (1/S) Σ_t (a_t √(1−ᾱ_t)/var_t)² · mean((z1 − z0)²)."""
+    z·(1 − lr·wd) + lr. MIRA's surrogate has zero gradient at z0, so its first step is the same; after it, R_MIRA has
+    the closed form (1/S) Σ_t (a_t k_t)² · mean((z1 − z0)²)."""
     from framework.config import DNOConfig, MIRAConfig
 
     gains, sampler = step_gains(gaussian)

@@ -81,8 +81,8 @@ def test_prob_regulariser_weights_the_original_order_as_dno_does():
     white = np.random.default_rng(0).standard_normal(n + 1)
     theta = 0.1  # MA(1): lag-1 correlation θ/(1 + θ²) ≈ 0.1, unit variance
     correlated = (white[1:] + theta * white[:-1]) / (1 + theta**2) ** 0.5
+    perms = [torch.randperm(n, generator=torch.Generator().manual_seed(s)).numpy() for s in seeds]
     for v in (white[1:], correlated):
-        perms = [torch.randperm(n, generator=torch.Generator().manual_seed(s)).numpy() for s in seeds]
         own, permuted = numpy_block_log_prob(v), [numpy_block_log_prob(v[p]) for p in perms]
         ours = prob_regulariser(torch.from_numpy(v), 4, seeds).item()
         assert ours == pytest.approx(-(own + np.mean(permuted)), rel=1e-9)

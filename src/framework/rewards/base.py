@@ -22,8 +22,7 @@ class Reward(nn.Module):
     name: str = "reward"
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
-        scores = self.score(images.clamp(0, 1) if self.clamp else images, prompts)
-        return scores if self.scale == 1.0 else self.scale * scores
+        return self.scale * self.score(images.clamp(0, 1) if self.clamp else images, prompts)
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         raise NotImplementedError
