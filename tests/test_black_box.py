@@ -4,7 +4,8 @@ noise through the backbone, and the estimators point where their closed forms sa
 import pytest
 import torch
 
-from framework.config import DNOZeroOrderConfig, MIRADPOConfig, ModelConfig, RewardConfig
+from framework.config import (DNOZeroOrderConfig, MIRAConfig, MIRADPOConfig, ModelConfig, RewardConfig,
+                              follows_reward_gradients)
 from framework.errors import FrameworkError
 from framework.methods import Item, Problem, build_method
 from framework.methods.dno_zo import perturbed_candidates
@@ -58,9 +59,9 @@ def test_reward_is_never_differentiated_but_the_noise_moves(tiny_sd, cfg):
 def test_gradient_methods_still_refuse_black_box_rewards_but_these_accept_them():
     jpeg = build_reward(RewardConfig(name="jpeg"))
     for cfg in (MIRADPOConfig(), DNOZeroOrderConfig()):
-        assert not build_method(cfg, jpeg).uses_reward_gradients
+        assert not follows_reward_gradients(cfg)
     with pytest.raises(FrameworkError, match="method=mira_dpo, dno_zo or best_of_n"):
-        build_method(MIRADPOConfig(name="mira"), jpeg)
+        build_method(MIRAConfig(), jpeg)
 
 
 def image_gradient(cfg, backbone, reward):

@@ -47,7 +47,7 @@ ERRORS = {
                                                  "-v1-5' are not in the local Hugging Face cache"),
     "missing reward weights": (["reward=aesthetic"], 2, "reward.checkpoint: weight file "
                                                         "'weights/sac+logos+ava1-l14-linearMSE.pth' not found"),
-    "unknown option": (["method=dpo"], 1, "Could not find 'method/dpo'"),
+    "unknown option": (["method=dpo"], 2, "method=dpo: no such option; choose from: aig, base"),
     "unknown key": (["+method.learning_rate=1"], 2, "unknown option method.learning_rate"),
     "non-differentiable reward": (["reward=jpeg"], 2, "reward jpeg is not differentiable"),
     "empty prompts file": (["prompts=file", "prompts.path={tmp}/empty.txt"], 2, "holds no prompts"),

@@ -174,13 +174,3 @@ def test_half_precision_steps_get_non_zero_finite_gradients(dtype):
             images, _ = problem.render(x_T.requires_grad_(), noises, checkpoint=True)
             problem.score(images).sum().backward()
         assert x_T.grad.abs().max() == 0
-
-
-def test_draft_refuses_float16():
-    from framework.config import DRaFTConfig, ModelConfig
-    from framework.methods.draft import DRaFT
-    from framework.models import load_backbone
-
-    backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32, dtype="float16"))
-    with pytest.raises(FrameworkError, match="does not train in float16.*bfloat16"):
-        DRaFT(backbone, build_reward(RewardConfig(name="brightness")), DRaFTConfig(), ["a cat"], 0, ".")

@@ -43,10 +43,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from framework.errors import FrameworkError
+from framework.errors import INTERRUPTED, Failure, FrameworkError, Interrupted, guarded
 from framework.report import final_value, ok_records, step_curve
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -54,15 +53,80 @@ KINDS = ("table", "curve", "pareto")
 RUN_REF = re.compile(r"\{run:([^}]+)\}")
 
 
+REQUIRED_KEYS, OPTIONAL_KEYS = ("title", "kind", "metrics", "scales", "runs"), ("grid", "versus", "judges", "pareto",
+                                                                                "curves")
+# The names a table may ask for (kept true by a test against what runs record). Item metrics: the final image's
+# values, besides `eval_<reward config>` (held-out rewards); step keys: the per-step records (`last.<key>`, curves).
+ITEM_METRICS = ("reward", "adherence", "judge_log_prob", "drift_rmse", "drift_embedding", "clipscore", "evals",
+                "seconds", "peak_memory_mb")
+SET_METRICS = ("cmmd", "cmmd_judge", "spectral_distance", "log_spectral_distance", "base_diversity_vendi",
+               "final_diversity_vendi", "base_diversity_pairwise", "final_diversity_pairwise")
+STEP_KEYS = ("step", "reward", "loss", "regulariser", "grad_norm", "noise_sq", "r_mira", "best_reward", "pair_gap",
+             "preference", "candidate_reward_max", "adherence", "judge_log_prob", "drift_rmse", "drift_embedding",
+             "clipscore")
+
+
+def item_metric(name: str) -> bool:
+    from framework.config import reward_configs
+
+    if name.startswith("eval_"):
+        return name.removeprefix("eval_") in reward_configs()
+    return name in ITEM_METRICS
+
+
+def metric_known(metric: str) -> bool:
+    if metric.startswith("sets."):
+        return metric.removeprefix("sets.") in SET_METRICS
+    if metric.startswith("last."):
+        return metric.removeprefix("last.") in STEP_KEYS or item_metric(metric.removeprefix("last."))
+    return metric == "win_rate" or item_metric(metric)
+
+
 def load_experiment(path: Path) -> dict:
-    spec = yaml.safe_load(path.read_text())
-    missing = {"title", "kind", "metrics", "scales", "runs"} - set(spec or {})
-    if missing:
-        raise FrameworkError(f"{path}: missing keys {', '.join(sorted(missing))}")
-    if spec["kind"] not in KINDS:
-        raise FrameworkError(f"{path}: kind {spec['kind']!r} is not one of {', '.join(KINDS)}")
+    """An experiment spec, checked before anything runs: its keys, kind, metric names, judges and the keys each
+    kind needs; a problem is one error naming the file and the key."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FrameworkError(f"{path}: not valid YAML ({(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(spec, dict):
+        raise FrameworkError(f"{path}: must be a mapping with keys {', '.join(REQUIRED_KEYS)}")
     if "judge" in spec:
         raise FrameworkError(f"{path}: `judge` is now `judges`, a list (one win-rate column per judge)")
+    missing = set(REQUIRED_KEYS) - set(spec)
+    if missing:
+        raise FrameworkError(f"{path}: missing keys {', '.join(sorted(missing))}")
+    unknown = sorted(set(spec) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise FrameworkError(f"{path}: unknown key {unknown[0]!r}; valid keys: "
+                             f"{', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    if spec["kind"] not in KINDS:
+        raise FrameworkError(f"{path}: kind {spec['kind']!r} is not one of {', '.join(KINDS)}")
+    for key in ("metrics", "judges", "curves"):
+        if key in spec and not (isinstance(spec[key], list) and spec[key]):
+            raise FrameworkError(f"{path}: {key} must be a non-empty list")
+    for metric in spec["metrics"]:
+        if not metric_known(metric):
+            raise FrameworkError(f"{path}: metrics: unknown metric {metric!r}; item metrics: "
+                                 f"{', '.join(ITEM_METRICS)}, eval_<reward>, last.<step key>, sets.<"
+                                 f"{'|'.join(SET_METRICS)}> or win_rate")
+    for judge in spec.get("judges", []):
+        if not item_metric(judge):
+            raise FrameworkError(f"{path}: judges: {judge!r} is not an item metric ({', '.join(ITEM_METRICS)}, "
+                                 "eval_<reward>)")
+    for key in spec.get("curves", []):
+        if key not in STEP_KEYS:
+            raise FrameworkError(f"{path}: curves: {key!r} is not a per-step key; choose from: {', '.join(STEP_KEYS)}")
+    if "win_rate" in spec["metrics"] and spec.get("versus") not in spec["runs"]:
+        raise FrameworkError(f"{path}: metric win_rate needs `versus:` naming one of the runs "
+                             f"({', '.join(map(str, spec['runs']))}); got {spec.get('versus')!r}")
+    if spec["kind"] == "pareto":
+        axes = spec.get("pareto")
+        if not isinstance(axes, dict) or set(axes) != {"x", "y"}:
+            raise FrameworkError(f"{path}: kind pareto needs `pareto: {{x: <metric>, y: <metric>}}`")
+        for axis, metric in axes.items():
+            if metric not in table_metrics(spec):
+                raise FrameworkError(f"{path}: pareto.{axis}: {metric!r} must be one of the metrics")
     return spec
 
 
@@ -111,15 +175,18 @@ def compose_run(overrides: list[str], where: str):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.config import check_known_keys
+    from framework.config import compose_error, validate
 
     try:
         cfg = compose("config", overrides=overrides)
-        check_known_keys(cfg)
-        identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in IDENTITY_EXCLUDES]),
-                                          resolve=True)
-    except (HydraException, OmegaConfBaseException, FrameworkError) as e:
-        raise FrameworkError(f"{where}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise FrameworkError(f"{where}: {compose_error(e)}") from None
+    try:
+        validate(cfg)
+    except FrameworkError as e:
+        raise FrameworkError(f"{where}: {e}") from None
+    identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in IDENTITY_EXCLUDES]),
+                                      resolve=True)
     return cfg, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -159,19 +226,25 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     return runs
 
 
-def ensure_run(run: Run, group: str) -> None:
-    """Run (or resume) one configuration; a run whose summary reports every item finished is left alone."""
+def ensure_run(run: Run, group: str) -> str | None:
+    """Run (or resume) one configuration; a run whose summary reports every item finished is left alone. Returns
+    None, or the run's one-line error when it did not finish (its finished items are kept)."""
     summary = run.dir / "summary.json"
     if summary.exists():
         counts = json.loads(summary.read_text())
         if counts["num_ok"] == counts["num_items"]:
-            return
+            return None
     print(f"running {run.name} in {run.dir}", flush=True)
     command = [sys.executable, "-m", "framework.run", *run.overrides, f"logger.group={group}", f"hydra.run.dir={run.dir}"]
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
-        raise FrameworkError(f"run {run.dir} failed: {' / '.join(lines[-2:])}")
+    if result.returncode == 0:
+        return None
+    if result.returncode == INTERRUPTED:
+        raise Interrupted(f"SIGTERM during run {run.dir}; rerun the same command to resume")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    error = (lines or [f"exit code {result.returncode}"])[-1].removeprefix("error: ")
+    print(f"  failed: {error}", flush=True)
+    return error
 
 
 def final_values(run_dir: Path, metric: str) -> np.ndarray:
@@ -189,12 +262,11 @@ def run_metric(metric: str, run: Run, spec: dict, runs: list[Run]) -> tuple[int,
     from framework.report import versus
 
     if metric.startswith("sets."):
-        sets = json.loads((run.dir / "summary.json").read_text()).get("sets", {})
+        summary = run.dir / "summary.json"
+        sets = json.loads(summary.read_text()).get("sets", {}) if summary.is_file() else {}
         value = sets.get(metric.removeprefix("sets."), float("nan"))
         return 0, (value, float("nan"), float("nan"))
     if metric.startswith("win_rate:"):
-        if "versus" not in spec:
-            raise FrameworkError("metric win_rate needs `versus: <run label>` in the experiment")
         judge = metric.removeprefix("win_rate:")
         other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)
         if judge != "reward" and not any(final_value(r, judge) is not None for r in ok_records(run.dir)):
@@ -215,24 +287,31 @@ def mean_ci(values: np.ndarray, num_bootstrap: int = 2000, seed: int = 0) -> tup
 
 
 def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, axes: tuple[str, ...] = ()) -> None:
-    """CSV (grid axes, mean, low, high per metric), Markdown and LaTeX (mean ± half-width of the interval)."""
+    """CSV (grid axes, mean, low, high per metric), Markdown and LaTeX (mean ± half-width of the interval); a
+    status column when some run did not finish (rows' "status" other than "ok")."""
+    status = any(row.get("status", "ok") != "ok" for row in rows)
+    extra = lambda row: [row.get("status", "ok")] if status else []  # noqa: E731
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", *axes, "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")])
+        writer.writerow(["run", *axes, "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")]
+                        + (["status"] if status else []))
         for row in rows:
             writer.writerow([row["run"], *(row[a] for a in axes), row["items"]]
-                            + [f"{v:.6g}" for m in metrics for v in row[m]])
+                            + [f"{v:.6g}" for m in metrics for v in row[m]] + extra(row))
     cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
     over = "items" + ("; win_rate: over prompts" if any(m.startswith("win_rate") for m in metrics) else "")
+    columns = metrics + (["status"] if status else [])
     md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over {over})", "",
-          "| run | items | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-    md += [f"| {r['run']} | {r['items']} | " + " | ".join(cell(r[m]) for m in metrics) + " |" for r in rows]
+          "| run | items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    md += [f"| {r['run']} | {r['items']} | " + " | ".join([cell(r[m]) for m in metrics] + extra(r)) + " |"
+           for r in rows]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     tex = lambda text: text.replace("_", r"\_").replace("%", r"\%")  # noqa: E731
-    lines = [r"\begin{tabular}{l r " + "c " * len(metrics) + "}", r"\toprule",
-             "run & items & " + " & ".join(tex(m) for m in metrics) + r" \\", r"\midrule"]
-    lines += [f"{tex(r['run'])} & {r['items']} & " + " & ".join(cell(r[m]).replace("±", r"$\pm$") for m in metrics)
-              + r" \\" for r in rows]
+    lines = [r"\begin{tabular}{l r " + "c " * len(metrics) + ("l " if status else "") + "}", r"\toprule",
+             "run & items & " + " & ".join(tex(m) for m in columns) + r" \\", r"\midrule"]
+    lines += [f"{tex(r['run'])} & {r['items']} & "
+              + " & ".join([cell(r[m]).replace("±", r"$\pm$") for m in metrics] + [tex(x) for x in extra(r)]) + r" \\"
+              for r in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     stem.with_suffix(".tex").write_text("\n".join(lines) + "\n")
 
@@ -304,14 +383,17 @@ def prepare(name: str, scale: str, out: Path, experiments_dir: Path, claimed: di
     return spec, plan(spec, scale, out / "runs" / scale, name, claimed)
 
 
-def aggregate(name: str, spec: dict, runs: list[Run], tables: Path) -> list[Path]:
+def aggregate(name: str, spec: dict, runs: list[Run], tables: Path, statuses: dict[str, str] | None = None
+              ) -> list[Path]:
+    """Tables (and the figure) of one experiment; `statuses`: run name -> why it did not finish, shown in a
+    status column (its finished items still count)."""
     tables.mkdir(parents=True, exist_ok=True)
     axes = tuple(runs[0].cell)
     rows = []
     for run in runs:
         measured = {m: run_metric(m, run, spec, runs) for m in table_metrics(spec)}
-        rows.append({"run": run.name, "label": run.label, **run.cell, "items": max(n for n, _ in measured.values())}
-                    | {m: ci for m, (_, ci) in measured.items()})
+        rows.append({"run": run.name, "label": run.label, **run.cell, "items": max(n for n, _ in measured.values()),
+                     "status": (statuses or {}).get(run.name, "ok")} | {m: ci for m, (_, ci) in measured.items()})
     metrics = [m for m in table_metrics(spec) if any(not np.isnan(row[m][0]) for row in rows)]
     for metric in sorted(set(table_metrics(spec)) - set(metrics)):
         print(f"note: {name}: no run recorded {metric}; left out of the table", flush=True)
@@ -348,38 +430,29 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
             "<file>`) on a machine with network access and copy the Hugging Face cache (HF_HOME) here; or put local "
             f"files and directories at the paths shown, or point the keys at them in the `scales: {scale}` overrides "
             "of experiments/<name>.yaml (e.g. model.source=/data/sd15).")
-    written = []
+    written, failed = [], {}
     for name, (spec, runs) in planned.items():
         for run in runs:
-            ensure_run(run, group=f"{name}-{scale}")
-        written += aggregate(name, spec, runs, out / "tables" / scale)
+            if run.dir not in failed and (error := ensure_run(run, group=f"{name}-{scale}")):
+                failed[run.dir] = error
+        statuses = {run.name: failed[run.dir] for run in runs if run.dir in failed}
+        written += aggregate(name, spec, runs, out / "tables" / scale, statuses)
+    if failed:
+        raise RunsFailed(f"{len(failed)} run(s) did not finish; their rows are marked in the tables, a rerun "
+                         "resumes them:\n" + "\n".join(f"  - {d}: {e}" for d, e in failed.items()), written)
     return written
+
+
+class RunsFailed(Failure):
+    """Some runs did not finish; the tables of what did are `written`."""
+
+    def __init__(self, message: str, written: list[Path]):
+        super().__init__(message)
+        self.written = written
 
 
 def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
     return reproduce_all([name], scale, out, experiments_dir)
-
-
-class SweepTable(Callback):
-    """Hydra callback (conf/config.yaml): after `--multirun`, one table of every job of the sweep directory, rows
-    labelled by the overrides that differ between jobs: <sweep dir>/table.{csv,md,tex}."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted((d for d in sweep_dir.iterdir() if (d / "summary.json").is_file()),
-                      key=lambda d: (len(d.name), d.name))
-        if not jobs:
-            return
-        overrides = {d: yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or [] for d in jobs}
-        shared = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
-        runs = [Run(" ".join(o for o in overrides[d] if o not in shared) or d.name, {}, overrides[d], "", d)
-                for d in jobs]
-        metrics = ["reward", "drift_rmse", "evals", "seconds"]
-        if any(final_value(r, "adherence") is not None for r in ok_records(jobs[0])):
-            metrics.insert(1, "adherence")
-        spec = {"title": f"sweep {sweep_dir}", "kind": "table", "metrics": metrics}
-        written = aggregate("table", spec, runs, sweep_dir)
-        print("\n" + written[1].read_text() + f"\nsweep table: {', '.join(map(str, written))}")
 
 
 def main() -> None:
@@ -389,15 +462,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     args = parser.parse_args()
     names = args.experiment or sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
-    try:
-        written = reproduce_all(names, args.scale, args.out)
-    except FrameworkError as e:
-        raise SystemExit(f"error: {e}") from None
-    for path in written:
-        if path.suffix == ".md":
-            print("\n" + path.read_text(), end="")
-    print("\n".join(["", f"runs:   {args.out / 'runs' / args.scale}/<run>-<config hash>/", "tables and figures:"]
-                    + [f"  {path}" for path in written]))
+
+    def show(written: list[Path]) -> None:
+        for path in written:
+            if path.suffix == ".md":
+                print("\n" + path.read_text(), end="")
+        print("\n".join(["", f"runs:   {args.out / 'runs' / args.scale}/<run>-<config hash>/", "tables and figures:"]
+                        + [f"  {path}" for path in written]), flush=True)
+
+    def work() -> None:
+        try:
+            show(reproduce_all(names, args.scale, args.out))
+        except RunsFailed as e:  # the tables of what finished, then the failure
+            show(e.written)
+            raise
+
+    code, _ = guarded(work, args.out / "error.log")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from framework.config import PromptsConfig, choose
+from framework.config import PromptsConfig
 from framework.errors import FrameworkError
 
 # Animal-Animal (from Attend-and-Excite, Chefer et al. 2023; MIRA evaluates on it): "a {A} and a {B}" for every
@@ -54,7 +54,7 @@ def load_prompts(cfg: PromptsConfig) -> list[str]:
 
     sets = {"inline": lambda: list(cfg.prompts), "file": lambda: read_prompt_file(cfg.path),
             "animal_animal": animal_animal, "simple_animals": lambda: list(SIMPLE_ANIMALS), "shapes": all_captions}
-    name = choose(cfg.name, tuple(sets), "prompts.name")
+    name = cfg.name
     prompts = sets[name]()
     prompts = prompts[: cfg.limit] if cfg.limit is not None else prompts
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):

@@ -71,30 +71,45 @@ def step_curve(run_dir: Path, at: list[int], keys: list[str]) -> list[dict]:
     return rows
 
 
+def report(args: argparse.Namespace) -> None:
+    from framework.errors import FrameworkError
+
+    for run_dir in [args.run_dir] + ([args.versus] if args.versus is not None else []):
+        if not ok_records(run_dir):
+            where = "does not exist" if not run_dir.is_dir() else "has no finished item (items/*/record.json)"
+            raise FrameworkError(f"{run_dir} {where}: give the directory of a framework.run run")
+    if args.versus is not None:
+        result = versus(args.run_dir, args.versus, args.judge)
+        print(f"win rate of {args.run_dir} over {args.versus} under {result['judge']}: {result['rate']:.3f} "
+              f"(95% CI {result['low']:.3f}–{result['high']:.3f}, {result['items']} items)")
+        return
+    keys = args.keys.split(",")
+    try:
+        at = [int(k) for k in args.at.split(",")]
+    except ValueError:
+        raise FrameworkError(f"--at {args.at!r}: give optimisation steps as integers, e.g. 0,25,50") from None
+    rows = step_curve(args.run_dir, at, keys)
+    print("| steps | " + " | ".join(keys) + " | items |")
+    print("|---" * (len(keys) + 2) + "|")
+    for row in rows:
+        print(f"| {row['step']} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + f" | {row['items']} |")
+
+
 def main() -> None:
+    """Exit codes as framework.run's (see framework.errors): 2 bad input, 1 internal error."""
+    import sys
+
+    from framework.errors import guarded, process_error_log
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--at", default="0,25,50,100", help="optimisation steps, comma-separated")
     parser.add_argument("--keys", default="reward,adherence,drift_rmse")
     parser.add_argument("--versus", type=Path, help="another run: print the win rate of RUN_DIR over it")
     parser.add_argument("--judge", default="reward", help="reward (the optimised one) or eval_<name>")
-    args = parser.parse_args()
-    if args.versus is not None:
-        from framework.errors import FrameworkError
-
-        try:
-            result = versus(args.run_dir, args.versus, args.judge)
-        except FrameworkError as e:
-            raise SystemExit(f"error: {e}") from None
-        print(f"win rate of {args.run_dir} over {args.versus} under {result['judge']}: {result['rate']:.3f} "
-              f"(95% CI {result['low']:.3f}–{result['high']:.3f}, {result['items']} items)")
-        return
-    keys = args.keys.split(",")
-    rows = step_curve(args.run_dir, [int(k) for k in args.at.split(",")], keys)
-    print("| steps | " + " | ".join(keys) + " | items |")
-    print("|---" * (len(keys) + 2) + "|")
-    for row in rows:
-        print(f"| {row['step']} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + f" | {row['items']} |")
+    args = parser.parse_args()  # argparse's own errors exit 2 as well
+    code, _ = guarded(lambda: report(args), process_error_log())
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """`python -m framework.run [group=option ...] [key=value ...]`: one alignment run, configured by Hydra (conf/).
 
-Problems the user can fix end the run with one line on stderr and a non-zero exit code, never a traceback:
-exit 2 for bad input (config, weights, prompts), exit 3 when some items failed (the others are written).
+Every value is validated before anything is loaded. Whatever goes wrong ends in one line on stderr and an exit code
+(see framework.errors): 2 bad input, 3 some items failed (the others are written), 1 internal error (traceback in
+<run dir>/error.log), 143 stopped by SIGTERM (finished items kept). A job never raises into Hydra, so one failing
+job of a `--multirun` sweep leaves the others running; each job's outcome is <run dir>/status.json, and the
+process exits with the worst of them.
 """
 
+import hashlib
+import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,11 +18,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import framework.config  # noqa: F401  (registers the schemas before Hydra composes)
-from framework.config import check_known_keys
-from framework.errors import FrameworkError
+from framework.config import compose_error, validate
+from framework.errors import INTERRUPTED, Failure, guarded, process_error_log, worst
 
-ITEM_AFFECTING = ("model", "reward", "method", "seed")
+# Everything an item's result or its metrics depend on; a rerun into the same directory must match.
+ITEM_AFFECTING = ("model", "reward", "method", "seed", "eval", "samples_per_prompt")
+STATUS_FILE = "status.json"
+job_codes: list[int] = []  # exit codes of the jobs this process ran (a sweep runs several)
 
 
 def _quiet_libraries() -> None:
@@ -97,8 +105,24 @@ def print_set_metrics(sets: dict) -> None:
               f", mean pairwise distance {sets['base_diversity_pairwise']:.4f} → {sets['final_diversity_pairwise']:.4f}")
 
 
+def fingerprint(cfg: DictConfig, prompts: list[str]) -> dict:
+    """What the results in a run directory depend on: the item-affecting config, the prompt list and the content
+    of a LoRA adapter the method reads."""
+    from framework.models.lora import WEIGHT_NAME
+
+    digest = lambda data: hashlib.sha1(data).hexdigest()  # noqa: E731
+    identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
+    identity["prompts"] = {"count": len(prompts), "sha1": digest(json.dumps(prompts).encode())}
+    adapter = Path(cfg.method.adapter) / WEIGHT_NAME if "adapter" in cfg.method else None
+    if adapter is not None and adapter.is_file():
+        identity["adapter_sha1"] = digest(adapter.read_bytes())
+    return identity
+
+
 def run(cfg: DictConfig) -> dict | None:
     """Run every pending item of `cfg`; returns the summary on rank 0 (None on other ranks)."""
+    validate(cfg)
+    _quiet_libraries()
     import lightning as L
 
     from framework.methods import build_method
@@ -112,10 +136,9 @@ def run(cfg: DictConfig) -> dict | None:
     from framework.store import ItemStore
     from framework.tracking import log_to_wandb
 
-    check_known_keys(cfg)
-    items = make_items(load_prompts(cfg.prompts), cfg.seed, cfg.samples_per_prompt)
-    fingerprint = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
-    store = ItemStore(Path(cfg.output_dir), fingerprint)
+    prompts = load_prompts(cfg.prompts)
+    items = make_items(prompts, cfg.seed, cfg.samples_per_prompt)
+    store = ItemStore(Path(cfg.output_dir), fingerprint(cfg, prompts))
     reward = build_reward(cfg.reward)
     fine_tune = cfg.method.name == "draft"
     method = None if fine_tune else build_method(cfg.method, reward)
@@ -141,21 +164,42 @@ def run(cfg: DictConfig) -> dict | None:
     wandb_dir = log_to_wandb(cfg, summary, name=f"{Path(cfg.output_dir).name}")
     if wandb_dir:
         print(f"wandb:   {wandb_dir} ({cfg.logger.mode}; `wandb sync` uploads offline runs)")
+    if summary["num_failed"] or summary["num_missing"]:
+        raise Failure(f"{summary['num_failed'] + summary['num_missing']} of {summary['num_items']} items failed "
+                      f"(see {summary['run_dir']}/summary.json); a rerun retries them")
     return summary
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    _quiet_libraries()
-    try:
-        summary = run(cfg)
-    except FrameworkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if summary and (summary["num_failed"] or summary["num_missing"]):
-        print(f"error: {summary['num_failed']} of {summary['num_items']} items failed "
-              f"(see {summary['run_dir']}/summary.json); a rerun retries them", file=sys.stderr)
-        sys.exit(3)
+def job(cfg: DictConfig) -> int:
+    """One Hydra job. It returns its exit code instead of raising (Hydra's launchers stop a sweep at an exception
+    that is not an Exception, e.g. SystemExit), except after SIGTERM, which stops the whole process on purpose."""
+    run_dir = Path(cfg.output_dir)
+    code, line = guarded(lambda: run(cfg), run_dir / "error.log")
+    (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code, "error": line}))
+    job_codes.append(code)
+    if code == INTERRUPTED:
+        raise SystemExit(code)
+    return code
+
+
+def main() -> None:
+    """Hydra's own errors (composition, unknown keys, wrong types) become one line and exit 2, as ours do."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them to us instead of printing several lines
+
+    def launch() -> None:
+        try:
+            job()
+        except Exception as e:
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
+
+            if isinstance(e, (HydraException, OmegaConfBaseException)):
+                raise compose_error(e) from None
+            raise
+
+    code, _ = guarded(launch, process_error_log())
+    sys.exit(code or worst(job_codes))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ import logging
 import resource
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.errors import NonFiniteLoss
+from framework.errors import Interrupted, NonFiniteLoss
 from framework.metrics import ImageMetrics
 from framework.methods import Item, Method, Problem, derive_seed
 from framework.store import ItemStore
@@ -53,24 +54,61 @@ class InferenceTimeAlignment(L.LightningModule):
         self.backbone, self.reward = backbone, reward  # submodules: Lightning moves them to the device
         self.method, self.store, self.metrics = method, store, metrics
 
+    def interrupted(self) -> bool:
+        """SIGTERM arrived (Lightning's signal handler notes it): stop before the next item or optimisation step."""
+        return self.trainer.received_sigterm
+
     def predict_step(self, item: Item) -> None:
-        on_cuda = self.device.type == "cuda"
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.interrupted():
+            raise Interrupted("SIGTERM: stopped after the finished items; rerun the same command to resume")
+        memory = PeakMemory(self.device)
         evals, start = self.backbone.num_evals, time.perf_counter()
         problem = Problem(self.backbone, self.reward, item, self.method.cfg, self.metrics,
-                          show_progress=self.trainer.is_global_zero)
+                          show_progress=self.trainer.is_global_zero, interrupted=self.interrupted)
         try:
             with torch.enable_grad() if self.method.needs_gradients else nullcontext():
                 result = self.method.run(problem)
         except NonFiniteLoss as e:
-            log.warning("item %s (%r) failed: %s", item.id, item.prompt, e)
-            self.store.write_failure(item, str(e))
+            self._fail(item, str(e))
             return
-        peak_mb = (torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._fail(item, f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try fewer images per "
+                             "sampler call (method.batch_size), method.checkpoint=true or a smaller model.resolution")
+            return
         base, final = result.base_image[None], result.final_image[None]
         metrics = {"base": problem.measure(base), "final": problem.measure(final, base)}
         self.store.write(item, result, metrics, {
-            "evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start,
-            "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if on_cuda else "process_max_rss"})
+            "evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start, **memory.peak()})
+
+    def _fail(self, item: Item, error: str) -> None:
+        log.warning("item %s (%r) failed: %s", item.id, item.prompt, error)
+        self.store.write_failure(item, error)
+
+
+class PeakMemory:
+    """The peak memory of one item, from its start: on CUDA the peak allocated by tensors (model weights included),
+    on Linux CPUs the peak resident set size (VmHWM, reset at the start so that model loading and earlier items do
+    not count), elsewhere the process's lifetime maximum RSS, labelled as such."""
+
+    STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+    def __init__(self, device: torch.device):
+        self.kind = ("cuda_allocated" if device.type == "cuda" else
+                     "cpu_item_peak_rss" if self.CLEAR_REFS.exists() else "process_max_rss")
+        self.device = device
+        if self.kind == "cuda_allocated":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif self.kind == "cpu_item_peak_rss":
+            self.CLEAR_REFS.write_text("5")  # restart the high-water mark from the current RSS
+
+    def peak(self) -> dict:
+        if self.kind == "cuda_allocated":
+            mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.kind == "cpu_item_peak_rss":
+            mib = next(int(line.split()[1]) for line in self.STATUS.read_text().splitlines()
+                       if line.startswith("VmHWM")) / 1024
+        else:
+            mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"peak_memory_mb": mib, "peak_memory_kind": self.kind}

@@ -1,7 +1,8 @@
 """Results on disk: one folder per finished item, written atomically, so a rerun resumes where it stopped.
 
-<run dir>/run.json           what every item's result depends on (model, reward, method, seed); a rerun with
-                             different values is refused instead of mixing results
+<run dir>/run.json           what every item's result and metrics depend on (model, reward, method, seed, eval,
+                             samples per prompt, the prompt list, an adapter's content); a rerun with different
+                             values is refused instead of mixing results
 <run dir>/items/<id>/        base.png, final.png, record.json (rewards, per-step records, compute)
 <run dir>/summary.json       per-item rows and run means, written by rank 0 at the end
 """
@@ -42,12 +43,30 @@ def load_png(path: Path) -> Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class ItemStore:
     def __init__(self, run_dir: Path, fingerprint: dict):
         self.run_dir = Path(run_dir)
         self.items_dir = self.run_dir / "items"
         self.items_dir.mkdir(parents=True, exist_ok=True)
         self._check_fingerprint(fingerprint)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Hidden half-written folders and files of processes that were killed (`.<name>.<pid>.tmp`)."""
+        for tmp in [*self.items_dir.glob(".*.tmp"), *self.run_dir.glob(".*.tmp")]:
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def _check_fingerprint(self, fingerprint: dict) -> None:
         path = self.run_dir / "run.json"
@@ -68,13 +87,7 @@ class ItemStore:
 
     def record(self, item: Item) -> dict | None:
         path = self.items_dir / item.id / "record.json"
-        if not path.exists():
-            return None
-        record = json.loads(path.read_text())
-        if (record["prompt"], record["seed"]) != (item.prompt, item.seed):
-            raise FrameworkError(f"{path} belongs to prompt {record['prompt']!r} (seed {record['seed']}), not "
-                                 f"{item.prompt!r}: the prompt list changed; rerun into a new directory")
-        return record
+        return json.loads(path.read_text()) if path.exists() else None
 
     def is_done(self, item: Item) -> bool:
         record = self.record(item)

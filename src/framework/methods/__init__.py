@@ -1,6 +1,6 @@
 """Methods, one module each. Inference-time methods run per item (prompt × seed) on a frozen backbone."""
 
-from framework.config import choose
+from framework.config import follows_reward_gradients
 from framework.errors import FrameworkError
 from framework.methods.base import Base
 from framework.methods.best_of_n import BestOfN
@@ -20,8 +20,8 @@ METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO, "mira": MIRA, "dno_zo
 
 def build_method(cfg, reward) -> Method:
     """The method of `cfg`, checked against the reward: gradient methods refuse non-differentiable rewards."""
-    method = METHODS[choose(cfg.name, tuple(METHODS), "method.name")](cfg)
-    if method.uses_reward_gradients and not reward.differentiable:
+    method = METHODS[cfg.name](cfg)
+    if follows_reward_gradients(cfg) and not reward.differentiable:
         raise FrameworkError(
             f"method {cfg.name} follows reward gradients, but reward {reward.name} is not differentiable; "
             "use a black-box method (method=mira_dpo, dno_zo or best_of_n) or a differentiable reward")

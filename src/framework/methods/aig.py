@@ -7,7 +7,6 @@ import math
 
 import torch
 
-from framework.config import choose
 from framework.methods.common import ItemResult, Method, Problem
 
 
@@ -21,10 +20,6 @@ def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> 
 
 
 class AIG(Method):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        choose(cfg.schedule, ("power", "linear", "step"), "method.schedule")
-
     @torch.no_grad()
     def run(self, problem: Problem) -> ItemResult:
         cfg = self.cfg

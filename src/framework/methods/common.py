@@ -1,5 +1,6 @@
 """What every per-item method shares: the item, its seeded noise, rendering and scoring, and the result record."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -8,6 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from framework.config import SamplingConfig
+from framework.errors import Interrupted
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
@@ -59,11 +61,12 @@ class Problem:
     """One item's world: frozen backbone and reward, the prompt's conditioning (encoded once), seeded noise."""
 
     def __init__(self, backbone: Backbone, reward: Reward, item: Item, sampling: SamplingConfig,
-                 metrics: ImageMetrics | None = None, show_progress: bool = False):
+                 metrics: ImageMetrics | None = None, show_progress: bool = False,
+                 interrupted: Callable[[], bool] = lambda: False):
         self.backbone, self.reward, self.item, self.sampling = backbone, reward, item, sampling
         self.cond = backbone.encode([item.prompt])
         self.metrics = metrics or ImageMetrics()
-        self.show_progress = show_progress
+        self.show_progress, self.interrupted = show_progress, interrupted
 
     def noise(self, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
         return draw_noise(self.backbone, self.sampling, seeds)
@@ -86,15 +89,20 @@ class Problem:
         return self.metrics(shown(images.detach()), self.item.prompt, None if base is None else shown(base.detach()))
 
     def progress(self, iterable, total: int, desc: str):
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True)
+        """`iterable` with a progress bar; stops the item (unwritten, so a rerun redoes it) if SIGTERM arrives."""
+        for value in tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress,
+                          dynamic_ncols=True):
+            if self.interrupted():
+                raise Interrupted(f"SIGTERM during item {self.item.id}: stopped after the finished items; rerun "
+                                  "the same command to resume")
+            yield value
 
 
 class Method:
-    """A per-item inference-time method. `needs_gradients`: it backpropagates through the backbone;
-    `uses_reward_gradients`: through the reward too (so it refuses a non-differentiable one)."""
+    """A per-item inference-time method. `needs_gradients`: it backpropagates through the backbone (whether through
+    the reward too, its config schema says: `follows_reward_gradients`)."""
 
     needs_gradients = False
-    uses_reward_gradients = False
 
     def __init__(self, cfg):
         self.cfg = cfg

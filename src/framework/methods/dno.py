@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from framework.config import choose
 from framework.errors import FrameworkError, NonFiniteLoss
 from framework.methods.common import ItemResult, Method, Problem, derive_seed
 from framework.sampling import Trajectory, trajectory_divergence
@@ -55,11 +54,6 @@ class DNO(Method):
     the differentiable term that stands for −r(M(z)) (`reward_term`); the loop, optimiser and budget stay shared."""
 
     needs_gradients = True
-    uses_reward_gradients = True
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        choose(cfg.optimize, ("all", "x_T"), "method.optimize")
 
     @property
     def weight(self) -> float:

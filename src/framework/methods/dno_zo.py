@@ -38,7 +38,6 @@ def perturbed_candidates(problem: Problem, cfg, x_T: Tensor, noises: Tensor | No
 
 
 class DNOZeroOrder(DNO):
-    uses_reward_gradients = False
 
     def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
                     step: int) -> tuple[Tensor, float, dict]:

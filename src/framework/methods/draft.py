@@ -19,26 +19,22 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from framework.config import choose
-from framework.errors import FrameworkError, NonFiniteLoss
+from framework.errors import FrameworkError, Interrupted, NonFiniteLoss
 from framework.methods.common import derive_seed, draw_noise
 from framework.models.lora import add_lora, save_lora
 from framework.sampling import ddim_sample
 from framework.store import save_png
 
 SAMPLE_PROMPTS = 4  # images in each periodic sample grid
+INTERRUPTED_CKPT = "interrupted.ckpt"
 
 
 class DRaFT(L.LightningModule):
     def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
         super().__init__()
-        choose(cfg.variant, ("k", "lv"), "method.variant")
         if not reward.differentiable:
             raise FrameworkError(f"method draft back-propagates the reward, but reward {reward.name} is not "
                                  "differentiable; choose a differentiable reward")
-        if backbone.float16:
-            raise FrameworkError("method draft does not train in float16 (the LoRA fit has no loss scaling, so small "
-                                 "gradients underflow to zero); use model.dtype=bfloat16 or float32")
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
         self.trainable = add_lora(backbone.unet, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
@@ -132,17 +128,19 @@ class DRaFT(L.LightningModule):
         return torch.utils.data.DataLoader(range(self.cfg.train_steps), batch_size=None)  # content: see `rows`
 
 
-def check_batch(cfg, world_size: int) -> None:
-    if cfg.train_batch_size % world_size:
-        raise FrameworkError(f"method.train_batch_size={cfg.train_batch_size} must be a multiple of the "
-                             f"{world_size} processes (each takes an equal share of the global batch)")
-
-
 def train(trainer: L.Trainer, module: DRaFT) -> Path:
-    """Fit (resuming from the last checkpoint of the run directory if there is one); returns the adapter directory."""
-    check_batch(module.cfg, trainer.world_size)
-    last = module.out_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=last if last.exists() else None, weights_only=True)
+    """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
+    `interrupted.ckpt` written when SIGTERM or an error stopped training); returns the adapter directory."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    directory = module.out_dir / "checkpoints"
+    saved = [directory / name for name in ("last.ckpt", INTERRUPTED_CKPT) if (directory / name).exists()]
+    resume = max(saved, key=lambda p: p.stat().st_mtime_ns, default=None)
+    try:
+        trainer.fit(module, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        raise Interrupted(f"SIGTERM at training step {trainer.global_step}: resumable checkpoint "
+                          f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume") from None
     adapter = module.out_dir / "adapter"
     if trainer.is_global_zero:
         save_lora(module.backbone.unet, adapter)
@@ -153,7 +151,7 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
 def trainer_options(cfg) -> dict:
     """Lightning Trainer options of a fine-tuning run: step budget, gradient clipping, resumable checkpoints every
     `save_every` steps, training curves as CSV (one train/version_<attempt>/ per attempt) and W&B."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     loggers = [CSVLogger(cfg.output_dir, name="train")]
@@ -161,10 +159,13 @@ def trainer_options(cfg) -> dict:
         loggers.append(WandbLogger(project=cfg.logger.project, name=f"{Path(cfg.output_dir).name}-train",
                                    save_dir=cfg.output_dir, offline=cfg.logger.mode == "offline",
                                    group=cfg.logger.group, tags=list(cfg.logger.tags)))
-    checkpoints = ModelCheckpoint(dirpath=Path(cfg.output_dir) / "checkpoints", every_n_train_steps=cfg.method.save_every,
-                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    directory = Path(cfg.output_dir) / "checkpoints"
+    checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=cfg.method.save_every, save_last=True,
+                                  save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    # SIGTERM (Lightning raises at the end of the current step) or an error: save where training stopped
+    on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
     return {"max_steps": cfg.method.train_steps, "gradient_clip_val": cfg.method.grad_clip, "logger": loggers,
-            "callbacks": [checkpoints], "enable_checkpointing": True, "log_every_n_steps": 1}
+            "callbacks": [checkpoints, on_stop], "enable_checkpointing": True, "log_every_n_steps": 1}
 
 
 def fine_tune_then_sample(cfg, trainer: L.Trainer, backbone, reward):

@@ -14,8 +14,6 @@ branch ε_c (`cond`), which the same model evaluation returns.
 
 from torch import Tensor
 
-from framework.config import choose
-from framework.errors import FrameworkError
 from framework.methods.common import Problem
 from framework.methods.dno import DNO
 from framework.sampling import Trajectory, ddim_coefficients, trajectory_divergence
@@ -30,14 +28,6 @@ def eps_kl_weights(schedule: list[tuple[int, float, float]], eta: float) -> list
 
 
 class MIRA(DNO):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        choose(cfg.weighting, ("uniform", "eps_kl"), "method.weighting")
-        choose(cfg.surrogate_guidance, ("cfg", "cond"), "method.surrogate_guidance")
-        if cfg.weighting == "eps_kl" and (cfg.eta <= 0 or not cfg.final_step_noise):
-            raise FrameworkError("method.weighting=eps_kl needs method.eta > 0 and method.final_step_noise=true "
-                                 "(a deterministic DDIM step has no noise, so its Gaussian KL is undefined)")
-
     @property
     def weight(self) -> float:
         return self.cfg.beta

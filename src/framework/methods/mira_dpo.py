@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from framework.config import choose
 from framework.methods.common import Problem
 from framework.methods.dno_zo import perturbed_candidates
 from framework.methods.mira import MIRA
@@ -23,12 +22,6 @@ from framework.sampling import Trajectory
 
 
 class MIRADPO(MIRA):
-    uses_reward_gradients = False
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        choose(cfg.space, ("image", "latent"), "method.space")
-
     def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
                     step: int) -> tuple[Tensor, float, dict]:
         cfg = self.cfg

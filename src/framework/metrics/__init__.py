@@ -103,9 +103,7 @@ class ImageMetrics(nn.Module):
 def resolve_features(eval_cfg, model_cfg) -> str:
     """`eval.features`, with auto meaning the judge on the testbed, CLIP on real models and none on tiny random
     models (whose images carry no meaning)."""
-    from framework.config import choose
-
-    features = choose(eval_cfg.features, ("auto", "clip", "judge", "none"), "eval.features")
+    features = eval_cfg.features
     if features == "auto":
         features = "judge" if eval_cfg.adherence else "none" if model_cfg.tiny else "clip"
     return features

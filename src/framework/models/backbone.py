@@ -7,11 +7,14 @@ SD1.x, SDXL and their CFG conventions match diffusers exactly) and register the 
 moves them between devices.
 """
 
+import logging
 from dataclasses import dataclass, fields, replace
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +110,25 @@ class StableDiffusionBackbone(Backbone):
         # x̂0 clipping/thresholding, which would also cut gradients, so both stay off.
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
         self.prediction_type = self.scheduler.config.prediction_type
+        self._warned: set[str] = set()  # prompts already reported as truncated
 
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.resolution // self.pipe.vae_scale_factor
         return (self.unet.config.in_channels, size, size)
 
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        """CLIP reads 77 tokens; a longer prompt is cut (as the diffusers pipelines do): say so once per prompt."""
+        limit = self.pipe.tokenizer.model_max_length
+        for prompt in set(prompts) - self._warned:
+            length = len(self.pipe.tokenizer(prompt, truncation=False).input_ids)
+            if length > limit:
+                log.warning("prompt %r has %d tokens; CLIP reads the first %d, the rest is ignored",
+                            prompt[:60] + ("…" if len(prompt) > 60 else ""), length, limit)
+                self._warned.add(prompt)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
+        self._warn_if_truncated(prompts)
         if not self.is_sdxl:
             embeds, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True)
             return Cond(embeds, uncond)

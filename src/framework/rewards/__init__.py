@@ -1,6 +1,6 @@
 """Reward zoo: build any reward from its config (real weights from local paths or the HF cache, or tiny)."""
 
-from framework.config import RewardConfig, choose
+from framework.config import RewardConfig
 from framework.errors import FrameworkError
 from framework.rewards.base import Reward, clip_preprocess
 from framework.rewards.simple import CallableReward, ImageStatistic, JpegCompressibility
@@ -64,8 +64,7 @@ def _clip_similarity(cos_scale):
 
 
 def _hps_checkpoint(cfg: RewardConfig) -> str:
-    version = choose(cfg.version, ("v2.0", "v2.1"), "reward.version")
-    return cfg.checkpoint or f"xswu/HPSv2/HPS_{version}_compressed.pt"
+    return cfg.checkpoint or f"xswu/HPSv2/HPS_{cfg.version}_compressed.pt"
 
 
 def _hps(cfg: RewardConfig, dtype) -> Reward:
@@ -103,11 +102,10 @@ BUILDERS = {
 
 
 def build_reward(cfg: RewardConfig) -> Reward:
-    from framework.models import torch_dtype
+    from framework.models import DTYPES
 
-    name = choose(cfg.name, tuple(BUILDERS), "reward.name")
-    reward = BUILDERS[name](cfg, torch_dtype(cfg.dtype, "reward.dtype"))
-    reward.name, reward.scale = name, cfg.scale
+    reward = BUILDERS[cfg.name](cfg, DTYPES[cfg.dtype])
+    reward.name, reward.scale = cfg.name, cfg.scale
     if cfg.clamp is not None:
         reward.clamp = cfg.clamp
     return reward.requires_grad_(False).eval()
