@@ -69,5 +69,28 @@ def run_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = Non
                           env={**os.environ, **(env or {})})
 
 
+def start_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """`python -m framework.run` started in the background (its own session, so it can be signalled alone)."""
+    args = [sys.executable, "-m", "framework.run", *overrides]
+    if run_dir is not None:
+        args.append(f"hydra.run.dir={run_dir}")
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll `condition()` until it holds; fails if `process` ends first or the time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the process ended first (exit {process.returncode}): {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
 def noise_like(shape, seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))

@@ -3,6 +3,7 @@ Hydra multirun sweeps with their aggregated table; the paper scale's weight chec
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,47 @@ def test_bad_override_fails_before_any_run(tmp_path):
     with pytest.raises(FrameworkError, match="experiment bad, run 'Typo': .*betta"):
         reproduce("bad", "testbed", tmp_path / "out", experiments_dir=tmp_path)
     assert not (tmp_path / "out" / "runs").exists()  # MIRA was not run either
+
+
+SPEC_ERRORS = {
+    "unknown metric 'rewrad'": {"metrics": ["rewrad"]},
+    "unknown metric 'sets.cmd'": {"metrics": ["reward", "sets.cmd"]},
+    "unknown metric 'last.r_mria'": {"metrics": ["last.r_mria"]},
+    "judges: 'adherance' is not an item metric": {"metrics": ["win_rate"], "versus": "MIRA", "judges": ["adherance"]},
+    "metric win_rate needs `versus:` naming one of the runs": {"metrics": ["win_rate"]},
+    "kind pareto needs `pareto: {x: <metric>, y: <metric>}`": {"kind": "pareto"},
+    "pareto.y: 'adherence' must be one of the metrics": {"kind": "pareto", "pareto": {"x": "reward", "y": "adherence"}},
+    "curves: 'r_mria' is not a per-step key": {"kind": "curve", "curves": ["r_mria"]},
+    "unknown key 'versos'": {"versos": "MIRA"},
+}
+
+
+@pytest.mark.parametrize("message", list(SPEC_ERRORS))
+def test_experiment_specs_are_checked_before_anything_runs_naming_the_file_and_key(message, tmp_path):
+    spec = {"title": "t", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED},
+            "runs": {"MIRA": ["method=mira"]}} | SPEC_ERRORS[message]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(FrameworkError, match=f"^{tmp_path / 't.yaml'}: .*{re.escape(message)}"):
+        reproduce("t", "testbed", tmp_path / "out", experiments_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_run_is_marked_in_its_table_and_the_others_still_run(tmp_path, monkeypatch):
+    from framework.experiments import RunsFailed
+
+    (tmp_path / "buggy.py").write_text("def score(images, prompts):\n    return 1 / 0\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    tiny = ["model=tiny_sd", "model.resolution=32", "method.num_steps=2", "method=base", "prompts=inline",
+            "prompts.prompts=[a cat]", "logger=none"]
+    spec = {"title": "f", "kind": "table", "metrics": ["reward"], "scales": {"tiny": tiny},
+            "runs": {"Broken": ["reward=callable", "reward.target=buggy:score"], "Base": []}}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(RunsFailed, match=r"1 run\(s\) did not finish.*\n  - .*Broken.*: internal error: "
+                                         "ZeroDivisionError") as failure:
+        reproduce("f", "tiny", tmp_path / "out", experiments_dir=tmp_path)
+    rows = read_csv(failure.value.written[0])
+    assert rows["Base"]["status"] == "ok" and rows["Base"]["items"] == "1"
+    assert rows["Broken"]["status"].startswith("internal error: ZeroDivisionError") and rows["Broken"]["items"] == "0"
 
 
 def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):

@@ -103,3 +103,9 @@ def test_default_run_reports_ground_truth_adherence_drift_and_a_grid(tmp_path):
     record = json.loads((run_dir / "items" / "p0000_s000" / "record.json").read_text())
     assert {"reward", "adherence", "judge_log_prob", "drift_rmse"} <= set(record["steps"][1])
     assert (run_dir / "grid.png").stat().st_size > 0
+    # What experiment specs may name (checked before anything runs) is what runs record.
+    from framework.experiments import ITEM_METRICS, SET_METRICS, STEP_KEYS
+
+    assert set(record["metrics"]["final"]) | {"reward"} | set(record["compute"]) - {"peak_memory_kind"} <= \
+        set(ITEM_METRICS)
+    assert set(record["steps"][1]) <= set(STEP_KEYS) and set(summary["sets"]) - {"win_rate_vs_base"} <= set(SET_METRICS)
