@@ -179,3 +179,16 @@ def test_the_status_of_a_rejected_run_is_written_for_sweeps(tmp_path):
     result = run_cli("method.beta=-1", "logger=none", run_dir=tmp_path)
     status = OmegaConf.load(tmp_path / "status.json")
     assert result.returncode == status.exit_code == 2 and "method.beta=-1.0" in status.error
+
+
+def test_the_reward_names_and_their_differentiability_match_the_reward_zoo():
+    from framework.config import REWARDS, reward_is_differentiable
+    from framework.rewards import BUILDERS, build_reward
+
+    assert set(REWARDS) == set(BUILDERS)
+    for name in ("jpeg", "brightness", "darkness", "contrast", "saturation", "judge"):
+        cfg = RewardConfig(name=name)
+        assert build_reward(cfg).differentiable == reward_is_differentiable(cfg), name
+    for differentiable in (True, False):
+        cfg = RewardConfig(name="callable", target="math:fsum", differentiable=differentiable)
+        assert build_reward(cfg).differentiable == reward_is_differentiable(cfg) == differentiable

@@ -73,12 +73,6 @@ class OneOf:
 class Text:
     """Free text of the field's type (a hub id, a path, a name): checked where it is used (e.g. weights exist)."""
 
-    def accepts(self, value) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "any text"
-
 
 def valid(default, rule: Range | OneOf | Text):
     """A dataclass field with its default and its rule."""

@@ -170,13 +170,19 @@ def run(cfg: DictConfig) -> dict | None:
     return summary
 
 
+def _is_global_rank_zero() -> bool:
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def job(cfg: DictConfig) -> int:
-    """One Hydra job. It returns its exit code instead of raising (Hydra's launchers stop a sweep at an exception
-    that is not an Exception, e.g. SystemExit), except after SIGTERM, which stops the whole process on purpose."""
+    """One Hydra job. It returns its exit code instead of raising: Hydra ends a whole sweep at a job's exception (a
+    SystemExit at once, any other after the batch, without the sweep table). Only SIGTERM stops the process, on
+    purpose."""
     run_dir = Path(cfg.output_dir)
     code, line = guarded(lambda: run(cfg), run_dir / "error.log")
-    (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code, "error": line}))
+    if _is_global_rank_zero():  # DDP processes started by Lightning leave the job's status to rank 0
+        (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code, "error": line}))
     job_codes.append(code)
     if code == INTERRUPTED:
         raise SystemExit(code)
