@@ -45,11 +45,11 @@ def load_png(path: Path) -> Tensor:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # it exists, as another user's
+        pass
     return True
 
 
@@ -65,8 +65,12 @@ class ItemStore:
         """Hidden half-written folders and files of processes that were killed (`.<name>.<pid>.tmp`)."""
         for tmp in [*self.items_dir.glob(".*.tmp"), *self.run_dir.glob(".*.tmp")]:
             pid = tmp.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
 
     def _check_fingerprint(self, fingerprint: dict) -> None:
         path = self.run_dir / "run.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
-from framework.errors import OK
+from framework.errors import FAILED, OK
 from framework.experiments import Run, aggregate
 from framework.report import final_value, ok_records
 
@@ -42,7 +42,7 @@ class SweepTable(Callback):
         for d in jobs:
             run = Run(" ".join(o for o in overrides[d] if o not in shared) or d.name, {}, overrides[d], "", d)
             code, statuses[run.name] = job_status(d)
-            job_codes.append(code if code is not None else OK)  # jobs of other processes (submitit) count too
+            job_codes.append(FAILED if code is None else code)  # jobs of other processes (submitit) count too
             runs.append(run)
         metrics = list(METRICS)
         if any(final_value(r, "adherence") is not None for d in jobs for r in ok_records(d)):
