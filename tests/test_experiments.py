@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, run_cli
 from framework.errors import FrameworkError
-from framework.experiments import EXPERIMENTS_DIR, load_experiment, mean_ci, reproduce, reproduce_all, slug
+from framework.experiments import (EXPERIMENTS_DIR, load_experiment, mean_ci, prepare, reproduce, reproduce_all,
+                                  slug)
 from framework.report import ok_records, step_curve
 
 
@@ -34,12 +35,14 @@ def test_mean_ci_brackets_the_mean_and_collapses_for_constant_values():
     assert mean_ci(np.full(5, 2.0)) == (2.0, 2.0, 2.0)
 
 
-def test_shipped_experiments_are_valid():
+def test_shipped_experiments_are_valid(tmp_path):
     names = {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")}
     assert {"mechanism", "compute_matched", "win_rate", "pareto"} <= names
+    claimed = {}
     for name in names:
         spec = load_experiment(EXPERIMENTS_DIR / f"{name}.yaml")
         assert {"testbed", "paper"} <= set(spec["scales"]) and spec["runs"]
+        assert prepare(name, "testbed", tmp_path, EXPERIMENTS_DIR, claimed)[1]  # every run composes and is valid
 
 
 def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_path):
@@ -207,7 +210,7 @@ def test_a_failing_run_is_marked_in_its_table_and_the_others_still_run(tmp_path,
 def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "framework.experiments", "--scale", "paper", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip()
     assert message.startswith("error: scale paper:") and "nothing was run" in message
     for weight in ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
