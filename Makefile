@@ -14,7 +14,7 @@ RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 method.lr=0.05 prompts.limit
 SCALE ?= testbed
 EXPERIMENT ?=
 
-.PHONY: install run test bench reproduce-tables clean
+.PHONY: install run lint test bench reproduce-tables clean
 
 install: $(STAMP)
 
@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(PY) -m framework.run $(RUN_ARGS)
 
-test: install
+# ruff (pyproject.toml: pycodestyle + pyflakes, 120 columns) on the whole tree; `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce-tables: install

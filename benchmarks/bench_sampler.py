@@ -83,7 +83,8 @@ def step_vs_sample(device: str, num_steps: int, repeats: int) -> tuple[float, fl
     _, problem = setup(device, num_steps)
     x_T, noises = (t.requires_grad_() for t in problem.noise([0]))
     optimizer = torch.optim.AdamW([x_T, noises], lr=0.01)
-    return paired(lambda: dno_step(problem, x_T, noises, optimizer), torch.no_grad()(lambda: problem.render(x_T, noises)),
+    render = torch.no_grad()(lambda: problem.render(x_T, noises))
+    return paired(lambda: dno_step(problem, x_T, noises, optimizer), render,
                   repeats)
 
 
@@ -160,7 +161,8 @@ def main() -> None:
           f"median of {args.repeats} interleaved pairs\n")
 
     ratio, ours, theirs = sampler_vs_pipeline(args.device, args.repeats)
-    print(f"1. sampler / diffusers pipeline (10 steps):   {ratio:5.2f}  ({ours:.3f} s vs {theirs:.3f} s)   target ≤ 1.0")
+    print(f"1. sampler / diffusers pipeline (10 steps):   {ratio:5.2f}  ({ours:.3f} s vs {theirs:.3f} s)"
+          "   target ≤ 1.0")
     for steps in (10, 50):
         ratio, step, sample = step_vs_sample(args.device, steps, args.repeats)
         print(f"2. DNO step / plain sample ({steps} steps):      {ratio:5.2f}  ({step:.3f} s vs {sample:.3f} s)"
@@ -173,7 +175,8 @@ def main() -> None:
     held10, held50 = saved_for_backward(args.device, 10), saved_for_backward(args.device, 50)
     print(f"   held for backward 50 / 10 steps:          {held50 / held10:5.2f}  ({held50 / mib:.1f} MiB vs "
           f"{held10 / mib:.1f} MiB; per step: {(held50 - held10) / 40 / 1024:.0f} KiB)")
-    print(f"   the step's own growth: {(peak50 - base50) / mib:.0f} MiB at 50 steps vs {(peak10 - base10) / mib:.0f} MiB "
+    print(f"   the step's own growth: {(peak50 - base50) / mib:.0f} MiB at 50 steps vs "
+          f"{(peak10 - base10) / mib:.0f} MiB "
           f"at 10 (model weights and runtime excluded)")
     ratio, mira, dno = mira_vs_dno(args.device, args.repeats)
     print(f"4. MIRA item / DNO item (5 steps of 10):      {ratio:5.2f}  ({mira:.3f} s vs {dno:.3f} s)   target ≤ 1.05")

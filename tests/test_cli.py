@@ -39,7 +39,8 @@ def test_run_writes_items_summary_and_wandb_then_resumes(tmp_path):
     assert records(run_dir)["p0001_s000"]["final_reward"] == written["p0001_s000"]["final_reward"]
 
     changed = run_cli(*QUICK, "method.lr=0.5", run_dir=run_dir)
-    assert changed.returncode == 2 and "holds results of a different configuration (changed: method.lr)" in changed.stderr
+    assert changed.returncode == 2
+    assert "holds results of a different configuration (changed: method.lr)" in changed.stderr
 
 
 ERRORS = {

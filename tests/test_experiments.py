@@ -59,7 +59,8 @@ def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_pat
     [dno_dir] = (out / "runs" / "tiny").glob("DNO_gamma_0-*")
     finals = [json.loads(p.read_text())["final_reward"] for p in dno_dir.glob("items/*/record.json")]
     assert float(rows["DNO γ=0"]["reward_mean"]) == pytest.approx(np.mean(finals), rel=1e-5)
-    assert float(rows["DNO γ=0"]["reward_low"]) <= float(rows["DNO γ=0"]["reward_mean"]) <= float(rows["DNO γ=0"]["reward_high"])
+    dno = rows["DNO γ=0"]
+    assert float(dno["reward_low"]) <= float(dno["reward_mean"]) <= float(dno["reward_high"])
     assert float(rows["Base"]["drift_rmse_mean"]) == 0
     assert "| DNO γ=0 | 2 |" in written[1].read_text() and r"$\pm$" in written[2].read_text()
 
@@ -118,7 +119,8 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
             "versus": "MIRA", "judges": ["reward", "judge_log_prob", "eval_hps"], "scales": {"testbed": TESTBED},
             "grid": {"testbed": {"beta": {"β=0.01": ["method.beta=0.01"], "β=1": ["method.beta=1"]}}},
             "runs": {"MIRA": ["method=mira"], "MIRA-DPO": ["method=mira_dpo", "reward=jpeg"]}}
-    other = {"title": "other", "kind": "table", "metrics": ["reward"], "scales": {"testbed": ["method.beta=1", *TESTBED]},
+    other = {"title": "other", "kind": "table", "metrics": ["reward"],
+             "scales": {"testbed": ["method.beta=1", *TESTBED]},
              "runs": {"MIRA again": ["method=mira"]}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other, allow_unicode=True))
@@ -228,7 +230,8 @@ def test_weight_check_finds_local_paths_and_hub_cache_entries(tmp_path):
     from framework.weights import unavailable
 
     repo = tmp_path / "absent"
-    assert unavailable("pretrained", str(repo)) == "not found" and unavailable("file", str(repo / "w.pt")) == "not found"
+    assert unavailable("pretrained", str(repo)) == "not found"
+    assert unavailable("file", str(repo / "w.pt")) == "not found"
     repo.mkdir()
     (repo / "w.pt").write_bytes(b"x")
     assert unavailable("pretrained", str(repo)) is None and unavailable("file", str(repo / "w.pt")) is None
@@ -291,7 +294,8 @@ def test_multirun_jobs_are_one_wandb_group():
     from framework.tracking import wandb_group
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", ["hydra.sweep.dir=/tmp/sweeps/beta_grid", "hydra.mode=MULTIRUN"], return_hydra_config=True)
+        cfg = compose("config", ["hydra.sweep.dir=/tmp/sweeps/beta_grid", "hydra.mode=MULTIRUN"],
+                      return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:
         assert wandb_group(cfg) == "beta_grid"

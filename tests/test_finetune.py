@@ -14,7 +14,7 @@ from framework.methods import Item, Problem, build_method
 from framework.methods.aig import aig_gamma
 from framework.methods.draft import DRaFT
 from framework.models import load_backbone
-from framework.models.lora import add_lora, load_lora, save_lora
+from framework.models.lora import add_lora, adapters_disabled, load_lora, save_lora
 from framework.rewards import build_reward
 
 ITEM = Item(0, 0, "a cat", 11)
@@ -50,7 +50,8 @@ def test_at_initialisation_samples_equal_the_base_and_kl_is_zero(brightness):
     result = sample(backbone, brightness, LoRAScaleConfig(num_steps=3, adapter="-"))
     assert torch.equal(result.final_image, result.base_image)
     with torch.enable_grad():
-        _, _, kl = loss_module(backbone, brightness, DRaFTConfig(num_steps=3, k=2, kl_weight=1.0)).losses(["a cat"], [5])
+        module = loss_module(backbone, brightness, DRaFTConfig(num_steps=3, k=2, kl_weight=1.0))
+        _, _, kl = module.losses(["a cat"], [5])
     assert kl.item() == 0
 
 
@@ -106,8 +107,62 @@ def test_adapter_save_then_load_reproduces_samples(tuned, brightness, tmp_path):
     save_lora(tuned.unet, tmp_path)
     reloaded = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
     load_lora(reloaded.unet, tmp_path)
-    torch.testing.assert_close(sample(reloaded, brightness, cfg).final_image, sample(tuned, brightness, cfg).final_image,
+    torch.testing.assert_close(sample(reloaded, brightness, cfg).final_image,
+                               sample(tuned, brightness, cfg).final_image,
                                rtol=0, atol=1e-6)
+
+
+def test_our_adapter_loads_with_the_diffusers_pipeline_and_changes_its_samples_as_ours(tuned, tmp_path):
+    """StableDiffusionPipeline.load_lora_weights reads our adapter file; the pipeline's own sample with it equals our
+    sampler's (η = 0, same latents) and differs from the pipeline's sample without it."""
+    from framework.models.lora import WEIGHT_NAME
+    from framework.models.tiny import build_tiny_pipeline
+    from framework.sampling import ddim_sample
+
+    save_lora(tuned.unet, tmp_path)
+    pipe = build_tiny_pipeline("sd", 32)  # the same seeded weights as `tuned` without its adapter
+    pipe.scheduler = tuned.scheduler
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn((1, *tuned.latent_shape()), generator=torch.Generator().manual_seed(5))
+    options = dict(num_inference_steps=4, guidance_scale=5.0, eta=0.0, output_type="pt", height=32, width=32)
+    with torch.no_grad():
+        base = pipe(["a cat"], latents=x_T.clone(), **options).images
+        pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
+        theirs = pipe(["a cat"], latents=x_T.clone(), **options).images
+        ours = tuned.postprocess(tuned.decode(ddim_sample(tuned, tuned.encode(["a cat"]), x_T, num_steps=4,
+                                                          guidance_scale=5.0).latents))
+    assert (theirs - ours).abs().max().item() <= 1e-4
+    assert (theirs - base).abs().max().item() > 1e-2
+
+
+def test_a_lora_saved_by_a_diffusers_training_script_loads_as_the_pipeline_loads_it(tmp_path):
+    """The format diffusers' LoRA training scripts write (pipeline keys, no metadata, rank from the shapes): our
+    loader and the pipeline's give the same UNet."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from framework.models.lora import WEIGHT_NAME
+    from framework.models.tiny import build_tiny_pipeline
+
+    trained = build_tiny_pipeline("sd", 32).unet
+    trained.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
+    layers = get_peft_model_state_dict(trained)
+    layers = {k: 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in
+              enumerate(sorted(layers.items()))}
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=layers, weight_name=WEIGHT_NAME)
+    pipe = build_tiny_pipeline("sd", 32)
+    pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
+    ours = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
+    load_lora(ours.unet, tmp_path)
+    x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    text = torch.randn((1, 77, ours.unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs, mine = (unet(x, 500, encoder_hidden_states=text).sample for unet in (pipe.unet, ours.unet))
+        with adapters_disabled(ours.unet):
+            plain = ours.unet(x, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+    assert (mine - plain).abs().max() > 1e-3
 
 
 def train_log(run_dir, key="train/loss"):

@@ -5,7 +5,6 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from framework.config import DNOConfig, MIRAConfig, RewardConfig
-from framework.errors import FrameworkError
 from framework.methods import Item, Problem, build_method
 from framework.methods.mira import eps_kl_weights
 from framework.rewards import build_reward

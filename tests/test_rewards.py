@@ -33,7 +33,8 @@ def test_aesthetic_loads_laion_mlp_state_dict(clip_dir, tmp_path, images):
     shapes = {0: (1024, 24), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}  # LAION's keys; 24 = projection
     state = {}
     for i, shape in shapes.items():
-        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = torch.randn(shape) / shape[1] ** 0.5, torch.randn(shape[0])
+        state[f"layers.{i}.weight"] = torch.randn(shape) / shape[1] ** 0.5
+        state[f"layers.{i}.bias"] = torch.randn(shape[0])
     torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     reward = build_reward(RewardConfig(name="aesthetic", source=str(clip_dir),
                                        checkpoint=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")))
@@ -74,7 +75,8 @@ def test_hps_loads_state_dict_checkpoint_through_open_clip(tmp_path, images):
     reward = build_reward(RewardConfig(name="hps", arch=TINY_ARCH, checkpoint=str(tmp_path / "HPS_tiny.pt")))
     scores = reward(images, PROMPTS)
     with torch.no_grad():  # Independent: open_clip's forward returns normalised features.
-        image_features, text_features, _ = model(clip_preprocess(images, 32), open_clip.get_tokenizer(TINY_ARCH)(PROMPTS))
+        tokens = open_clip.get_tokenizer(TINY_ARCH)(PROMPTS)
+        image_features, text_features, _ = model(clip_preprocess(images, 32), tokens)
     torch.testing.assert_close(scores.detach(), 100 * (image_features * text_features).sum(-1), rtol=1e-4, atol=1e-4)
     assert_differentiable(scores, images)
 

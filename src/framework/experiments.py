@@ -235,7 +235,8 @@ def ensure_run(run: Run, group: str) -> str | None:
         if counts["num_ok"] == counts["num_items"]:
             return None
     print(f"running {run.name} in {run.dir}", flush=True)
-    command = [sys.executable, "-m", "framework.run", *run.overrides, f"logger.group={group}", f"hydra.run.dir={run.dir}"]
+    command = [sys.executable, "-m", "framework.run", *run.overrides, f"logger.group={group}",
+               f"hydra.run.dir={run.dir}"]
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode == 0:
         return None
@@ -337,7 +338,8 @@ def draw_curves(runs: list[Run], metrics: list[str], title: str, path: Path) -> 
         for run in runs:
             num_steps = max((len(r.get("steps", [])) for r in ok_records(run.dir)), default=0)
             curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
-            writer.writerows([run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)] for row in curve)
+            writer.writerows([run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)]
+                             for row in curve)
             for ax, metric in zip(axes[0], metrics):
                 ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=run.name)
     for ax, metric in zip(axes[0], metrics):
@@ -426,7 +428,8 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
                  for (spec, why), (keys, names) in sorted(missing.items())]
         raise FrameworkError(
             f"scale {scale}: {len(missing)} weight(s) or prompt file(s) are missing; nothing was run:\n"
-            + "\n".join(lines) + "\nProvide them: for a hub id, run `hf download <id>` (a file: `hf download <owner/repo> "
+            + "\n".join(lines) + "\nProvide them: for a hub id, run `hf download <id>` (a file: "
+            "`hf download <owner/repo> "
             "<file>`) on a machine with network access and copy the Hugging Face cache (HF_HOME) here; or put local "
             f"files and directories at the paths shown, or point the keys at them in the `scales: {scale}` overrides "
             "of experiments/<name>.yaml (e.g. model.source=/data/sd15).")

@@ -74,7 +74,8 @@ def print_summary(summary: dict, label: str) -> None:
         else:
             print(f"  {row['id']:<12} {prompt:<{width}}  FAILED: {row['error']}")
     if summary["num_ok"]:
-        print(f"  {'mean':<12} {'':<{width}}  {summary['base_reward_mean']:>8.4f} → {summary['final_reward_mean']:<8.4f}"
+        base, final = summary["base_reward_mean"], summary["final_reward_mean"]
+        print(f"  {'mean':<12} {'':<{width}}  {base:>8.4f} → {final:<8.4f}"
               + columns(summary, lambda m: f"base_{m}_mean", lambda m: f"final_{m}_mean"))
         print(f"  {summary['evals_mean']:.0f} model evaluations and {summary['seconds_mean']:.1f} s per item"
               + ("; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
@@ -101,8 +102,9 @@ def print_set_metrics(sets: dict) -> None:
         print(f"  final vs base sets: {cmmd}spectral distance {sets['spectral_distance']:.4f}, "
               f"log-spectral {sets['log_spectral_distance']:.3f}")
     if "final_diversity_vendi" in sets:
-        print(f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → {sets['final_diversity_vendi']:.2f}"
-              f", mean pairwise distance {sets['base_diversity_pairwise']:.4f} → {sets['final_diversity_pairwise']:.4f}")
+        print(f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → "
+              f"{sets['final_diversity_vendi']:.2f}, mean pairwise distance {sets['base_diversity_pairwise']:.4f} → "
+              f"{sets['final_diversity_pairwise']:.4f}")
 
 
 def fingerprint(cfg: DictConfig, prompts: list[str]) -> dict:

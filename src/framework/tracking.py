@@ -44,7 +44,8 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
 
     run_dir = Path(summary["run_dir"])
     run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(run_dir), name=name,
-                     group=wandb_group(cfg), tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True),
+                     group=wandb_group(cfg), tags=list(cfg.logger.tags),
+                     config=OmegaConf.to_container(cfg, resolve=True),
                      settings=wandb.Settings(silent=True))
     _log_step_curves(run, run_dir)
     table = wandb.Table(columns=["item", "prompt", "seed", "status", "base", "final", "base_reward", "final_reward"])

@@ -9,7 +9,6 @@ as published, on CLIP ViT-L/14 at 336 px (`eval.cmmd_clip`; `cmmd`), or on the t
 """
 
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

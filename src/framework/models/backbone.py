@@ -145,7 +145,8 @@ class StableDiffusionBackbone(Backbone):
         model_in = pick(x, x).to(self.unet.dtype)
         added = None
         if self.is_sdxl:
-            added = {"text_embeds": pick(cond.uncond_pooled, cond.pooled), "time_ids": pick(cond.time_ids, cond.time_ids)}
+            added = {"text_embeds": pick(cond.uncond_pooled, cond.pooled),
+                     "time_ids": pick(cond.time_ids, cond.time_ids)}
         out = self.unet(model_in, t, encoder_hidden_states=pick(cond.uncond_embeds, cond.embeds),
                         added_cond_kwargs=added, return_dict=False)[0].float()
         if self.prediction_type == "v_prediction":

@@ -34,19 +34,32 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int =
 
 
 def save_lora(unet: nn.Module, directory: Path) -> Path:
-    unet.save_lora_adapter(str(directory), weight_name=WEIGHT_NAME)
+    """The adapter as diffusers' pipelines save and load LoRAs (`pipe.load_lora_weights(directory)`): keys under
+    `unet.`, with the adapter's rank and alpha in the file's metadata (the same format for SD1.x and SDXL)."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        str(directory), unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="default"),
+        weight_name=WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return Path(directory) / WEIGHT_NAME
 
 
 def load_lora(unet: nn.Module, directory: str | Path) -> None:
-    """Load an adapter saved by `save_lora` (or any diffusers/peft UNet LoRA directory); safetensors only."""
+    """Load an adapter in the pipelines' format (`save_lora`, or a LoRA trained elsewhere and saved with diffusers'
+    `save_lora_weights`) or in the bare UNet format of `unet.save_lora_adapter`; safetensors only."""
+    from safetensors import safe_open
+
     from framework.errors import FrameworkError
 
     path = Path(directory)
     if not (path / WEIGHT_NAME).is_file():
         raise FrameworkError(f"method.adapter: no LoRA weights at '{path / WEIGHT_NAME}'; train one with "
                              "method=draft (its run directory holds adapter/) or point to a diffusers LoRA directory")
-    unet.load_lora_adapter(str(path), prefix=None, weight_name=WEIGHT_NAME, adapter_name="default")
+    with safe_open(path / WEIGHT_NAME, framework="pt") as f:
+        prefixed = any(key.startswith("unet.") for key in f.keys())
+    unet.load_lora_adapter(str(path), prefix="unet" if prefixed else None, weight_name=WEIGHT_NAME,
+                           adapter_name="default")
 
 
 def set_lora_scale(unet: nn.Module, scale: float) -> None:

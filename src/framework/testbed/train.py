@@ -8,6 +8,7 @@ accuracy and the model's ground-truth adherence. Everything is generated procedu
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -124,6 +125,18 @@ def judge_accuracy(judge: Judge, n: int = 2000) -> float:
     return ((colors.argmax(1) == b.colors) & (kinds.argmax(1) == b.shapes)).float().mean().item()
 
 
+def provenance(args: argparse.Namespace) -> dict:
+    """The command that produced the report and its arguments, paths relative to the directory it ran in (the
+    repository root): the report ships inside the package, so no path of the machine that trained it."""
+    def portable(value):
+        return os.path.relpath(value.resolve(), Path.cwd()) if isinstance(value, Path) else str(value)
+
+    options = {k: portable(v) for k, v in vars(args).items()}
+    command = " ".join(["python -m framework.testbed.train",
+                        *(f"--{k.replace('_', '-')} {v}" for k, v in options.items())])
+    return {"command": command, "args": options}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
@@ -158,8 +171,7 @@ def main() -> None:
     from framework.testbed.evaluate import evaluate_adherence
 
     report = {"train_minutes": round(minutes, 1), "judge_accuracy": judge_accuracy(judge.eval()),
-              **evaluate_adherence(args.out, args.judge_out, seeds=args.eval_seeds),
-              "args": {k: str(v) for k, v in vars(args).items()}}
+              **evaluate_adherence(args.out, args.judge_out, seeds=args.eval_seeds), **provenance(args)}
     (args.out / "training_report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "per_caption"}, indent=1))
 
