@@ -23,3 +23,39 @@ def test_no_machine_paths_and_no_references_outside_the_repository():
     for path, text in files.items():
         assert str(REPO) not in text and not MACHINE_PATH.search(text), path
         assert "../shared" not in text, path
+
+
+def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_path):
+    """Built from a copy of the working tree, installed outside it (configs and experiment specs are package data),
+    run from an empty directory; the user's own config directory joins through Hydra's search path."""
+    import os
+    import shutil
+    import sys
+
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "outputs", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+                   check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("framework-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   capture_output=True)
+    user_conf = tmp_path / "my conf"
+    (user_conf / "prompts").mkdir(parents=True)
+    (user_conf / "prompts" / "mine.yaml").write_text("name: inline\nprompts: [a blue square]\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    result = subprocess.run([sys.executable, "-m", "framework.run", "method=base", "prompts=mine", "prompts.limit=1",
+                             "logger=none", f"hydra.searchpath=[file://{user_conf}]"], cwd=empty, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1/1 items ok" in result.stdout and f"images:  {empty}/outputs/runs/" in result.stdout
+    assert "a blue square" in result.stdout and str(REPO) not in result.stdout
+    where = subprocess.run([sys.executable, "-c", "import framework; print(framework.__file__)"], cwd=empty, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(tmp_path / "site"))
+    report = subprocess.run([str(tmp_path / "site" / "bin" / "framework-report"), str(empty)], env=env,
+                            capture_output=True, text=True)
+    assert report.returncode == 2 and "has no finished item" in report.stderr

@@ -19,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from framework.errors import FrameworkError
 from framework.testbed import MODEL_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the Hydra configs (src layout: <repo>/conf)
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra configs, package data (<repo>/conf links here)
 
 
 @dataclass(frozen=True)

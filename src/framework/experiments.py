@@ -48,7 +48,7 @@ from omegaconf import OmegaConf
 from framework.errors import INTERRUPTED, Failure, FrameworkError, Interrupted, guarded
 from framework.report import final_value, ok_records, step_curve
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
 KINDS = ("table", "curve", "pareto")
 RUN_REF = re.compile(r"\{run:([^}]+)\}")
 

@@ -176,7 +176,7 @@ def _is_global_rank_zero() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def job(cfg: DictConfig) -> int:
     """One Hydra job. It returns its exit code instead of raising: Hydra ends a whole sweep at a job's exception (a
     SystemExit at once, any other after the batch, without the sweep table). Only SIGTERM stops the process, on
