@@ -59,3 +59,52 @@ def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_p
     report = subprocess.run([str(tmp_path / "site" / "bin" / "framework-report"), str(empty)], env=env,
                             capture_output=True, text=True)
     assert report.returncode == 2 and "has no finished item" in report.stderr
+
+
+def framework_imports() -> dict[str, set[str]]:
+    """module -> the framework modules it imports, anywhere in its body (imports inside functions count)."""
+    import ast
+
+    root = REPO / "src"
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (root / "framework").rglob("*.py")}
+
+    def module_of(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for t in targets if t.startswith("framework") and (m := module_of(t)) and m != name}
+    return graph
+
+
+def test_no_import_cycles_and_the_floor_imports_nothing_above_it():
+    graph = framework_imports()
+    assert len(graph) > 40 and "framework.preflight" in graph["framework.experiments"]
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:  # depth-first search; a grey module reached again is a cycle
+        state[module] = "grey"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "grey", "import cycle: " + " -> ".join(path + [module, target])
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = "black"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    floor = {"framework.errors", "framework.config", "framework.weights", "framework.testbed"}  # testbed: paths
+    for module in ("framework.errors", "framework.config", "framework.weights"):
+        assert graph[module] <= floor, (module, graph[module] - floor)
+    assert graph["framework.testbed"] == set()
+    assert "framework.methods" not in graph["framework.store"]  # items and images have their own modules
+    assert "framework.store" not in graph["framework.methods.draft"]

@@ -415,7 +415,7 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
     """Check every experiment first (configs compose, weights present), then run what is missing and aggregate."""
     claimed: dict[str, Path] = {}  # one directory per configuration across all the experiments
     planned = {name: prepare(name, scale, out, experiments_dir, claimed) for name in names}
-    from framework.weights import missing_weights
+    from framework.preflight import missing_weights
 
     missing: dict[tuple[str, str], tuple[set, set]] = {}  # (value, why) -> (config keys, experiments)
     for name, (_, runs) in planned.items():

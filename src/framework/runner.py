@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from framework.errors import Interrupted, NonFiniteLoss
 from framework.metrics import ImageMetrics
-from framework.methods import Item, Method, Problem, derive_seed
+from framework.items import Item, derive_seed
+from framework.methods import Method, Problem
 from framework.store import ItemStore
 
 log = logging.getLogger(__name__)

@@ -13,13 +13,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from framework.errors import FrameworkError
-from framework.methods import Item, ItemResult
+from framework.images import load_png, save_png
+from framework.items import Item, ItemResult
 
 GRID_ITEMS = 16
 
@@ -32,15 +31,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def save_png(image: Tensor, path: Path) -> None:
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
-
-
-def load_png(path: Path) -> Tensor:
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 def _alive(pid: int) -> bool:

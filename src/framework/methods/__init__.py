@@ -4,7 +4,8 @@ from framework.config import follows_reward_gradients
 from framework.errors import FrameworkError
 from framework.methods.base import Base
 from framework.methods.best_of_n import BestOfN
-from framework.methods.common import Item, ItemResult, Method, Problem, derive_seed
+from framework.items import Item, ItemResult, derive_seed
+from framework.methods.common import Method, Problem
 from framework.methods.dno import DNO
 from framework.methods.aig import AIG
 from framework.methods.dno_zo import DNOZeroOrder

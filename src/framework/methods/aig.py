@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from framework.methods.common import ItemResult, Method, Problem
+from framework.items import ItemResult
+from framework.methods.common import Method, Problem
 
 
 def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> float:

@@ -2,7 +2,8 @@
 
 import torch
 
-from framework.methods.common import ItemResult, Method, Problem
+from framework.items import ItemResult
+from framework.methods.common import Method, Problem
 
 
 class Base(Method):

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from framework.methods.common import ItemResult, Method, Problem, derive_seed
+from framework.items import ItemResult, derive_seed
+from framework.methods.common import Method, Problem
 
 
 def num_candidates(cfg) -> int:

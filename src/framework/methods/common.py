@@ -1,24 +1,19 @@
-"""What every per-item method shares: the item, its seeded noise, rendering and scoring, and the result record."""
+"""What every per-item method shares: the item's world (its conditioning, seeded noise, rendering and scoring) and the
+method contract."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from framework.config import SamplingConfig
+from framework.items import Item, ItemResult
 from framework.errors import Interrupted
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
 from framework.sampling import Trajectory, ddim_sample, num_noises
-
-
-def derive_seed(*keys: int) -> int:
-    """A 31-bit seed that depends only on `keys` (never on process rank or batch layout)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
@@ -31,30 +26,6 @@ def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -
     noise = torch.stack(draws, dim=1).to(backbone.device)  # [1 + S, B, ...]
     used = num_noises(sampling.num_steps, sampling.eta, sampling.final_step_noise)
     return noise[0], (noise[1 : 1 + used] if used else None)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One unit of work: a prompt and one seed for it."""
-
-    prompt_index: int
-    sample_index: int
-    prompt: str
-    seed: int
-
-    @property
-    def id(self) -> str:
-        return f"p{self.prompt_index:04d}_s{self.sample_index:03d}"
-
-
-@dataclass
-class ItemResult:
-    base_image: Tensor  # [3, H, W] as decoded (saved clamped to [0, 1]): the plain sample from the item's seed
-    final_image: Tensor  # what the method returns for the item
-    base_reward: float
-    final_reward: float
-    steps: list[dict] = field(default_factory=list)  # one record per optimisation step / candidate
-    info: dict = field(default_factory=dict)  # method-specific values worth keeping
 
 
 class Problem:

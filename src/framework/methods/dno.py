@@ -13,7 +13,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from framework.errors import FrameworkError, NonFiniteLoss
-from framework.methods.common import ItemResult, Method, Problem, derive_seed
+from framework.items import ItemResult, derive_seed
+from framework.methods.common import Method, Problem
 from framework.sampling import Trajectory, trajectory_divergence
 
 

@@ -9,7 +9,8 @@ carries exactly ĝ into the noise. The reward is only ever called without gradie
 import torch
 from torch import Tensor
 
-from framework.methods.common import Problem, derive_seed
+from framework.items import derive_seed
+from framework.methods.common import Problem
 from framework.methods.dno import DNO
 from framework.sampling import Trajectory
 

@@ -20,10 +20,11 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from framework.errors import FrameworkError, Interrupted, NonFiniteLoss
-from framework.methods.common import derive_seed, draw_noise
+from framework.items import derive_seed
+from framework.methods.common import draw_noise
 from framework.models.lora import add_lora, save_lora
 from framework.sampling import ddim_sample
-from framework.store import save_png
+from framework.images import save_png
 
 SAMPLE_PROMPTS = 4  # images in each periodic sample grid
 INTERRUPTED_CKPT = "interrupted.ckpt"

@@ -3,7 +3,8 @@ The item's base image is the adapter-free sample of the same seed."""
 
 import torch
 
-from framework.methods.common import ItemResult, Method, Problem
+from framework.items import ItemResult
+from framework.methods.common import Method, Problem
 from framework.models.lora import set_lora_scale
 
 

@@ -1,0 +1,17 @@
+"""Images on disk: tensors on the [0, 1] scale as 8-bit RGB PNG files, and back."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+def load_png(path: Path) -> Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
