@@ -50,63 +50,6 @@ def _label(cfg) -> str:
         return f"method={cfg.method.name} reward={cfg.reward.name}"
 
 
-def print_summary(summary: dict, label: str) -> None:
-    metrics = [m for m in ("adherence", "drift_rmse") if f"final_{m}_mean" in summary]
-    print(f"\n{label}: {summary['num_ok']}/{summary['num_items']} items ok"
-          + (f", {summary['num_failed']} failed" if summary["num_failed"] else ""))
-    width = min(48, max(len("prompt"), *(len(r["prompt"]) for r in summary["items"])))
-    header = "".join(f"  {'adherence' if m == 'adherence' else 'drift':>15}" for m in metrics)
-    print(f"  {'item':<12} {'prompt':<{width}}  {'reward base → final':>19}{header}")
-
-    def columns(row_metrics: dict, base_key, final_key) -> str:
-        text = ""
-        for m in metrics:
-            base, final = row_metrics.get(base_key(m)), row_metrics.get(final_key(m))
-            text += f"  {final:>15.3f}" if m == "drift_rmse" else f"  {base:>6.2f} → {final:<6.2f}"
-        return text
-
-    for row in summary["items"]:
-        prompt = row["prompt"][:width]
-        if row["status"] == "ok":
-            flat = {f"{stage}.{k}": v for stage in ("base", "final") for k, v in row["metrics"][stage].items()}
-            print(f"  {row['id']:<12} {prompt:<{width}}  {row['base_reward']:>8.4f} → {row['final_reward']:<8.4f}"
-                  + columns(flat, lambda m: f"base.{m}", lambda m: f"final.{m}"))
-        else:
-            print(f"  {row['id']:<12} {prompt:<{width}}  FAILED: {row['error']}")
-    if summary["num_ok"]:
-        base, final = summary["base_reward_mean"], summary["final_reward_mean"]
-        print(f"  {'mean':<12} {'':<{width}}  {base:>8.4f} → {final:<8.4f}"
-              + columns(summary, lambda m: f"base_{m}_mean", lambda m: f"final_{m}_mean"))
-        print(f"  {summary['evals_mean']:.0f} model evaluations and {summary['seconds_mean']:.1f} s per item"
-              + ("; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
-                 if "adherence" in metrics else "; drift = pixel RMSE to the base image (same seed)"))
-        held_out = sorted(k[len("final_"):-len("_mean")] for k in summary if k.startswith("final_eval_"))
-        labels = {"clipscore": "CLIPScore", "drift_embedding": "embedding drift (1 − cos to the base image)"}
-        for key in held_out + [k for k in labels if f"final_{k}_mean" in summary]:
-            base = summary.get(f"base_{key}_mean")
-            print(f"  {labels.get(key, key)}: " + (f"{base:.4f} → " if base is not None else "")
-                  + f"{summary[f'final_{key}_mean']:.4f}")
-        print_set_metrics(summary.get("sets", {}))
-    run_dir = Path(summary["run_dir"])
-    print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"
-          f"summary: {run_dir / 'summary.json'}")
-
-
-def print_set_metrics(sets: dict) -> None:
-    if "win_rate_vs_base" in sets:
-        win = sets["win_rate_vs_base"]
-        print(f"  win rate of final over base images: {win['rate']:.2f} (95% CI {win['low']:.2f}–{win['high']:.2f})")
-    if "spectral_distance" in sets:
-        cmmd = (f"CMMD {sets['cmmd']:.3f}, " if "cmmd" in sets
-                else f"CMMD on judge features {sets['cmmd_judge']:.3f}, " if "cmmd_judge" in sets else "")
-        print(f"  final vs base sets: {cmmd}spectral distance {sets['spectral_distance']:.4f}, "
-              f"log-spectral {sets['log_spectral_distance']:.3f}")
-    if "final_diversity_vendi" in sets:
-        print(f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → "
-              f"{sets['final_diversity_vendi']:.2f}, mean pairwise distance {sets['base_diversity_pairwise']:.4f} → "
-              f"{sets['final_diversity_pairwise']:.4f}")
-
-
 def fingerprint(cfg: DictConfig, prompts: list[str]) -> dict:
     """What the results in a run directory depend on: the item-affecting config, the prompt list and the content
     of a LoRA adapter the method reads."""
@@ -129,10 +72,9 @@ def run(cfg: DictConfig) -> dict | None:
 
     from framework.methods import build_method
     from framework.metrics import build_metrics
-    from framework.methods.draft import fine_tune_then_sample, trainer_options
     from framework.models import load_backbone
-    from framework.models.lora import load_lora
     from framework.prompts import load_prompts
+    from framework.report import print_summary
     from framework.rewards import build_reward
     from framework.runner import InferenceTimeAlignment, ItemsDataModule, make_items
     from framework.store import ItemStore
@@ -142,27 +84,21 @@ def run(cfg: DictConfig) -> dict | None:
     items = make_items(prompts, cfg.seed, cfg.samples_per_prompt)
     store = ItemStore(Path(cfg.output_dir), fingerprint(cfg, prompts))
     reward = build_reward(cfg.reward)
-    fine_tune = cfg.method.name == "draft"
-    method = None if fine_tune else build_method(cfg.method, reward)
+    method = build_method(cfg.method, reward)
     backbone = load_backbone(cfg.model)
-    if "adapter" in cfg.method:
-        load_lora(backbone.unet, cfg.method.adapter)
     metrics = build_metrics(cfg.eval, cfg.model)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
                         inference_mode=False, enable_model_summary=False, use_distributed_sampler=False,
-                        default_root_dir=cfg.output_dir,
-                        **(trainer_options(cfg) if fine_tune else {"logger": False, "enable_checkpointing": False}))
-    if fine_tune:  # train the adapter, then sample every item with it (base = adapters off, same seed)
-        method = build_method(fine_tune_then_sample(cfg, trainer, backbone, reward), reward)
+                        default_root_dir=cfg.output_dir, **method.trainer_options(cfg))
+    method = method.prepare(cfg, trainer, backbone, reward)  # e.g. load an adapter, or fine-tune one (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
     trainer.predict(module, datamodule=ItemsDataModule(items, store), return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None
     summary = store.summarize(items, metrics.set_metrics)
-    label = _label(cfg)
-    print_summary(summary, label)
+    print_summary(summary, _label(cfg))
     wandb_dir = log_to_wandb(cfg, summary, name=f"{Path(cfg.output_dir).name}")
     if wandb_dir:
         print(f"wandb:   {wandb_dir} ({cfg.logger.mode}; `wandb sync` uploads offline runs)")

@@ -9,6 +9,7 @@ from framework.methods.common import Method, Problem
 from framework.methods.dno import DNO
 from framework.methods.aig import AIG
 from framework.methods.dno_zo import DNOZeroOrder
+from framework.methods.draft import FineTuneThenSample
 from framework.methods.lora_scale import LoRAScale
 from framework.methods.mira import MIRA
 from framework.methods.mira_dpo import MIRADPO
@@ -16,7 +17,7 @@ from framework.methods.mira_dpo import MIRADPO
 __all__ = ["Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 
 METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO, "mira": MIRA, "dno_zo": DNOZeroOrder, "mira_dpo": MIRADPO,
-           "lora_scale": LoRAScale, "aig": AIG}
+           "draft": FineTuneThenSample, "lora_scale": LoRAScale, "aig": AIG}
 
 
 def build_method(cfg, reward) -> Method:

@@ -9,6 +9,7 @@ import torch
 
 from framework.items import ItemResult
 from framework.methods.common import Method, Problem
+from framework.models.lora import load_lora
 
 
 def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> float:
@@ -21,6 +22,10 @@ def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> 
 
 
 class AIG(Method):
+    def prepare(self, run_cfg, trainer, backbone, reward) -> Method:
+        load_lora(backbone.unet, self.cfg.adapter)
+        return self
+
     @torch.no_grad()
     def run(self, problem: Problem) -> ItemResult:
         cfg = self.cfg

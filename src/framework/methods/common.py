@@ -78,5 +78,14 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def trainer_options(self, run_cfg) -> dict:
+        """Options of the run's Lightning Trainer: a per-item method only predicts."""
+        return {"logger": False, "enable_checkpointing": False}
+
+    def prepare(self, run_cfg, trainer, backbone: Backbone, reward: Reward) -> "Method":
+        """Work before the items (load an adapter; a fine-tuning method trains here); returns the method that runs
+        the items."""
+        return self
+
     def run(self, problem: Problem) -> ItemResult:
         raise NotImplementedError

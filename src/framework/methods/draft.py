@@ -21,7 +21,8 @@ from torchvision.utils import make_grid
 
 from framework.errors import FrameworkError, Interrupted, NonFiniteLoss
 from framework.items import derive_seed
-from framework.methods.common import draw_noise
+from framework.methods.common import Method, draw_noise
+from framework.methods.lora_scale import LoRAScale
 from framework.models.lora import add_lora, save_lora
 from framework.sampling import ddim_sample
 from framework.images import save_png
@@ -149,6 +150,33 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
     return adapter
 
 
+class FineTuneThenSample(Method):
+    """method=draft through the method contract: `prepare` trains the run's adapter (or reuses it when an earlier
+    attempt finished) and returns the method that samples the items with it, LoRA scale 1 on DRaFT's own sampler
+    (base image = adapters off, same seed)."""
+
+    def trainer_options(self, cfg) -> dict:
+        return trainer_options(cfg)
+
+    def prepare(self, cfg, trainer: L.Trainer, backbone, reward) -> Method:
+        from omegaconf import OmegaConf
+
+        from framework.config import LoRAScaleConfig
+        from framework.models.lora import WEIGHT_NAME, load_lora
+        from framework.prompts import load_prompts
+
+        adapter = Path(cfg.output_dir) / "adapter"
+        if (adapter / WEIGHT_NAME).exists():
+            load_lora(backbone.unet, adapter)
+        else:
+            module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
+            adapter = train(trainer, module)
+        m = cfg.method
+        return LoRAScale(OmegaConf.structured(LoRAScaleConfig(
+            num_steps=m.num_steps, eta=m.eta, guidance_scale=m.guidance_scale, final_step_noise=m.final_step_noise,
+            batch_size=m.batch_size, adapter=str(adapter), alpha=1.0)))
+
+
 def trainer_options(cfg) -> dict:
     """Lightning Trainer options of a fine-tuning run: step budget, gradient clipping, resumable checkpoints every
     `save_every` steps, training curves as CSV (one train/version_<attempt>/ per attempt) and W&B."""
@@ -167,24 +195,3 @@ def trainer_options(cfg) -> dict:
     on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
     return {"max_steps": cfg.method.train_steps, "gradient_clip_val": cfg.method.grad_clip, "logger": loggers,
             "callbacks": [checkpoints, on_stop], "enable_checkpointing": True, "log_every_n_steps": 1}
-
-
-def fine_tune_then_sample(cfg, trainer: L.Trainer, backbone, reward):
-    """Train the run's adapter (or reuse it when an earlier attempt finished) and return the config of the method
-    that samples the items with it: LoRA scale 1 on DRaFT's own sampler."""
-    from omegaconf import OmegaConf
-
-    from framework.config import LoRAScaleConfig
-    from framework.models.lora import WEIGHT_NAME, load_lora
-    from framework.prompts import load_prompts
-
-    adapter = Path(cfg.output_dir) / "adapter"
-    if (adapter / WEIGHT_NAME).exists():
-        load_lora(backbone.unet, adapter)
-    else:
-        module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
-        adapter = train(trainer, module)
-    m = cfg.method
-    return OmegaConf.structured(LoRAScaleConfig(num_steps=m.num_steps, eta=m.eta, guidance_scale=m.guidance_scale,
-                                                final_step_noise=m.final_step_noise, batch_size=m.batch_size,
-                                                adapter=str(adapter), alpha=1.0))

@@ -5,10 +5,14 @@ import torch
 
 from framework.items import ItemResult
 from framework.methods.common import Method, Problem
-from framework.models.lora import set_lora_scale
+from framework.models.lora import load_lora, set_lora_scale
 
 
 class LoRAScale(Method):
+    def prepare(self, run_cfg, trainer, backbone, reward) -> Method:
+        load_lora(backbone.unet, self.cfg.adapter)
+        return self
+
     @torch.no_grad()
     def run(self, problem: Problem) -> ItemResult:
         noise = problem.noise([problem.item.seed])
