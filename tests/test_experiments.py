@@ -14,8 +14,8 @@ import yaml
 
 from conftest import REPO, run_cli
 from framework.errors import FrameworkError
-from framework.experiments import (EXPERIMENTS_DIR, load_experiment, mean_ci, prepare, reproduce, reproduce_all,
-                                  slug)
+from framework.experiments import EXPERIMENTS_DIR, load_experiment, prepare, reproduce, reproduce_all, slug
+from framework.statistics import mean_ci
 from framework.report import ok_records, step_curve
 
 

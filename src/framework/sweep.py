@@ -12,7 +12,8 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from framework.errors import FAILED, OK
-from framework.experiments import Run, aggregate
+from framework.experiments import Run
+from framework.tables import aggregate
 from framework.report import final_value, ok_records
 
 METRICS = ["reward", "drift_rmse", "evals", "seconds"]

@@ -1,0 +1,130 @@
+"""Rendering of experiment results: the table of one experiment as CSV, Markdown and LaTeX, and its figure (curves
+against the optimisation step, or a Pareto scatter), each figure's data as CSV beside it.
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from framework.report import ok_records, step_curve
+from framework.statistics import run_metric
+
+
+def table_metrics(spec: dict) -> list[str]:
+    """The metric columns: `win_rate` becomes one `win_rate:<judge>` column per judge (default: the reward)."""
+    judges = spec.get("judges", ["reward"])
+    return [col for m in spec["metrics"] for col in ([f"win_rate:{j}" for j in judges] if m == "win_rate" else [m])]
+
+
+def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, axes: tuple[str, ...] = ()) -> None:
+    """CSV (grid axes, mean, low, high per metric), Markdown and LaTeX (mean ± half-width of the interval); a
+    status column when some run did not finish (rows' "status" other than "ok")."""
+    status = any(row.get("status", "ok") != "ok" for row in rows)
+    extra = lambda row: [row.get("status", "ok")] if status else []  # noqa: E731
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", *axes, "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")]
+                        + (["status"] if status else []))
+        for row in rows:
+            writer.writerow([row["run"], *(row[a] for a in axes), row["items"]]
+                            + [f"{v:.6g}" for m in metrics for v in row[m]] + extra(row))
+    cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
+    over = "items" + ("; win_rate: over prompts" if any(m.startswith("win_rate") for m in metrics) else "")
+    columns = metrics + (["status"] if status else [])
+    md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over {over})", "",
+          "| run | items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    md += [f"| {r['run']} | {r['items']} | " + " | ".join([cell(r[m]) for m in metrics] + extra(r)) + " |"
+           for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    tex = lambda text: text.replace("_", r"\_").replace("%", r"\%")  # noqa: E731
+    lines = [r"\begin{tabular}{l r " + "c " * len(metrics) + ("l " if status else "") + "}", r"\toprule",
+             "run & items & " + " & ".join(tex(m) for m in columns) + r" \\", r"\midrule"]
+    lines += [f"{tex(r['run'])} & {r['items']} & "
+              + " & ".join([cell(r[m]).replace("±", r"$\pm$") for m in metrics] + [tex(x) for x in extra(r)]) + r" \\"
+              for r in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    stem.with_suffix(".tex").write_text("\n".join(lines) + "\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
+    """Mean of each metric over items against the optimisation step, one line per run; the plotted values go to
+    <path stem>_curves.csv."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    data = path.with_name(f"{path.stem}_curves.csv")
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "items", *metrics])
+        for run in runs:
+            num_steps = max((len(r.get("steps", [])) for r in ok_records(run.dir)), default=0)
+            curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
+            writer.writerows([run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)]
+                             for row in curve)
+            for ax, metric in zip(axes[0], metrics):
+                ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=run.name)
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_xlabel("optimisation step")
+        ax.set_title(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return data
+
+
+def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
+    """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG, in one grid cell)
+    joined by a line. The plotted values are the table's CSV."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(row["run"].replace(row["label"], row["label"].split()[0]), []).append(row)
+    for family, members in families.items():
+        ax.plot([r[x][0] for r in members], [r[y][0] for r in members], "o-", label=family)
+        for r in members:
+            ax.annotate(" ".join(r["label"].split()[1:]), (r[x][0], r[y][0]), fontsize=6)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[str, str] | None = None
+              ) -> list[Path]:
+    """Tables (and the figure) of one experiment; `statuses`: run name -> why it did not finish, shown in a
+    status column (its finished items still count)."""
+    tables.mkdir(parents=True, exist_ok=True)
+    axes = tuple(runs[0].cell)
+    rows = []
+    for run in runs:
+        measured = {m: run_metric(m, run, spec, runs) for m in table_metrics(spec)}
+        rows.append({"run": run.name, "label": run.label, **run.cell, "items": max(n for n, _ in measured.values()),
+                     "status": (statuses or {}).get(run.name, "ok")} | {m: ci for m, (_, ci) in measured.items()})
+    metrics = [m for m in table_metrics(spec) if any(not np.isnan(row[m][0]) for row in rows)]
+    for metric in sorted(set(table_metrics(spec)) - set(metrics)):
+        print(f"note: {name}: no run recorded {metric}; left out of the table", flush=True)
+    write_tables(rows, metrics, spec["title"], tables / name, axes)
+    written = [tables / f"{name}.{ext}" for ext in ("csv", "md", "tex")]
+    if spec["kind"] == "curve":
+        curves = spec.get("curves") or [m for m in spec["metrics"] if not m.startswith(("sets.", "last.", "win_rate"))]
+        written.append(draw_curves(runs, curves, spec["title"], tables / f"{name}.png"))
+    if spec["kind"] == "pareto":
+        draw_pareto(rows, spec["pareto"]["x"], spec["pareto"]["y"], spec["title"], tables / f"{name}.png")
+    if spec["kind"] != "table":
+        written.append(tables / f"{name}.png")
+    return written
