@@ -110,7 +110,7 @@ class StableDiffusionBackbone(Backbone):
         # x̂0 clipping/thresholding, which would also cut gradients, so both stay off.
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
         self.prediction_type = self.scheduler.config.prediction_type
-        self._warned: set[str] = set()  # prompts already reported as truncated
+        self._checked: set[str] = set()  # prompts whose length was checked
 
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.resolution // self.pipe.vae_scale_factor
@@ -119,12 +119,12 @@ class StableDiffusionBackbone(Backbone):
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         """CLIP reads 77 tokens; a longer prompt is cut (as the diffusers pipelines do): say so once per prompt."""
         limit = self.pipe.tokenizer.model_max_length
-        for prompt in set(prompts) - self._warned:
+        for prompt in set(prompts) - self._checked:  # each prompt tokenised once, not at every DRaFT step
+            self._checked.add(prompt)
             length = len(self.pipe.tokenizer(prompt, truncation=False).input_ids)
             if length > limit:
                 log.warning("prompt %r has %d tokens; CLIP reads the first %d, the rest is ignored",
                             prompt[:60] + ("…" if len(prompt) > 60 else ""), length, limit)
-                self._warned.add(prompt)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
