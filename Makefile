@@ -14,7 +14,7 @@ RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 method.lr=0.05 prompts.limit
 SCALE ?= testbed
 EXPERIMENT ?=
 
-.PHONY: install run lint test bench reproduce-tables clean
+.PHONY: install run lint format test bench reproduce-tables clean
 
 install: $(STAMP)
 
@@ -28,9 +28,14 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(PY) -m framework.run $(RUN_ARGS)
 
-# ruff (pyproject.toml: pycodestyle + pyflakes, 120 columns) on the whole tree; `make test` runs it first.
+# ruff (pyproject.toml: pycodestyle + pyflakes, 120 columns; ruff's formatter) on the whole tree; `make test` runs it
+# first, `make format` rewrites the tree into the formatter's style.
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

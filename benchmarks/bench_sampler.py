@@ -38,8 +38,11 @@ def paired(fn_a, fn_b, repeats: int) -> tuple[float, float, float]:
     median seconds of each."""
     fn_a(), fn_b()  # warm-up
     pairs = [(_seconds(fn_a), _seconds(fn_b)) for _ in range(repeats)]
-    return (statistics.median(a / b for a, b in pairs), statistics.median(a for a, _ in pairs),
-            statistics.median(b for _, b in pairs))
+    return (
+        statistics.median(a / b for a, b in pairs),
+        statistics.median(a for a, _ in pairs),
+        statistics.median(b for _, b in pairs),
+    )
 
 
 def setup(device: str, num_steps: int):
@@ -73,8 +76,16 @@ def sampler_vs_pipeline(device: str, repeats: int) -> tuple[float, float, float]
 
     @torch.no_grad()
     def theirs():
-        pipe("a photo of a cat", latents=x_T, num_inference_steps=10, guidance_scale=5.0, eta=1.0, output_type="pt",
-             height=64, width=64)
+        pipe(
+            "a photo of a cat",
+            latents=x_T,
+            num_inference_steps=10,
+            guidance_scale=5.0,
+            eta=1.0,
+            output_type="pt",
+            height=64,
+            width=64,
+        )
 
     return paired(ours, theirs, repeats)
 
@@ -84,8 +95,7 @@ def step_vs_sample(device: str, num_steps: int, repeats: int) -> tuple[float, fl
     x_T, noises = (t.requires_grad_() for t in problem.noise([0]))
     optimizer = torch.optim.AdamW([x_T, noises], lr=0.01)
     render = torch.no_grad()(lambda: problem.render(x_T, noises))
-    return paired(lambda: dno_step(problem, x_T, noises, optimizer), render,
-                  repeats)
+    return paired(lambda: dno_step(problem, x_T, noises, optimizer), render, repeats)
 
 
 def mira_vs_dno(device: str, repeats: int) -> tuple[float, float, float]:
@@ -157,27 +167,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    print(f"tiny SD (64 px, latent 4×32×32), CFG 5, device {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved pairs\n")
+    print(
+        f"tiny SD (64 px, latent 4×32×32), CFG 5, device {args.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved pairs\n"
+    )
 
     ratio, ours, theirs = sampler_vs_pipeline(args.device, args.repeats)
-    print(f"1. sampler / diffusers pipeline (10 steps):   {ratio:5.2f}  ({ours:.3f} s vs {theirs:.3f} s)"
-          "   target ≤ 1.0")
+    print(
+        f"1. sampler / diffusers pipeline (10 steps):   {ratio:5.2f}  ({ours:.3f} s vs {theirs:.3f} s)   target ≤ 1.0"
+    )
     for steps in (10, 50):
         ratio, step, sample = step_vs_sample(args.device, steps, args.repeats)
-        print(f"2. DNO step / plain sample ({steps} steps):      {ratio:5.2f}  ({step:.3f} s vs {sample:.3f} s)"
-              "   target ≤ 4.0")
+        print(
+            f"2. DNO step / plain sample ({steps} steps):      {ratio:5.2f}  ({step:.3f} s vs {sample:.3f} s)"
+            "   target ≤ 4.0"
+        )
     (peak10, base10), (peak50, base50) = peak_memory(args.device, 10), peak_memory(args.device, 50)
     mib = 2**20
     kind = "max allocated" if args.device == "cuda" else "peak RSS"
-    print(f"3. peak memory 50 / 10 steps ({kind}):  {peak50 / peak10:5.2f}  ({peak50 / mib:.0f} MiB vs "
-          f"{peak10 / mib:.0f} MiB)   target ≤ 1.2")
+    print(
+        f"3. peak memory 50 / 10 steps ({kind}):  {peak50 / peak10:5.2f}  ({peak50 / mib:.0f} MiB vs "
+        f"{peak10 / mib:.0f} MiB)   target ≤ 1.2"
+    )
     held10, held50 = saved_for_backward(args.device, 10), saved_for_backward(args.device, 50)
-    print(f"   held for backward 50 / 10 steps:          {held50 / held10:5.2f}  ({held50 / mib:.1f} MiB vs "
-          f"{held10 / mib:.1f} MiB; per step: {(held50 - held10) / 40 / 1024:.0f} KiB)")
-    print(f"   the step's own growth: {(peak50 - base50) / mib:.0f} MiB at 50 steps vs "
-          f"{(peak10 - base10) / mib:.0f} MiB "
-          f"at 10 (model weights and runtime excluded)")
+    print(
+        f"   held for backward 50 / 10 steps:          {held50 / held10:5.2f}  ({held50 / mib:.1f} MiB vs "
+        f"{held10 / mib:.1f} MiB; per step: {(held50 - held10) / 40 / 1024:.0f} KiB)"
+    )
+    print(
+        f"   the step's own growth: {(peak50 - base50) / mib:.0f} MiB at 50 steps vs "
+        f"{(peak10 - base10) / mib:.0f} MiB "
+        f"at 10 (model weights and runtime excluded)"
+    )
     ratio, mira, dno = mira_vs_dno(args.device, args.repeats)
     print(f"4. MIRA item / DNO item (5 steps of 10):      {ratio:5.2f}  ({mira:.3f} s vs {dno:.3f} s)   target ≤ 1.05")
 

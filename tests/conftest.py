@@ -65,8 +65,9 @@ def run_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = Non
     args = [sys.executable, "-m", "framework.run", *overrides]
     if run_dir is not None:
         args.append(f"hydra.run.dir={run_dir}")
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def start_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = None) -> subprocess.Popen:
@@ -74,8 +75,15 @@ def start_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = N
     args = [sys.executable, "-m", "framework.run", *overrides]
     if run_dir is not None:
         args.append(f"hydra.run.dir={run_dir}")
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:

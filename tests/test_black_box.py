@@ -4,8 +4,14 @@ noise through the backbone, and the estimators point where their closed forms sa
 import pytest
 import torch
 
-from framework.config import (DNOZeroOrderConfig, MIRAConfig, MIRADPOConfig, ModelConfig, RewardConfig,
-                              follows_reward_gradients)
+from framework.config import (
+    DNOZeroOrderConfig,
+    MIRAConfig,
+    MIRADPOConfig,
+    ModelConfig,
+    RewardConfig,
+    follows_reward_gradients,
+)
 from framework.errors import FrameworkError
 from framework.methods import Item, Problem, build_method
 from framework.methods.dno_zo import perturbed_candidates
@@ -46,8 +52,11 @@ def run(cfg, backbone, reward):
         return build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))
 
 
-@pytest.mark.parametrize("cfg", [MIRADPOConfig(num_steps=3, opt_steps=2, mu=0.5),
-                                 DNOZeroOrderConfig(num_steps=3, opt_steps=2, mu=0.5)], ids=["mira_dpo", "dno_zo"])
+@pytest.mark.parametrize(
+    "cfg",
+    [MIRADPOConfig(num_steps=3, opt_steps=2, mu=0.5), DNOZeroOrderConfig(num_steps=3, opt_steps=2, mu=0.5)],
+    ids=["mira_dpo", "dno_zo"],
+)
 def test_reward_is_never_differentiated_but_the_noise_moves(tiny_sd, cfg):
     spy = Spy(build_reward(RewardConfig(name="jpeg")))
     result = run(cfg, tiny_sd, spy)
@@ -78,7 +87,8 @@ def image_gradient(cfg, backbone, reward):
 def test_zeroth_order_estimate_descends_a_linear_reward(tiny_sd):
     reward = Linear((3, 64, 64))
     grad, (candidates, _, rewards), image = image_gradient(
-        DNOZeroOrderConfig(num_steps=3, num_candidates=8, mu=0.5), tiny_sd, reward)
+        DNOZeroOrderConfig(num_steps=3, num_candidates=8, mu=0.5), tiny_sd, reward
+    )
     torch.testing.assert_close(rewards, reward(candidates, []))
     assert grad.norm().item() == pytest.approx(1.0, rel=1e-5)  # normalised
     assert (grad * reward.a).sum() < 0  # a loss gradient: against the reward's own gradient

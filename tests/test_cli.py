@@ -44,10 +44,17 @@ def test_run_writes_items_summary_and_wandb_then_resumes(tmp_path):
 
 
 ERRORS = {
-    "missing model weights": (["model=sd15"], 2, "model.source: weights for 'stable-diffusion-v1-5/stable-diffusion"
-                                                 "-v1-5' are not in the local Hugging Face cache"),
-    "missing reward weights": (["reward=aesthetic"], 2, "reward.checkpoint: weight file "
-                                                        "'weights/sac+logos+ava1-l14-linearMSE.pth' not found"),
+    "missing model weights": (
+        ["model=sd15"],
+        2,
+        "model.source: weights for 'stable-diffusion-v1-5/stable-diffusion"
+        "-v1-5' are not in the local Hugging Face cache",
+    ),
+    "missing reward weights": (
+        ["reward=aesthetic"],
+        2,
+        "reward.checkpoint: weight file 'weights/sac+logos+ava1-l14-linearMSE.pth' not found",
+    ),
     "unknown option": (["method=dpo"], 2, "method=dpo: no such option; choose from: aig, base"),
     "unknown key": (["+method.learning_rate=1"], 2, "unknown option method.learning_rate"),
     "non-differentiable reward": (["reward=jpeg"], 2, "reward jpeg is not differentiable"),
@@ -73,12 +80,22 @@ def test_nan_loss_marks_the_item_failed_and_keeps_the_others(tmp_path):
         "import torch\n"
         "def score(images, prompts):\n"
         "    bad = torch.tensor([p == 'bad' for p in prompts], dtype=images.dtype)\n"
-        "    return images.mean((1, 2, 3)) / (1 - bad)  * (1 - bad)\n")
+        "    return images.mean((1, 2, 3)) / (1 - bad)  * (1 - bad)\n"
+    )
     run_dir = tmp_path / "run"
-    result = run_cli("model=tiny_sd", "reward=callable", "reward.target=nan_reward:score", "reward.differentiable=true",
-                     "method.num_steps=3", "method.opt_steps=2", "prompts=inline", "prompts.prompts=[a cat,bad,a dog]",
-                     "logger=none",
-                     run_dir=run_dir, env={"PYTHONPATH": str(tmp_path)})
+    result = run_cli(
+        "model=tiny_sd",
+        "reward=callable",
+        "reward.target=nan_reward:score",
+        "reward.differentiable=true",
+        "method.num_steps=3",
+        "method.opt_steps=2",
+        "prompts=inline",
+        "prompts.prompts=[a cat,bad,a dog]",
+        "logger=none",
+        run_dir=run_dir,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert "1 of 3 items failed" in result.stderr
     written = records(run_dir)
@@ -89,17 +106,25 @@ def test_nan_loss_marks_the_item_failed_and_keeps_the_others(tmp_path):
 
 
 def test_ddp_with_two_cpu_processes_equals_one_process(tmp_path):
-    common = ["model=tiny_sd", "method.num_steps=3", "method.opt_steps=2", "prompts=inline",
-              "prompts.prompts=[a cat,a dog,a bird]", "logger=none"]
+    common = [
+        "model=tiny_sd",
+        "method.num_steps=3",
+        "method.opt_steps=2",
+        "prompts=inline",
+        "prompts.prompts=[a cat,a dog,a bird]",
+        "logger=none",
+    ]
     env = {"OMP_NUM_THREADS": "1"}  # same intra-op threading in both runs, for bitwise comparable floats
     single = run_cli(*common, run_dir=tmp_path / "one", env=env)
-    ddp = run_cli(*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two",
-                  env=env)
+    ddp = run_cli(
+        *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two", env=env
+    )
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert set(one) == set(two) == {"p0000_s000", "p0001_s000", "p0002_s000"}
     for item in one:
         assert one[item]["seed"] == two[item]["seed"]
         assert one[item]["final_reward"] == pytest.approx(two[item]["final_reward"], abs=1e-6)
-        assert [s["reward"] for s in one[item]["steps"]] == pytest.approx([s["reward"] for s in two[item]["steps"]],
-                                                                          abs=1e-6)
+        assert [s["reward"] for s in one[item]["steps"]] == pytest.approx(
+            [s["reward"] for s in two[item]["steps"]], abs=1e-6
+        )

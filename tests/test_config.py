@@ -35,16 +35,33 @@ def test_every_model_reward_method_combination_composes():
 
 def test_groups_have_their_documented_options():
     assert {"sd14", "sd15", "sdxl", "tiny_sd", "tiny_sdxl"} <= set(options("model"))
-    assert {"aesthetic", "hps", "pickscore", "clipscore", "jpeg", "brightness", "darkness", "tiny_aesthetic",
-            "tiny_hps", "tiny_pickscore", "tiny_clipscore"} <= set(options("reward"))
+    assert {
+        "aesthetic",
+        "hps",
+        "pickscore",
+        "clipscore",
+        "jpeg",
+        "brightness",
+        "darkness",
+        "tiny_aesthetic",
+        "tiny_hps",
+        "tiny_pickscore",
+        "tiny_clipscore",
+    } <= set(options("reward"))
     assert {"inline", "file", "animal_animal", "simple_animals"} <= set(options("prompts"))
     assert {"cpu", "gpu", "ddp"} <= set(options("trainer")) and {"wandb", "none"} <= set(options("logger"))
 
 
 def test_method_defaults_follow_the_papers():
     dno = compose("method=dno").method
-    assert (dno.num_steps, dno.eta, dno.guidance_scale, dno.opt_steps, dno.lr, dno.grad_clip) == (50, 1.0, 5.0, 100,
-                                                                                                  0.01, 1.0)
+    assert (dno.num_steps, dno.eta, dno.guidance_scale, dno.opt_steps, dno.lr, dno.grad_clip) == (
+        50,
+        1.0,
+        5.0,
+        100,
+        0.01,
+        1.0,
+    )
     assert compose("model=sd15").model.source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 

@@ -46,10 +46,22 @@ def test_shipped_experiments_are_valid(tmp_path):
 
 
 def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_path):
-    spec = {"title": "smoke", "kind": "curve", "metrics": ["reward", "drift_rmse"],
-            "scales": {"tiny": ["model=tiny_sd", "model.resolution=32", "method.num_steps=3", "prompts=inline",
-                                "prompts.prompts=[a cat,a dog]", "logger=none"]},
-            "runs": {"Base": ["method=base"], "DNO γ=0": ["method=dno", "method.opt_steps=2"]}}
+    spec = {
+        "title": "smoke",
+        "kind": "curve",
+        "metrics": ["reward", "drift_rmse"],
+        "scales": {
+            "tiny": [
+                "model=tiny_sd",
+                "model.resolution=32",
+                "method.num_steps=3",
+                "prompts=inline",
+                "prompts.prompts=[a cat,a dog]",
+                "logger=none",
+            ]
+        },
+        "runs": {"Base": ["method=base"], "DNO γ=0": ["method=dno", "method.opt_steps=2"]},
+    }
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     out = tmp_path / "out"
     written = reproduce("smoke", "tiny", out, experiments_dir=tmp_path)
@@ -77,8 +89,9 @@ def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_pat
     (dno_dir / "summary.json").unlink()
     reproduce("smoke", "tiny", out, experiments_dir=tmp_path)
     after = record_mtimes(out)
-    assert {p: t for p, t in after.items() if "p0001_s000" not in str(p) or "DNO" not in str(p)} == \
-        {p: t for p, t in mtimes.items() if "p0001_s000" not in str(p) or "DNO" not in str(p)}
+    assert {p: t for p, t in after.items() if "p0001_s000" not in str(p) or "DNO" not in str(p)} == {
+        p: t for p, t in mtimes.items() if "p0001_s000" not in str(p) or "DNO" not in str(p)
+    }
     assert json.loads((dno_dir / "summary.json").read_text())["num_ok"] == 2 and len(list(dno_dir.glob("items/*"))) == 2
     with pytest.raises(FrameworkError, match="has no scale 'paper'"):
         reproduce("smoke", "paper", out, experiments_dir=tmp_path)
@@ -86,15 +99,39 @@ def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_pat
 
 def test_win_rate_run_level_metrics_and_runs_that_use_an_earlier_run(tmp_path):
     """A pareto experiment: a DRaFT run, then LoRA scaling on its adapter ({run:...}); win rate against a run."""
-    spec = {"title": "pareto smoke", "kind": "pareto", "versus": "DRaFT",
-            "metrics": ["reward", "win_rate", "sets.final_diversity_vendi"],
-            "pareto": {"x": "sets.final_diversity_vendi", "y": "reward"},
-            "scales": {"tiny": ["model=tiny_sd", "model.resolution=32", "method.num_steps=3", "prompts=inline",
-                                "prompts.prompts=[a cat]", "samples_per_prompt=2", "eval.features=clip",
-                                "eval.clip=tiny", "eval.cmmd_clip=tiny", "logger=none"]},
-            "runs": {"DRaFT": ["method=draft", "method.train_steps=2", "method.save_every=2", "method.sample_every=0",
-                               "method.train_batch_size=1", "method.lora_rank=4", "method.lr=0.05"],
-                     "LoRA half": ["method=lora_scale", "method.adapter={run:DRaFT}/adapter", "method.alpha=0.5"]}}
+    spec = {
+        "title": "pareto smoke",
+        "kind": "pareto",
+        "versus": "DRaFT",
+        "metrics": ["reward", "win_rate", "sets.final_diversity_vendi"],
+        "pareto": {"x": "sets.final_diversity_vendi", "y": "reward"},
+        "scales": {
+            "tiny": [
+                "model=tiny_sd",
+                "model.resolution=32",
+                "method.num_steps=3",
+                "prompts=inline",
+                "prompts.prompts=[a cat]",
+                "samples_per_prompt=2",
+                "eval.features=clip",
+                "eval.clip=tiny",
+                "eval.cmmd_clip=tiny",
+                "logger=none",
+            ]
+        },
+        "runs": {
+            "DRaFT": [
+                "method=draft",
+                "method.train_steps=2",
+                "method.save_every=2",
+                "method.sample_every=0",
+                "method.train_batch_size=1",
+                "method.lora_rank=4",
+                "method.lr=0.05",
+            ],
+            "LoRA half": ["method=lora_scale", "method.adapter={run:DRaFT}/adapter", "method.alpha=0.5"],
+        },
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     written = reproduce("p", "tiny", tmp_path / "out", experiments_dir=tmp_path)
     assert written[-1].suffix == ".png" and written[-1].stat().st_size > 0
@@ -104,24 +141,42 @@ def test_win_rate_run_level_metrics_and_runs_that_use_an_earlier_run(tmp_path):
     [lora_dir] = (tmp_path / "out" / "runs" / "tiny").glob("LoRA_half-*")
     summary = json.loads((lora_dir / "summary.json").read_text())
     assert float(rows["LoRA half"]["sets.final_diversity_vendi_mean"]) == pytest.approx(
-        summary["sets"]["final_diversity_vendi"], rel=1e-5)
+        summary["sets"]["final_diversity_vendi"], rel=1e-5
+    )
     assert rows["LoRA half"]["sets.final_diversity_vendi_low"] == "nan"
 
 
-TESTBED = ["model=shapes", "prompts=shapes", "prompts.limit=2", "method.num_steps=3", "method.opt_steps=2",
-           "method.lr=0.05", "logger=none"]
+TESTBED = [
+    "model=shapes",
+    "prompts=shapes",
+    "prompts.limit=2",
+    "method.num_steps=3",
+    "method.opt_steps=2",
+    "method.lr=0.05",
+    "logger=none",
+]
 
 
 def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_shared(tmp_path):
     """2 methods × 2 β on the testbed: every cell equals its run's summary.json. A second experiment in the same call
     declaring one identical run (same composed config, other override order) shares its directory: it runs once."""
-    spec = {"title": "grid", "kind": "table", "metrics": ["reward", "adherence", "drift_rmse", "win_rate"],
-            "versus": "MIRA", "judges": ["reward", "judge_log_prob", "eval_hps"], "scales": {"testbed": TESTBED},
-            "grid": {"testbed": {"beta": {"β=0.01": ["method.beta=0.01"], "β=1": ["method.beta=1"]}}},
-            "runs": {"MIRA": ["method=mira"], "MIRA-DPO": ["method=mira_dpo", "reward=jpeg"]}}
-    other = {"title": "other", "kind": "table", "metrics": ["reward"],
-             "scales": {"testbed": ["method.beta=1", *TESTBED]},
-             "runs": {"MIRA again": ["method=mira"]}}
+    spec = {
+        "title": "grid",
+        "kind": "table",
+        "metrics": ["reward", "adherence", "drift_rmse", "win_rate"],
+        "versus": "MIRA",
+        "judges": ["reward", "judge_log_prob", "eval_hps"],
+        "scales": {"testbed": TESTBED},
+        "grid": {"testbed": {"beta": {"β=0.01": ["method.beta=0.01"], "β=1": ["method.beta=1"]}}},
+        "runs": {"MIRA": ["method=mira"], "MIRA-DPO": ["method=mira_dpo", "reward=jpeg"]},
+    }
+    other = {
+        "title": "other",
+        "kind": "table",
+        "metrics": ["reward"],
+        "scales": {"testbed": ["method.beta=1", *TESTBED]},
+        "runs": {"MIRA again": ["method=mira"]},
+    }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other, allow_unicode=True))
     out = tmp_path / "out"
@@ -149,8 +204,13 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
 def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
     from framework.experiments import plan
 
-    spec = {"title": "s", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED, "other": TESTBED},
-            "runs": {"MIRA": ["method=mira"], "DNO": {"testbed": ["method=dno", "method.opt_steps=3"]}}}
+    spec = {
+        "title": "s",
+        "kind": "table",
+        "metrics": ["reward"],
+        "scales": {"testbed": TESTBED, "other": TESTBED},
+        "runs": {"MIRA": ["method=mira"], "DNO": {"testbed": ["method=dno", "method.opt_steps=3"]}},
+    }
     testbed = plan(spec, "testbed", tmp_path, "s", {})
     assert [r.label for r in testbed] == ["MIRA", "DNO"] and testbed[1].cfg.method.opt_steps == 3
     assert [r.label for r in plan(spec, "other", tmp_path, "s", {})] == ["MIRA"]
@@ -160,8 +220,13 @@ def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
 
 
 def test_bad_override_fails_before_any_run(tmp_path):
-    spec = {"title": "bad", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED},
-            "runs": {"MIRA": ["method=mira"], "Typo": ["method=mira", "method.betta=1"]}}
+    spec = {
+        "title": "bad",
+        "kind": "table",
+        "metrics": ["reward"],
+        "scales": {"testbed": TESTBED},
+        "runs": {"MIRA": ["method=mira"], "Typo": ["method=mira", "method.betta=1"]},
+    }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(FrameworkError, match="experiment bad, run 'Typo': .*betta"):
         reproduce("bad", "testbed", tmp_path / "out", experiments_dir=tmp_path)
@@ -183,8 +248,13 @@ SPEC_ERRORS = {
 
 @pytest.mark.parametrize("message", list(SPEC_ERRORS))
 def test_experiment_specs_are_checked_before_anything_runs_naming_the_file_and_key(message, tmp_path):
-    spec = {"title": "t", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED},
-            "runs": {"MIRA": ["method=mira"]}} | SPEC_ERRORS[message]
+    spec = {
+        "title": "t",
+        "kind": "table",
+        "metrics": ["reward"],
+        "scales": {"testbed": TESTBED},
+        "runs": {"MIRA": ["method=mira"]},
+    } | SPEC_ERRORS[message]
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(FrameworkError, match=f"^{tmp_path / 't.yaml'}: .*{re.escape(message)}"):
         reproduce("t", "testbed", tmp_path / "out", experiments_dir=tmp_path)
@@ -196,13 +266,28 @@ def test_a_failing_run_is_marked_in_its_table_and_the_others_still_run(tmp_path,
 
     (tmp_path / "buggy.py").write_text("def score(images, prompts):\n    return 1 / 0\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    tiny = ["model=tiny_sd", "model.resolution=32", "method.num_steps=2", "method=base", "prompts=inline",
-            "prompts.prompts=[a cat]", "logger=none"]
-    spec = {"title": "f", "kind": "table", "metrics": ["reward"], "scales": {"tiny": tiny},
-            "runs": {"Broken": ["reward=callable", "reward.target=buggy:score"], "Base": []}}
+    tiny = [
+        "model=tiny_sd",
+        "model.resolution=32",
+        "method.num_steps=2",
+        "method=base",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+        "logger=none",
+    ]
+    spec = {
+        "title": "f",
+        "kind": "table",
+        "metrics": ["reward"],
+        "scales": {"tiny": tiny},
+        "runs": {"Broken": ["reward=callable", "reward.target=buggy:score"], "Base": []},
+    }
     (tmp_path / "f.yaml").write_text(yaml.safe_dump(spec))
-    with pytest.raises(RunsFailed, match=r"1 run\(s\) did not finish.*\n  - .*Broken.*: internal error: "
-                                         "ZeroDivisionError") as failure:
+    with pytest.raises(
+        RunsFailed,
+        match=r"1 run\(s\) did not finish.*\n  - .*Broken.*: internal error: "
+        "ZeroDivisionError",
+    ) as failure:
         reproduce("f", "tiny", tmp_path / "out", experiments_dir=tmp_path)
     rows = read_csv(failure.value.written[0])
     assert rows["Base"]["status"] == "ok" and rows["Base"]["items"] == "1"
@@ -210,14 +295,24 @@ def test_a_failing_run_is_marked_in_its_table_and_the_others_still_run(tmp_path,
 
 
 def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "framework.experiments", "--scale", "paper", "--out", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "framework.experiments", "--scale", "paper", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip()
     assert message.startswith("error: scale paper:") and "nothing was run" in message
-    for weight in ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
-                   "xswu/HPSv2/HPS_v2.1_compressed.pt", "yuvalkirstain/PickScore_v1", "weights/hpdv2/photo.json",
-                   "weights/sac+logos+ava1-l14-linearMSE.pth"):
+    for weight in (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "xswu/HPSv2/HPS_v2.1_compressed.pt",
+        "yuvalkirstain/PickScore_v1",
+        "weights/hpdv2/photo.json",
+        "weights/sac+logos+ava1-l14-linearMSE.pth",
+    ):
         assert f"'{weight}'" in message
     assert "hf download" in message and "HF_HOME" in message
     assert not (tmp_path / "runs").exists()
@@ -246,9 +341,21 @@ def test_weight_check_finds_local_paths_and_hub_cache_entries(tmp_path):
     assert unavailable("file", "framework-test/cached/model.pt") is None
     assert unavailable("file", "framework-test/cached/other.pt") == "not in the Hugging Face cache"
 
-    spec = {"title": "local", "kind": "table", "metrics": ["reward"], "runs": {"Base": ["method=base"]},
-            "scales": {"paper": ["model=sd15", f"model.source={tmp_path}/sd15", "reward=brightness", "logger=none",
-                                 "eval.features=none"]}}
+    spec = {
+        "title": "local",
+        "kind": "table",
+        "metrics": ["reward"],
+        "runs": {"Base": ["method=base"]},
+        "scales": {
+            "paper": [
+                "model=sd15",
+                f"model.source={tmp_path}/sd15",
+                "reward=brightness",
+                "logger=none",
+                "eval.features=none",
+            ]
+        },
+    }
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(FrameworkError, match=f"'{tmp_path}/sd15' \\(model.source\\): not found; needed by local"):
         reproduce_all(["local"], "paper", tmp_path / "out", experiments_dir=tmp_path)
@@ -279,9 +386,20 @@ def test_slurm_launcher_config_and_the_submitit_job_path(tmp_path):
     assert launcher["max_num_timeout"] > 0 and launcher["gpus_per_node"] == 1
 
     sweep = tmp_path / "sweep"
-    result = run_cli("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "method=base",
-                     "model=tiny_sd", "model.resolution=32", "method.num_steps=2", "prompts=inline",
-                     "prompts.prompts=[a cat]", "logger=none", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    result = run_cli(
+        "--multirun",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "method=base",
+        "model=tiny_sd",
+        "model.resolution=32",
+        "method.num_steps=2",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+        "logger=none",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr
     rows = read_csv(sweep / "table.csv")
     assert list(rows) == ["seed=0", "seed=1"] and rows["seed=0"]["reward_mean"] != rows["seed=1"]["reward_mean"]
@@ -294,8 +412,9 @@ def test_multirun_jobs_are_one_wandb_group():
     from framework.tracking import wandb_group
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", ["hydra.sweep.dir=/tmp/sweeps/beta_grid", "hydra.mode=MULTIRUN"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config", ["hydra.sweep.dir=/tmp/sweeps/beta_grid", "hydra.mode=MULTIRUN"], return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)
     try:
         assert wandb_group(cfg) == "beta_grid"

@@ -82,10 +82,14 @@ def loss_module(backbone, reward, cfg) -> DRaFT:
     return module
 
 
-@pytest.mark.parametrize("cfg, expected", [
-    (DRaFTConfig(num_steps=4, k=1, checkpoint=False), [False, False, False, True]),
-    (DRaFTConfig(num_steps=4, variant="lv", lv_samples=2), [False] * 4 + [True, True]),
-], ids=["draft_k1", "draft_lv"])
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        (DRaFTConfig(num_steps=4, k=1, checkpoint=False), [False, False, False, True]),
+        (DRaFTConfig(num_steps=4, variant="lv", lv_samples=2), [False] * 4 + [True, True]),
+    ],
+    ids=["draft_k1", "draft_lv"],
+)
 def test_only_the_last_step_is_differentiated(tuned, brightness, cfg, expected):
     """DRaFT-K (K=1): gradients through the last sampler step only; DRaFT-LV: through its n re-noised last steps."""
     grad_enabled, original = [], tuned.eps_branches
@@ -107,9 +111,9 @@ def test_adapter_save_then_load_reproduces_samples(tuned, brightness, tmp_path):
     save_lora(tuned.unet, tmp_path)
     reloaded = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
     load_lora(reloaded.unet, tmp_path)
-    torch.testing.assert_close(sample(reloaded, brightness, cfg).final_image,
-                               sample(tuned, brightness, cfg).final_image,
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        sample(reloaded, brightness, cfg).final_image, sample(tuned, brightness, cfg).final_image, rtol=0, atol=1e-6
+    )
 
 
 def test_our_adapter_loads_with_the_diffusers_pipeline_and_changes_its_samples_as_ours(tuned, tmp_path):
@@ -129,8 +133,9 @@ def test_our_adapter_loads_with_the_diffusers_pipeline_and_changes_its_samples_a
         base = pipe(["a cat"], latents=x_T.clone(), **options).images
         pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
         theirs = pipe(["a cat"], latents=x_T.clone(), **options).images
-        ours = tuned.postprocess(tuned.decode(ddim_sample(tuned, tuned.encode(["a cat"]), x_T, num_steps=4,
-                                                          guidance_scale=5.0).latents))
+        ours = tuned.postprocess(
+            tuned.decode(ddim_sample(tuned, tuned.encode(["a cat"]), x_T, num_steps=4, guidance_scale=5.0).latents)
+        )
     assert (theirs - ours).abs().max().item() <= 1e-4
     assert (theirs - base).abs().max().item() > 1e-2
 
@@ -148,8 +153,10 @@ def test_a_lora_saved_by_a_diffusers_training_script_loads_as_the_pipeline_loads
     trained = build_tiny_pipeline("sd", 32).unet
     trained.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
     layers = get_peft_model_state_dict(trained)
-    layers = {k: 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in
-              enumerate(sorted(layers.items()))}
+    layers = {
+        k: 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(sorted(layers.items()))
+    }
     StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=layers, weight_name=WEIGHT_NAME)
     pipe = build_tiny_pipeline("sd", 32)
     pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
@@ -175,9 +182,21 @@ def train_log(run_dir, key="train/loss"):
 
 
 def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_path):
-    args = ["method=draft", "model=tiny_sd", "model.resolution=32", "method.num_steps=3", "method.train_steps=4",
-            "method.save_every=2", "method.sample_every=2", "method.train_batch_size=2", "method.lora_rank=4",
-            "method.lr=0.01", "prompts=inline", "prompts.prompts=[a cat,a dog]", "logger=none"]
+    args = [
+        "method=draft",
+        "model=tiny_sd",
+        "model.resolution=32",
+        "method.num_steps=3",
+        "method.train_steps=4",
+        "method.save_every=2",
+        "method.sample_every=2",
+        "method.train_batch_size=2",
+        "method.lora_rank=4",
+        "method.lr=0.01",
+        "prompts=inline",
+        "prompts.prompts=[a cat,a dog]",
+        "logger=none",
+    ]
     full = run_cli(*args, run_dir=tmp_path / "full")
     assert full.returncode == 0, full.stderr
     assert (tmp_path / "full" / "adapter" / "pytorch_lora_weights.safetensors").exists()
@@ -192,8 +211,10 @@ def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_pat
     before, after = train_log(tmp_path / "full"), train_log(resumed)
     assert sorted(after) == [2, 3] and sorted(before) == [0, 1, 2, 3]
     assert [after[s] for s in (2, 3)] == pytest.approx([before[s] for s in (2, 3)], rel=1e-5)
-    finals = [json.loads((d / "items" / "p0000_s000" / "record.json").read_text())["final_reward"]
-              for d in (tmp_path / "full", resumed)]
+    finals = [
+        json.loads((d / "items" / "p0000_s000" / "record.json").read_text())["final_reward"]
+        for d in (tmp_path / "full", resumed)
+    ]
     assert finals[0] == pytest.approx(finals[1], abs=1e-6)
     # Rerunning a finished run reuses its adapter: nothing is retrained and the training log is kept.
     again = run_cli(*args, run_dir=tmp_path / "full")
@@ -205,13 +226,26 @@ def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_pat
 def test_ddp_with_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_path):
     from safetensors.torch import load_file
 
-    args = ["method=draft", "model=tiny_sd", "model.resolution=32", "method.num_steps=3", "method.train_steps=3",
-            "method.save_every=3", "method.sample_every=0", "method.train_batch_size=2", "method.lora_rank=4",
-            "method.lr=0.01", "prompts=inline", "prompts.prompts=[a cat,a dog]", "logger=none"]
+    args = [
+        "method=draft",
+        "model=tiny_sd",
+        "model.resolution=32",
+        "method.num_steps=3",
+        "method.train_steps=3",
+        "method.save_every=3",
+        "method.sample_every=0",
+        "method.train_batch_size=2",
+        "method.lora_rank=4",
+        "method.lr=0.01",
+        "prompts=inline",
+        "prompts.prompts=[a cat,a dog]",
+        "logger=none",
+    ]
     env = {"OMP_NUM_THREADS": "1"}
     one = run_cli(*args, run_dir=tmp_path / "one", env=env)
-    two = run_cli(*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two",
-                  env=env)
+    two = run_cli(
+        *args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run_dir=tmp_path / "two", env=env
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     a, b = (load_file(tmp_path / d / "adapter" / "pytorch_lora_weights.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys()
@@ -220,9 +254,17 @@ def test_ddp_with_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_p
 
 
 def test_draft_raises_the_training_reward_on_the_testbed(tmp_path):
-    result = run_cli("method=draft", "reward=brightness", "method.num_steps=5", "method.train_steps=16",
-                     "method.lr=2e-3", "method.save_every=16", "method.sample_every=8", "prompts.limit=4",
-                     run_dir=tmp_path / "run")
+    result = run_cli(
+        "method=draft",
+        "reward=brightness",
+        "method.num_steps=5",
+        "method.train_steps=16",
+        "method.lr=2e-3",
+        "method.save_every=16",
+        "method.sample_every=8",
+        "prompts.limit=4",
+        run_dir=tmp_path / "run",
+    )
     assert result.returncode == 0, result.stderr
     # W&B (offline): the training run holds the periodic sample grids, next to the evaluation run
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))) == 2

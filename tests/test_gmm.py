@@ -168,7 +168,8 @@ def test_zeroth_order_direction_on_vectors(gaussian, brightness):
     from framework.config import DNOZeroOrderConfig
 
     grad, x0, candidates, rewards = reward_term_gradient(
-        gaussian, DNOZeroOrderConfig(num_candidates=5, mu=0.3, **COMMON), brightness)
+        gaussian, DNOZeroOrderConfig(num_candidates=5, mu=0.3, **COMMON), brightness
+    )
     r0 = x0.mean()
     direction = sum((r0 - r) * (x - x0) for r, x in zip(rewards, candidates))
     torch.testing.assert_close(grad, direction / direction.norm(), rtol=1e-5, atol=1e-6)

@@ -146,8 +146,7 @@ def test_compute_matched_best_of_n_spends_the_evaluations_of_the_gradient_steps(
 
 def test_item_seeds_depend_only_on_global_seed_prompt_and_sample():
     items = make_items(["a", "b", "c"], seed=7, samples_per_prompt=2)
-    assert [i.id for i in items] == ["p0000_s000", "p0000_s001", "p0001_s000", "p0001_s001", "p0002_s000",
-                                     "p0002_s001"]
+    assert [i.id for i in items] == ["p0000_s000", "p0000_s001", "p0001_s000", "p0001_s001", "p0002_s000", "p0002_s001"]
     assert all(i.seed == derive_seed(7, i.prompt_index, i.sample_index) for i in items)
     assert len({i.seed for i in items}) == 6
     assert make_items(["a", "b", "c", "d"], seed=7, samples_per_prompt=2)[:6] == items

@@ -8,8 +8,14 @@ import torch
 from framework.config import EvalConfig, ModelConfig, RewardConfig
 from framework.errors import FrameworkError
 from framework.metrics import ImageMetrics, build_metrics
-from framework.metrics.sets import cmmd, log_spectral_distance, mean_pairwise_distance, spectral_distance, \
-    vendi_score, win_rate
+from framework.metrics.sets import (
+    cmmd,
+    log_spectral_distance,
+    mean_pairwise_distance,
+    spectral_distance,
+    vendi_score,
+    win_rate,
+)
 from framework.rewards import build_reward, load_named_reward
 from framework.testbed.judge import load_judge
 
@@ -86,8 +92,9 @@ def test_image_metrics_with_judge_features_and_held_out_rewards(testbed_images):
     assert same["drift_rmse"] == 0 and same["drift_embedding"] == pytest.approx(0, abs=1e-6)
     assert same["adherence"] == 1.0
     buffer = io.BytesIO()  # independent: PIL's own JPEG size of the 8-bit image, in kB
-    Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG",
-                                                                                              quality=95)
+    Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+        buffer, "JPEG", quality=95
+    )
     assert same["eval_jpeg"] == pytest.approx(-buffer.tell() / 1000)
     other = metrics(testbed_images[1:], "a red circle", images)
     assert other["drift_embedding"] > 0.01 and other["adherence"] == 0.0
@@ -149,16 +156,23 @@ def test_cmmd_uses_its_own_clip_when_features_are_clip(clip_dir, tmp_path):
 
     torch.manual_seed(9)
     CLIPModel(tiny_clip_config()).save_pretrained(tmp_path / "cmmd_clip")
-    metrics = build_metrics(EvalConfig(features="clip", clip=str(clip_dir), cmmd_clip=str(tmp_path / "cmmd_clip")),
-                            ModelConfig(kind="sd"))
-    images = {"base": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
-              "final": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
+    metrics = build_metrics(
+        EvalConfig(features="clip", clip=str(clip_dir), cmmd_clip=str(tmp_path / "cmmd_clip")), ModelConfig(kind="sd")
+    )
+    images = {
+        "base": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+        "final": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
+    }
     records = [{"prompt_index": i, "final_reward": 1.0, "base_reward": 0.0, "row": i} for i in range(4)]
     out = metrics.set_metrics(records, lambda record, kind: images[kind][record["row"]])
     reference = CLIPModel.from_pretrained(tmp_path / "cmmd_clip")
     with torch.no_grad():
-        embeds = {k: torch.nn.functional.normalize(reference.get_image_features(
-            pixel_values=clip_preprocess(v, 32)).pooler_output, dim=-1) for k, v in images.items()}
+        embeds = {
+            k: torch.nn.functional.normalize(
+                reference.get_image_features(pixel_values=clip_preprocess(v, 32)).pooler_output, dim=-1
+            )
+            for k, v in images.items()
+        }
     assert out["cmmd"] == pytest.approx(numpy_cmmd(embeds["final"], embeds["base"]), rel=1e-4)
     with pytest.raises(FrameworkError, match=r"eval\.cmmd_clip: weights for 'openai/clip-vit-large-patch14-336'"):
         build_metrics(EvalConfig(features="clip", clip=str(clip_dir)), ModelConfig(kind="sd"))

@@ -64,8 +64,16 @@ def test_cond_surrogate_compares_the_conditional_branch_of_the_same_evaluation(t
     assert mira.regulariser(problem, x_T.flatten(), reference, step=0).item() == 0
     value = mira.regulariser(problem, x_T.flatten(), moved, step=1).item()
     cond = problem.cond
-    expected = torch.stack([(tiny_sd.eps(x, t, cond, 1.0) - tiny_sd.eps(r, t, cond, 1.0)).square().mean()
-                            for x, r, t in zip(moved.x, reference.x, moved.timesteps)]).mean().item()
+    expected = (
+        torch.stack(
+            [
+                (tiny_sd.eps(x, t, cond, 1.0) - tiny_sd.eps(r, t, cond, 1.0)).square().mean()
+                for x, r, t in zip(moved.x, reference.x, moved.timesteps)
+            ]
+        )
+        .mean()
+        .item()
+    )
     assert value == pytest.approx(expected, rel=1e-4)
     guided_value = build_method(MIRAConfig(num_steps=3, beta=1.0), brightness)
     guided_value.regulariser(problem, x_T.flatten(), reference, step=0)

@@ -46,8 +46,11 @@ def test_missing_local_directory_is_one_clear_error(tmp_path):
 
 
 def test_hub_id_not_in_cache_says_how_to_provide_it():
-    with pytest.raises(FrameworkError, match=r"'CompVis/stable-diffusion-v1-4' are not in the local Hugging Face "
-                                             r"cache.*model\.source to a local path"):
+    with pytest.raises(
+        FrameworkError,
+        match=r"'CompVis/stable-diffusion-v1-4' are not in the local Hugging Face "
+        r"cache.*model\.source to a local path",
+    ):
         load_backbone(ModelConfig(kind="sd", source="CompVis/stable-diffusion-v1-4"))
 
 

@@ -21,12 +21,15 @@ def test_text_and_json_files(tmp_path):
     assert load_prompts(PromptsConfig(name="file", path=str(tmp_path / "p.json"))) == ["a cat", "a dog"]
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.txt", "\n# only a comment\n", "holds no prompts"),
-    ("bad.json", '["a cat", ', "is not valid JSON"),
-    ("dict.json", '{"prompt": "a cat"}', "JSON list of non-empty strings"),
-    ("binary.txt", "a cat\x00\x01", "NUL bytes"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.txt", "\n# only a comment\n", "holds no prompts"),
+        ("bad.json", '["a cat", ', "is not valid JSON"),
+        ("dict.json", '{"prompt": "a cat"}', "JSON list of non-empty strings"),
+        ("binary.txt", "a cat\x00\x01", "NUL bytes"),
+    ],
+)
 def test_malformed_files_give_one_clear_error(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(FrameworkError, match=message):

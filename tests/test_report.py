@@ -13,9 +13,16 @@ def write_run(run_dir, finals, steps=((0.1, 0.0), (0.2, 0.5))):
     for i, final in enumerate(finals):
         item = run_dir / "items" / f"p{i // 2:04d}_s{i % 2:03d}"
         item.mkdir(parents=True)
-        record = {"id": item.name, "status": "ok", "prompt": f"prompt {i // 2}", "seed": i, "prompt_index": i // 2,
-                  "final_reward": final, "metrics": {"final": {"eval_jpeg": -final, "drift_rmse": 1.0}},
-                  "steps": [{"step": k, "reward": r + i, "drift_rmse": d} for k, (r, d) in enumerate(steps)]}
+        record = {
+            "id": item.name,
+            "status": "ok",
+            "prompt": f"prompt {i // 2}",
+            "seed": i,
+            "prompt_index": i // 2,
+            "final_reward": final,
+            "metrics": {"final": {"eval_jpeg": -final, "drift_rmse": 1.0}},
+            "steps": [{"step": k, "reward": r + i, "drift_rmse": d} for k, (r, d) in enumerate(steps)],
+        }
         (item / "record.json").write_text(json.dumps(record))
     return run_dir
 

@@ -9,8 +9,13 @@ MACHINE_PATH = re.compile(r"(?:^|[^\w.~])/(?:work|home|root|Users|mnt|opt|tmp)/"
 
 
 def shipped_text_files():
-    listed = subprocess.run(["git", "ls-files", "src", "conf", "experiments", "docs", "README.md", "pyproject.toml",
-                             "Makefile"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "src", "conf", "experiments", "docs", "README.md", "pyproject.toml", "Makefile"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in listed:
         path = REPO / name
         if path.is_file() and path.suffix not in (".safetensors", ".png"):
@@ -33,31 +38,62 @@ def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_p
     import sys
 
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "outputs", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache"))
+    shutil.copytree(
+        REPO,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "outputs", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache"
+        ),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
+        check=True,
+        capture_output=True,
+    )
     [wheel] = (tmp_path / "dist").glob("framework-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True, capture_output=True
+    )
     user_conf = tmp_path / "my conf"
     (user_conf / "prompts").mkdir(parents=True)
     (user_conf / "prompts" / "mine.yaml").write_text("name: inline\nprompts: [a blue square]\n")
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    result = subprocess.run([sys.executable, "-m", "framework.run", "method=base", "prompts=mine", "prompts.limit=1",
-                             "logger=none", f"hydra.searchpath=[file://{user_conf}]"], cwd=empty, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "framework.run",
+            "method=base",
+            "prompts=mine",
+            "prompts.limit=1",
+            "logger=none",
+            f"hydra.searchpath=[file://{user_conf}]",
+        ],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "1/1 items ok" in result.stdout and f"images:  {empty}/outputs/runs/" in result.stdout
     assert "a blue square" in result.stdout and str(REPO) not in result.stdout
-    where = subprocess.run([sys.executable, "-c", "import framework; print(framework.__file__)"], cwd=empty, env=env,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import framework; print(framework.__file__)"],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(tmp_path / "site"))
-    report = subprocess.run([str(tmp_path / "site" / "bin" / "framework-report"), str(empty)], env=env,
-                            capture_output=True, text=True)
+    report = subprocess.run(
+        [str(tmp_path / "site" / "bin" / "framework-report"), str(empty)], env=env, capture_output=True, text=True
+    )
     assert report.returncode == 2 and "has no finished item" in report.stderr
 
 
@@ -66,8 +102,10 @@ def framework_imports() -> dict[str, set[str]]:
     import ast
 
     root = REPO / "src"
-    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in (root / "framework").rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (root / "framework").rglob("*.py")
+    }
 
     def module_of(name: str) -> str | None:
         while name and name not in modules:
@@ -106,5 +144,8 @@ def test_no_import_cycles_and_the_floor_imports_nothing_above_it():
     for module in ("framework.errors", "framework.config", "framework.weights"):
         assert graph[module] <= floor, (module, graph[module] - floor)
     assert graph["framework.testbed"] == set()
+    world = {"framework.errors", "framework.testbed", "framework.testbed.shapes"}  # the testbed's world, below rewards
+    for module in ("framework.testbed.shapes", "framework.testbed.judge"):
+        assert graph[module] <= world, (module, graph[module] - world)
     assert "framework.methods" not in graph["framework.store"]  # items and images have their own modules
     assert "framework.store" not in graph["framework.methods.draft"]

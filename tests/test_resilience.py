@@ -30,9 +30,15 @@ def read_table(path):
 
 def test_a_failing_job_leaves_the_rest_of_the_sweep_running_and_is_marked_in_the_table(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli("--multirun", *FAST, "method.opt_steps=2", "prompts=inline", "prompts.prompts=[a cat]",
-                     "method.beta=0.1,-1,1",
-                     f"hydra.sweep.dir={sweep}")
+    result = run_cli(
+        "--multirun",
+        *FAST,
+        "method.opt_steps=2",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+        "method.beta=0.1,-1,1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 2  # the worst job: bad input
     assert result.stderr.count("error: ") == 1 and "method.beta=-1.0 is not valid" in result.stderr
     assert "Traceback" not in result.stderr
@@ -91,9 +97,18 @@ def test_sigterm_stops_an_inference_run_after_its_finished_items_and_a_rerun_res
 def test_sigterm_during_fine_tuning_saves_a_checkpoint_the_rerun_resumes_from(tmp_path):
     from test_finetune import train_log
 
-    args = ["method=draft", *FAST, "method.train_steps=16", "method.save_every=1000", "method.sample_every=3",
-            "method.train_batch_size=1", "method.lora_rank=4", "method.lr=0.01", "prompts=inline",
-            "prompts.prompts=[a cat]"]
+    args = [
+        "method=draft",
+        *FAST,
+        "method.train_steps=16",
+        "method.save_every=1000",
+        "method.sample_every=3",
+        "method.train_batch_size=1",
+        "method.lora_rank=4",
+        "method.lr=0.01",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+    ]
     run_dir = tmp_path / "run"
     process = start_cli(*args, run_dir=run_dir)
     wait_for(lambda: (run_dir / "samples" / "step000003.png").exists(), process)
@@ -118,11 +133,20 @@ def test_sigterm_during_fine_tuning_saves_a_checkpoint_the_rerun_resumes_from(tm
 def test_an_internal_error_is_one_line_with_the_traceback_in_error_log(tmp_path):
     (tmp_path / "buggy.py").write_text("def score(images, prompts):\n    return 1 / 0\n")
     run_dir = tmp_path / "run"
-    result = run_cli(*FAST, "method=base", "reward=callable", "reward.target=buggy:score", "prompts=inline",
-                     "prompts.prompts=[a cat]", run_dir=run_dir, env={"PYTHONPATH": str(tmp_path)})
+    result = run_cli(
+        *FAST,
+        "method=base",
+        "reward=callable",
+        "reward.target=buggy:score",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+        run_dir=run_dir,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"internal error: ZeroDivisionError: division by zero; full traceback in "
-                                     f"{run_dir}/error.log")
+    assert result.stderr.strip() == (
+        f"internal error: ZeroDivisionError: division by zero; full traceback in {run_dir}/error.log"
+    )
     log = (run_dir / "error.log").read_text()
     assert log.startswith("Traceback") and "return 1 / 0" in log
 
@@ -133,12 +157,20 @@ def test_out_of_memory_fails_that_item_with_a_hint_and_the_run_goes_on(tmp_path)
         "def score(images, prompts):\n"
         "    if 'huge' in prompts:\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 80.00 GiB')\n"
-        "    return images.mean((1, 2, 3))\n")
+        "    return images.mean((1, 2, 3))\n"
+    )
     run_dir = tmp_path / "run"
-    result = run_cli(*FAST, "method.opt_steps=2", "reward=callable", "reward.target=greedy:score",
-                     "reward.differentiable=true",
-                     "prompts=inline", "prompts.prompts=[a cat,huge,a dog]", run_dir=run_dir,
-                     env={"PYTHONPATH": str(tmp_path)})
+    result = run_cli(
+        *FAST,
+        "method.opt_steps=2",
+        "reward=callable",
+        "reward.target=greedy:score",
+        "reward.differentiable=true",
+        "prompts=inline",
+        "prompts.prompts=[a cat,huge,a dog]",
+        run_dir=run_dir,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 3 and "Traceback" not in result.stderr
     written = records(run_dir)
     assert written["p0001_s000"]["status"] == "failed"
@@ -158,14 +190,22 @@ def test_the_fingerprint_covers_metrics_prompts_samples_and_the_adapter_content(
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"one")
     base = ["method=lora_scale", f"method.adapter={adapter}"]
     reference = fingerprint(compose(*base), ["a cat"])
-    for change in (["eval.rewards=[brightness]"], ["eval.features=none"], ["eval.cmmd_clip=none"],
-                   ["samples_per_prompt=2"], ["seed=1"], ["method.alpha=0.5"], ["reward.scale=2"]):
+    for change in (
+        ["eval.rewards=[brightness]"],
+        ["eval.features=none"],
+        ["eval.cmmd_clip=none"],
+        ["samples_per_prompt=2"],
+        ["seed=1"],
+        ["method.alpha=0.5"],
+        ["reward.scale=2"],
+    ):
         assert fingerprint(compose(*base, *change), ["a cat"]) != reference, change
     assert fingerprint(compose(*base), ["a dog"]) != reference
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"two")
     assert fingerprint(compose(*base), ["a cat"]) != reference
-    assert fingerprint(compose(*base, "logger=none", "trainer.devices=2"), ["a cat"]) == fingerprint(compose(*base),
-                                                                                                        ["a cat"])
+    assert fingerprint(compose(*base, "logger=none", "trainer.devices=2"), ["a cat"]) == fingerprint(
+        compose(*base), ["a cat"]
+    )
 
 
 def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_with_one_line(tmp_path):
@@ -183,8 +223,13 @@ def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_wit
 
     adapter(0.01)
     run_dir = tmp_path / "run"
-    args = [*FAST, "method=lora_scale", f"method.adapter={tmp_path / 'adapter'}", "prompts=inline",
-            "prompts.prompts=[a cat]"]
+    args = [
+        *FAST,
+        "method=lora_scale",
+        f"method.adapter={tmp_path / 'adapter'}",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+    ]
     assert run_cli(*args, run_dir=run_dir).returncode == 0
 
     def assert_refused(result, changed):
@@ -204,8 +249,9 @@ def test_unicode_and_overlong_prompts_and_a_directory_with_spaces_work(tmp_path)
     result = run_cli(*FAST, "method.opt_steps=2", "prompts=file", f"prompts.path={prompts}", run_dir=run_dir)
     assert result.returncode == 0, result.stderr
     assert [r["prompt"] for r in records(run_dir).values()] == ["un chat sur la plage, été 🐱", long]
-    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "tokens; CLIP reads the first 77"
-                in line]
+    warnings = [
+        line for line in (result.stdout + result.stderr).splitlines() if "tokens; CLIP reads the first 77" in line
+    ]
     assert len(warnings) == 1 and "a very detailed photograph" in warnings[0]
     assert (run_dir / "grid.png").exists()
 
@@ -216,5 +262,7 @@ def test_report_on_a_directory_without_results_says_so(tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "framework.report", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"error: {tmp_path} has no finished item (items/*/record.json): give the directory of a " \
-                            "framework.run run\n"
+    assert (
+        result.stderr == f"error: {tmp_path} has no finished item (items/*/record.json): give the directory of a "
+        "framework.run run\n"
+    )

@@ -36,8 +36,11 @@ def test_aesthetic_loads_laion_mlp_state_dict(clip_dir, tmp_path, images):
         state[f"layers.{i}.weight"] = torch.randn(shape) / shape[1] ** 0.5
         state[f"layers.{i}.bias"] = torch.randn(shape[0])
     torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    reward = build_reward(RewardConfig(name="aesthetic", source=str(clip_dir),
-                                       checkpoint=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")))
+    reward = build_reward(
+        RewardConfig(
+            name="aesthetic", source=str(clip_dir), checkpoint=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+        )
+    )
     scores = reward(images, PROMPTS)
     # Independent: the vision tower's pooled output through the visual projection (width 32 → 24), normalised, then
     # the five affine maps of the state dict, no activations.
@@ -91,13 +94,13 @@ def test_tiny_rewards_are_finite_and_differentiable(name, images):
 
 def test_missing_weight_files_are_named_with_how_to_provide_them(clip_dir):
     with pytest.raises(FrameworkError, match=r"reward\.checkpoint: weight file 'weights/sac\+logos.*' not found"):
-        build_reward(RewardConfig(name="aesthetic", source=str(clip_dir),
-                                  checkpoint="weights/sac+logos+ava1-l14-linearMSE.pth"))
+        build_reward(
+            RewardConfig(name="aesthetic", source=str(clip_dir), checkpoint="weights/sac+logos+ava1-l14-linearMSE.pth")
+        )
     with pytest.raises(FrameworkError, match=r"'HPS_v2\.0_compressed\.pt' of 'xswu/HPSv2' is not available offline"):
         build_reward(RewardConfig(name="hps", version="v2.0"))
     with pytest.raises(FrameworkError, match=r"reward\.source: weights for 'yuvalkirstain/PickScore_v1' are not in"):
-        build_reward(RewardConfig(name="pickscore", source="yuvalkirstain/PickScore_v1",
-                                  processor=str(clip_dir)))
+        build_reward(RewardConfig(name="pickscore", source="yuvalkirstain/PickScore_v1", processor=str(clip_dir)))
 
 
 def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
@@ -146,7 +149,8 @@ def test_toy_rewards_read_raw_pixels_model_rewards_clamp_and_scale_multiplies():
 
 def test_callable_reward_sees_detached_images_unless_declared_differentiable(tmp_path, monkeypatch):
     (tmp_path / "my_scores.py").write_text(
-        "def grad_flag(images, prompts):\n    return [float(images.requires_grad)] * len(images)\n")
+        "def grad_flag(images, prompts):\n    return [float(images.requires_grad)] * len(images)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     images = torch.rand(2, 3, 8, 8).requires_grad_()
     black_box = build_reward(RewardConfig(name="callable", target="my_scores:grad_flag"))

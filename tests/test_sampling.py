@@ -17,10 +17,21 @@ def test_eta0_matches_diffusers_pipeline(tiny_backbone):
     pipe.scheduler = backbone.scheduler
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        ours = backbone.postprocess(backbone.decode(ddim_sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8,
-                                                                guidance_scale=5.0).latents))
-        reference = pipe(PROMPTS, latents=x_T.clone(), num_inference_steps=8, guidance_scale=5.0, eta=0.0,
-                         output_type="pt", height=64, width=64).images
+        ours = backbone.postprocess(
+            backbone.decode(
+                ddim_sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8, guidance_scale=5.0).latents
+            )
+        )
+        reference = pipe(
+            PROMPTS,
+            latents=x_T.clone(),
+            num_inference_steps=8,
+            guidance_scale=5.0,
+            eta=0.0,
+            output_type="pt",
+            height=64,
+            width=64,
+        ).images
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
@@ -33,15 +44,21 @@ def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd, final_step_nois
     x_T, noises = noise_like((1, *tiny_sd.latent_shape())), noise_like((steps, 1, *tiny_sd.latent_shape()), 1)
     used = noises if final_step_noise else noises[:-1]
     with torch.no_grad():
-        ours = ddim_sample(tiny_sd, cond, x_T, used, num_steps=steps, eta=eta, guidance_scale=5.0,
-                           final_step_noise=final_step_noise)
+        ours = ddim_sample(
+            tiny_sd, cond, x_T, used, num_steps=steps, eta=eta, guidance_scale=5.0, final_step_noise=final_step_noise
+        )
         scheduler = copy.deepcopy(tiny_sd.scheduler)
         scheduler.set_timesteps(steps)
         x = x_T
         for i, t in enumerate(scheduler.timesteps):
             last_plain = i == steps - 1 and not final_step_noise
-            x = scheduler.step(tiny_sd.eps(x, int(t), cond, 5.0), t, x, eta=0.0 if last_plain else eta,
-                               variance_noise=None if last_plain else noises[i]).prev_sample
+            x = scheduler.step(
+                tiny_sd.eps(x, int(t), cond, 5.0),
+                t,
+                x,
+                eta=0.0 if last_plain else eta,
+                variance_noise=None if last_plain else noises[i],
+            ).prev_sample
     torch.testing.assert_close(ours.latents, x, rtol=1e-5, atol=1e-4)
     assert ours.timesteps == scheduler.timesteps.tolist() and len(ours.eps) == steps
 

@@ -10,7 +10,8 @@ from framework.errors import FrameworkError
 from framework.models import load_backbone
 from framework.testbed import JUDGE_FILE, MODEL_DIR, shapes
 from framework.testbed.evaluate import evaluate_adherence, shape_geometry
-from framework.testbed.judge import JudgeReward, load_judge
+from framework.rewards.judge import JudgeReward
+from framework.testbed.judge import load_judge
 
 
 def test_captions_cover_every_colour_and_shape_and_parse_back():
@@ -30,8 +31,12 @@ def test_render_fills_the_shape_with_its_colour_on_the_background():
 
 
 def test_samples_vary_in_position_and_size():
-    batch = shapes.sample(64, torch.Generator().manual_seed(0), colors=torch.zeros(64, dtype=torch.long),
-                          shapes=torch.zeros(64, dtype=torch.long))
+    batch = shapes.sample(
+        64,
+        torch.Generator().manual_seed(0),
+        colors=torch.zeros(64, dtype=torch.long),
+        shapes=torch.zeros(64, dtype=torch.long),
+    )
     centers, areas = shape_geometry(batch.images)
     assert centers.std(0).min() > 3 and areas.std() / areas.mean() > 0.2
     torch.testing.assert_close(centers, batch.centers - 0.5, atol=0.7, rtol=0)
@@ -72,8 +77,26 @@ def test_training_command_smoke(tmp_path, monkeypatch):
     from framework.testbed import train
 
     out, judge_out = tmp_path / "model", tmp_path / "judge.safetensors"
-    monkeypatch.setattr("sys.argv", ["train", "--out", str(out), "--judge-out", str(judge_out), "--vae-steps", "2",
-                                     "--judge-steps", "2", "--unet-steps", "2", "--batch", "4", "--eval-seeds", "1"])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "train",
+            "--out",
+            str(out),
+            "--judge-out",
+            str(judge_out),
+            "--vae-steps",
+            "2",
+            "--judge-steps",
+            "2",
+            "--unet-steps",
+            "2",
+            "--batch",
+            "4",
+            "--eval-seeds",
+            "1",
+        ],
+    )
     train.main()
     report = json.loads((out / "training_report.json").read_text())
     assert 0 <= report["adherence"] <= 1 and 0 <= report["judge_accuracy"] <= 1
@@ -106,6 +129,7 @@ def test_default_run_reports_ground_truth_adherence_drift_and_a_grid(tmp_path):
     # What experiment specs may name (checked before anything runs) is what runs record.
     from framework.experiments import ITEM_METRICS, SET_METRICS, STEP_KEYS
 
-    assert set(record["metrics"]["final"]) | {"reward"} | set(record["compute"]) - {"peak_memory_kind"} <= \
-        set(ITEM_METRICS)
+    assert set(record["metrics"]["final"]) | {"reward"} | set(record["compute"]) - {"peak_memory_kind"} <= set(
+        ITEM_METRICS
+    )
     assert set(record["steps"][1]) <= set(STEP_KEYS) and set(summary["sets"]) - {"win_rate_vs_base"} <= set(SET_METRICS)

@@ -12,15 +12,36 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose, run_cli
-from framework.config import (METHOD_SCHEMAS, Config, EvalConfig, LoggerConfig, ModelConfig, OneOf, PromptsConfig,
-                              Range, RewardConfig, Text, TrainerConfig, validate)
+from framework.config import (
+    METHOD_SCHEMAS,
+    Config,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    OneOf,
+    PromptsConfig,
+    Range,
+    RewardConfig,
+    Text,
+    TrainerConfig,
+    validate,
+)
 from framework.errors import FrameworkError
 
 ADAPTER = ["method.adapter=some/adapter"]  # lora_scale and aig need one to compose a complete config
-SCHEMAS = [(ModelConfig, "model", []), (RewardConfig, "reward", []), (PromptsConfig, "prompts", []),
-           (TrainerConfig, "trainer", []), (LoggerConfig, "logger", []), (EvalConfig, "eval", []), (Config, "", [])]
-SCHEMAS += [(schema, "method", [f"method={name}"] + (ADAPTER if "adapter" in schema.__dataclass_fields__ else []))
-            for name, schema in METHOD_SCHEMAS.items()]
+SCHEMAS = [
+    (ModelConfig, "model", []),
+    (RewardConfig, "reward", []),
+    (PromptsConfig, "prompts", []),
+    (TrainerConfig, "trainer", []),
+    (LoggerConfig, "logger", []),
+    (EvalConfig, "eval", []),
+    (Config, "", []),
+]
+SCHEMAS += [
+    (schema, "method", [f"method={name}"] + (ADAPTER if "adapter" in schema.__dataclass_fields__ else []))
+    for name, schema in METHOD_SCHEMAS.items()
+]
 
 
 def is_bool(field) -> bool:
@@ -53,8 +74,12 @@ def composed(base: tuple[str, ...]):
     return compose(*base)
 
 
-CASES = [(prefix, base, field, rule) for schema, prefix, base in SCHEMAS for field in dataclasses.fields(schema)
-         if not is_bool(field) and not is_group(field) and not isinstance(rule := field.metadata.get("rule"), Text)]
+CASES = [
+    (prefix, base, field, rule)
+    for schema, prefix, base in SCHEMAS
+    for field in dataclasses.fields(schema)
+    if not is_bool(field) and not is_group(field) and not isinstance(rule := field.metadata.get("rule"), Text)
+]
 
 
 def test_every_field_of_every_schema_declares_its_valid_values():
@@ -65,8 +90,9 @@ def test_every_field_of_every_schema_declares_its_valid_values():
     assert len(CASES) >= 60
 
 
-@pytest.mark.parametrize("prefix,base,field,rule", CASES,
-                         ids=[f"{b[0] if b else p or 'top'}.{f.name}" for p, b, f, _ in CASES])
+@pytest.mark.parametrize(
+    "prefix,base,field,rule", CASES, ids=[f"{b[0] if b else p or 'top'}.{f.name}" for p, b, f, _ in CASES]
+)
 def test_a_value_outside_each_rule_is_rejected_naming_key_value_and_what_is_valid(prefix, base, field, rule):
     key = f"{prefix}.{field.name}" if prefix else field.name
     for value in outside(rule, field):
@@ -80,8 +106,9 @@ def test_a_value_outside_each_rule_is_rejected_naming_key_value_and_what_is_vali
 
 
 def test_boolean_fields_take_booleans_only():
-    booleans = [(prefix, base, f.name) for schema, prefix, base in SCHEMAS for f in dataclasses.fields(schema)
-                if is_bool(f)]
+    booleans = [
+        (prefix, base, f.name) for schema, prefix, base in SCHEMAS for f in dataclasses.fields(schema) if is_bool(f)
+    ]
     assert len(booleans) >= 8
     for prefix, base, name in booleans:
         with pytest.raises(Exception, match=name):
@@ -160,6 +187,7 @@ BAD_VALUES = {  # what a user types -> the start of the one error line
 
 def test_bad_values_on_the_command_line_end_in_one_error_line_and_exit_2(tmp_path):
     """As a user types them: each exits 2 with exactly one `error:` line, runs nothing, prints no traceback."""
+
     def attempt(item):
         i, (typed, expected) = item
         return typed, expected, run_cli(*typed.split(), "logger=none", run_dir=tmp_path / str(i), timeout=120)

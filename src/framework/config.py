@@ -82,8 +82,19 @@ def valid(default, rule: Range | OneOf | Text):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-REWARDS = ("aesthetic", "hps", "pickscore", "clipscore", "jpeg", "brightness", "darkness", "contrast", "saturation",
-           "judge", "callable")
+REWARDS = (
+    "aesthetic",
+    "hps",
+    "pickscore",
+    "clipscore",
+    "jpeg",
+    "brightness",
+    "darkness",
+    "contrast",
+    "saturation",
+    "judge",
+    "callable",
+)
 NON_DIFFERENTIABLE_REWARDS = ("jpeg",)  # and `callable` unless reward.differentiable=true
 POSITIVE, NON_NEGATIVE, UNIT, COUNT = Range(0, low_open=True), Range(0), Range(0, 1), Range(1)
 
@@ -209,8 +220,13 @@ class MIRAConfig(NoiseOptimisationConfig):
     @staticmethod
     def relations(c) -> Iterator[tuple[str, str]]:
         if c.weighting == "eps_kl" and not (c.eta > 0 and c.final_step_noise):
-            yield "weighting", ("eps_kl needs method.eta > 0 and method.final_step_noise=true (every step "
-                                "stochastic, so each step's KL is finite)")
+            yield (
+                "weighting",
+                (
+                    "eps_kl needs method.eta > 0 and method.final_step_noise=true (every step "
+                    "stochastic, so each step's KL is finite)"
+                ),
+            )
 
 
 @dataclass
@@ -355,20 +371,43 @@ class Config:
         if method is DRaFTConfig:
             processes = c.trainer.devices * c.trainer.num_nodes
             if c.method.train_batch_size % processes:
-                yield "method.train_batch_size", (f"it must be a multiple of the {processes} processes "
-                                                  "(trainer.devices × trainer.num_nodes): each takes an equal share")
+                yield (
+                    "method.train_batch_size",
+                    (
+                        f"it must be a multiple of the {processes} processes "
+                        "(trainer.devices × trainer.num_nodes): each takes an equal share"
+                    ),
+                )
             if "float16" in (c.model.dtype, c.model.vae_dtype):
-                yield "model.dtype", ("method=draft does not train in float16 (the LoRA fit has no loss scaling, "
-                                      "so small gradients underflow to zero); use bfloat16 or float32")
+                yield (
+                    "model.dtype",
+                    (
+                        "method=draft does not train in float16 (the LoRA fit has no loss scaling, "
+                        "so small gradients underflow to zero); use bfloat16 or float32"
+                    ),
+                )
         if follows_reward_gradients(c.method) and not reward_is_differentiable(c.reward):
-            yield "reward.name", (f"method {c.method.name} follows reward gradients, but reward {c.reward.name} is not "
-                                  "differentiable; use a black-box method (method=mira_dpo, dno_zo or best_of_n) or "
-                                  "a differentiable reward")
+            yield (
+                "reward.name",
+                (
+                    f"method {c.method.name} follows reward gradients, but reward {c.reward.name} is not "
+                    "differentiable; use a black-box method (method=mira_dpo, dno_zo or best_of_n) or "
+                    "a differentiable reward"
+                ),
+            )
 
 
-METHOD_SCHEMAS = {"base": BaseConfig, "best_of_n": BestOfNConfig, "dno": DNOConfig, "mira": MIRAConfig,
-                  "dno_zo": DNOZeroOrderConfig, "mira_dpo": MIRADPOConfig, "draft": DRaFTConfig,
-                  "lora_scale": LoRAScaleConfig, "aig": AIGConfig}
+METHOD_SCHEMAS = {
+    "base": BaseConfig,
+    "best_of_n": BestOfNConfig,
+    "dno": DNOConfig,
+    "mira": MIRAConfig,
+    "dno_zo": DNOZeroOrderConfig,
+    "mira_dpo": MIRADPOConfig,
+    "draft": DRaFTConfig,
+    "lora_scale": LoRAScaleConfig,
+    "aig": AIGConfig,
+}
 
 
 def register_configs() -> None:

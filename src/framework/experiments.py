@@ -52,17 +52,51 @@ KINDS = ("table", "curve", "pareto")
 RUN_REF = re.compile(r"\{run:([^}]+)\}")
 
 
-REQUIRED_KEYS, OPTIONAL_KEYS = ("title", "kind", "metrics", "scales", "runs"), ("grid", "versus", "judges", "pareto",
-                                                                                "curves")
+REQUIRED_KEYS, OPTIONAL_KEYS = (
+    ("title", "kind", "metrics", "scales", "runs"),
+    ("grid", "versus", "judges", "pareto", "curves"),
+)
 # The names a table may ask for (kept true by a test against what runs record). Item metrics: the final image's
 # values, besides `eval_<reward config>` (held-out rewards); step keys: the per-step records (`last.<key>`, curves).
-ITEM_METRICS = ("reward", "adherence", "judge_log_prob", "drift_rmse", "drift_embedding", "clipscore", "evals",
-                "seconds", "peak_memory_mb")
-SET_METRICS = ("cmmd", "cmmd_judge", "spectral_distance", "log_spectral_distance", "base_diversity_vendi",
-               "final_diversity_vendi", "base_diversity_pairwise", "final_diversity_pairwise")
-STEP_KEYS = ("step", "reward", "loss", "regulariser", "grad_norm", "noise_sq", "r_mira", "best_reward", "pair_gap",
-             "preference", "candidate_reward_max", "adherence", "judge_log_prob", "drift_rmse", "drift_embedding",
-             "clipscore")
+ITEM_METRICS = (
+    "reward",
+    "adherence",
+    "judge_log_prob",
+    "drift_rmse",
+    "drift_embedding",
+    "clipscore",
+    "evals",
+    "seconds",
+    "peak_memory_mb",
+)
+SET_METRICS = (
+    "cmmd",
+    "cmmd_judge",
+    "spectral_distance",
+    "log_spectral_distance",
+    "base_diversity_vendi",
+    "final_diversity_vendi",
+    "base_diversity_pairwise",
+    "final_diversity_pairwise",
+)
+STEP_KEYS = (
+    "step",
+    "reward",
+    "loss",
+    "regulariser",
+    "grad_norm",
+    "noise_sq",
+    "r_mira",
+    "best_reward",
+    "pair_gap",
+    "preference",
+    "candidate_reward_max",
+    "adherence",
+    "judge_log_prob",
+    "drift_rmse",
+    "drift_embedding",
+    "clipscore",
+)
 
 
 def item_metric(name: str) -> bool:
@@ -97,8 +131,9 @@ def load_experiment(path: Path) -> dict:
         raise FrameworkError(f"{path}: missing keys {', '.join(sorted(missing))}")
     unknown = sorted(set(spec) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
-        raise FrameworkError(f"{path}: unknown key {unknown[0]!r}; valid keys: "
-                             f"{', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+        raise FrameworkError(
+            f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}"
+        )
     if spec["kind"] not in KINDS:
         raise FrameworkError(f"{path}: kind {spec['kind']!r} is not one of {', '.join(KINDS)}")
     for key in ("metrics", "judges", "curves"):
@@ -106,19 +141,24 @@ def load_experiment(path: Path) -> dict:
             raise FrameworkError(f"{path}: {key} must be a non-empty list")
     for metric in spec["metrics"]:
         if not metric_known(metric):
-            raise FrameworkError(f"{path}: metrics: unknown metric {metric!r}; item metrics: "
-                                 f"{', '.join(ITEM_METRICS)}, eval_<reward>, last.<step key>, sets.<"
-                                 f"{'|'.join(SET_METRICS)}> or win_rate")
+            raise FrameworkError(
+                f"{path}: metrics: unknown metric {metric!r}; item metrics: "
+                f"{', '.join(ITEM_METRICS)}, eval_<reward>, last.<step key>, sets.<"
+                f"{'|'.join(SET_METRICS)}> or win_rate"
+            )
     for judge in spec.get("judges", []):
         if not item_metric(judge):
-            raise FrameworkError(f"{path}: judges: {judge!r} is not an item metric ({', '.join(ITEM_METRICS)}, "
-                                 "eval_<reward>)")
+            raise FrameworkError(
+                f"{path}: judges: {judge!r} is not an item metric ({', '.join(ITEM_METRICS)}, eval_<reward>)"
+            )
     for key in spec.get("curves", []):
         if key not in STEP_KEYS:
             raise FrameworkError(f"{path}: curves: {key!r} is not a per-step key; choose from: {', '.join(STEP_KEYS)}")
     if "win_rate" in spec["metrics"] and spec.get("versus") not in spec["runs"]:
-        raise FrameworkError(f"{path}: metric win_rate needs `versus:` naming one of the runs "
-                             f"({', '.join(map(str, spec['runs']))}); got {spec.get('versus')!r}")
+        raise FrameworkError(
+            f"{path}: metric win_rate needs `versus:` naming one of the runs "
+            f"({', '.join(map(str, spec['runs']))}); got {spec.get('versus')!r}"
+        )
     if spec["kind"] == "pareto":
         axes = spec.get("pareto")
         if not isinstance(axes, dict) or set(axes) != {"x", "y"}:
@@ -131,8 +171,11 @@ def load_experiment(path: Path) -> dict:
 
 def run_overrides(spec: dict, scale: str) -> dict[str, list[str]]:
     """label -> overrides of the runs that exist at `scale` (a run given per scale exists at the scales it names)."""
-    return {label: overrides if isinstance(overrides, list) else overrides[scale]
-            for label, overrides in spec["runs"].items() if isinstance(overrides, list) or scale in overrides}
+    return {
+        label: overrides if isinstance(overrides, list) else overrides[scale]
+        for label, overrides in spec["runs"].items()
+        if isinstance(overrides, list) or scale in overrides
+    }
 
 
 GREEK = {"α": "alpha", "β": "beta", "γ": "gamma", "λ": "lambda"}
@@ -178,8 +221,9 @@ def compose_run(overrides: list[str], where: str):
         validate(cfg)
     except FrameworkError as e:
         raise FrameworkError(f"{where}: {e}") from None
-    identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in IDENTITY_EXCLUDES]),
-                                      resolve=True)
+    identity = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k not in IDENTITY_EXCLUDES]), resolve=True
+    )
     return cfg, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -206,8 +250,10 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
                         raise FrameworkError(f"{where}: {match.group(0)} must name an earlier run")
                     return str(done[match.group(1)].dir.resolve())
 
-                full = [RUN_REF.sub(directory, o) for o in
-                        [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra), *overrides]]
+                full = [
+                    RUN_REF.sub(directory, o)
+                    for o in [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra), *overrides]
+                ]
                 cfg, ident = compose_run(full, where)
                 cell_options = {axis: option for axis, (option, _) in cell.items()}
                 if ident not in claimed:
@@ -228,8 +274,14 @@ def ensure_run(run: Run, group: str) -> str | None:
         if counts["num_ok"] == counts["num_items"]:
             return None
     print(f"running {run.name} in {run.dir}", flush=True)
-    command = [sys.executable, "-m", "framework.run", *run.overrides, f"logger.group={group}",
-               f"hydra.run.dir={run.dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "framework.run",
+        *run.overrides,
+        f"logger.group={group}",
+        f"hydra.run.dir={run.dir}",
+    ]
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode == 0:
         return None
@@ -265,15 +317,19 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
             keys.add(key)
             names.add(name)
     if missing:
-        lines = [f"  - {spec!r} ({'; '.join(sorted(keys))}): {why}; needed by {', '.join(sorted(names))}"
-                 for (spec, why), (keys, names) in sorted(missing.items())]
+        lines = [
+            f"  - {spec!r} ({'; '.join(sorted(keys))}): {why}; needed by {', '.join(sorted(names))}"
+            for (spec, why), (keys, names) in sorted(missing.items())
+        ]
         raise FrameworkError(
             f"scale {scale}: {len(missing)} weight(s) or prompt file(s) are missing; nothing was run:\n"
-            + "\n".join(lines) + "\nProvide them: for a hub id, run `hf download <id>` (a file: "
+            + "\n".join(lines)
+            + "\nProvide them: for a hub id, run `hf download <id>` (a file: "
             "`hf download <owner/repo> "
             "<file>`) on a machine with network access and copy the Hugging Face cache (HF_HOME) here; or put local "
             f"files and directories at the paths shown, or point the keys at them in the `scales: {scale}` overrides "
-            "of experiments/<name>.yaml (e.g. model.source=/data/sd15).")
+            "of experiments/<name>.yaml (e.g. model.source=/data/sd15)."
+        )
     written, failed = [], {}
     for name, (spec, runs) in planned.items():
         for run in runs:
@@ -282,8 +338,11 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
         statuses = {run.name: failed[run.dir] for run in runs if run.dir in failed}
         written += aggregate(name, spec, runs, out / "tables" / scale, statuses)
     if failed:
-        raise RunsFailed(f"{len(failed)} run(s) did not finish; their rows are marked in the tables, a rerun "
-                         "resumes them:\n" + "\n".join(f"  - {d}: {e}" for d, e in failed.items()), written)
+        raise RunsFailed(
+            f"{len(failed)} run(s) did not finish; their rows are marked in the tables, a rerun "
+            "resumes them:\n" + "\n".join(f"  - {d}: {e}" for d, e in failed.items()),
+            written,
+        )
     return written
 
 
@@ -311,8 +370,13 @@ def main() -> None:
         for path in written:
             if path.suffix == ".md":
                 print("\n" + path.read_text(), end="")
-        print("\n".join(["", f"runs:   {args.out / 'runs' / args.scale}/<run>-<config hash>/", "tables and figures:"]
-                        + [f"  {path}" for path in written]), flush=True)
+        print(
+            "\n".join(
+                ["", f"runs:   {args.out / 'runs' / args.scale}/<run>-<config hash>/", "tables and figures:"]
+                + [f"  {path}" for path in written]
+            ),
+            flush=True,
+        )
 
     def work() -> None:
         try:

@@ -18,12 +18,16 @@ def missing_weights(cfg) -> list[tuple[str, str, str]]:
         needs.append(("pretrained", cfg.model.source, "model.source", cfg.model.revision))
     needs += [(kind, spec, key, None) for kind, spec, key in required_weights(cfg.reward, "reward")]
     for name in cfg.eval.rewards:
-        needs += [(kind, spec, f"{key} of reward={name} (eval.rewards)", None)
-                  for kind, spec, key in required_weights(named_reward_config(name), "reward")]
+        needs += [
+            (kind, spec, f"{key} of reward={name} (eval.rewards)", None)
+            for kind, spec, key in required_weights(named_reward_config(name), "reward")
+        ]
     if resolve_features(cfg.eval, cfg.model) == "clip":
-        needs += [("pretrained", source, key, None) for source, key in ((cfg.eval.clip, "eval.clip"),
-                                                                        (cfg.eval.cmmd_clip, "eval.cmmd_clip"))
-                  if source not in ("tiny", "none")]
+        needs += [
+            ("pretrained", source, key, None)
+            for source, key in ((cfg.eval.clip, "eval.clip"), (cfg.eval.cmmd_clip, "eval.cmmd_clip"))
+            if source not in ("tiny", "none")
+        ]
     missing = [(key, spec, why) for kind, spec, key, revision in needs if (why := unavailable(kind, spec, revision))]
     if cfg.prompts.name == "file" and not Path(cfg.prompts.path or "").expanduser().is_file():
         missing.append(("prompts.path", cfg.prompts.path or "", "not found"))

@@ -8,14 +8,68 @@ from framework.errors import FrameworkError
 
 # Animal-Animal (from Attend-and-Excite, Chefer et al. 2023; MIRA evaluates on it): "a {A} and a {B}" for every
 # pair A before B in this order (66 prompts).
-PAIR_ANIMALS = ["cat", "dog", "bird", "bear", "lion", "horse", "elephant", "monkey", "frog", "turtle", "rabbit",
-                "mouse"]
+PAIR_ANIMALS = [
+    "cat",
+    "dog",
+    "bird",
+    "bear",
+    "lion",
+    "horse",
+    "elephant",
+    "monkey",
+    "frog",
+    "turtle",
+    "rabbit",
+    "mouse",
+]
 # DDPO's simple animals, used bare as prompts, as DDPO and the AIG paper do (45 prompts).
-SIMPLE_ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat",
-                  "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish",
-                  "shark", "whale", "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken",
-                  "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog",
-                  "kangaroo"]
+SIMPLE_ANIMALS = [
+    "cat",
+    "dog",
+    "horse",
+    "monkey",
+    "rabbit",
+    "zebra",
+    "spider",
+    "bird",
+    "sheep",
+    "deer",
+    "cow",
+    "goat",
+    "lion",
+    "tiger",
+    "bear",
+    "raccoon",
+    "fox",
+    "wolf",
+    "lizard",
+    "beetle",
+    "ant",
+    "butterfly",
+    "fish",
+    "shark",
+    "whale",
+    "dolphin",
+    "squirrel",
+    "mouse",
+    "rat",
+    "snake",
+    "turtle",
+    "frog",
+    "chicken",
+    "duck",
+    "goose",
+    "bee",
+    "pig",
+    "turkey",
+    "fly",
+    "llama",
+    "camel",
+    "bat",
+    "gorilla",
+    "hedgehog",
+    "kangaroo",
+]
 
 
 def animal_animal() -> list[str]:
@@ -52,8 +106,13 @@ def read_prompt_file(path: str | None) -> list[str]:
 def load_prompts(cfg: PromptsConfig) -> list[str]:
     from framework.testbed.shapes import all_captions
 
-    sets = {"inline": lambda: list(cfg.prompts), "file": lambda: read_prompt_file(cfg.path),
-            "animal_animal": animal_animal, "simple_animals": lambda: list(SIMPLE_ANIMALS), "shapes": all_captions}
+    sets = {
+        "inline": lambda: list(cfg.prompts),
+        "file": lambda: read_prompt_file(cfg.path),
+        "animal_animal": animal_animal,
+        "simple_animals": lambda: list(SIMPLE_ANIMALS),
+        "shapes": all_captions,
+    }
     name = cfg.name
     prompts = sets[name]()
     prompts = prompts[: cfg.limit] if cfg.limit is not None else prompts

@@ -53,8 +53,11 @@ def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
             raise FrameworkError(f"item {ra['id']} differs between the runs (prompt or seed): not comparable")
         if judge != "reward" and (judge not in ra["metrics"]["final"] or judge not in rb["metrics"]["final"]):
             raise FrameworkError(f"item {ra['id']} has no {judge!r} in both runs; run both with eval.rewards=[...]")
-    rate, low, high = win_rate([final_value(ra, judge) for ra, _ in pairs],
-                               [final_value(rb, judge) for _, rb in pairs], [ra["prompt_index"] for ra, _ in pairs])
+    rate, low, high = win_rate(
+        [final_value(ra, judge) for ra, _ in pairs],
+        [final_value(rb, judge) for _, rb in pairs],
+        [ra["prompt_index"] for ra, _ in pairs],
+    )
     return {"judge": judge, "items": len(pairs), "rate": rate, "low": low, "high": high}
 
 
@@ -73,8 +76,10 @@ def step_curve(run_dir: Path, at: list[int], keys: list[str]) -> list[dict]:
 
 def print_summary(summary: dict, label: str) -> None:
     metrics = [m for m in ("adherence", "drift_rmse") if f"final_{m}_mean" in summary]
-    print(f"\n{label}: {summary['num_ok']}/{summary['num_items']} items ok"
-          + (f", {summary['num_failed']} failed" if summary["num_failed"] else ""))
+    print(
+        f"\n{label}: {summary['num_ok']}/{summary['num_items']} items ok"
+        + (f", {summary['num_failed']} failed" if summary["num_failed"] else "")
+    )
     width = min(48, max(len("prompt"), *(len(r["prompt"]) for r in summary["items"])))
     header = "".join(f"  {'adherence' if m == 'adherence' else 'drift':>15}" for m in metrics)
     print(f"  {'item':<12} {'prompt':<{width}}  {'reward base → final':>19}{header}")
@@ -90,27 +95,41 @@ def print_summary(summary: dict, label: str) -> None:
         prompt = row["prompt"][:width]
         if row["status"] == "ok":
             flat = {f"{stage}.{k}": v for stage in ("base", "final") for k, v in row["metrics"][stage].items()}
-            print(f"  {row['id']:<12} {prompt:<{width}}  {row['base_reward']:>8.4f} → {row['final_reward']:<8.4f}"
-                  + columns(flat, lambda m: f"base.{m}", lambda m: f"final.{m}"))
+            print(
+                f"  {row['id']:<12} {prompt:<{width}}  {row['base_reward']:>8.4f} → {row['final_reward']:<8.4f}"
+                + columns(flat, lambda m: f"base.{m}", lambda m: f"final.{m}")
+            )
         else:
             print(f"  {row['id']:<12} {prompt:<{width}}  FAILED: {row['error']}")
     if summary["num_ok"]:
         base, final = summary["base_reward_mean"], summary["final_reward_mean"]
-        print(f"  {'mean':<12} {'':<{width}}  {base:>8.4f} → {final:<8.4f}"
-              + columns(summary, lambda m: f"base_{m}_mean", lambda m: f"final_{m}_mean"))
-        print(f"  {summary['evals_mean']:.0f} model evaluations and {summary['seconds_mean']:.1f} s per item"
-              + ("; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
-                 if "adherence" in metrics else "; drift = pixel RMSE to the base image (same seed)"))
-        held_out = sorted(k[len("final_"):-len("_mean")] for k in summary if k.startswith("final_eval_"))
+        print(
+            f"  {'mean':<12} {'':<{width}}  {base:>8.4f} → {final:<8.4f}"
+            + columns(summary, lambda m: f"base_{m}_mean", lambda m: f"final_{m}_mean")
+        )
+        print(
+            f"  {summary['evals_mean']:.0f} model evaluations and {summary['seconds_mean']:.1f} s per item"
+            + (
+                "; adherence = ground-truth judge (colour and shape right); drift = pixel RMSE to the base image"
+                if "adherence" in metrics
+                else "; drift = pixel RMSE to the base image (same seed)"
+            )
+        )
+        held_out = sorted(k[len("final_") : -len("_mean")] for k in summary if k.startswith("final_eval_"))
         labels = {"clipscore": "CLIPScore", "drift_embedding": "embedding drift (1 − cos to the base image)"}
         for key in held_out + [k for k in labels if f"final_{k}_mean" in summary]:
             base = summary.get(f"base_{key}_mean")
-            print(f"  {labels.get(key, key)}: " + (f"{base:.4f} → " if base is not None else "")
-                  + f"{summary[f'final_{key}_mean']:.4f}")
+            print(
+                f"  {labels.get(key, key)}: "
+                + (f"{base:.4f} → " if base is not None else "")
+                + f"{summary[f'final_{key}_mean']:.4f}"
+            )
         print_set_metrics(summary.get("sets", {}))
     run_dir = Path(summary["run_dir"])
-    print(f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"
-          f"summary: {run_dir / 'summary.json'}")
+    print(
+        f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"
+        f"summary: {run_dir / 'summary.json'}"
+    )
 
 
 def print_set_metrics(sets: dict) -> None:
@@ -118,14 +137,23 @@ def print_set_metrics(sets: dict) -> None:
         win = sets["win_rate_vs_base"]
         print(f"  win rate of final over base images: {win['rate']:.2f} (95% CI {win['low']:.2f}–{win['high']:.2f})")
     if "spectral_distance" in sets:
-        cmmd = (f"CMMD {sets['cmmd']:.3f}, " if "cmmd" in sets
-                else f"CMMD on judge features {sets['cmmd_judge']:.3f}, " if "cmmd_judge" in sets else "")
-        print(f"  final vs base sets: {cmmd}spectral distance {sets['spectral_distance']:.4f}, "
-              f"log-spectral {sets['log_spectral_distance']:.3f}")
+        cmmd = (
+            f"CMMD {sets['cmmd']:.3f}, "
+            if "cmmd" in sets
+            else f"CMMD on judge features {sets['cmmd_judge']:.3f}, "
+            if "cmmd_judge" in sets
+            else ""
+        )
+        print(
+            f"  final vs base sets: {cmmd}spectral distance {sets['spectral_distance']:.4f}, "
+            f"log-spectral {sets['log_spectral_distance']:.3f}"
+        )
     if "final_diversity_vendi" in sets:
-        print(f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → "
-              f"{sets['final_diversity_vendi']:.2f}, mean pairwise distance {sets['base_diversity_pairwise']:.4f} → "
-              f"{sets['final_diversity_pairwise']:.4f}")
+        print(
+            f"  diversity across seeds: Vendi {sets['base_diversity_vendi']:.2f} → "
+            f"{sets['final_diversity_vendi']:.2f}, mean pairwise distance {sets['base_diversity_pairwise']:.4f} → "
+            f"{sets['final_diversity_pairwise']:.4f}"
+        )
 
 
 def report(args: argparse.Namespace) -> None:
@@ -137,8 +165,10 @@ def report(args: argparse.Namespace) -> None:
             raise FrameworkError(f"{run_dir} {where}: give the directory of a framework.run run")
     if args.versus is not None:
         result = versus(args.run_dir, args.versus, args.judge)
-        print(f"win rate of {args.run_dir} over {args.versus} under {result['judge']}: {result['rate']:.3f} "
-              f"(95% CI {result['low']:.3f}–{result['high']:.3f}, {result['items']} items)")
+        print(
+            f"win rate of {args.run_dir} over {args.versus} under {result['judge']}: {result['rate']:.3f} "
+            f"(95% CI {result['low']:.3f}–{result['high']:.3f}, {result['items']} items)"
+        )
         return
     keys = args.keys.split(",")
     try:

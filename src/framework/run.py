@@ -87,10 +87,17 @@ def run(cfg: DictConfig) -> dict | None:
     method = build_method(cfg.method, reward)
     backbone = load_backbone(cfg.model)
     metrics = build_metrics(cfg.eval, cfg.model)
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
-                        inference_mode=False, enable_model_summary=False, use_distributed_sampler=False,
-                        default_root_dir=cfg.output_dir, **method.trainer_options(cfg))
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        inference_mode=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=cfg.output_dir,
+        **method.trainer_options(cfg),
+    )
     method = method.prepare(cfg, trainer, backbone, reward)  # e.g. load an adapter, or fine-tune one (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
     trainer.predict(module, datamodule=ItemsDataModule(items, store), return_predictions=False)
@@ -103,8 +110,10 @@ def run(cfg: DictConfig) -> dict | None:
     if wandb_dir:
         print(f"wandb:   {wandb_dir} ({cfg.logger.mode}; `wandb sync` uploads offline runs)")
     if summary["num_failed"] or summary["num_missing"]:
-        raise Failure(f"{summary['num_failed'] + summary['num_missing']} of {summary['num_items']} items failed "
-                      f"(see {summary['run_dir']}/summary.json); a rerun retries them")
+        raise Failure(
+            f"{summary['num_failed'] + summary['num_missing']} of {summary['num_items']} items failed "
+            f"(see {summary['run_dir']}/summary.json); a rerun retries them"
+        )
     return summary
 
 

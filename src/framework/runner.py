@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def make_items(prompts: list[str], seed: int, samples_per_prompt: int) -> list[Item]:
-    return [Item(p, s, prompt, derive_seed(seed, p, s)) for p, prompt in enumerate(prompts)
-            for s in range(samples_per_prompt)]
+    return [
+        Item(p, s, prompt, derive_seed(seed, p, s))
+        for p, prompt in enumerate(prompts)
+        for s in range(samples_per_prompt)
+    ]
 
 
 def _as_is(item):
@@ -64,8 +67,15 @@ class InferenceTimeAlignment(L.LightningModule):
             raise Interrupted("SIGTERM: stopped after the finished items; rerun the same command to resume")
         memory = PeakMemory(self.device)
         evals, start = self.backbone.num_evals, time.perf_counter()
-        problem = Problem(self.backbone, self.reward, item, self.method.cfg, self.metrics,
-                          show_progress=self.trainer.is_global_zero, interrupted=self.interrupted)
+        problem = Problem(
+            self.backbone,
+            self.reward,
+            item,
+            self.method.cfg,
+            self.metrics,
+            show_progress=self.trainer.is_global_zero,
+            interrupted=self.interrupted,
+        )
         try:
             with torch.enable_grad() if self.method.needs_gradients else nullcontext():
                 result = self.method.run(problem)
@@ -75,13 +85,20 @@ class InferenceTimeAlignment(L.LightningModule):
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._fail(item, f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try fewer images per "
-                             "sampler call (method.batch_size), method.checkpoint=true or a smaller model.resolution")
+            self._fail(
+                item,
+                f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try fewer images per "
+                "sampler call (method.batch_size), method.checkpoint=true or a smaller model.resolution",
+            )
             return
         base, final = result.base_image[None], result.final_image[None]
         metrics = {"base": problem.measure(base), "final": problem.measure(final, base)}
-        self.store.write(item, result, metrics, {
-            "evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start, **memory.peak()})
+        self.store.write(
+            item,
+            result,
+            metrics,
+            {"evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start, **memory.peak()},
+        )
 
     def _fail(self, item: Item, error: str) -> None:
         log.warning("item %s (%r) failed: %s", item.id, item.prompt, error)
@@ -96,8 +113,13 @@ class PeakMemory:
     STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
     def __init__(self, device: torch.device):
-        self.kind = ("cuda_allocated" if device.type == "cuda" else
-                     "cpu_item_peak_rss" if self.CLEAR_REFS.exists() else "process_max_rss")
+        self.kind = (
+            "cuda_allocated"
+            if device.type == "cuda"
+            else "cpu_item_peak_rss"
+            if self.CLEAR_REFS.exists()
+            else "process_max_rss"
+        )
         self.device = device
         if self.kind == "cuda_allocated":
             torch.cuda.reset_peak_memory_stats(device)
@@ -108,8 +130,10 @@ class PeakMemory:
         if self.kind == "cuda_allocated":
             mib = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif self.kind == "cpu_item_peak_rss":
-            mib = next(int(line.split()[1]) for line in self.STATUS.read_text().splitlines()
-                       if line.startswith("VmHWM")) / 1024
+            mib = (
+                next(int(line.split()[1]) for line in self.STATUS.read_text().splitlines() if line.startswith("VmHWM"))
+                / 1024
+            )
         else:
             mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"peak_memory_mb": mib, "peak_memory_kind": self.kind}

@@ -36,8 +36,9 @@ def ddim_coefficients(alpha: float, alpha_prev: float, eta: float) -> tuple[floa
     return sigma, (1 - alpha_prev - sigma**2) ** 0.5 - (alpha_prev / alpha) ** 0.5 * (1 - alpha) ** 0.5
 
 
-def _mixed_eps_branches(backbone: Backbone, x: Tensor, t: int, cond: Cond, guidance_scale: float, gamma: float
-                        ) -> tuple[Tensor, Tensor]:
+def _mixed_eps_branches(
+    backbone: Backbone, x: Tensor, t: int, cond: Cond, guidance_scale: float, gamma: float
+) -> tuple[Tensor, Tensor]:
     """(1 − γ)·ε̃_base + γ·ε̃_ft, base = the same backbone with its adapters off. At γ = 0 or 1 only one model is
     evaluated, so the endpoints are exactly base or fine-tuned sampling."""
     if gamma == 1:
@@ -56,10 +57,20 @@ def num_noises(num_steps: int, eta: float, final_step_noise: bool = True) -> int
     return 0 if eta <= 0 else num_steps - (0 if final_step_noise else 1)
 
 
-def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | None = None, *, num_steps: int,
-                eta: float = 0.0, guidance_scale: float = 1.0, checkpoint: bool = False,
-                grad_steps: int | None = None, mix: Callable[[int], float] | None = None,
-                final_step_noise: bool = True) -> Trajectory:
+def ddim_sample(
+    backbone: Backbone,
+    cond: Cond,
+    x_T: Tensor,
+    noises: Tensor | None = None,
+    *,
+    num_steps: int,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    checkpoint: bool = False,
+    grad_steps: int | None = None,
+    mix: Callable[[int], float] | None = None,
+    final_step_noise: bool = True,
+) -> Trajectory:
     """Run DDIM from x_T. `noises[i]` is ξ of step i (shape [num_noises(...), *x_T.shape]); required when η > 0.
     `mix(i)` = γ_i mixes the fine-tuned and adapter-free predictions at step i (AIG); None = the backbone as is.
     `final_step_noise=False` makes the last step deterministic (σ = 0, as DNO's sampler; diffusers adds σ·ξ there).
@@ -97,8 +108,9 @@ def ddim_sample(backbone: Backbone, cond: Cond, x_T: Tensor, noises: Tensor | No
     return traj
 
 
-def trajectory_divergence(predictions: list[Tensor], reference: list[Tensor], weights: list[float] | None = None
-                          ) -> Tensor:
+def trajectory_divergence(
+    predictions: list[Tensor], reference: list[Tensor], weights: list[float] | None = None
+) -> Tensor:
     """(1/S) Σ_t w_t · mean((ε_t − ε_t^ref)²): the score-based surrogate of the KL between the image distributions
     of two trajectories with the same injected noise (MIRA's R_MIRA; w_t = 1 unless given)."""
     weights = weights or [1.0] * len(predictions)

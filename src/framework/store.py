@@ -68,8 +68,10 @@ class ItemStore:
             before, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(fingerprint)))
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
-                raise FrameworkError(f"{self.run_dir} holds results of a different configuration (changed: "
-                                     f"{', '.join(changed[:5])}); rerun into a new directory (hydra.run.dir=...)")
+                raise FrameworkError(
+                    f"{self.run_dir} holds results of a different configuration (changed: "
+                    f"{', '.join(changed[:5])}); rerun into a new directory (hydra.run.dir=...)"
+                )
         else:
             self._write_json(path, fingerprint)
 
@@ -100,13 +102,24 @@ class ItemStore:
         os.replace(tmp, final)
 
     def _base_record(self, item: Item) -> dict:
-        return {"id": item.id, "prompt_index": item.prompt_index, "sample_index": item.sample_index,
-                "prompt": item.prompt, "seed": item.seed}
+        return {
+            "id": item.id,
+            "prompt_index": item.prompt_index,
+            "sample_index": item.sample_index,
+            "prompt": item.prompt,
+            "seed": item.seed,
+        }
 
     def write(self, item: Item, result: ItemResult, metrics: dict, compute: dict) -> None:
         record = self._base_record(item) | {
-            "status": "ok", "base_reward": result.base_reward, "final_reward": result.final_reward,
-            "metrics": metrics, "compute": compute, "info": result.info, "steps": result.steps}
+            "status": "ok",
+            "base_reward": result.base_reward,
+            "final_reward": result.final_reward,
+            "metrics": metrics,
+            "compute": compute,
+            "info": result.info,
+            "steps": result.steps,
+        }
         self._commit(item, record, {"base": result.base_image, "final": result.final_image})
 
     def write_failure(self, item: Item, error: str) -> None:
@@ -123,7 +136,10 @@ class ItemStore:
         failed = [r for r in records if r and r["status"] == "failed"]
         mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
         summary = {
-            "run_dir": str(self.run_dir), "num_items": len(items), "num_ok": len(ok), "num_failed": len(failed),
+            "run_dir": str(self.run_dir),
+            "num_items": len(items),
+            "num_ok": len(ok),
+            "num_failed": len(failed),
             "num_missing": sum(r is None for r in records),
             "base_reward_mean": mean([r["base_reward"] for r in ok]),
             "final_reward_mean": mean([r["final_reward"] for r in ok]),
@@ -133,14 +149,18 @@ class ItemStore:
         }
         for stage in ("base", "final"):  # every metric the records carry, e.g. adherence and drift
             for key in sorted({k for r in ok for k in r["metrics"][stage]}):
-                summary[f"{stage}_{key}_mean"] = mean([r["metrics"][stage][key] for r in ok if key in
-                                                      r["metrics"][stage]])
+                summary[f"{stage}_{key}_mean"] = mean(
+                    [r["metrics"][stage][key] for r in ok if key in r["metrics"][stage]]
+                )
         for key in sorted({k for r in ok for k, v in r["info"].items() if isinstance(v, (int, float))}):
             summary[f"info_{key}_mean"] = mean([r["info"][key] for r in ok if key in r["info"]])
         if set_metrics is not None:
             summary["sets"] = set_metrics(ok, self.load_image)
-        summary["items"] = [{k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward",
-                                                   "metrics", "error")} for r in records if r]
+        summary["items"] = [
+            {k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward", "metrics", "error")}
+            for r in records
+            if r
+        ]
         self._write_json(self.run_dir / "summary.json", summary)
         self._write_grid(ok[:GRID_ITEMS])
         return summary

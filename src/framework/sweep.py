@@ -33,8 +33,10 @@ class SweepTable(Callback):
         from framework.run import job_codes
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted((d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").is_file()),
-                      key=lambda d: (len(d.name), d.name))
+        jobs = sorted(
+            (d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").is_file()),
+            key=lambda d: (len(d.name), d.name),
+        )
         if not jobs:
             return
         overrides = {d: yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or [] for d in jobs}

@@ -24,25 +24,43 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
     extra = lambda row: [row.get("status", "ok")] if status else []  # noqa: E731
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", *axes, "items"] + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")]
-                        + (["status"] if status else []))
+        writer.writerow(
+            ["run", *axes, "items"]
+            + [f"{m}_{part}" for m in metrics for part in ("mean", "low", "high")]
+            + (["status"] if status else [])
+        )
         for row in rows:
-            writer.writerow([row["run"], *(row[a] for a in axes), row["items"]]
-                            + [f"{v:.6g}" for m in metrics for v in row[m]] + extra(row))
+            writer.writerow(
+                [row["run"], *(row[a] for a in axes), row["items"]]
+                + [f"{v:.6g}" for m in metrics for v in row[m]]
+                + extra(row)
+            )
     cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
     over = "items" + ("; win_rate: over prompts" if any(m.startswith("win_rate") for m in metrics) else "")
     columns = metrics + (["status"] if status else [])
-    md = [f"**{title}** (mean ± half-width of the bootstrap 95 % interval over {over})", "",
-          "| run | items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    md += [f"| {r['run']} | {r['items']} | " + " | ".join([cell(r[m]) for m in metrics] + extra(r)) + " |"
-           for r in rows]
+    md = [
+        f"**{title}** (mean ± half-width of the bootstrap 95 % interval over {over})",
+        "",
+        "| run | items | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    md += [
+        f"| {r['run']} | {r['items']} | " + " | ".join([cell(r[m]) for m in metrics] + extra(r)) + " |" for r in rows
+    ]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     tex = lambda text: text.replace("_", r"\_").replace("%", r"\%")  # noqa: E731
-    lines = [r"\begin{tabular}{l r " + "c " * len(metrics) + ("l " if status else "") + "}", r"\toprule",
-             "run & items & " + " & ".join(tex(m) for m in columns) + r" \\", r"\midrule"]
-    lines += [f"{tex(r['run'])} & {r['items']} & "
-              + " & ".join([cell(r[m]).replace("±", r"$\pm$") for m in metrics] + [tex(x) for x in extra(r)]) + r" \\"
-              for r in rows]
+    lines = [
+        r"\begin{tabular}{l r " + "c " * len(metrics) + ("l " if status else "") + "}",
+        r"\toprule",
+        "run & items & " + " & ".join(tex(m) for m in columns) + r" \\",
+        r"\midrule",
+    ]
+    lines += [
+        f"{tex(r['run'])} & {r['items']} & "
+        + " & ".join([cell(r[m]).replace("±", r"$\pm$") for m in metrics] + [tex(x) for x in extra(r)])
+        + r" \\"
+        for r in rows
+    ]
     lines += [r"\bottomrule", r"\end{tabular}"]
     stem.with_suffix(".tex").write_text("\n".join(lines) + "\n")
 
@@ -68,8 +86,9 @@ def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
         for run in runs:
             num_steps = max((len(r.get("steps", [])) for r in ok_records(run.dir)), default=0)
             curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
-            writer.writerows([run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)]
-                             for row in curve)
+            writer.writerows(
+                [run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)] for row in curve
+            )
             for ax, metric in zip(axes[0], metrics):
                 ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=run.name)
     for ax, metric in zip(axes[0], metrics):
@@ -104,8 +123,7 @@ def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> Non
     plt.close(fig)
 
 
-def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[str, str] | None = None
-              ) -> list[Path]:
+def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[str, str] | None = None) -> list[Path]:
     """Tables (and the figure) of one experiment; `statuses`: run name -> why it did not finish, shown in a
     status column (its finished items still count)."""
     tables.mkdir(parents=True, exist_ok=True)
@@ -113,8 +131,16 @@ def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[st
     rows = []
     for run in runs:
         measured = {m: run_metric(m, run, spec, runs) for m in table_metrics(spec)}
-        rows.append({"run": run.name, "label": run.label, **run.cell, "items": max(n for n, _ in measured.values()),
-                     "status": (statuses or {}).get(run.name, "ok")} | {m: ci for m, (_, ci) in measured.items()})
+        rows.append(
+            {
+                "run": run.name,
+                "label": run.label,
+                **run.cell,
+                "items": max(n for n, _ in measured.values()),
+                "status": (statuses or {}).get(run.name, "ok"),
+            }
+            | {m: ci for m, (_, ci) in measured.items()}
+        )
     metrics = [m for m in table_metrics(spec) if any(not np.isnan(row[m][0]) for row in rows)]
     for metric in sorted(set(table_metrics(spec)) - set(metrics)):
         print(f"note: {name}: no run recorded {metric}; left out of the table", flush=True)

@@ -43,10 +43,16 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
     import wandb
 
     run_dir = Path(summary["run_dir"])
-    run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(run_dir), name=name,
-                     group=wandb_group(cfg), tags=list(cfg.logger.tags),
-                     config=OmegaConf.to_container(cfg, resolve=True),
-                     settings=wandb.Settings(silent=True))
+    run = wandb.init(
+        project=cfg.logger.project,
+        mode=cfg.logger.mode,
+        dir=str(run_dir),
+        name=name,
+        group=wandb_group(cfg),
+        tags=list(cfg.logger.tags),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        settings=wandb.Settings(silent=True),
+    )
     _log_step_curves(run, run_dir)
     table = wandb.Table(columns=["item", "prompt", "seed", "status", "base", "final", "base_reward", "final_reward"])
     curves = {}
@@ -54,16 +60,28 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
         item_dir = run_dir / "items" / row["id"]
         ok = row["status"] == "ok"
         image = lambda kind: wandb.Image(str(item_dir / f"{kind}.png")) if ok else None  # noqa: E731
-        table.add_data(row["id"], row["prompt"], row["seed"], row["status"], image("base"), image("final"),
-                       row["base_reward"], row["final_reward"])
+        table.add_data(
+            row["id"],
+            row["prompt"],
+            row["seed"],
+            row["status"],
+            image("base"),
+            image("final"),
+            row["base_reward"],
+            row["final_reward"],
+        )
         steps = json.loads((item_dir / "record.json").read_text()).get("steps", []) if ok else []
         if steps:
             curves[row["id"]] = [s["reward"] for s in steps]
     logged = {"items": table}
     if curves:
         logged["reward_per_step"] = wandb.plot.line_series(
-            xs=[list(range(len(c))) for c in curves.values()], ys=list(curves.values()), keys=list(curves),
-            title="reward vs optimisation step", xname="step")
+            xs=[list(range(len(c))) for c in curves.values()],
+            ys=list(curves.values()),
+            keys=list(curves),
+            title="reward vs optimisation step",
+            xname="step",
+        )
     run.log(logged)
     run.summary.update({k: v for k, v in summary.items() if k != "items" and isinstance(v, (int, float))})
     run.summary.update({f"sets/{k}": v for k, v in flatten(summary.get("sets", {})).items()})

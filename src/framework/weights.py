@@ -42,8 +42,9 @@ def load_pretrained(loader, source: str, *, key: str, **kwargs):
     """`loader.from_pretrained(source)` with errors turned into one actionable line."""
     path = Path(source).expanduser()
     if _looks_local(source) and not path.is_dir():
-        raise FrameworkError(f"{key}: directory '{source}' not found; set {key} to a directory saved with "
-                             "save_pretrained or to a hub id")
+        raise FrameworkError(
+            f"{key}: directory '{source}' not found; set {key} to a directory saved with save_pretrained or to a hub id"
+        )
     try:
         return loader.from_pretrained(str(path) if path.is_dir() else source, **kwargs)
     except (OSError, ValueError, HfHubHTTPError) as e:

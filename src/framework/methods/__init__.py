@@ -16,8 +16,17 @@ from framework.methods.mira_dpo import MIRADPO
 
 __all__ = ["Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 
-METHODS = {"base": Base, "best_of_n": BestOfN, "dno": DNO, "mira": MIRA, "dno_zo": DNOZeroOrder, "mira_dpo": MIRADPO,
-           "draft": FineTuneThenSample, "lora_scale": LoRAScale, "aig": AIG}
+METHODS = {
+    "base": Base,
+    "best_of_n": BestOfN,
+    "dno": DNO,
+    "mira": MIRA,
+    "dno_zo": DNOZeroOrder,
+    "mira_dpo": MIRADPO,
+    "draft": FineTuneThenSample,
+    "lora_scale": LoRAScale,
+    "aig": AIG,
+}
 
 
 def build_method(cfg, reward) -> Method:
@@ -26,5 +35,6 @@ def build_method(cfg, reward) -> Method:
     if follows_reward_gradients(cfg) and not reward.differentiable:
         raise FrameworkError(
             f"method {cfg.name} follows reward gradients, but reward {reward.name} is not differentiable; "
-            "use a black-box method (method=mira_dpo, dno_zo or best_of_n) or a differentiable reward")
+            "use a black-box method (method=mira_dpo, dno_zo or best_of_n) or a differentiable reward"
+        )
     return method

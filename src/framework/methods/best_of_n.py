@@ -31,7 +31,19 @@ class BestOfN(Method):
                 if not rewards or reward > rewards[best]:
                     best, best_image = len(rewards), image
                 rewards.append(reward)
-                steps.append({"step": len(rewards) - 1, "reward": reward, "best_reward": rewards[best],
-                              **problem.measure(image[None], base_image[None])})
-        return ItemResult(base_image, best_image, rewards[0], rewards[best], steps,
-                          {"n": n, "best_index": best, "candidate_seeds": seeds})
+                steps.append(
+                    {
+                        "step": len(rewards) - 1,
+                        "reward": reward,
+                        "best_reward": rewards[best],
+                        **problem.measure(image[None], base_image[None]),
+                    }
+                )
+        return ItemResult(
+            base_image,
+            best_image,
+            rewards[0],
+            rewards[best],
+            steps,
+            {"n": n, "best_index": best, "candidate_seeds": seeds},
+        )

@@ -31,9 +31,16 @@ def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -
 class Problem:
     """One item's world: frozen backbone and reward, the prompt's conditioning (encoded once), seeded noise."""
 
-    def __init__(self, backbone: Backbone, reward: Reward, item: Item, sampling: SamplingConfig,
-                 metrics: ImageMetrics | None = None, show_progress: bool = False,
-                 interrupted: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        backbone: Backbone,
+        reward: Reward,
+        item: Item,
+        sampling: SamplingConfig,
+        metrics: ImageMetrics | None = None,
+        show_progress: bool = False,
+        interrupted: Callable[[], bool] = lambda: False,
+    ):
         self.backbone, self.reward, self.item, self.sampling = backbone, reward, item, sampling
         self.cond = backbone.encode([item.prompt])
         self.metrics = metrics or ImageMetrics()
@@ -46,9 +53,17 @@ class Problem:
         """Decoded images (unclamped, see Backbone.decode) from the given noises (batch size = len(x_T)), and the
         sampler's trajectory."""
         cfg = self.sampling
-        traj = ddim_sample(self.backbone, self.cond.repeat(len(x_T)), x_T, noises, num_steps=cfg.num_steps,
-                           eta=cfg.eta, guidance_scale=cfg.guidance_scale, final_step_noise=cfg.final_step_noise,
-                           **sampler_options)
+        traj = ddim_sample(
+            self.backbone,
+            self.cond.repeat(len(x_T)),
+            x_T,
+            noises,
+            num_steps=cfg.num_steps,
+            eta=cfg.eta,
+            guidance_scale=cfg.guidance_scale,
+            final_step_noise=cfg.final_step_noise,
+            **sampler_options,
+        )
         return self.backbone.decode(traj.latents), traj
 
     def score(self, images: Tensor) -> Tensor:
@@ -61,11 +76,14 @@ class Problem:
 
     def progress(self, iterable, total: int, desc: str):
         """`iterable` with a progress bar; stops the item (unwritten, so a rerun redoes it) if SIGTERM arrives."""
-        for value in tqdm(iterable, total=total, desc=desc, leave=False, disable=not self.show_progress,
-                          dynamic_ncols=True):
+        for value in tqdm(
+            iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True
+        ):
             if self.interrupted():
-                raise Interrupted(f"SIGTERM during item {self.item.id}: stopped after the finished items; rerun "
-                                  "the same command to resume")
+                raise Interrupted(
+                    f"SIGTERM during item {self.item.id}: stopped after the finished items; rerun "
+                    "the same command to resume"
+                )
             yield value
 
 

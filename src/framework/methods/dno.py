@@ -70,8 +70,9 @@ class DNO(Method):
         perm_seeds = [derive_seed(problem.item.seed, 1 << 20, draw, k) for k in range(self.cfg.num_permutations)]
         return prob_regulariser(flat_noise, self.cfg.block_size, perm_seeds)
 
-    def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
-                    step: int) -> tuple[Tensor, float, dict]:
+    def reward_term(
+        self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None, step: int
+    ) -> tuple[Tensor, float, dict]:
         """(−r(M(z)) as a differentiable loss term, r(M(z)), extra values for the step record)."""
         reward = problem.score(images)[0]
         return -reward, reward.item(), {}
@@ -104,9 +105,19 @@ class DNO(Method):
             if step == 0:  # z = z0: the base sample and the reference trajectory of the drift metrics
                 base_image, base_reward, reference = images[0].detach(), reward, [eps.detach() for eps in traj.eps]
             r_mira = trajectory_divergence([eps.detach() for eps in traj.eps], reference).item()
-            steps.append({"step": step, "reward": reward, "loss": loss.item(), "regulariser": reg.item(),
-                          "grad_norm": grad_norm.item(), "noise_sq": flat.detach().square().mean().item(),
-                          "r_mira": r_mira, **extra, **problem.measure(images, base_image[None])})
+            steps.append(
+                {
+                    "step": step,
+                    "reward": reward,
+                    "loss": loss.item(),
+                    "regulariser": reg.item(),
+                    "grad_norm": grad_norm.item(),
+                    "noise_sq": flat.detach().square().mean().item(),
+                    "r_mira": r_mira,
+                    **extra,
+                    **problem.measure(images, base_image[None]),
+                }
+            )
         with torch.no_grad():
             images, _ = problem.render(x_T, noises)
             final_reward = problem.score(images)[0].item()

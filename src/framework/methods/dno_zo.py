@@ -16,8 +16,9 @@ from framework.sampling import Trajectory
 
 
 @torch.no_grad()
-def perturbed_candidates(problem: Problem, cfg, x_T: Tensor, noises: Tensor | None, step: int
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+def perturbed_candidates(
+    problem: Problem, cfg, x_T: Tensor, noises: Tensor | None, step: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """K samples around the current noise (x_T, and every ξ_t when `optimize=all`): images, final latents and their
     black-box rewards. The perturbations depend only on the item's seed and the step."""
     generator = torch.Generator().manual_seed(derive_seed(problem.item.seed, 2 << 20, step))
@@ -39,9 +40,9 @@ def perturbed_candidates(problem: Problem, cfg, x_T: Tensor, noises: Tensor | No
 
 
 class DNOZeroOrder(DNO):
-
-    def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
-                    step: int) -> tuple[Tensor, float, dict]:
+    def reward_term(
+        self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None, step: int
+    ) -> tuple[Tensor, float, dict]:
         candidates, _, rewards = perturbed_candidates(problem, self.cfg, x_T, noises, step)
         with torch.no_grad():
             current = images.detach()

@@ -35,8 +35,10 @@ class DRaFT(L.LightningModule):
     def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
         super().__init__()
         if not reward.differentiable:
-            raise FrameworkError(f"method draft back-propagates the reward, but reward {reward.name} is not "
-                                 "differentiable; choose a differentiable reward")
+            raise FrameworkError(
+                f"method draft back-propagates the reward, but reward {reward.name} is not "
+                "differentiable; choose a differentiable reward"
+            )
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
         self.trainable = add_lora(backbone.unet, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
@@ -56,8 +58,12 @@ class DRaFT(L.LightningModule):
         cfg, backbone = self.cfg, self.backbone
         cond = backbone.encode(prompts)
         x_T, noises = draw_noise(backbone, cfg, seeds)
-        sample = dict(num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                      final_step_noise=cfg.final_step_noise)
+        sample = dict(
+            num_steps=cfg.num_steps,
+            eta=cfg.eta,
+            guidance_scale=cfg.guidance_scale,
+            final_step_noise=cfg.final_step_noise,
+        )
         if cfg.variant == "k":
             traj = ddim_sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sample)
             first = cfg.num_steps - (cfg.k or cfg.num_steps)
@@ -69,8 +75,14 @@ class DRaFT(L.LightningModule):
             t, alpha, _ = backbone.schedule(cfg.num_steps)[-1]
             rewards, differentiated = 0, []
             for i in range(cfg.lv_samples):
-                fresh = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-                    derive_seed(seed, 1 << 23, i))) for seed in seeds]).to(x0.device)
+                fresh = torch.stack(
+                    [
+                        torch.randn(
+                            x0.shape[1:], generator=torch.Generator().manual_seed(derive_seed(seed, 1 << 23, i))
+                        )
+                        for seed in seeds
+                    ]
+                ).to(x0.device)
                 x1 = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * fresh
                 eps = backbone.eps(x1, t, cond, cfg.guidance_scale)
                 x0_hat = (x1 - (1 - alpha) ** 0.5 * eps) / alpha**0.5
@@ -90,8 +102,9 @@ class DRaFT(L.LightningModule):
         loss = reward_loss + self.cfg.kl_weight * eps_mse
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite DRaFT loss ({loss.item()}) at step {step}")
-        self.log_dict({"train/loss": loss, "train/reward": reward, "train/eps_mse": eps_mse}, sync_dist=True,
-                      prog_bar=True)
+        self.log_dict(
+            {"train/loss": loss, "train/reward": reward, "train/eps_mse": eps_mse}, sync_dist=True, prog_bar=True
+        )
         if self.cfg.sample_every and step % self.cfg.sample_every == 0:
             self.log_samples(step)
         return loss
@@ -104,9 +117,16 @@ class DRaFT(L.LightningModule):
         prompts = self.prompts[:SAMPLE_PROMPTS]
         seeds = [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))]
         x_T, noises = draw_noise(self.backbone, self.cfg, seeds)
-        traj = ddim_sample(self.backbone, self.backbone.encode(prompts), x_T, noises, num_steps=self.cfg.num_steps,
-                           eta=self.cfg.eta, guidance_scale=self.cfg.guidance_scale,
-                           final_step_noise=self.cfg.final_step_noise)
+        traj = ddim_sample(
+            self.backbone,
+            self.backbone.encode(prompts),
+            x_T,
+            noises,
+            num_steps=self.cfg.num_steps,
+            eta=self.cfg.eta,
+            guidance_scale=self.cfg.guidance_scale,
+            final_step_noise=self.cfg.final_step_noise,
+        )
         images = self.backbone.decode(traj.latents)
         reward = self.reward(images, prompts).mean().item()
         path = self.out_dir / "samples" / f"step{step:06d}.png"
@@ -141,8 +161,10 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
     try:
         trainer.fit(module, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
-        raise Interrupted(f"SIGTERM at training step {trainer.global_step}: resumable checkpoint "
-                          f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume") from None
+        raise Interrupted(
+            f"SIGTERM at training step {trainer.global_step}: resumable checkpoint "
+            f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume"
+        ) from None
     adapter = module.out_dir / "adapter"
     if trainer.is_global_zero:
         save_lora(module.backbone.unet, adapter)
@@ -172,9 +194,19 @@ class FineTuneThenSample(Method):
             module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
             adapter = train(trainer, module)
         m = cfg.method
-        return LoRAScale(OmegaConf.structured(LoRAScaleConfig(
-            num_steps=m.num_steps, eta=m.eta, guidance_scale=m.guidance_scale, final_step_noise=m.final_step_noise,
-            batch_size=m.batch_size, adapter=str(adapter), alpha=1.0)))
+        return LoRAScale(
+            OmegaConf.structured(
+                LoRAScaleConfig(
+                    num_steps=m.num_steps,
+                    eta=m.eta,
+                    guidance_scale=m.guidance_scale,
+                    final_step_noise=m.final_step_noise,
+                    batch_size=m.batch_size,
+                    adapter=str(adapter),
+                    alpha=1.0,
+                )
+            )
+        )
 
 
 def trainer_options(cfg) -> dict:
@@ -185,13 +217,32 @@ def trainer_options(cfg) -> dict:
 
     loggers = [CSVLogger(cfg.output_dir, name="train")]
     if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
-        loggers.append(WandbLogger(project=cfg.logger.project, name=f"{Path(cfg.output_dir).name}-train",
-                                   save_dir=cfg.output_dir, offline=cfg.logger.mode == "offline",
-                                   group=cfg.logger.group, tags=list(cfg.logger.tags)))
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                name=f"{Path(cfg.output_dir).name}-train",
+                save_dir=cfg.output_dir,
+                offline=cfg.logger.mode == "offline",
+                group=cfg.logger.group,
+                tags=list(cfg.logger.tags),
+            )
+        )
     directory = Path(cfg.output_dir) / "checkpoints"
-    checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=cfg.method.save_every, save_last=True,
-                                  save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    checkpoints = ModelCheckpoint(
+        dirpath=directory,
+        every_n_train_steps=cfg.method.save_every,
+        save_last=True,
+        save_top_k=-1,
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+    )
     # SIGTERM (Lightning raises at the end of the current step) or an error: save where training stopped
     on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
-    return {"max_steps": cfg.method.train_steps, "gradient_clip_val": cfg.method.grad_clip, "logger": loggers,
-            "callbacks": [checkpoints, on_stop], "enable_checkpointing": True, "log_every_n_steps": 1}
+    return {
+        "max_steps": cfg.method.train_steps,
+        "gradient_clip_val": cfg.method.grad_clip,
+        "logger": loggers,
+        "callbacks": [checkpoints, on_stop],
+        "enable_checkpointing": True,
+        "log_every_n_steps": 1,
+    }

@@ -36,6 +36,9 @@ class MIRA(DNO):
         predictions = traj.eps if self.cfg.surrogate_guidance == "cfg" else traj.eps_cond
         if step == 0:  # z = z0: this forward pass is the reference trajectory
             self._reference = [eps.detach() for eps in predictions]
-            self._weights = (eps_kl_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
-                             if self.cfg.weighting == "eps_kl" else [1.0] * len(predictions))
+            self._weights = (
+                eps_kl_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
+                if self.cfg.weighting == "eps_kl"
+                else [1.0] * len(predictions)
+            )
         return trajectory_divergence(predictions, self._reference, self._weights)

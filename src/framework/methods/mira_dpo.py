@@ -22,8 +22,9 @@ from framework.sampling import Trajectory
 
 
 class MIRADPO(MIRA):
-    def reward_term(self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None,
-                    step: int) -> tuple[Tensor, float, dict]:
+    def reward_term(
+        self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None, step: int
+    ) -> tuple[Tensor, float, dict]:
         cfg = self.cfg
         candidate_images, candidate_latents, rewards = perturbed_candidates(problem, cfg, x_T, noises, step)
         current = images if cfg.space == "image" else traj.latents

@@ -14,8 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from framework.metrics.sets import cmmd, log_spectral_distance, mean_pairwise_distance, spectral_distance, \
-    vendi_score, win_rate
+from framework.metrics.sets import (
+    cmmd,
+    log_spectral_distance,
+    mean_pairwise_distance,
+    spectral_distance,
+    vendi_score,
+    win_rate,
+)
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
 
@@ -28,8 +34,9 @@ class ImageMetrics(nn.Module):
     `eval_rewards`: held-out rewards reported as `eval_<name>`. Every model is a submodule, so it moves with the
     runner to the run's device."""
 
-    def __init__(self, judge=None, features: str | None = None, clip=None, eval_rewards: dict | None = None,
-                 cmmd_clip=None):
+    def __init__(
+        self, judge=None, features: str | None = None, clip=None, eval_rewards: dict | None = None, cmmd_clip=None
+    ):
         super().__init__()
         self.judge, self.clip, self.features = judge, clip, features  # judge: testbed.judge.Judge; clip: CLIPSimilarity
         self.cmmd_clip = cmmd_clip
@@ -75,9 +82,16 @@ class ImageMetrics(nn.Module):
         Set statistics need embeddings and at least 2 items; diversity needs 2 seeds of a prompt."""
         out = {}
         if len(records) >= 1:
-            out["win_rate_vs_base"] = dict(zip(("rate", "low", "high"), win_rate(
-                [r["final_reward"] for r in records], [r["base_reward"] for r in records],
-                [r["prompt_index"] for r in records])))
+            out["win_rate_vs_base"] = dict(
+                zip(
+                    ("rate", "low", "high"),
+                    win_rate(
+                        [r["final_reward"] for r in records],
+                        [r["base_reward"] for r in records],
+                        [r["prompt_index"] for r in records],
+                    ),
+                )
+            )
         if self.features is None or len(records) < 2:
             return out
         images = {kind: torch.stack([load_image(r, kind) for r in records]) for kind in ("base", "final")}
@@ -86,8 +100,10 @@ class ImageMetrics(nn.Module):
             out["cmmd_judge"] = cmmd(final, base)
         elif self.cmmd_clip is not None:
             out["cmmd"] = cmmd(*(self.embed(images[kind], self.cmmd_clip).cpu() for kind in ("final", "base")))
-        out |= {"spectral_distance": spectral_distance(base, final),
-                "log_spectral_distance": log_spectral_distance(base, final)}
+        out |= {
+            "spectral_distance": spectral_distance(base, final),
+            "log_spectral_distance": log_spectral_distance(base, final),
+        }
         by_prompt = defaultdict(list)
         for i, r in enumerate(records):
             by_prompt[r["prompt_index"]].append(i)

@@ -21,8 +21,16 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         pipe = build_tiny_pipeline(kind, cfg.resolution)
     else:
         extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
-        pipe = load_pretrained(PIPELINES[kind], cfg.source, key="model.source", revision=cfg.revision,
-                               variant=cfg.variant, dtype=dtype, use_safetensors=True, **extra)
+        pipe = load_pretrained(
+            PIPELINES[kind],
+            cfg.source,
+            key="model.source",
+            revision=cfg.revision,
+            variant=cfg.variant,
+            dtype=dtype,
+            use_safetensors=True,
+            **extra,
+        )
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     vae_dtype = DTYPES[cfg.vae_dtype or cfg.dtype]

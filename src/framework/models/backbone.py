@@ -31,8 +31,10 @@ class Cond:
         """Each row repeated n times (row-major), for sampling n images per prompt in one batch."""
         if n == 1:
             return self
-        return replace(self, **{f.name: t.repeat_interleave(n, dim=0) for f in fields(self)
-                                if (t := getattr(self, f.name)) is not None})
+        return replace(
+            self,
+            **{f.name: t.repeat_interleave(n, dim=0) for f in fields(self) if (t := getattr(self, f.name)) is not None},
+        )
 
 
 class Backbone(nn.Module):
@@ -123,8 +125,12 @@ class StableDiffusionBackbone(Backbone):
             self._checked.add(prompt)
             length = len(self.pipe.tokenizer(prompt, truncation=False).input_ids)
             if length > limit:
-                log.warning("prompt %r has %d tokens; CLIP reads the first %d, the rest is ignored",
-                            prompt[:60] + ("…" if len(prompt) > 60 else ""), length, limit)
+                log.warning(
+                    "prompt %r has %d tokens; CLIP reads the first %d, the rest is ignored",
+                    prompt[:60] + ("…" if len(prompt) > 60 else ""),
+                    length,
+                    limit,
+                )
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
@@ -145,10 +151,17 @@ class StableDiffusionBackbone(Backbone):
         model_in = pick(x, x).to(self.unet.dtype)
         added = None
         if self.is_sdxl:
-            added = {"text_embeds": pick(cond.uncond_pooled, cond.pooled),
-                     "time_ids": pick(cond.time_ids, cond.time_ids)}
-        out = self.unet(model_in, t, encoder_hidden_states=pick(cond.uncond_embeds, cond.embeds),
-                        added_cond_kwargs=added, return_dict=False)[0].float()
+            added = {
+                "text_embeds": pick(cond.uncond_pooled, cond.pooled),
+                "time_ids": pick(cond.time_ids, cond.time_ids),
+            }
+        out = self.unet(
+            model_in,
+            t,
+            encoder_hidden_states=pick(cond.uncond_embeds, cond.embeds),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0].float()
         if self.prediction_type == "v_prediction":
             alpha = float(self.scheduler.alphas_cumprod[t])
             out = alpha**0.5 * out + (1 - alpha) ** 0.5 * pick(x, x).float()

@@ -20,8 +20,9 @@ from framework.models.tiny import sd_scheduler
 
 
 class GaussianMixtureBackbone(Backbone):
-    def __init__(self, classes: list[str], means: Tensor, stds: Tensor, weights: Tensor,
-                 class_prior: Tensor | None = None):
+    def __init__(
+        self, classes: list[str], means: Tensor, stds: Tensor, weights: Tensor, class_prior: Tensor | None = None
+    ):
         """means [C, K, d], stds [C, K], weights [C, K] (rows sum to 1), class_prior [C] (uniform by default)."""
         super().__init__()
         self.classes = list(classes)

@@ -23,8 +23,9 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int =
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS,
-                                    init_lora_weights=True))
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS, init_lora_weights=True)
+        )
     trainable = []
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_("lora_" in name)
@@ -40,8 +41,11 @@ def save_lora(unet: nn.Module, directory: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     StableDiffusionPipeline.save_lora_weights(
-        str(directory), unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="default"),
-        weight_name=WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        str(directory),
+        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="default"),
+        weight_name=WEIGHT_NAME,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
     return Path(directory) / WEIGHT_NAME
 
 
@@ -54,12 +58,15 @@ def load_lora(unet: nn.Module, directory: str | Path) -> None:
 
     path = Path(directory)
     if not (path / WEIGHT_NAME).is_file():
-        raise FrameworkError(f"method.adapter: no LoRA weights at '{path / WEIGHT_NAME}'; train one with "
-                             "method=draft (its run directory holds adapter/) or point to a diffusers LoRA directory")
+        raise FrameworkError(
+            f"method.adapter: no LoRA weights at '{path / WEIGHT_NAME}'; train one with "
+            "method=draft (its run directory holds adapter/) or point to a diffusers LoRA directory"
+        )
     with safe_open(path / WEIGHT_NAME, framework="pt") as f:
         prefixed = any(key.startswith("unet.") for key in f.keys())
-    unet.load_lora_adapter(str(path), prefix="unet" if prefixed else None, weight_name=WEIGHT_NAME,
-                           adapter_name="default")
+    unet.load_lora_adapter(
+        str(path), prefix="unet" if prefixed else None, weight_name=WEIGHT_NAME, adapter_name="default"
+    )
 
 
 def set_lora_scale(unet: nn.Module, scale: float) -> None:

@@ -25,16 +25,16 @@ def _load_checkpoint(path, load):
         return load(path)
     except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FrameworkError(f"reward.checkpoint: cannot load '{path}' (safetensors or torch.load with "
-                             f"weights_only=True): {first_line}") from e
+        raise FrameworkError(
+            f"reward.checkpoint: cannot load '{path}' (safetensors or torch.load with weights_only=True): {first_line}"
+        ) from e
 
 
 def _state_dict(path):
     import torch
     from safetensors.torch import load_file
 
-    return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True,
-                                                                            map_location="cpu")
+    return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
@@ -77,7 +77,8 @@ def _hps(cfg: RewardConfig, dtype) -> Reward:
 
 
 def _judge(cfg: RewardConfig, dtype) -> Reward:
-    from framework.testbed.judge import JudgeReward, load_judge
+    from framework.rewards.judge import JudgeReward
+    from framework.testbed.judge import load_judge
 
     return JudgeReward(load_judge()).to(dtype)
 

@@ -9,11 +9,20 @@ from framework.models.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 from framework.rewards.base import Reward, clip_preprocess
 
 TINY_CLIP = dict(
-    text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                     pad_token_id=49407),
-    vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=4),
+    text_config=dict(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ),
+    vision_config=dict(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    ),
     projection_dim=24,  # not the width: a reward reading the unprojected embedding fails (as with ViT-L/14: 1024 → 768)
 )
 
@@ -40,8 +49,13 @@ class CLIPSimilarity(Reward):
     def text_embeds(self, prompts: list[str]) -> Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            tokens = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt",
-                                    max_length=self.model.config.text_config.max_position_embeddings)
+            tokens = self.tokenizer(
+                missing,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+                max_length=self.model.config.text_config.max_position_embeddings,
+            )
             feats = self.model.get_text_features(**tokens.to(self.model.device)).pooler_output.float()
             self._text_cache.update(zip(missing, F.normalize(feats, dim=-1)))
         return torch.stack([self._text_cache[p] for p in prompts])
@@ -58,8 +72,16 @@ class CLIPSimilarity(Reward):
 def aesthetic_mlp(in_features: int) -> nn.Sequential:
     """LAION improved-aesthetic-predictor head; indices match the keys of `sac+logos+ava1-l14-linearMSE.pth`
     (layers.0, .2, .4, .6, .7; dropouts are inert at eval)."""
-    return nn.Sequential(nn.Linear(in_features, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+    return nn.Sequential(
+        nn.Linear(in_features, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
 
 
 class AestheticReward(Reward):

@@ -23,16 +23,24 @@ def shape_geometry(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_adherence(model_dir: Path = MODEL_DIR, judge_file: Path = JUDGE_FILE, seeds: int = 8,
-                       num_steps: int = 25, guidance_scale: float = 5.0) -> dict:
+def evaluate_adherence(
+    model_dir: Path = MODEL_DIR,
+    judge_file: Path = JUDGE_FILE,
+    seeds: int = 8,
+    num_steps: int = 25,
+    guidance_scale: float = 5.0,
+) -> dict:
     backbone = load_backbone(ModelConfig(kind="sd", source=str(model_dir), resolution=32))
     judge = load_judge(judge_file)
     per_caption, correct, center_spread, area_spread = {}, 0, [], []
     for caption in all_captions():
         x_T = torch.randn((seeds, *backbone.latent_shape()), generator=torch.Generator().manual_seed(0))
         cond = backbone.encode([caption]).repeat(seeds)
-        images = backbone.postprocess(backbone.decode(ddim_sample(backbone, cond, x_T, num_steps=num_steps,
-                                                                  guidance_scale=guidance_scale).latents))
+        images = backbone.postprocess(
+            backbone.decode(
+                ddim_sample(backbone, cond, x_T, num_steps=num_steps, guidance_scale=guidance_scale).latents
+            )
+        )
         colors, kinds = judge(images)
         color, shape = parse_caption(caption)
         hits = ((colors.argmax(1) == color) & (kinds.argmax(1) == shape)).sum().item()
@@ -42,8 +50,11 @@ def evaluate_adherence(model_dir: Path = MODEL_DIR, judge_file: Path = JUDGE_FIL
             centers, areas = shape_geometry(images)
             center_spread.append(centers.std(0).mean().item())
             area_spread.append((areas.std() / areas.mean()).item())
-    return {"adherence": correct / (seeds * len(per_caption)), "per_caption": per_caption,
-            # spread across the seeds of one caption, averaged over captions
-            "position_std_px": sum(center_spread) / len(center_spread) if center_spread else None,
-            "area_relative_std": sum(area_spread) / len(area_spread) if area_spread else None,
-            "eval": {"seeds": seeds, "num_steps": num_steps, "guidance_scale": guidance_scale, "eta": 0.0}}
+    return {
+        "adherence": correct / (seeds * len(per_caption)),
+        "per_caption": per_caption,
+        # spread across the seeds of one caption, averaged over captions
+        "position_std_px": sum(center_spread) / len(center_spread) if center_spread else None,
+        "area_relative_std": sum(area_spread) / len(area_spread) if area_spread else None,
+        "eval": {"seeds": seeds, "num_steps": num_steps, "guidance_scale": guidance_scale, "eta": 0.0},
+    }

@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from framework.rewards.base import Reward
 from framework.testbed import JUDGE_FILE
 from framework.testbed.shapes import COLORS, SHAPES
 
@@ -16,9 +15,18 @@ class Judge(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, stride=2, padding=1),
-            nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, len(COLORS) + len(SHAPES)))
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, len(COLORS) + len(SHAPES)),
+        )
 
     def features(self, images: Tensor) -> Tensor:
         """The 64-d penultimate activations: the testbed's image embedding for drift and diversity metrics."""
@@ -61,14 +69,3 @@ def judge_log_prob(judge: Judge, images: Tensor, prompts: list[str]) -> tuple[Te
     log_prob = color_logits.log_softmax(1)[rows, colors] + shape_logits.log_softmax(1)[rows, shapes_]
     correct = (color_logits.argmax(1) == colors) & (shape_logits.argmax(1) == shapes_)
     return log_prob, correct.float()
-
-
-class JudgeReward(Reward):
-    """Testbed reward: the judge's log-probability of the prompt's colour and shape (differentiable)."""
-
-    def __init__(self, judge: Judge):
-        super().__init__()
-        self.judge = judge
-
-    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        return judge_log_prob(self.judge, images, prompts)[0]

@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-COLORS = {"red": (0.90, 0.12, 0.10), "green": (0.15, 0.75, 0.20), "blue": (0.12, 0.25, 0.90),
-          "yellow": (0.95, 0.85, 0.10)}
+COLORS = {
+    "red": (0.90, 0.12, 0.10),
+    "green": (0.15, 0.75, 0.20),
+    "blue": (0.12, 0.25, 0.90),
+    "yellow": (0.95, 0.85, 0.10),
+}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (0.15, 0.15, 0.15)
 SIZE = 32

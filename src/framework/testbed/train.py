@@ -27,17 +27,42 @@ MAX_TOKENS = 8  # captions are "a {colour} {shape}": 5 tokens with start/end
 
 
 def build_components():
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=16, sample_size=shapes.SIZE)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=shapes.SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=shapes.SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=16)
+        sample_size=shapes.SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
     return vae, text_encoder, unet
 
 
@@ -45,8 +70,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def fit(stage: str, params, steps: int, peak_lr: float, loss_at, warmup: int = 100, clip: float | None = None,
-        log_every: int = 200) -> None:
+def fit(
+    stage: str,
+    params,
+    steps: int,
+    peak_lr: float,
+    loss_at,
+    warmup: int = 100,
+    clip: float | None = None,
+    log_every: int = 200,
+) -> None:
     """The one optimisation loop of every stage: AdamW (torch defaults), linear warm-up, cosine decay."""
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=peak_lr)
@@ -61,8 +94,10 @@ def fit(stage: str, params, steps: int, peak_lr: float, loss_at, warmup: int = 1
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"[{stage}] step {step}/{steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            print(
+                f"[{stage}] step {step}/{steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
 
 def train_vae(vae: AutoencoderKL, steps: int, batch: int, generator: torch.Generator) -> float:
@@ -97,8 +132,9 @@ def train_judge(judge: Judge, steps: int, batch: int, generator: torch.Generator
     fit("judge", judge.parameters(), steps, 3e-3, loss_at)
 
 
-def train_unet(vae, text_encoder, unet, tokenizer, scaling: float, steps: int, batch: int,
-               generator: torch.Generator) -> None:
+def train_unet(
+    vae, text_encoder, unet, tokenizer, scaling: float, steps: int, batch: int, generator: torch.Generator
+) -> None:
     alphas = sd_scheduler().alphas_cumprod
 
     def loss_at(step):
@@ -106,16 +142,25 @@ def train_unet(vae, text_encoder, unet, tokenizer, scaling: float, steps: int, b
         captions = [c if torch.rand(1, generator=generator) > 0.1 else "" for c in b.captions]
         with torch.no_grad():
             latents = vae.encode(b.images * 2 - 1).latent_dist.mean * scaling
-        tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                           return_tensors="pt").input_ids
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
         t = torch.randint(0, len(alphas), (batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, text_encoder(tokens)[0]).sample
         return F.mse_loss(pred, noise)
 
-    fit("unet", [*unet.parameters(), *text_encoder.parameters()], steps, 1e-3, loss_at, warmup=200, clip=1.0,
-        log_every=250)
+    fit(
+        "unet",
+        [*unet.parameters(), *text_encoder.parameters()],
+        steps,
+        1e-3,
+        loss_at,
+        warmup=200,
+        clip=1.0,
+        log_every=250,
+    )
 
 
 @torch.no_grad()
@@ -128,12 +173,14 @@ def judge_accuracy(judge: Judge, n: int = 2000) -> float:
 def provenance(args: argparse.Namespace) -> dict:
     """The command that produced the report and its arguments, paths relative to the directory it ran in (the
     repository root): the report ships inside the package, so no path of the machine that trained it."""
+
     def portable(value):
         return os.path.relpath(value.resolve(), Path.cwd()) if isinstance(value, Path) else str(value)
 
     options = {k: portable(v) for k, v in vars(args).items()}
-    command = " ".join(["python -m framework.testbed.train",
-                        *(f"--{k.replace('_', '-')} {v}" for k, v in options.items())])
+    command = " ".join(
+        ["python -m framework.testbed.train", *(f"--{k.replace('_', '-')} {v}" for k, v in options.items())]
+    )
     return {"command": command, "args": options}
 
 
@@ -162,16 +209,27 @@ def main() -> None:
     save_file(judge.state_dict(), args.judge_out)
     train_unet(vae, text_encoder, unet, tokenizer, scaling, args.unet_steps, args.batch, generator)
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
     minutes = (time.perf_counter() - started) / 60
 
     from framework.testbed.evaluate import evaluate_adherence
 
-    report = {"train_minutes": round(minutes, 1), "judge_accuracy": judge_accuracy(judge.eval()),
-              **evaluate_adherence(args.out, args.judge_out, seeds=args.eval_seeds), **provenance(args)}
+    report = {
+        "train_minutes": round(minutes, 1),
+        "judge_accuracy": judge_accuracy(judge.eval()),
+        **evaluate_adherence(args.out, args.judge_out, seeds=args.eval_seeds),
+        **provenance(args),
+    }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "per_caption"}, indent=1))
 
