@@ -45,6 +45,7 @@ reproduce-tables: install
 
 bench: install
 	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_batch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

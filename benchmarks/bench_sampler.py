@@ -106,7 +106,7 @@ def mira_vs_dno(device: str, repeats: int) -> tuple[float, float, float]:
     backbone, problem = setup(device, 10)
     common = dict(num_steps=10, opt_steps=5, optimize="x_T")
     mira, dno = MIRAConfig(beta=1.0, **common), DNOConfig(gamma=0.0, **common)
-    run = lambda cfg: build_method(cfg, problem.reward).run(Problem(backbone, problem.reward, problem.item, cfg))  # noqa
+    run = lambda cfg: build_method(cfg, problem.reward).run(Problem(backbone, problem.reward, problem.items, cfg))  # noqa
     return paired(lambda: run(mira), lambda: run(dno), repeats)
 
 

@@ -49,7 +49,7 @@ class Linear(Reward):
 
 def run(cfg, backbone, reward):
     with torch.enable_grad():
-        return build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))
+        return build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))[0]
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,8 @@ def image_gradient(cfg, backbone, reward):
     images.requires_grad_()
     term, _, _ = method.reward_term(problem, images, traj, x_T, noises, step=0)
     (grad,) = torch.autograd.grad(term, images)
-    return grad, perturbed_candidates(problem, cfg, x_T, noises, step=0), images.detach()
+    candidates = tuple(t[0] for t in perturbed_candidates(problem, cfg, x_T, noises, step=0))  # the one item's
+    return grad, candidates, images.detach()
 
 
 def test_zeroth_order_estimate_descends_a_linear_reward(tiny_sd):

@@ -42,7 +42,7 @@ def tuned():
 
 
 def sample(backbone, reward, cfg):
-    return build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))
+    return build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))[0]
 
 
 def test_at_initialisation_samples_equal_the_base_and_kl_is_zero(brightness):

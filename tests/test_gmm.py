@@ -64,7 +64,7 @@ def test_dno_runs_on_the_mixture_and_its_drift_has_an_exact_likelihood(gmm):
     from framework.rewards import build_reward
 
     reward, cfg = build_reward(RewardConfig(name="brightness")), DNOConfig(num_steps=20, opt_steps=30, lr=0.1)
-    result = build_method(cfg, reward).run(Problem(gmm, reward, Item(0, 0, "left", 3), cfg))
+    result = build_method(cfg, reward).run(Problem(gmm, reward, Item(0, 0, "left", 3), cfg))[0]
     assert result.final_reward > result.base_reward + 0.3
     assert result.steps[-1]["drift_rmse"] > 0.1
     log_p = gmm.log_prob(torch.stack([result.base_image, result.final_image]), ["left", "left"])
@@ -102,7 +102,7 @@ def solve(gaussian, cfg, reward, seed=3):
     from framework.methods import Item, Problem, build_method
 
     problem = Problem(gaussian, reward, Item(0, 0, "left", seed), cfg)
-    return build_method(cfg, reward).run(problem), problem
+    return build_method(cfg, reward).run(problem)[0], problem
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_base_and_best_of_n_sample_the_closed_form(gaussian, brightness):
 
     _, sampler = step_gains(gaussian)
     result, problem = solve(gaussian, BaseConfig(**COMMON), brightness)
-    x_T, _ = problem.noise([problem.item.seed])
+    x_T, _ = problem.noise([problem.items[0].seed])
     torch.testing.assert_close(result.final_image, sampler(x_T[0]), rtol=1e-5, atol=1e-5)
     best, problem = solve(gaussian, BestOfNConfig(n=6, batch_size=4, **COMMON), brightness)
     outputs = [sampler(problem.noise([s])[0][0]) for s in best.info["candidate_seeds"]]
@@ -136,7 +136,7 @@ def test_dno_and_mira_steps_follow_adam_through_the_linear_sampler(gaussian, bri
     gains, sampler = step_gains(gaussian)
     lr, wd = 0.1, 0.01
     dno, problem = solve(gaussian, DNOConfig(opt_steps=1, lr=lr, weight_decay=wd, optimize="x_T", **COMMON), brightness)
-    z0 = problem.noise([problem.item.seed])[0][0]
+    z0 = problem.noise([problem.items[0].seed])[0][0]
     z1 = z0 * (1 - lr * wd) + lr
     torch.testing.assert_close(dno.final_image, sampler(z1), rtol=1e-5, atol=1e-5)
     assert dno.final_reward == pytest.approx(sampler(z1).mean().item(), rel=1e-5)
@@ -152,13 +152,13 @@ def reward_term_gradient(gaussian, cfg, reward):
     from framework.methods.dno_zo import perturbed_candidates
 
     method, problem = build_method(cfg, reward), Problem(gaussian, reward, Item(0, 0, "left", 3), cfg)
-    x_T, noises = problem.noise([problem.item.seed])
+    x_T, noises = problem.noise([problem.items[0].seed])
     samples, traj = problem.render(x_T, noises)
     samples.requires_grad_()
     with torch.enable_grad():
         term, _, _ = method.reward_term(problem, samples, traj, x_T, noises, step=0)
         (grad,) = torch.autograd.grad(term, samples)
-    candidates, _, rewards = perturbed_candidates(problem, cfg, x_T, noises, step=0)
+    candidates, _, rewards = (t[0] for t in perturbed_candidates(problem, cfg, x_T, noises, step=0))
     return grad[0], samples.detach()[0], candidates, rewards
 
 

@@ -15,7 +15,7 @@ def dno(device: str, dtype: str = "float32"):
     backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=64, dtype=dtype)).to(device)
     reward = build_reward(RewardConfig(name="brightness")).to(device)
     cfg = DNOConfig(num_steps=4, opt_steps=3)
-    return build_method(cfg, reward).run(Problem(backbone, reward, Item(0, 0, "a cat", 7), cfg))
+    return build_method(cfg, reward).run(Problem(backbone, reward, Item(0, 0, "a cat", 7), cfg))[0]
 
 
 def test_dno_on_cuda_matches_cpu():

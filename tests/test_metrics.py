@@ -88,7 +88,7 @@ def test_image_metrics_with_judge_features_and_held_out_rewards(testbed_images):
 
     metrics = ImageMetrics(load_judge(), "judge", eval_rewards={"jpeg": build_reward(RewardConfig(name="jpeg"))})
     images = testbed_images[:1]
-    same = metrics(images, "a red circle", images.clone())
+    (same,) = metrics(images, ["a red circle"], images.clone())
     assert same["drift_rmse"] == 0 and same["drift_embedding"] == pytest.approx(0, abs=1e-6)
     assert same["adherence"] == 1.0
     buffer = io.BytesIO()  # independent: PIL's own JPEG size of the 8-bit image, in kB
@@ -96,7 +96,7 @@ def test_image_metrics_with_judge_features_and_held_out_rewards(testbed_images):
         buffer, "JPEG", quality=95
     )
     assert same["eval_jpeg"] == pytest.approx(-buffer.tell() / 1000)
-    other = metrics(testbed_images[1:], "a red circle", images)
+    (other,) = metrics(testbed_images[1:], ["a red circle"], images)
     assert other["drift_embedding"] > 0.01 and other["adherence"] == 0.0
     rmse = ((testbed_images[1] - images[0]) ** 2).mean().sqrt().item()
     assert other["drift_rmse"] == pytest.approx(rmse, rel=1e-6)
@@ -110,7 +110,8 @@ def test_clip_features_and_clipscore_from_a_local_clip_directory(clip_dir):
 
     metrics = build_metrics(EvalConfig(features="clip", clip=str(clip_dir), cmmd_clip="none"), ModelConfig(kind="sd"))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    values = metrics(images, "a cat", images.flip(0))
+    records = metrics(images, ["a cat"] * 2, images.flip(0))
+    values = {key: np.mean([r[key] for r in records]) for key in records[0]}
     # Independent: CLIPModel's own forward (projected embeddings, logits = logit_scale·cos) and its image features.
     clip = CLIPModel.from_pretrained(clip_dir)
     tokens = build_clip_tokenizer()(["a cat"], padding="max_length", max_length=77, return_tensors="pt")

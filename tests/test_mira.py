@@ -20,7 +20,7 @@ def brightness():
 
 def run(cfg, backbone, reward):
     before = backbone.num_evals
-    result = build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))
+    result = build_method(cfg, reward).run(Problem(backbone, reward, ITEM, cfg))[0]
     return result, backbone.num_evals - before
 
 

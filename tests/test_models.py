@@ -37,7 +37,7 @@ def test_sdxl_conditioning_has_pooled_embeds_and_time_ids(tiny_sdxl):
     assert cond.pooled.shape == (2, 32) and cond.time_ids.shape == (2, 6)
     assert cond.time_ids[0].tolist() == [64, 64, 0, 0, 64, 64]
     assert torch.count_nonzero(cond.uncond_embeds) == 0  # SDXL: force_zeros_for_empty_prompt, as diffusers does
-    assert cond.repeat(3).embeds.shape[0] == 6
+    assert cond.select([0, 0, 1]).embeds.shape[0] == 3 and torch.equal(cond.select([1, 1]).embeds[1], cond.embeds[1])
 
 
 def test_missing_local_directory_is_one_clear_error(tmp_path):

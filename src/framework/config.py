@@ -157,7 +157,7 @@ class SamplingConfig:
     # σ·ξ at the last DDIM step when eta > 0: true as diffusers' DDIMScheduler; false as DNO's sampler (the last
     # step deterministic), which matters for rewards that see high-frequency noise (JPEG)
     final_step_noise: bool = True
-    batch_size: int = valid(8, COUNT)  # images per sampler call where a method draws several
+    batch_size: int = valid(8, COUNT)  # items optimised or sampled together; also the most images per sampler call
     # whether the method back-propagates the reward into the images (so it needs a differentiable reward)
     follows_reward_gradients: ClassVar[bool] = False
 

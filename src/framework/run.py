@@ -57,6 +57,7 @@ def fingerprint(cfg: DictConfig, prompts: list[str]) -> dict:
 
     digest = lambda data: hashlib.sha1(data).hexdigest()  # noqa: E731
     identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
+    identity["method"].pop("batch_size")  # how many items share a batch changes no item's result
     identity["prompts"] = {"count": len(prompts), "sha1": digest(json.dumps(prompts).encode())}
     adapter = Path(cfg.method.adapter) / WEIGHT_NAME if "adapter" in cfg.method else None
     if adapter is not None and adapter.is_file():
@@ -100,7 +101,7 @@ def run(cfg: DictConfig) -> dict | None:
     )
     method = method.prepare(cfg, trainer, backbone, reward)  # e.g. load an adapter, or fine-tune one (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
-    trainer.predict(module, datamodule=ItemsDataModule(items, store), return_predictions=False)
+    trainer.predict(module, datamodule=ItemsDataModule(items, store, method.cfg.batch_size), return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None

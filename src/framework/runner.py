@@ -15,9 +15,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.errors import Interrupted, NonFiniteLoss
+from framework.errors import Interrupted
 from framework.metrics import ImageMetrics
-from framework.items import Item, derive_seed
+from framework.items import Item, ItemResult, derive_seed
 from framework.methods import Method, Problem
 from framework.store import ItemStore
 
@@ -37,68 +37,83 @@ def _as_is(item):
 
 
 class ItemsDataModule(L.LightningDataModule):
-    def __init__(self, items: list[Item], store: ItemStore):
+    def __init__(self, items: list[Item], store: ItemStore, batch_size: int):
         super().__init__()
-        self.items, self.store = items, store
+        self.items, self.store, self.batch_size = items, store, batch_size
 
     def predict_dataloader(self) -> DataLoader:
+        """This rank's unfinished items, in batches of `method.batch_size` (lists of items)."""
         rank, world = self.trainer.global_rank, self.trainer.world_size
         pending = [item for item in self.items[rank::world] if not self.store.is_done(item)]
-        return DataLoader(pending, batch_size=None, collate_fn=_as_is)
+        return DataLoader(pending, batch_size=self.batch_size, collate_fn=_as_is)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # an Item holds no tensors; noises are drawn on the CPU and moved by Problem
+        return batch  # Items hold no tensors; noises are drawn on the CPU and moved by Problem
 
 
 class InferenceTimeAlignment(L.LightningModule):
-    """Runs a per-item method with gradients enabled (Lightning predicts under no_grad) and stores each result."""
+    """Runs a per-item method on batches of items with gradients enabled (Lightning predicts under no_grad) and
+    stores each item's result. A batch that runs out of GPU memory is split in halves and rerun (an item's result
+    does not depend on its batch), and later batches keep the smaller size; an item that does not fit alone fails."""
 
     def __init__(self, backbone, reward, method: Method, store: ItemStore, metrics: ImageMetrics):
         super().__init__()
         self.backbone, self.reward = backbone, reward  # submodules: Lightning moves them to the device
         self.method, self.store, self.metrics = method, store, metrics
+        self.items_per_batch = method.cfg.batch_size
 
     def interrupted(self) -> bool:
-        """SIGTERM arrived (Lightning's signal handler notes it): stop before the next item or optimisation step."""
+        """SIGTERM arrived (Lightning's signal handler notes it): stop before the next batch or optimisation step."""
         return self.trainer.received_sigterm
 
-    def predict_step(self, item: Item) -> None:
-        if self.interrupted():
-            raise Interrupted("SIGTERM: stopped after the finished items; rerun the same command to resume")
+    def predict_step(self, items: list[Item]) -> None:
+        while items:
+            if self.interrupted():
+                raise Interrupted("SIGTERM: stopped after the finished items; rerun the same command to resume")
+            batch, items = items[: self.items_per_batch], items[self.items_per_batch :]
+            try:
+                self._run(batch)
+            except torch.OutOfMemoryError as e:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(batch) > 1:
+                    self.items_per_batch = len(batch) // 2
+                    log.warning("out of memory at %d items per batch; going on with %d", len(batch), len(batch) // 2)
+                    items = batch + items
+                    continue
+                self._fail(
+                    batch[0],
+                    f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try method.checkpoint=true, "
+                    "fewer images per sampler call (method.batch_size) or a smaller model.resolution",
+                )
+
+    def _run(self, items: list[Item]) -> None:
+        """One batch. Compute is shared out equally (every item of a batch does the same work): model evaluations
+        and seconds per item; the peak memory is the batch's, with its size alongside."""
         memory = PeakMemory(self.device)
         evals, start = self.backbone.num_evals, time.perf_counter()
+        show_progress = self.trainer.is_global_zero
         problem = Problem(
-            self.backbone,
-            self.reward,
-            item,
-            self.method.cfg,
-            self.metrics,
-            show_progress=self.trainer.is_global_zero,
-            interrupted=self.interrupted,
+            self.backbone, self.reward, items, self.method.cfg, self.metrics, show_progress, self.interrupted
         )
-        try:
-            with torch.enable_grad() if self.method.needs_gradients else nullcontext():
-                result = self.method.run(problem)
-        except NonFiniteLoss as e:
-            self._fail(item, str(e))
+        with torch.enable_grad() if self.method.needs_gradients else nullcontext():
+            results = self.method.run(problem)
+        done = [j for j, result in enumerate(results) if isinstance(result, ItemResult)]
+        for item, result in zip(items, results):
+            if not isinstance(result, ItemResult):
+                self._fail(item, str(result))
+        if not done:
             return
-        except torch.OutOfMemoryError as e:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._fail(
-                item,
-                f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try fewer images per "
-                "sampler call (method.batch_size), method.checkpoint=true or a smaller model.resolution",
-            )
-            return
-        base, final = result.base_image[None], result.final_image[None]
-        metrics = {"base": problem.measure(base), "final": problem.measure(final, base)}
-        self.store.write(
-            item,
-            result,
-            metrics,
-            {"evals": self.backbone.num_evals - evals, "seconds": time.perf_counter() - start, **memory.peak()},
-        )
+        base, final = (torch.stack([getattr(results[j], kind) for j in done]) for kind in ("base_image", "final_image"))
+        measured = zip(problem.measure(base, rows=done), problem.measure(final, base, rows=done))
+        compute = {
+            "evals": (self.backbone.num_evals - evals) / len(items),
+            "seconds": (time.perf_counter() - start) / len(items),
+            **memory.peak(),
+            "batch_items": len(items),
+        }
+        for j, (base_metrics, final_metrics) in zip(done, measured):
+            self.store.write(items[j], results[j], {"base": base_metrics, "final": final_metrics}, compute)
 
     def _fail(self, item: Item, error: str) -> None:
         log.warning("item %s (%r) failed: %s", item.id, item.prompt, error)
@@ -106,8 +121,8 @@ class InferenceTimeAlignment(L.LightningModule):
 
 
 class PeakMemory:
-    """The peak memory of one item, from its start: on CUDA the peak allocated by tensors (model weights included),
-    on Linux CPUs the peak resident set size (VmHWM, reset at the start so that model loading and earlier items do
+    """The peak memory of one batch, from its start: on CUDA the peak allocated by tensors (model weights included),
+    on Linux CPUs the peak resident set size (VmHWM, reset at the start so that model loading and earlier batches do
     not count), elsewhere the process's lifetime maximum RSS, labelled as such."""
 
     STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")

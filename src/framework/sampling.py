@@ -111,7 +111,9 @@ def ddim_sample(
 def trajectory_divergence(
     predictions: list[Tensor], reference: list[Tensor], weights: list[float] | None = None
 ) -> Tensor:
-    """(1/S) Σ_t w_t · mean((ε_t − ε_t^ref)²): the score-based surrogate of the KL between the image distributions
-    of two trajectories with the same injected noise (MIRA's R_MIRA; w_t = 1 unless given)."""
+    """Per image [B]: (1/S) Σ_t w_t · mean((ε_t − ε_t^ref)²), the mean over that image's entries: the score-based
+    surrogate of the KL between the image distributions of two trajectories with the same injected noise (MIRA's
+    R_MIRA; w_t = 1 unless given)."""
     weights = weights or [1.0] * len(predictions)
-    return torch.stack([w * (eps - ref).square().mean() for w, eps, ref in zip(weights, predictions, reference)]).mean()
+    terms = [w * (eps - ref).square().flatten(1).mean(1) for w, eps, ref in zip(weights, predictions, reference)]
+    return torch.stack(terms).mean(0)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from framework.items import ItemResult
-from framework.methods.common import Method, Problem
+from framework.methods.common import Method, Problem, paired_results
 from framework.models.lora import load_lora
 
 
@@ -27,11 +27,10 @@ class AIG(Method):
         return self
 
     @torch.no_grad()
-    def run(self, problem: Problem) -> ItemResult:
+    def run(self, problem: Problem) -> list[ItemResult]:
         cfg = self.cfg
-        noise = problem.noise([problem.item.seed])
+        noise = problem.noise()
         with problem.backbone.adapters_disabled():
             base, _ = problem.render(*noise)
         images, _ = problem.render(*noise, mix=lambda i: aig_gamma(cfg.schedule, i, cfg.num_steps, cfg.p, cfg.f))
-        base_reward, final_reward = problem.score(torch.cat([base, images])).tolist()
-        return ItemResult(base[0], images[0], base_reward, final_reward)
+        return paired_results(problem, base, images)

@@ -1,4 +1,4 @@
-"""Base sampling: one image from the item's seeded noise, the reference of every comparison."""
+"""Base sampling: one image from each item's seeded noise, the reference of every comparison."""
 
 import torch
 
@@ -8,7 +8,6 @@ from framework.methods.common import Method, Problem
 
 class Base(Method):
     @torch.no_grad()
-    def run(self, problem: Problem) -> ItemResult:
-        images, _ = problem.render(*problem.noise([problem.item.seed]))
-        reward = float(problem.score(images)[0])
-        return ItemResult(images[0], images[0], reward, reward)
+    def run(self, problem: Problem) -> list[ItemResult]:
+        images, _ = problem.render(*problem.noise())
+        return [ItemResult(image, image, r, r) for image, r in zip(images, problem.score(images).tolist())]

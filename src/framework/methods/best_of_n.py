@@ -5,8 +5,6 @@ N = 2K + 1 spends the model evaluations of K checkpointed DNO/MIRA steps (2 per 
 recompute) plus their final sample: the compute-matched baseline, equal in the backbone's evaluation count.
 """
 
-import math
-
 import torch
 
 from framework.items import ItemResult, derive_seed
@@ -19,31 +17,32 @@ def num_candidates(cfg) -> int:
 
 class BestOfN(Method):
     @torch.no_grad()
-    def run(self, problem: Problem) -> ItemResult:
-        n, batch = num_candidates(self.cfg), self.cfg.batch_size
-        seeds = [problem.item.seed] + [derive_seed(problem.item.seed, k) for k in range(1, n)]
-        rewards, steps, base_image, best, best_image = [], [], None, 0, None
-        for start in problem.progress(range(0, n, batch), total=math.ceil(n / batch), desc="candidates"):
-            images, _ = problem.render(*problem.noise(seeds[start : start + batch]))
-            for image, reward in zip(images, problem.score(images).tolist()):
-                if not rewards:
-                    base_image = image
-                if not rewards or reward > rewards[best]:
-                    best, best_image = len(rewards), image
-                rewards.append(reward)
-                steps.append(
-                    {
-                        "step": len(rewards) - 1,
-                        "reward": reward,
-                        "best_reward": rewards[best],
-                        **problem.measure(image[None], base_image[None]),
-                    }
-                )
-        return ItemResult(
-            base_image,
-            best_image,
-            rewards[0],
-            rewards[best],
-            steps,
-            {"n": n, "best_index": best, "candidate_seeds": seeds},
-        )
+    def run(self, problem: Problem) -> list[ItemResult]:
+        n, size, items = num_candidates(self.cfg), self.cfg.batch_size, problem.items
+        seeds = [[item.seed] + [derive_seed(item.seed, k) for k in range(1, n)] for item in items]
+        candidates = [(i, k) for i in range(len(items)) for k in range(n)]  # item i's candidate 0 comes first
+        rewards, best, base, final, steps = [[] for _ in items], [0] * len(items), {}, {}, [[] for _ in items]
+        chunks = range(0, len(candidates), size)
+        for start in problem.progress(chunks, total=len(chunks), desc=f"{problem.describe()} candidates"):
+            chunk = candidates[start : start + size]
+            rows = [i for i, _ in chunk]
+            images, _ = problem.render(*problem.noise([seeds[i][k] for i, k in chunk]), rows)
+            for (i, k), image in zip(chunk, images):
+                base.setdefault(i, image)
+            measured = problem.measure(images, torch.stack([base[i] for i in rows]), rows)
+            for (i, k), image, reward, measures in zip(chunk, images, problem.score(images, rows).tolist(), measured):
+                if k == 0 or reward > rewards[i][best[i]]:
+                    best[i], final[i] = k, image
+                rewards[i].append(reward)
+                steps[i].append({"step": k, "reward": reward, "best_reward": rewards[i][best[i]], **measures})
+        return [
+            ItemResult(
+                base[i],
+                final[i],
+                rewards[i][0],
+                rewards[i][best[i]],
+                steps[i],
+                {"n": n, "best_index": best[i], "candidate_seeds": seeds[i]},
+            )
+            for i in range(len(items))
+        ]

@@ -1,5 +1,5 @@
-"""What every per-item method shares: the item's world (its conditioning, seeded noise, rendering and scoring) and the
-method contract."""
+"""What every per-item method shares: a batch of items' world (conditioning, seeded noise, rendering and scoring)
+and the method contract."""
 
 from collections.abc import Callable
 
@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from framework.config import SamplingConfig
 from framework.items import Item, ItemResult
-from framework.errors import Interrupted
+from framework.errors import Interrupted, NonFiniteLoss
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
@@ -29,33 +29,44 @@ def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -
 
 
 class Problem:
-    """One item's world: frozen backbone and reward, the prompt's conditioning (encoded once), seeded noise."""
+    """A batch of items' world: frozen backbone and reward, the prompts' conditioning (encoded once), seeded noise.
+
+    Image j of a batch belongs to item `rows[j]`; left out, rows are j mod len(items) (one image per item, or any
+    number of images of a single item). Everything per image depends on that image's item and noise alone, so an
+    item's result is the same in any batch."""
 
     def __init__(
         self,
         backbone: Backbone,
         reward: Reward,
-        item: Item,
+        items: Item | list[Item],
         sampling: SamplingConfig,
         metrics: ImageMetrics | None = None,
         show_progress: bool = False,
         interrupted: Callable[[], bool] = lambda: False,
     ):
-        self.backbone, self.reward, self.item, self.sampling = backbone, reward, item, sampling
-        self.cond = backbone.encode([item.prompt])
+        self.items = [items] if isinstance(items, Item) else list(items)
+        self.backbone, self.reward, self.sampling = backbone, reward, sampling
+        self.cond = backbone.encode([item.prompt for item in self.items])
         self.metrics = metrics or ImageMetrics()
         self.show_progress, self.interrupted = show_progress, interrupted
 
-    def noise(self, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
-        return draw_noise(self.backbone, self.sampling, seeds)
+    def noise(self, seeds: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
+        """x_T [B, ...] and ξ [S', B, ...] of the given seeds (default: each item's own seed)."""
+        return draw_noise(self.backbone, self.sampling, seeds or [item.seed for item in self.items])
 
-    def render(self, x_T: Tensor, noises: Tensor | None, **sampler_options) -> tuple[Tensor, Trajectory]:
+    def _rows(self, n: int, rows: list[int] | None) -> list[int]:
+        return rows if rows is not None else [j % len(self.items) for j in range(n)]
+
+    def render(
+        self, x_T: Tensor, noises: Tensor | None, rows: list[int] | None = None, **sampler_options
+    ) -> tuple[Tensor, Trajectory]:
         """Decoded images (unclamped, see Backbone.decode) from the given noises (batch size = len(x_T)), and the
         sampler's trajectory."""
         cfg = self.sampling
         traj = ddim_sample(
             self.backbone,
-            self.cond.repeat(len(x_T)),
+            self.cond.select(self._rows(len(x_T), rows)),
             x_T,
             noises,
             num_steps=cfg.num_steps,
@@ -66,30 +77,56 @@ class Problem:
         )
         return self.backbone.decode(traj.latents), traj
 
-    def score(self, images: Tensor) -> Tensor:
-        return self.reward(images, [self.item.prompt] * len(images))
+    @torch.no_grad()
+    def sample_and_score(self, x_T: Tensor, noises: Tensor | None, rows: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Images, final latents and rewards of many samples without gradients, `method.batch_size` per call."""
+        images, latents, rewards, size = [], [], [], self.sampling.batch_size
+        for start in range(0, len(x_T), size):
+            chunk = slice(start, start + size)
+            chunk_images, traj = self.render(x_T[chunk], None if noises is None else noises[:, chunk], rows[chunk])
+            images.append(chunk_images)
+            latents.append(traj.latents)
+            rewards.append(self.score(chunk_images, rows[chunk]))
+        return torch.cat(images), torch.cat(latents), torch.cat(rewards)
 
-    def measure(self, images: Tensor, base: Tensor | None = None) -> dict[str, float]:
-        """Drift from `base` and, on the testbed, ground-truth adherence (no gradients), of the images as saved."""
+    def score(self, images: Tensor, rows: list[int] | None = None) -> Tensor:
+        """The reward of each image for its item's prompt: [len(images)]."""
+        return self.reward(images, [self.items[i].prompt for i in self._rows(len(images), rows)])
+
+    def measure(self, images: Tensor, base: Tensor | None = None, rows: list[int] | None = None) -> list[dict]:
+        """Per image: drift from its `base` and, on the testbed, ground-truth adherence (no gradients), of the
+        images as saved."""
         shown = self.backbone.postprocess
-        return self.metrics(shown(images.detach()), self.item.prompt, None if base is None else shown(base.detach()))
+        prompts = [self.items[i].prompt for i in self._rows(len(images), rows)]
+        return self.metrics(shown(images.detach()), prompts, None if base is None else shown(base.detach()))
 
     def progress(self, iterable, total: int, desc: str):
-        """`iterable` with a progress bar; stops the item (unwritten, so a rerun redoes it) if SIGTERM arrives."""
+        """`iterable` with a progress bar; stops the batch (unwritten, so a rerun redoes it) if SIGTERM arrives."""
         for value in tqdm(
             iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True
         ):
             if self.interrupted():
                 raise Interrupted(
-                    f"SIGTERM during item {self.item.id}: stopped after the finished items; rerun "
+                    f"SIGTERM during items {self.describe()}: stopped after the finished items; rerun "
                     "the same command to resume"
                 )
             yield value
 
+    def describe(self) -> str:
+        first = self.items[0].id
+        return first if len(self.items) == 1 else f"{first} +{len(self.items) - 1}"
+
+
+def paired_results(problem: Problem, base: Tensor, final: Tensor, info: dict | None = None) -> list[ItemResult]:
+    """Each item's result from its base and final image, both scored in one reward call."""
+    rewards = problem.score(torch.cat([base, final])).view(2, -1).T.tolist()
+    return [ItemResult(b, f, rb, rf, info=dict(info or {})) for b, f, (rb, rf) in zip(base, final, rewards)]
+
 
 class Method:
-    """A per-item inference-time method. `needs_gradients`: it backpropagates through the backbone (whether through
-    the reward too, its config schema says: `follows_reward_gradients`)."""
+    """A per-item inference-time method, run on batches of items (`method.batch_size`). `needs_gradients`: it
+    backpropagates through the backbone (whether through the reward too, its config schema says:
+    `follows_reward_gradients`)."""
 
     needs_gradients = False
 
@@ -105,5 +142,7 @@ class Method:
         the items."""
         return self
 
-    def run(self, problem: Problem) -> ItemResult:
+    def run(self, problem: Problem) -> list[ItemResult | NonFiniteLoss]:
+        """One result per item of the batch, in order; an item whose loss stopped being finite gets its error and
+        fails alone."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from framework.errors import FrameworkError, NonFiniteLoss
-from framework.items import ItemResult, derive_seed
+from framework.items import Item, ItemResult, derive_seed
 from framework.methods.common import Method, Problem
 from framework.sampling import Trajectory, trajectory_divergence
 
@@ -50,9 +50,34 @@ def prob_regulariser(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tenso
     return -(own_order + torch.stack(permuted).mean())
 
 
+class ItemNoise:
+    """One item's optimised noise (x_T [1, ...] and, with `optimize=all`, its ξ [S', 1, ...]) with its own AdamW
+    state, loss scale and gradient clipping, so that its steps are those it would take alone. float16 networks:
+    input gradients underflow without loss scaling (DNO uses a scaler too); a step whose scaled gradients overflow
+    is skipped (its grad_norm is recorded as inf) and that item's scale is lowered."""
+
+    def __init__(self, cfg, x_T: Tensor, noises: Tensor | None, float16: bool):
+        self.tensors = [x_T.clone().requires_grad_()] + ([] if noises is None else [noises.clone().requires_grad_()])
+        self.optimizer = torch.optim.AdamW(self.tensors, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(x_T.device.type, init_scale=2.0**13, enabled=float16)
+        self.grad_clip = cfg.grad_clip
+
+    def flat(self) -> Tensor:
+        return torch.cat([v.flatten() for v in self.tensors])
+
+    def step(self) -> float:
+        """Apply the gradients that backward left; returns their norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.tensors, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm.item()
+
+
 class DNO(Method):
     """Noise optimisation. Subclasses change the regulariser (`weight` × `regulariser`) or, for black-box rewards,
-    the differentiable term that stands for −r(M(z)) (`reward_term`); the loop, optimiser and budget stay shared."""
+    the differentiable term that stands for −r(M(z)) (`reward_term`); the loop, optimiser and budget stay shared.
+    A batch's items are rendered together, but each keeps its own loss, optimiser, clipping and records."""
 
     needs_gradients = True
 
@@ -60,71 +85,79 @@ class DNO(Method):
     def weight(self) -> float:
         return self.cfg.gamma
 
-    def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
-        return self.prob_regulariser(problem, flat_noise, step)
+    def regulariser(self, problem: Problem, flat_noises: list[Tensor], traj: Trajectory, step: int) -> Tensor:
+        """Each item's regulariser, [B]."""
+        return torch.stack([self.prob_regulariser(it, flat, step) for it, flat in zip(problem.items, flat_noises)])
 
-    def prob_regulariser(self, problem: Problem, flat_noise: Tensor, step: int) -> Tensor:
+    def prob_regulariser(self, item: Item, flat_noise: Tensor, step: int) -> Tensor:
         """R_prob of the optimised noise. Its permutations are drawn afresh at every step, as DNO does
         (`fresh_permutations`), or once per item; either way seeded from the item and step, so runs reproduce."""
         draw = step if self.cfg.fresh_permutations else 0
-        perm_seeds = [derive_seed(problem.item.seed, 1 << 20, draw, k) for k in range(self.cfg.num_permutations)]
+        perm_seeds = [derive_seed(item.seed, 1 << 20, draw, k) for k in range(self.cfg.num_permutations)]
         return prob_regulariser(flat_noise, self.cfg.block_size, perm_seeds)
 
     def reward_term(
         self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None, step: int
-    ) -> tuple[Tensor, float, dict]:
-        """(−r(M(z)) as a differentiable loss term, r(M(z)), extra values for the step record)."""
-        reward = problem.score(images)[0]
-        return -reward, reward.item(), {}
+    ) -> tuple[Tensor, list[float], list[dict]]:
+        """Per item: −r(M(z)) as a differentiable loss term ([B]), r(M(z)), extra values for the step record."""
+        rewards = problem.score(images)
+        return -rewards, rewards.tolist(), [{} for _ in rewards]
 
-    def run(self, problem: Problem) -> ItemResult:
-        cfg = self.cfg
-        x_T, noises = problem.noise([problem.item.seed])
-        variables = [x_T.requires_grad_()]
-        if cfg.optimize == "all" and noises is not None:
-            variables.append(noises.requires_grad_())
-        optimizer = torch.optim.AdamW(variables, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # float16 networks: input gradients underflow without loss scaling (DNO uses a scaler too). A step whose
-        # scaled gradients overflow is skipped (its grad_norm is recorded as inf) and the scale is lowered.
-        scaler = torch.amp.GradScaler(x_T.device.type, init_scale=2.0**13, enabled=problem.backbone.float16)
-        steps, base_image, base_reward, reference = [], None, None, None
-        for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=f"{problem.item.id} {cfg.name}"):
-            images, traj = problem.render(x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
-            term, reward, extra = self.reward_term(problem, images, traj, x_T, noises, step)
-            flat = torch.cat([v.flatten() for v in variables])
-            reg = self.regulariser(problem, flat, traj, step) if self.weight > 0 else flat.new_zeros(())
-            loss = term + self.weight * reg
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at optimisation step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(variables, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if step == 0:  # z = z0: the base sample and the reference trajectory of the drift metrics
-                base_image, base_reward, reference = images[0].detach(), reward, [eps.detach() for eps in traj.eps]
-            r_mira = trajectory_divergence([eps.detach() for eps in traj.eps], reference).item()
-            steps.append(
-                {
-                    "step": step,
-                    "reward": reward,
-                    "loss": loss.item(),
-                    "regulariser": reg.item(),
-                    "grad_norm": grad_norm.item(),
-                    "noise_sq": flat.detach().square().mean().item(),
-                    "r_mira": r_mira,
-                    **extra,
-                    **problem.measure(images, base_image[None]),
-                }
-            )
+    def run(self, problem: Problem) -> list[ItemResult | NonFiniteLoss]:
+        cfg, n = self.cfg, len(problem.items)
+        x_T, noises = problem.noise()
+        optimise_noises = cfg.optimize == "all" and noises is not None
+        items = [
+            ItemNoise(cfg, x_T[i : i + 1], noises[:, i : i + 1] if optimise_noises else None, problem.backbone.float16)
+            for i in range(n)
+        ]
+
+        def batch() -> tuple[Tensor, Tensor | None]:
+            x = torch.cat([it.tensors[0] for it in items])
+            return x, torch.cat([it.tensors[1] for it in items], dim=1) if optimise_noises else noises
+
+        failures: list[NonFiniteLoss | None] = [None] * n
+        steps, base_images, base_rewards, reference = [[] for _ in range(n)], None, None, None
+        desc = f"{problem.describe()} {cfg.name}"
+        for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=desc):
+            x, xi = batch()
+            images, traj = problem.render(x, xi, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
+            terms, rewards, extras = self.reward_term(problem, images, traj, x, xi, step)
+            flats = [it.flat() for it in items]
+            regs = self.regulariser(problem, flats, traj, step) if self.weight > 0 else terms.new_zeros(n)
+            losses = terms + self.weight * regs
+            for i, loss in enumerate(losses.tolist()):
+                if failures[i] is None and not math.isfinite(loss):
+                    failures[i] = NonFiniteLoss(f"non-finite loss ({loss}) at optimisation step {step}")
+            active = [i for i in range(n) if failures[i] is None]
+            if not active:
+                break
+            for it in items:
+                it.optimizer.zero_grad(set_to_none=True)
+            torch.stack([items[i].scaler.scale(losses[i]) for i in active]).sum().backward()
+            grad_norms = {i: items[i].step() for i in active}
+            if step == 0:  # z = z0: the base samples and the reference trajectory of the drift metrics
+                base_images, base_rewards, reference = images.detach(), rewards, [e.detach() for e in traj.eps]
+            r_mira = trajectory_divergence([e.detach() for e in traj.eps], reference)
+            noise_sq = torch.stack([f.square().mean() for f in flats])
+            values = {"loss": losses, "regulariser": regs, "noise_sq": noise_sq, "r_mira": r_mira}
+            values = {key: value.detach().tolist() for key, value in values.items()}
+            for i, measures in zip(active, problem.measure(images[active], base_images[active], active)):
+                record = {"step": step, "reward": rewards[i], "grad_norm": grad_norms[i]}
+                steps[i].append(record | {key: value[i] for key, value in values.items()} | extras[i] | measures)
         with torch.no_grad():
-            images, _ = problem.render(x_T, noises)
-            final_reward = problem.score(images)[0].item()
-            flat = torch.cat([v.flatten() for v in variables])  # how Gaussian the final noise still is
-            info = {"noise_sq": flat.square().mean().item()}
-            if flat.numel() >= cfg.block_size:  # R_prob needs one block at least
-                info["r_prob"] = self.prob_regulariser(problem, flat, cfg.opt_steps).item()
-        if base_image is None:  # opt_steps = 0
-            base_image, base_reward = images[0], final_reward
-        return ItemResult(base_image, images[0], base_reward, final_reward, steps, info)
+            images, _ = problem.render(*batch())
+            final_rewards = problem.score(images).tolist()
+            if base_images is None:  # opt_steps = 0
+                base_images, base_rewards = images, final_rewards
+            results = []
+            for i, it in enumerate(items):
+                if failures[i] is not None:
+                    results.append(failures[i])
+                    continue
+                flat = it.flat()  # how Gaussian the final noise still is
+                info = {"noise_sq": flat.square().mean().item()}
+                if flat.numel() >= cfg.block_size:  # R_prob needs one block at least
+                    info["r_prob"] = self.prob_regulariser(problem.items[i], flat, cfg.opt_steps).item()
+                results.append(ItemResult(base_images[i], images[i], base_rewards[i], final_rewards[i], steps[i], info))
+        return results

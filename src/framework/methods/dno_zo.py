@@ -19,35 +19,37 @@ from framework.sampling import Trajectory
 def perturbed_candidates(
     problem: Problem, cfg, x_T: Tensor, noises: Tensor | None, step: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """K samples around the current noise (x_T, and every ξ_t when `optimize=all`): images, final latents and their
-    black-box rewards. The perturbations depend only on the item's seed and the step."""
-    generator = torch.Generator().manual_seed(derive_seed(problem.item.seed, 2 << 20, step))
-    k = cfg.num_candidates
-    draw = lambda like: torch.randn((k, *like.shape[1:]), generator=generator).to(like.device)  # noqa: E731
-    x_Ts = x_T.detach() + cfg.mu * draw(x_T)
-    if noises is not None:
-        noises = noises.detach().expand(-1, k, *noises.shape[2:])
-        if cfg.optimize == "all":
-            noises = noises + cfg.mu * draw(noises.transpose(0, 1)).transpose(0, 1)
-    images, latents = [], []
-    for start in range(0, k, cfg.batch_size):
-        chunk = slice(start, start + cfg.batch_size)
-        batch_images, traj = problem.render(x_Ts[chunk], None if noises is None else noises[:, chunk])
-        images.append(batch_images)
-        latents.append(traj.latents)
-    images = torch.cat(images)
-    return images, torch.cat(latents), problem.score(images)
+    """K samples around each item's current noise (x_T, and every ξ_t when `optimize=all`): images [B, K, ...],
+    final latents [B, K, ...] and their black-box rewards [B, K]. The perturbations depend only on the item's seed
+    and the step."""
+    k, n = cfg.num_candidates, len(problem.items)
+    x_Ts, xis = [], []
+    for i, item in enumerate(problem.items):
+        generator = torch.Generator().manual_seed(derive_seed(item.seed, 2 << 20, step))
+        draw = lambda like: torch.randn((k, *like.shape[1:]), generator=generator).to(like.device)  # noqa: E731
+        x_Ts.append(x_T[i : i + 1].detach() + cfg.mu * draw(x_T))
+        if noises is not None:
+            xi = noises[:, i : i + 1].detach().expand(-1, k, *noises.shape[2:])
+            if cfg.optimize == "all":
+                xi = xi + cfg.mu * draw(xi.transpose(0, 1)).transpose(0, 1)
+            xis.append(xi)
+    rows = [i for i in range(n) for _ in range(k)]
+    images, latents, rewards = problem.sample_and_score(torch.cat(x_Ts), torch.cat(xis, dim=1) if xis else None, rows)
+    return images.unflatten(0, (n, k)), latents.unflatten(0, (n, k)), rewards.view(n, k)
 
 
 class DNOZeroOrder(DNO):
     def reward_term(
         self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None, step: int
-    ) -> tuple[Tensor, float, dict]:
+    ) -> tuple[Tensor, list[float], list[dict]]:
         candidates, _, rewards = perturbed_candidates(problem, self.cfg, x_T, noises, step)
         with torch.no_grad():
             current = images.detach()
-            reward = problem.score(current)[0]
-            weights = (reward - rewards).view(-1, *[1] * (candidates.dim() - 1))  # ℓ_k − ℓ_0 = r_0 − r_k
-            direction = (weights * (candidates - current)).sum(0)  # any sample shape: images or vectors
-            direction = direction / direction.norm().clamp_min(1e-12)
-        return (direction * images[0]).sum(), reward.item(), {"candidate_reward_max": rewards.max().item()}
+            reward = problem.score(current)
+            weights = (reward[:, None] - rewards).view(*rewards.shape, *[1] * (candidates.dim() - 2))  # r_0 − r_k
+            direction = (weights * (candidates - current[:, None])).sum(1)  # any sample shape: images or vectors
+            direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(
+                -1, *[1] * (current.dim() - 1)
+            )
+        extras = [{"candidate_reward_max": best} for best in rewards.max(1).values.tolist()]
+        return (direction * images).flatten(1).sum(1), reward.tolist(), extras

@@ -4,7 +4,7 @@ The item's base image is the adapter-free sample of the same seed."""
 import torch
 
 from framework.items import ItemResult
-from framework.methods.common import Method, Problem
+from framework.methods.common import Method, Problem, paired_results
 from framework.models.lora import load_lora, set_lora_scale
 
 
@@ -14,8 +14,8 @@ class LoRAScale(Method):
         return self
 
     @torch.no_grad()
-    def run(self, problem: Problem) -> ItemResult:
-        noise = problem.noise([problem.item.seed])
+    def run(self, problem: Problem) -> list[ItemResult]:
+        noise = problem.noise()
         with problem.backbone.adapters_disabled():
             base, _ = problem.render(*noise)
         set_lora_scale(problem.backbone.unet, self.cfg.alpha)
@@ -23,5 +23,4 @@ class LoRAScale(Method):
             images, _ = problem.render(*noise)
         finally:
             set_lora_scale(problem.backbone.unet, 1.0)
-        base_reward, final_reward = problem.score(torch.cat([base, images])).tolist()
-        return ItemResult(base[0], images[0], base_reward, final_reward, info={"alpha": self.cfg.alpha})
+        return paired_results(problem, base, images, {"alpha": self.cfg.alpha})

@@ -32,7 +32,8 @@ class MIRA(DNO):
     def weight(self) -> float:
         return self.cfg.beta
 
-    def regulariser(self, problem: Problem, flat_noise: Tensor, traj: Trajectory, step: int) -> Tensor:
+    def regulariser(self, problem: Problem, flat_noises: list[Tensor], traj: Trajectory, step: int) -> Tensor:
+        """Each item's R_MIRA to its own reference trajectory, [B]."""
         predictions = traj.eps if self.cfg.surrogate_guidance == "cfg" else traj.eps_cond
         if step == 0:  # z = z0: this forward pass is the reference trajectory
             self._reference = [eps.detach() for eps in predictions]

@@ -24,22 +24,26 @@ from framework.sampling import Trajectory
 class MIRADPO(MIRA):
     def reward_term(
         self, problem: Problem, images: Tensor, traj: Trajectory, x_T: Tensor, noises: Tensor | None, step: int
-    ) -> tuple[Tensor, float, dict]:
+    ) -> tuple[Tensor, list[float], list[dict]]:
         cfg = self.cfg
         candidate_images, candidate_latents, rewards = perturbed_candidates(problem, cfg, x_T, noises, step)
         current = images if cfg.space == "image" else traj.latents
         candidates = candidate_images if cfg.space == "image" else candidate_latents
-        if step == 0:  # z = z0: this pass is the reference sample M(z0)
+        if step == 0:  # z = z0: this pass is the reference sample M(z0) of every item
             self._reference_sample = current.detach()
         with torch.no_grad():
-            reward = problem.score(images.detach())[0].item()
-        winner, loser = int(rewards.argmax()), int(rewards.argmin())
-        extra = {"pair_gap": (rewards[winner] - rewards[loser]).item()}
-        if rewards[winner] == rewards[loser]:
-            return current.sum() * 0.0, reward, extra | {"preference": 0.5}
+            reward = problem.score(images.detach())
+        rows = torch.arange(len(rewards))
+        winners, losers = rewards.argmax(1), rewards.argmin(1)
+        gaps = rewards[rows, winners] - rewards[rows, losers]  # 0: a tie, no preference and no reward gradient
 
         def log_ratio(x: Tensor) -> Tensor:
-            return ((x - self._reference_sample).square().mean() - (x - current[0]).square().mean()) / (2 * cfg.tau**2)
+            squared = lambda d: d.square().flatten(1).mean(1)  # noqa: E731
+            return (squared(x - self._reference_sample) - squared(x - current)) / (2 * cfg.tau**2)
 
-        margin = cfg.beta_dpo * (log_ratio(candidates[winner]) - log_ratio(candidates[loser]))
-        return -F.logsigmoid(margin), reward, extra | {"preference": torch.sigmoid(margin).item()}
+        margin = cfg.beta_dpo * (log_ratio(candidates[rows, winners]) - log_ratio(candidates[rows, losers]))
+        tied = gaps == 0
+        terms = torch.where(tied, current.flatten(1).sum(1) * 0.0, -F.logsigmoid(margin))
+        preference = torch.where(tied, 0.5, torch.sigmoid(margin)).tolist()
+        extras = [{"pair_gap": gap, "preference": p} for gap, p in zip(gaps.tolist(), preference)]
+        return terms, reward.tolist(), extras

@@ -58,24 +58,28 @@ class ImageMetrics(nn.Module):
         return images.device if parameter is None else parameter.device
 
     @torch.no_grad()
-    def forward(self, images: Tensor, prompt: str, base: Tensor | None = None) -> dict[str, float]:
-        """Means over the batch of: `drift_rmse` (pixel RMSE to `base`), `drift_embedding` (1 − cos of the
-        embeddings), `clipscore` (100·cos(image, prompt), clamped at 0), `eval_<name>`, and for shapes-world prompts
-        `adherence` (judge: colour and shape both right) and `judge_log_prob`."""
-        metrics, prompts = {}, [prompt] * len(images)
+    def forward(self, images: Tensor, prompts: list[str], base: Tensor | None = None) -> list[dict[str, float]]:
+        """One record per image (image i was prompted with `prompts[i]`; `base[i]` is its base image): `drift_rmse`
+        (pixel RMSE to the base), `drift_embedding` (1 − cos of the embeddings), `clipscore` (100·cos(image,
+        prompt), clamped at 0), `eval_<name>`, and for shapes-world prompts `adherence` (judge: colour and shape both
+        right) and `judge_log_prob`. Every value of an image depends on that image alone, never on its batch."""
+        columns = {}
         if base is not None:
-            metrics["drift_rmse"] = (images - base).flatten(1).square().mean(1).sqrt().mean().item()
+            columns["drift_rmse"] = (images - base).flatten(1).square().mean(1).sqrt()
             if self.features is not None:
-                similarity = (self.embed(images) * self.embed(base)).sum(-1)
-                metrics["drift_embedding"] = (1 - similarity).mean().item()
+                columns["drift_embedding"] = 1 - (self.embed(images) * self.embed(base)).sum(-1)
+        on_device = images.to(self._device(images))
         if self.clip is not None:
-            metrics["clipscore"] = self.clip(images.to(self._device(images)), prompts).clamp_min(0).mean().item()
+            columns["clipscore"] = self.clip(on_device, prompts).clamp_min(0)
         for name, reward in self.eval_rewards.items():
-            metrics[f"eval_{name}"] = reward(images.to(self._device(images)), prompts).mean().item()
-        if self.judge is not None and is_caption(prompt):
-            log_prob, correct = judge_log_prob(self.judge, images.to(self._device(images)).float(), prompts)
-            metrics |= {"adherence": correct.mean().item(), "judge_log_prob": log_prob.mean().item()}
-        return metrics
+            columns[f"eval_{name}"] = reward(on_device, prompts)
+        records = [{key: column[i].item() for key, column in columns.items()} for i in range(len(images))]
+        captions = [i for i, prompt in enumerate(prompts) if self.judge is not None and is_caption(prompt)]
+        if captions:
+            log_prob, correct = judge_log_prob(self.judge, on_device[captions].float(), [prompts[i] for i in captions])
+            for i, lp, right in zip(captions, log_prob.tolist(), correct.tolist()):
+                records[i] |= {"adherence": right, "judge_log_prob": lp}
+        return records
 
     def set_metrics(self, records: list[dict], load_image) -> dict[str, float]:
         """Run-level metrics of finished items (records as the store writes them; `load_image(record, kind)`).

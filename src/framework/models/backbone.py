@@ -27,14 +27,12 @@ class Cond:
     uncond_pooled: Tensor | None = None
     time_ids: Tensor | None = None  # SDXL: (original size, crop top-left, target size)
 
-    def repeat(self, n: int) -> "Cond":
-        """Each row repeated n times (row-major), for sampling n images per prompt in one batch."""
-        if n == 1:
+    def select(self, rows: list[int]) -> "Cond":
+        """The given rows (repeats allowed), e.g. one row per image of a batch whose images share prompts."""
+        if rows == list(range(len(self.embeds))):
             return self
-        return replace(
-            self,
-            **{f.name: t.repeat_interleave(n, dim=0) for f in fields(self) if (t := getattr(self, f.name)) is not None},
-        )
+        index = torch.tensor(rows, device=self.embeds.device)
+        return replace(self, **{f.name: t[index] for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
 
 class Backbone(nn.Module):

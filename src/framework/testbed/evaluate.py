@@ -35,7 +35,7 @@ def evaluate_adherence(
     per_caption, correct, center_spread, area_spread = {}, 0, [], []
     for caption in all_captions():
         x_T = torch.randn((seeds, *backbone.latent_shape()), generator=torch.Generator().manual_seed(0))
-        cond = backbone.encode([caption]).repeat(seeds)
+        cond = backbone.encode([caption]).select([0] * seeds)
         images = backbone.postprocess(
             backbone.decode(
                 ddim_sample(backbone, cond, x_T, num_steps=num_steps, guidance_scale=guidance_scale).latents
