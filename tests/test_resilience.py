@@ -79,7 +79,14 @@ def test_a_killed_sweep_rerun_into_its_directory_finishes_every_item_exactly_onc
 
 def test_sigterm_stops_an_inference_run_after_its_finished_items_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*FAST, "prompts=inline", "prompts.prompts=[a cat,a dog,a bird]", "method.opt_steps=5"]
+    # Two items per batch: the first batch is written together, SIGTERM lands in the second, which is not written.
+    args = [
+        *FAST,
+        "prompts=inline",
+        "prompts.prompts=[a cat,a dog,a bird]",
+        "method.opt_steps=5",
+        "method.batch_size=2",
+    ]
     process = start_cli(*args, run_dir=run_dir)
     wait_for(lambda: len(mtimes(run_dir)) >= 1, process)
     os.killpg(process.pid, signal.SIGTERM)

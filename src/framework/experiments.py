@@ -68,6 +68,7 @@ ITEM_METRICS = (
     "evals",
     "seconds",
     "peak_memory_mb",
+    "batch_items",
 )
 SET_METRICS = (
     "cmmd",
