@@ -84,6 +84,16 @@ def test_reproduce_runs_missing_runs_aggregates_and_reuses_finished_ones(tmp_pat
     mtimes = record_mtimes(out)
     reproduce("smoke", "tiny", out, experiments_dir=tmp_path)  # finished runs are reused, not rerun
     assert record_mtimes(out) == mtimes
+    # The same runs as a trade-off figure: reward against drift along DNO's trajectory; Base is one point.
+    trade = spec | {"kind": "tradeoff", "tradeoff": {"y": "reward", "x": ["drift_rmse"]}}
+    (tmp_path / "trade.yaml").write_text(yaml.safe_dump(trade, allow_unicode=True))
+    written = reproduce("trade", "tiny", out, experiments_dir=tmp_path)
+    assert [p.name for p in written][-2:] == ["trade_trajectories.csv", "trade.png"] and record_mtimes(out) == mtimes
+    with open(written[-2]) as f:
+        trajectory = list(csv.DictReader(f))
+    assert {r["run"] for r in trajectory} == {"DNO γ=0"} and [int(r["step"]) for r in trajectory] == [0, 1]
+    expected = step_curve(dno_dir, [0, 1], ["reward", "drift_rmse"])
+    assert [float(r["drift_rmse"]) for r in trajectory] == pytest.approx([e["drift_rmse"] for e in expected])
     # Killed mid-run: one item and the summary never written. The rerun finishes that item only, none duplicated.
     (dno_dir / "items" / "p0001_s000" / "record.json").unlink()
     (dno_dir / "summary.json").unlink()
@@ -242,6 +252,12 @@ SPEC_ERRORS = {
     "kind pareto needs `pareto: {x: <metric>, y: <metric>}`": {"kind": "pareto"},
     "pareto.y: 'adherence' must be one of the metrics": {"kind": "pareto", "pareto": {"x": "reward", "y": "adherence"}},
     "curves: 'r_mria' is not a per-step key": {"kind": "curve", "curves": ["r_mria"]},
+    "kind tradeoff needs `tradeoff: {y: <metric>, x: [<metric>, ...]}`": {"kind": "tradeoff", "tradeoff": {"y": "x"}},
+    "tradeoff: 'evals' must be one of the metrics and a per-step key": {
+        "kind": "tradeoff",
+        "metrics": ["reward", "evals"],
+        "tradeoff": {"y": "reward", "x": ["evals"]},
+    },
     "unknown key 'versos'": {"versos": "MIRA"},
 }
 

@@ -170,3 +170,24 @@ def test_half_precision_steps_get_non_zero_finite_gradients(dtype):
             images, _ = problem.render(x_T.requires_grad_(), noises, checkpoint=True)
             problem.score(images).sum().backward()
         assert x_T.grad.abs().max() == 0
+
+
+def test_the_held_out_stopping_rule_picks_the_step_its_reward_scores_best(tiny_sd, brightness):
+    """Brightness optimised, darkness held out: `held_out_step` is the argmax of the recorded held-out values (the
+    final noise counting as step opt_steps, measured here independently); best_held_out returns that step's image
+    and reward instead of the last ones."""
+    from framework.metrics import ImageMetrics
+
+    darkness = build_reward(RewardConfig(name="darkness"))
+    metrics = ImageMetrics(eval_rewards={"darkness": darkness})
+    results = {}
+    for select in ("last", "best_held_out"):
+        cfg = DNOConfig(num_steps=3, opt_steps=4, lr=0.2, select=select)
+        (results[select],) = build_method(cfg, brightness).run(Problem(tiny_sd, brightness, ITEM, cfg, metrics))
+    last, chosen = results["last"], results["best_held_out"]
+    score = lambda image: darkness(image.clamp(0, 1)[None], [ITEM.prompt]).item()  # noqa: E731
+    values = [s["eval_darkness"] for s in last.steps] + [score(last.final_image)]
+    step = int(np.argmax(values))
+    assert last.info["held_out_step"] == chosen.info["held_out_step"] == step < cfg.opt_steps
+    assert chosen.final_reward == pytest.approx(last.steps[step]["reward"]) != last.final_reward
+    assert score(chosen.final_image) == pytest.approx(values[step], abs=1e-5) and values[step] > values[-1]

@@ -55,3 +55,15 @@ def test_win_rate_between_runs_and_against_itself(tmp_path):
     assert versus(a, b, "eval_jpeg")["rate"] == pytest.approx((0 + 0.5 + 1 + 0) / 4)
     with pytest.raises(FrameworkError, match="no 'eval_hps' in both runs"):
         versus(a, b, "eval_hps")
+
+
+def test_held_out_metrics_read_the_step_the_stopping_rule_chose(tmp_path):
+    from framework.statistics import final_values
+
+    run_dir = write_run(tmp_path / "run", [1.0, 2.0, 3.0])
+    for item, step in zip(sorted((run_dir / "items").iterdir()), (0, 1, 2)):  # step 2 = opt_steps: the final image
+        record = json.loads((item / "record.json").read_text())
+        (item / "record.json").write_text(json.dumps(record | {"info": {"held_out_step": step}}))
+    assert final_values(run_dir, "held_out.reward").tolist() == [0.1, 0.2 + 1, 3.0]
+    assert final_values(run_dir, "held_out.drift_rmse").tolist() == [0.0, 0.5, 1.0]
+    assert final_values(run_dir, "last.reward").tolist() == [0.2, 1.2, 2.2]

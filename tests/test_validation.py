@@ -133,6 +133,10 @@ RELATIONS = {
     "model.source": ["model=sd15", "model.source=null"],
     "prompts.path": ["prompts=file"],
     "prompts.prompts": ["prompts=inline", "prompts.prompts=[]"],
+    "method.select": ["method=dno", "method.select=best_held_out"],  # no eval.rewards to choose with
+    "method.select ": ["method=mira", "method.select=best_held_out", "eval.rewards=[judge]"],  # the judge only
+    "method.held_out": ["method=dno", "method.held_out=contrast", "eval.rewards=[saturation]"],
+    "method.held_out ": ["method=mira_dpo", "method.held_out=judge", "eval.rewards=[judge]"],
 }
 
 

@@ -192,6 +192,11 @@ class NoiseOptimisationConfig(SamplingConfig):
     block_size: int = valid(4, COUNT)  # d in R_prob
     num_permutations: int = valid(100, COUNT)  # K: R_prob = −(lp(z) + mean of lp over K permutations of z)
     fresh_permutations: bool = True  # new permutations at every optimisation step (DNO's code); false: one set per item
+    # A held-out stopping rule: the step (or the final noise) whose image the held-out reward `held_out` (one of
+    # eval.rewards; default the first) scores best is recorded as `held_out_step` whenever eval.rewards is set;
+    # select=best_held_out also returns that image instead of the last one (select=last)
+    select: str = valid("last", OneOf(("last", "best_held_out")))
+    held_out: str | None = valid(None, OneOf(reward_configs))
     follows_reward_gradients: ClassVar[bool] = True
 
     @staticmethod
@@ -386,6 +391,8 @@ class Config:
                         "so small gradients underflow to zero); use bfloat16 or float32"
                     ),
                 )
+        if "select" in c.method:
+            yield from held_out_relations(c)
         if follows_reward_gradients(c.method) and not reward_is_differentiable(c.reward):
             yield (
                 "reward.name",
@@ -395,6 +402,21 @@ class Config:
                     "a differentiable reward"
                 ),
             )
+
+
+def held_out_reward(method, eval_rewards) -> str | None:
+    """The held-out reward of a noise method's stopping rule: `method.held_out`, or the first of eval.rewards that
+    is not the testbed's ground-truth judge (which stays a pure measurement)."""
+    return method.held_out or next((name for name in eval_rewards if name != "judge"), None)
+
+
+def held_out_relations(c) -> Iterator[tuple[str, str]]:
+    if c.method.held_out is not None and c.method.held_out not in c.eval.rewards:
+        yield "method.held_out", f"it must be one of eval.rewards={list(c.eval.rewards)}"
+    elif c.method.held_out == "judge":
+        yield "method.held_out", "the ground-truth judge measures adherence; it cannot choose the step"
+    elif c.method.select == "best_held_out" and held_out_reward(c.method, c.eval.rewards) is None:
+        yield "method.select", "best_held_out needs a held-out reward: set eval.rewards (e.g. eval.rewards=[contrast])"
 
 
 METHOD_SCHEMAS = {

@@ -6,11 +6,11 @@ runs, every run's config is composed and its weights are checked, so a bad overr
 once with one message listing them all. Then runs that are missing or unfinished are run (each run directory
 resumes: finished items are kept; a run is identified by its configuration, so experiments share identical runs),
 and every experiment is aggregated into outputs/tables/<scale>/<name>.{csv,md,tex} (run means with bootstrap 95 %
-intervals over items; framework.statistics) and, for `kind: curve` or `pareto`, <name>.png with its data as CSV
-beside it (framework.tables).
+intervals over items; framework.statistics) and, for `kind: curve`, `pareto` or `tradeoff`, <name>.png with its
+data as CSV beside it (framework.tables).
 
     title: ...
-    kind: table | curve | pareto
+    kind: table | curve | pareto | tradeoff
     metrics: [reward, adherence, drift_rmse]     # see below
     scales: {testbed: [overrides...], paper: [overrides...]}
     grid: {paper: {model: {SD1.5: [model=sd15], SDXL: [model=sdxl]}, reward: {...}}}   # optional, per scale
@@ -23,12 +23,16 @@ beside it (framework.tables).
                                                  # of the scale recorded is left out
     pareto: {x: sets.final_diversity_vendi, y: reward}   # kind pareto: the scatter to draw
     curves: [reward, drift_rmse, r_mira]         # kind curve: per-step keys to plot (default: the item metrics)
+    tradeoff: {y: reward, x: [adherence, drift_rmse]}  # kind tradeoff: y against each x along every run's
+                                                 # optimisation trajectory (step means), ending at its final images
+                                                 # (means with bootstrap intervals); runs without one: a point
 
 Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...,
 and compute: `evals`, `seconds`; mean and bootstrap interval over items), `last.<key>` (the value at the last
-optimisation step, e.g. `last.r_mira`), run-level `sets.<key>` of summary.json (CMMD, diversity, spectral distance;
-a single value) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric that no run of the
-scale recorded (e.g. `sets.cmmd_judge` off the testbed) is left out of the table, with a note.
+optimisation step, e.g. `last.r_mira`), `held_out.<key>` (the value at the step a noise method's held-out
+stopping rule chose: `method.select`, `method.held_out`), run-level `sets.<key>` of summary.json (CMMD, diversity,
+spectral distance; a single value) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric
+that no run of the scale recorded (e.g. `sets.cmmd_judge` off the testbed) is left out of the table, with a note.
 """
 
 import argparse
@@ -48,13 +52,13 @@ from framework.errors import INTERRUPTED, Failure, FrameworkError, Interrupted, 
 from framework.tables import aggregate, table_metrics
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
-KINDS = ("table", "curve", "pareto")
+KINDS = ("table", "curve", "pareto", "tradeoff")
 RUN_REF = re.compile(r"\{run:([^}]+)\}")
 
 
 REQUIRED_KEYS, OPTIONAL_KEYS = (
     ("title", "kind", "metrics", "scales", "runs"),
-    ("grid", "versus", "judges", "pareto", "curves"),
+    ("grid", "versus", "judges", "pareto", "curves", "tradeoff"),
 )
 # The names a table may ask for (kept true by a test against what runs record). Item metrics: the final image's
 # values, besides `eval_<reward config>` (held-out rewards); step keys: the per-step records (`last.<key>`, curves).
@@ -111,8 +115,9 @@ def item_metric(name: str) -> bool:
 def metric_known(metric: str) -> bool:
     if metric.startswith("sets."):
         return metric.removeprefix("sets.") in SET_METRICS
-    if metric.startswith("last."):
-        return metric.removeprefix("last.") in STEP_KEYS or item_metric(metric.removeprefix("last."))
+    if metric.startswith(("last.", "held_out.")):
+        key = metric.partition(".")[2]
+        return key in STEP_KEYS or item_metric(key)
     return metric == "win_rate" or item_metric(metric)
 
 
@@ -167,6 +172,16 @@ def load_experiment(path: Path) -> dict:
         for axis, metric in axes.items():
             if metric not in table_metrics(spec):
                 raise FrameworkError(f"{path}: pareto.{axis}: {metric!r} must be one of the metrics")
+    if spec["kind"] == "tradeoff":
+        axes = spec.get("tradeoff")
+        if not isinstance(axes, dict) or set(axes) != {"x", "y"} or not isinstance(axes["x"], list):
+            raise FrameworkError(f"{path}: kind tradeoff needs `tradeoff: {{y: <metric>, x: [<metric>, ...]}}`")
+        for metric in [axes["y"], *axes["x"]]:
+            if metric not in spec["metrics"] or metric not in STEP_KEYS:
+                raise FrameworkError(
+                    f"{path}: tradeoff: {metric!r} must be one of the metrics and a per-step key "
+                    f"({', '.join(STEP_KEYS)})"
+                )
     return spec
 
 

@@ -11,11 +11,23 @@ import numpy as np
 from framework.report import final_value, ok_records
 
 
+def held_out_value(record: dict, key: str) -> float | None:
+    """`key` of the image a noise method's held-out stopping rule chose (its `held_out_step`; opt_steps = the final
+    image); None where no held-out reward was set."""
+    step = record.get("info", {}).get("held_out_step")
+    if step is None:
+        return None
+    return record["steps"][step].get(key) if step < len(record["steps"]) else final_value(record, key)
+
+
 def final_values(run_dir: Path, metric: str) -> np.ndarray:
-    """Per-item values: the final image's (`reward`, `drift_rmse`, `evals`, ...) or, for `last.<key>`, the value at
-    the last optimisation step (e.g. `last.r_mira`, recorded along the trajectory only)."""
+    """Per-item values: the final image's (`reward`, `drift_rmse`, `evals`, ...), for `last.<key>` the value at the
+    last optimisation step (e.g. `last.r_mira`, recorded along the trajectory only), for `held_out.<key>` the value
+    at the step the held-out stopping rule chose."""
     if metric.startswith("last."):
         values = [(r.get("steps") or [{}])[-1].get(metric.removeprefix("last.")) for r in ok_records(run_dir)]
+    elif metric.startswith("held_out."):
+        values = [held_out_value(r, metric.removeprefix("held_out.")) for r in ok_records(run_dir)]
     else:
         values = [final_value(record, metric) for record in ok_records(run_dir)]
     return np.array([v for v in values if v is not None], dtype=float)

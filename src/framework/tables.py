@@ -1,5 +1,5 @@
 """Rendering of experiment results: the table of one experiment as CSV, Markdown and LaTeX, and its figure (curves
-against the optimisation step, or a Pareto scatter), each figure's data as CSV beside it.
+against the optimisation step, a Pareto scatter, or trade-off trajectories), each figure's data as CSV beside it.
 """
 
 import csv
@@ -123,6 +123,46 @@ def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> Non
     plt.close(fig)
 
 
+def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: str, path: Path) -> Path:
+    """y against each x: per run, the item means after every optimisation step (a trajectory from the base images)
+    ending at the final images' means with their bootstrap 95 % intervals; runs without optimisation steps (base,
+    Best-of-N, adapters) are their final point only. The trajectories go to <path stem>_trajectories.csv."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 4), squeeze=False)
+    data = path.with_name(f"{path.stem}_trajectories.csv")
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "items", y, *xs])
+        for run, row in zip(runs, rows):
+            records = ok_records(run.dir)
+            optimised = any("loss" in (r.get("steps") or [{}])[0] for r in records)
+            num_steps = max((len(r.get("steps", [])) for r in records), default=0) if optimised else 0
+            curve = step_curve(run.dir, list(range(num_steps)), [y, *xs])
+            writer.writerows([run.name, c["step"], c["items"], *(f"{c[k]:.6g}" for k in (y, *xs))] for c in curve)
+            for ax, x in zip(axes[0], xs):
+                (line,) = ax.plot([c[x] for c in curve] + [row[x][0]], [c[y] for c in curve] + [row[y][0]], lw=1)
+                ax.errorbar(
+                    row[x][0],
+                    row[y][0],
+                    xerr=[[row[x][0] - row[x][1]], [row[x][2] - row[x][0]]],
+                    yerr=[[row[y][0] - row[y][1]], [row[y][2] - row[y][0]]],
+                    fmt="o",
+                    color=line.get_color(),
+                    ms=4,
+                    capsize=2,
+                    label=run.name,
+                )
+    for ax, x in zip(axes[0], xs):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return data
+
+
 def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[str, str] | None = None) -> list[Path]:
     """Tables (and the figure) of one experiment; `statuses`: run name -> why it did not finish, shown in a
     status column (its finished items still count)."""
@@ -151,6 +191,9 @@ def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[st
         written.append(draw_curves(runs, curves, spec["title"], tables / f"{name}.png"))
     if spec["kind"] == "pareto":
         draw_pareto(rows, spec["pareto"]["x"], spec["pareto"]["y"], spec["title"], tables / f"{name}.png")
+    if spec["kind"] == "tradeoff":
+        axes_ = spec["tradeoff"]
+        written.append(draw_tradeoff(runs, rows, axes_["y"], axes_["x"], spec["title"], tables / f"{name}.png"))
     if spec["kind"] != "table":
         written.append(tables / f"{name}.png")
     return written

@@ -3,7 +3,9 @@
 loss(z) = −r(M(z)) + γ·R_prob(z), z = x_T and every ξ_t (`optimize=all`) or x_T alone, AdamW with gradient-norm
 clipping, backprop through the whole checkpointed chain (or its last `grad_steps` steps). Every step records the
 reward, the regulariser, R_MIRA to the step-0 trajectory (uniform weights, guided ε̂: drift in score space, for any
-noise method) and the image metrics; the final noise's ‖z‖²/D and R_prob say how Gaussian it still is.
+noise method) and the image metrics; the final noise's ‖z‖²/D and R_prob say how Gaussian it still is. With a
+held-out reward (eval.rewards) the step whose image it scores best is recorded (`held_out_step`; the final noise
+counts as step opt_steps) and, with `select=best_held_out`, returned: a stopping rule blind to the ground truth.
 """
 
 import math
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from framework.config import held_out_reward
 from framework.errors import FrameworkError, NonFiniteLoss
 from framework.items import Item, ItemResult, derive_seed
 from framework.methods.common import Method, Problem
@@ -117,6 +120,8 @@ class DNO(Method):
             return x, torch.cat([it.tensors[1] for it in items], dim=1) if optimise_noises else noises
 
         failures: list[NonFiniteLoss | None] = [None] * n
+        held_out = held_out_reward(cfg, problem.metrics.eval_rewards)
+        key, chosen = held_out and f"eval_{held_out}", [None] * n  # per item: (held-out value, step, image, reward)
         steps, base_images, base_rewards, reference = [[] for _ in range(n)], None, None, None
         desc = f"{problem.describe()} {cfg.name}"
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=desc):
@@ -144,12 +149,18 @@ class DNO(Method):
             values = {key: value.detach().tolist() for key, value in values.items()}
             for i, measures in zip(active, problem.measure(images[active], base_images[active], active)):
                 record = {"step": step, "reward": rewards[i], "grad_norm": grad_norms[i]}
-                steps[i].append(record | {key: value[i] for key, value in values.items()} | extras[i] | measures)
+                steps[i].append(record | {k: value[i] for k, value in values.items()} | extras[i] | measures)
+                if key and (chosen[i] is None or measures[key] > chosen[i][0]):
+                    chosen[i] = (measures[key], step, images[i].detach(), rewards[i])
         with torch.no_grad():
             images, _ = problem.render(*batch())
             final_rewards = problem.score(images).tolist()
             if base_images is None:  # opt_steps = 0
                 base_images, base_rewards = images, final_rewards
+            ok = [i for i in range(n) if failures[i] is None]
+            for i, measures in zip(ok, problem.measure(images[ok], rows=ok) if key and ok else []):
+                if chosen[i] is None or measures[key] > chosen[i][0]:  # the final noise is a candidate too
+                    chosen[i] = (measures[key], cfg.opt_steps, images[i], final_rewards[i])
             results = []
             for i, it in enumerate(items):
                 if failures[i] is not None:
@@ -159,5 +170,10 @@ class DNO(Method):
                 info = {"noise_sq": flat.square().mean().item()}
                 if flat.numel() >= cfg.block_size:  # R_prob needs one block at least
                     info["r_prob"] = self.prob_regulariser(problem.items[i], flat, cfg.opt_steps).item()
-                results.append(ItemResult(base_images[i], images[i], base_rewards[i], final_rewards[i], steps[i], info))
+                final, final_reward = images[i], final_rewards[i]
+                if key:
+                    info["held_out_step"] = chosen[i][1]
+                    if cfg.select == "best_held_out":
+                        _, _, final, final_reward = chosen[i]
+                results.append(ItemResult(base_images[i], final, base_rewards[i], final_reward, steps[i], info))
         return results
