@@ -10,13 +10,12 @@
 """
 
 import argparse
-import multiprocessing as mp
-import os
 import statistics
 import time
 
 import framework  # noqa: F401  (torchvision workaround)
 import torch
+from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script's directory
 
 from framework.config import DNOConfig, MIRAConfig, ModelConfig, RewardConfig
 from framework.methods import Problem, build_method
@@ -65,36 +64,12 @@ def batched_vs_single(cfg, device: str, repeats: int) -> tuple[float, float, flo
     return statistics.median(ratios), statistics.median(together), statistics.median(alone)
 
 
-def _rss_high_water_mark(reset: bool = False) -> int:
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
 def _peak_child(device: str, batch: int, queue) -> None:
     backbone, reward, metrics = setup(device)
     cfg = DNOConfig(num_steps=10, opt_steps=1)
     solve(cfg, backbone, reward, metrics, ITEMS[:1])  # warm-up: lazily built kernels and caches do not count
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        baseline = _rss_high_water_mark(reset=True)
-    solve(cfg, backbone, reward, metrics, ITEMS[:batch])
-    queue.put((torch.cuda.max_memory_allocated() if device == "cuda" else _rss_high_water_mark()) - baseline)
-
-
-def peak_growth(device: str, batch: int) -> int:
-    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")  # RSS follows live memory
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_peak_child, args=(device, batch, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    peak, baseline = peak_of(lambda: solve(cfg, backbone, reward, metrics, ITEMS[:batch]), device)
+    queue.put(peak - baseline)
 
 
 def main() -> None:
@@ -111,7 +86,7 @@ def main() -> None:
             "per image: 4 steps and the final sample)   target ≤ 0.35"
         )
     kind = "max allocated" if args.device == "cuda" else "peak RSS growth"
-    peaks = {batch: peak_growth(args.device, batch) for batch in (1, 2, 4, 8)}
+    peaks = {batch: in_fresh_process(_peak_child, args.device, batch) for batch in (1, 2, 4, 8)}
     row = ", ".join(f"{batch}: {peak / 2**20:.0f} MiB" for batch, peak in peaks.items())
     print(f"6. peak memory of a DNO step by batch size ({kind}): {row}")
 

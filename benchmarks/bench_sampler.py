@@ -120,31 +120,41 @@ def _rss_high_water_mark(reset: bool = False) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
-def _peak_memory_child(device: str, num_steps: int, queue) -> None:
-    _, problem = setup(device, num_steps)
-    x_T, noises = (t.requires_grad_() for t in problem.noise([0]))
-    optimizer = torch.optim.AdamW([x_T, noises], lr=0.01)
+def peak_of(fn, device: str) -> tuple[int, int]:
+    """(peak, baseline) bytes around fn(): CUDA's max allocated, or the CPU's peak RSS restarted just before."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
         baseline = _rss_high_water_mark(reset=True)
-    dno_step(problem, x_T, noises, optimizer)
-    queue.put((torch.cuda.max_memory_allocated() if device == "cuda" else _rss_high_water_mark(), baseline))
+    fn()
+    return (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_high_water_mark()), baseline
 
 
-def peak_memory(device: str, num_steps: int) -> tuple[int, int]:
-    # A fresh process per measurement. glibc keeps freed blocks below 32 MiB in its heap, where fragmentation from
-    # the recomputed activations of each checkpointed call would read as growth; returning blocks over 64 KiB to
-    # the OS makes RSS follow live memory (the environment is read when the child starts).
+def in_fresh_process(target, *args):
+    """What target(*args, queue) puts on its queue, run in a fresh process. glibc keeps freed blocks below 32 MiB in
+    its heap, where fragmentation from the recomputed activations of each checkpointed call would read as growth;
+    returning blocks over 64 KiB to the OS makes RSS follow live memory (the environment is read when the child
+    starts)."""
     os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     context = mp.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_memory_child, args=(device, num_steps, queue))
+    child = context.Process(target=target, args=(*args, queue))
     child.start()
     result = queue.get()
     child.join()
     return result
+
+
+def _peak_memory_child(device: str, num_steps: int, queue) -> None:
+    _, problem = setup(device, num_steps)
+    x_T, noises = (t.requires_grad_() for t in problem.noise([0]))
+    optimizer = torch.optim.AdamW([x_T, noises], lr=0.01)
+    queue.put(peak_of(lambda: dno_step(problem, x_T, noises, optimizer), device))
+
+
+def peak_memory(device: str, num_steps: int) -> tuple[int, int]:
+    return in_fresh_process(_peak_memory_child, device, num_steps)
 
 
 def saved_for_backward(device: str, num_steps: int) -> int:

@@ -103,6 +103,19 @@ def test_prob_regulariser_pushes_shifted_noise_back():
     assert (shifted.grad.mean() > 0).item()  # descending the gradient pulls the mean back towards 0
 
 
+def test_r_prob_computed_in_chunks_of_permutations_equals_one_batch(monkeypatch):
+    import framework.methods.dno as dno
+
+    v = (torch.randn(4 * 256, generator=torch.Generator().manual_seed(3)) + 0.1).requires_grad_()
+    whole = prob_regulariser(v, 4, list(range(7)))
+    (whole_grad,) = torch.autograd.grad(whole, v)
+    monkeypatch.setattr(dno, "PERMUTED_ENTRIES", 2 * v.numel())  # 2 permutations per call: 4 calls
+    chunked = prob_regulariser(v, 4, list(range(7)))
+    (chunked_grad,) = torch.autograd.grad(chunked, v)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6) and whole.item() > 4 * math.log(2)
+    torch.testing.assert_close(chunked_grad, whole_grad)
+
+
 def test_dno_draws_fresh_permutations_per_step_unless_told_not_to(tiny_sd, brightness):
     method = build_method(DNOConfig(num_steps=3, gamma=1.0, num_permutations=3), brightness)
     shifted = torch.randn(4 * 256, generator=torch.Generator().manual_seed(2)) + 0.05

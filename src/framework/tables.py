@@ -35,7 +35,12 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
                 + [f"{v:.6g}" for m in metrics for v in row[m]]
                 + extra(row)
             )
-    cell = lambda ci: f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"  # noqa: E731
+
+    def cell(ci: tuple) -> str:  # "—": not recorded by this run (e.g. held_out.* of a method without steps)
+        if np.isnan(ci[0]):
+            return "—"
+        return f"{ci[0]:.3f}" if np.isnan(ci[1]) else f"{ci[0]:.3f} ± {(ci[2] - ci[1]) / 2:.3f}"
+
     over = "items" + ("; win_rate: over prompts" if any(m.startswith("win_rate") for m in metrics) else "")
     columns = metrics + (["status"] if status else [])
     md = [

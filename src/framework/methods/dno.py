@@ -21,36 +21,50 @@ from framework.methods.common import Method, Problem
 from framework.sampling import Trajectory, trajectory_divergence
 
 
-def _block_log_prob(v: Tensor, block_size: int, perm_seed: int | None) -> Tensor:
-    """Concentration-bound log-probability that v's d-blocks (after a seeded permutation) are i.i.d. N(0, I):
+PERMUTED_ENTRIES = 1 << 24  # at most this many permuted noise entries at once (R_prob's batched permutations)
+
+
+def _block_log_prob(rows: Tensor) -> Tensor:
+    """Concentration-bound log-probability that the d-blocks rows[..., n, d] are i.i.d. N(0, I), per leading index:
     lp_mean = min(−n‖m‖²/(2d), −log 2); lp_cov = min(−nδ²/2, −log 2), δ = max(√(1+‖C−I‖₂) − 1 − √(d/n), 0)."""
-    if perm_seed is not None:
-        generator = torch.Generator(device=v.device).manual_seed(perm_seed)
-        v = v[torch.randperm(v.numel(), generator=generator, device=v.device)]
-    d = block_size
-    n = v.numel() // d
-    rows = v[: n * d].reshape(n, d)
-    mean = rows.mean(0)
-    cov = rows.T @ rows / n
-    lp_mean = torch.clamp(-n * mean.square().sum() / (2 * d), max=-math.log(2))
-    spectral = torch.linalg.matrix_norm(cov - torch.eye(d, device=v.device, dtype=v.dtype), ord=2)
+    n, d = rows.shape[-2:]
+    mean = rows.mean(-2)
+    cov = rows.transpose(-1, -2) @ rows / n
+    lp_mean = torch.clamp(-n * mean.square().sum(-1) / (2 * d), max=-math.log(2))
+    spectral = torch.linalg.matrix_norm(cov - torch.eye(d, device=rows.device, dtype=rows.dtype), ord=2)
     delta = torch.clamp(torch.sqrt(1 + spectral) - 1 - math.sqrt(d / n), min=0)
     lp_cov = torch.clamp(-n * delta.square() / 2, max=-math.log(2))
     return lp_mean + lp_cov
 
 
+def _blocks(v: Tensor, block_size: int) -> Tensor:
+    n = v.shape[-1] // block_size
+    return v[..., : n * block_size].unflatten(-1, (n, block_size))
+
+
+def _permuted_log_probs(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tensor:
+    """lp of each seeded permutation of v, [K], in one batched computation."""
+    generators = [torch.Generator(device=v.device).manual_seed(s) for s in perm_seeds]
+    perms = torch.stack([torch.randperm(v.numel(), generator=g, device=v.device) for g in generators])
+    return _block_log_prob(_blocks(v[perms], block_size))
+
+
 def prob_regulariser(v: Tensor, block_size: int, perm_seeds: list[int]) -> Tensor:
     """R_prob = −(lp(v) + (1/K) Σ_k lp(π_k v)), as in DNO's code: v's own order at weight 1 (the only term that sees
     correlation between neighbouring entries) plus the mean over K seeded permutations (which see the marginal
-    statistics). It is flat (4·log 2) while v looks Gaussian. Each permuted term is checkpointed so no permutation is
-    kept for backward."""
+    statistics). It is flat (4·log 2) while v looks Gaussian. The permuted terms are checkpointed, so the K
+    permuted copies of v are not kept for backward."""
     if v.numel() < block_size:
         raise FrameworkError(f"R_prob needs at least method.block_size={block_size} noise entries, got {v.numel()}")
-    own_order = _block_log_prob(v, block_size, None)
+    own_order = _block_log_prob(_blocks(v, block_size))
     if not perm_seeds:
         return -own_order
-    permuted = [checkpoint(_block_log_prob, v, block_size, s, use_reentrant=False) for s in perm_seeds]
-    return -(own_order + torch.stack(permuted).mean())
+    chunk = max(1, PERMUTED_ENTRIES // v.numel())  # permutations per batched call: bounded transient memory
+    permuted = [
+        checkpoint(_permuted_log_probs, v, block_size, perm_seeds[i : i + chunk], use_reentrant=False)
+        for i in range(0, len(perm_seeds), chunk)
+    ]
+    return -(own_order + torch.cat(permuted).mean())
 
 
 class ItemNoise:
