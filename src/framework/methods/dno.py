@@ -160,12 +160,12 @@ class DNO(Method):
             r_mira = trajectory_divergence([e.detach() for e in traj.eps], reference)
             noise_sq = torch.stack([f.square().mean() for f in flats])
             values = {"loss": losses, "regulariser": regs, "noise_sq": noise_sq, "r_mira": r_mira}
-            values = {key: value.detach().tolist() for key, value in values.items()}
+            values = {k: value.detach().tolist() for k, value in values.items()}
             for i, measures in zip(active, problem.measure(images[active], base_images[active], active)):
                 record = {"step": step, "reward": rewards[i], "grad_norm": grad_norms[i]}
                 steps[i].append(record | {k: value[i] for k, value in values.items()} | extras[i] | measures)
                 if key and (chosen[i] is None or measures[key] > chosen[i][0]):
-                    chosen[i] = (measures[key], step, images[i].detach(), rewards[i])
+                    chosen[i] = (measures[key], step, images[i].detach().clone(), rewards[i])  # not the batch
         with torch.no_grad():
             images, _ = problem.render(*batch())
             final_rewards = problem.score(images).tolist()

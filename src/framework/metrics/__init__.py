@@ -73,7 +73,8 @@ class ImageMetrics(nn.Module):
             columns["clipscore"] = self.clip(on_device, prompts).clamp_min(0)
         for name, reward in self.eval_rewards.items():
             columns[f"eval_{name}"] = reward(on_device, prompts)
-        records = [{key: column[i].item() for key, column in columns.items()} for i in range(len(images))]
+        columns = {key: column.tolist() for key, column in columns.items()}  # one device sync per metric
+        records = [{key: column[i] for key, column in columns.items()} for i in range(len(images))]
         captions = [i for i, prompt in enumerate(prompts) if self.judge is not None and is_caption(prompt)]
         if captions:
             log_prob, correct = judge_log_prob(self.judge, on_device[captions].float(), [prompts[i] for i in captions])
