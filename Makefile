@@ -14,7 +14,7 @@ RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 method.lr=0.05 prompts.limit
 SCALE ?= testbed
 EXPERIMENT ?=
 
-.PHONY: install run lint format test bench reproduce-tables clean
+.PHONY: install run lint format test bench bench-gpu reproduce-tables clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ reproduce-tables: install
 bench: install
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_batch.py
+	$(PY) benchmarks/bench_full_size.py
+
+# The full-size path on a CUDA device (random weights, nothing downloaded): make bench-gpu [BENCH_GPU_ARGS="--model sd15"]
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -53,6 +53,14 @@ def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_p
         capture_output=True,
     )
     [wheel] = (tmp_path / "dist").glob("framework-*.whl")
+    import zipfile
+
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for config in (
+        "models/architectures/sdxl/text_encoder_2/config.json",
+        "rewards/architectures/clip-vit-huge-patch14.json",
+    ):
+        assert f"framework/{config}" in shipped  # the full-size architectures build from package data
     subprocess.run(
         [*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True, capture_output=True
     )

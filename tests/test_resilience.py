@@ -210,9 +210,9 @@ def test_the_fingerprint_covers_metrics_prompts_samples_and_the_adapter_content(
     assert fingerprint(compose(*base), ["a dog"]) != reference
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"two")
     assert fingerprint(compose(*base), ["a cat"]) != reference
-    assert fingerprint(compose(*base, "logger=none", "trainer.devices=2"), ["a cat"]) == fingerprint(
-        compose(*base), ["a cat"]
-    )
+    runtime = ["logger=none", "trainer.devices=2", "method.batch_size=3", "model.vae_checkpointing=false"]
+    runtime += ["model.unet_checkpointing=true", "model.channels_last=true", "model.compile=true"]
+    assert fingerprint(compose(*base, *runtime), ["a cat"]) == fingerprint(compose(*base), ["a cat"])
 
 
 def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_with_one_line(tmp_path):

@@ -95,6 +95,7 @@ REWARDS = (
     "judge",
     "callable",
 )
+MODEL_REWARDS = ("aesthetic", "hps", "pickscore", "clipscore")  # those that are networks with weight files
 NON_DIFFERENTIABLE_REWARDS = ("jpeg",)  # and `callable` unless reward.differentiable=true
 POSITIVE, NON_NEGATIVE, UNIT, COUNT = Range(0, low_open=True), Range(0), Range(0, 1), Range(1)
 
@@ -107,18 +108,36 @@ def reward_configs() -> tuple[str, ...]:
 @dataclass
 class ModelConfig:
     kind: str = valid(MISSING, OneOf(("sd", "sdxl")))  # SD1.x | SDXL
-    source: str | None = valid(None, Text())  # hub id or local directory (save_pretrained layout); None if tiny
+    source: str | None = valid(None, Text())  # hub id or local directory (save_pretrained layout); None if built
     tiny: bool = False  # random-weight tiny architecture built in-process (tests, smoke runs)
+    # the published full-size architecture of `kind` (SD1.5 or SDXL base) with seeded random weights, built
+    # in-process from configurations shipped with the package: speed and memory as the real model's, images noise
+    random_weights: bool = False
     revision: str | None = valid(None, Text())
     variant: str | None = valid(None, Text())  # e.g. fp16 (which weight files to read)
     dtype: str = valid("float32", OneOf(DTYPES))  # UNet and text encoders
-    vae_dtype: str | None = valid(None, OneOf(DTYPES))  # defaults to dtype; SDXL's VAE overflows in float16
+    # null: dtype, except float32 under float16 for a VAE that overflows there (SDXL's), as diffusers does
+    vae_dtype: str | None = valid(None, OneOf(DTYPES))
     resolution: int = valid(512, Range(8, multiple_of=8))  # image side in pixels (the SD VAEs downsample 8×)
+    # How the networks run (RUNTIME_OPTIONS); none changes a result beyond float rounding, so a run resumes across
+    # them. The defaults are measured (README, Performance).
+    vae_checkpointing: bool = True  # keep only the VAE decoder's block inputs for backward, recompute the rest
+    unet_checkpointing: bool = False  # the same inside each UNet evaluation (one more UNet forward per step)
+    channels_last: bool = False  # UNet and VAE in channels-last memory format
+    compile: bool = False  # torch.compile the UNet (the first steps compile: minutes)
 
     @staticmethod
     def relations(c) -> Iterator[tuple[str, str]]:
-        if not c.tiny and c.source is None:
-            yield "source", "give a hub id or a local directory (or set model.tiny=true)"
+        if c.tiny and c.random_weights:
+            yield "random_weights", "model.tiny and model.random_weights both build random weights: choose one"
+        elif (c.tiny or c.random_weights) and c.source is not None:
+            built = "tiny" if c.tiny else "random_weights"
+            yield "source", f"model.{built}=true builds the model in-process: unset model.source (source=null)"
+        elif not (c.tiny or c.random_weights) and c.source is None:
+            yield "source", "give a hub id or a local directory (or set model.tiny=true or model.random_weights=true)"
+
+
+RUNTIME_OPTIONS = ("vae_checkpointing", "unet_checkpointing", "channels_last", "compile")
 
 
 @dataclass
@@ -130,6 +149,9 @@ class RewardConfig:
     arch: str | None = valid(None, Text())  # open_clip architecture (hps)
     version: str = valid("v2.1", OneOf(("v2.0", "v2.1")))  # hps
     tiny: bool = False  # random tiny version of the same architecture, built in-process
+    # the reward's published full-size network (CLIP ViT-L/14, ViT-H/14) with seeded random weights, built
+    # in-process: speed and memory as the real reward's, scores meaningless
+    random_weights: bool = False
     dtype: str = valid("float32", OneOf(DTYPES))
     jpeg_quality: int = valid(95, Range(1, 100))  # PIL's JPEG quality
     target: str | None = valid(None, Text())  # callable: "package.module:function" taking (images, prompts)
@@ -145,6 +167,18 @@ class RewardConfig:
     def relations(c) -> Iterator[tuple[str, str]]:
         if c.name == "callable" and (not c.target or c.target.count(":") != 1):
             yield "target", "reward=callable needs reward.target='package.module:function'"
+        if c.random_weights and c.name not in MODEL_REWARDS:
+            yield "random_weights", f"only the network rewards ({', '.join(MODEL_REWARDS)}) have weights"
+        elif c.random_weights and c.tiny:
+            yield "random_weights", "reward.tiny and reward.random_weights both build random weights: choose one"
+        elif c.random_weights and (c.source or c.checkpoint or c.processor):
+            yield (
+                "random_weights",
+                (
+                    f"it builds the network in-process and reads no weights: unset reward.source, reward.processor and "
+                    f"reward.checkpoint (reward={c.name}_arch does)"
+                ),
+            )
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import compose_error, validate
+from framework.config import RUNTIME_OPTIONS, compose_error, validate
 from framework.errors import INTERRUPTED, Failure, guarded, process_error_log, worst
 
 # Everything an item's result or its metrics depend on; a rerun into the same directory must match.
@@ -57,7 +57,9 @@ def fingerprint(cfg: DictConfig, prompts: list[str]) -> dict:
 
     digest = lambda data: hashlib.sha1(data).hexdigest()  # noqa: E731
     identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
-    identity["method"].pop("batch_size")  # how many items share a batch changes no item's result
+    identity["method"].pop("batch_size")  # how many items share a batch changes no item's result,
+    for key in RUNTIME_OPTIONS:  # nor how the networks run
+        identity["model"].pop(key)
     identity["prompts"] = {"count": len(prompts), "sha1": digest(json.dumps(prompts).encode())}
     adapter = Path(cfg.method.adapter) / WEIGHT_NAME if "adapter" in cfg.method else None
     if adapter is not None and adapter.is_file():

@@ -121,11 +121,11 @@ class ImageMetrics(nn.Module):
 
 
 def resolve_features(eval_cfg, model_cfg) -> str:
-    """`eval.features`, with auto meaning the judge on the testbed, CLIP on real models and none on tiny random
-    models (whose images carry no meaning)."""
+    """`eval.features`, with auto meaning the judge on the testbed, CLIP on real models and none on random-weight
+    models, tiny or full-size (whose images carry no meaning)."""
     features = eval_cfg.features
     if features == "auto":
-        features = "judge" if eval_cfg.adherence else "none" if model_cfg.tiny else "clip"
+        features = "judge" if eval_cfg.adherence else "none" if model_cfg.tiny or model_cfg.random_weights else "clip"
     return features
 
 

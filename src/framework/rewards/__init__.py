@@ -37,15 +37,23 @@ def _state_dict(path):
     return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True, map_location="cpu")
 
 
+def _random_clip(cfg: RewardConfig):
+    """The CLIP architecture of a random-weight reward config, None for one that reads weights."""
+    from framework.rewards.clip import random_clip_config
+
+    return random_clip_config(cfg.name, cfg.tiny) if cfg.tiny or cfg.random_weights else None
+
+
 def _aesthetic(cfg: RewardConfig, dtype) -> Reward:
     import torch
 
     from framework.rewards.clip import AestheticReward, aesthetic_mlp, load_clip
 
+    random = _random_clip(cfg)
     # The MLP file first: it is the part users most often lack.
-    state = None if cfg.tiny else _load_checkpoint(_weight_file(cfg), _state_dict)
-    vision = load_clip(cfg.source, cfg.tiny, dtype, vision_only=True)
-    if cfg.tiny:
+    state = None if random else _load_checkpoint(_weight_file(cfg), _state_dict)
+    vision = load_clip(cfg.source, dtype, vision_only=True, random=random)
+    if random:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             state = {f"layers.{k}": v for k, v in aesthetic_mlp(vision.config.projection_dim).state_dict().items()}
@@ -57,8 +65,9 @@ def _clip_similarity(cos_scale):
         from framework.rewards.clip import CLIPSimilarity, load_clip, load_tokenizer
 
         key = "reward.processor" if cfg.processor else "reward.source"
-        tokenizer = load_tokenizer(cfg.processor or cfg.source, cfg.tiny, key=key)
-        return CLIPSimilarity(load_clip(cfg.source, cfg.tiny, dtype), tokenizer, cos_scale)
+        random = _random_clip(cfg)
+        tokenizer = load_tokenizer(cfg.processor or cfg.source, random is not None, key=key)
+        return CLIPSimilarity(load_clip(cfg.source, dtype, random=random), tokenizer, cos_scale)
 
     return build
 
@@ -70,8 +79,8 @@ def _hps_checkpoint(cfg: RewardConfig) -> str:
 def _hps(cfg: RewardConfig, dtype) -> Reward:
     from framework.rewards.hps import TINY_ARCH, load_hps
 
-    if cfg.tiny:
-        return load_hps(TINY_ARCH, None, dtype)
+    if cfg.tiny or cfg.random_weights:
+        return load_hps(TINY_ARCH if cfg.tiny else cfg.arch or "ViT-H-14", None, dtype)
     path = _weight_file(cfg, default=_hps_checkpoint(cfg))
     return _load_checkpoint(path, lambda p: load_hps(cfg.arch or "ViT-H-14", p, dtype))
 
@@ -115,7 +124,7 @@ def build_reward(cfg: RewardConfig) -> Reward:
 def required_weights(cfg: RewardConfig, prefix: str) -> list[tuple[str, str, str]]:
     """(kind, spec, config key) of every weight `build_reward(cfg)` reads: kind "file" (a weight file) or
     "pretrained" (a save_pretrained directory or hub id)."""
-    if cfg.tiny:
+    if cfg.tiny or cfg.random_weights:
         return []
     pretrained = [("pretrained", cfg.source, f"{prefix}.source")] if cfg.source else []
     if cfg.name == "aesthetic":

@@ -1,5 +1,7 @@
 """Rewards on Hugging Face CLIP models: LAION aesthetic, CLIPScore, PickScore."""
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,7 +58,10 @@ class CLIPSimilarity(Reward):
                 return_tensors="pt",
                 max_length=self.model.config.text_config.max_position_embeddings,
             )
-            feats = self.model.get_text_features(**tokens.to(self.model.device)).pooler_output.float()
+            # Only the ids: CLIP's text attention is causal and pools at the first end token, which sees no padding,
+            # so the padding mask changes nothing (and checking it would read a value back from the device).
+            ids = tokens.input_ids.to(self.model.device)
+            feats = self.model.get_text_features(input_ids=ids).pooler_output.float()
             self._text_cache.update(zip(missing, F.normalize(feats, dim=-1)))
         return torch.stack([self._text_cache[p] for p in prompts])
 
@@ -99,15 +104,26 @@ class AestheticReward(Reward):
         return self.layers(embeds.to(self.layers[0].weight.dtype)).squeeze(-1).float()
 
 
-def load_clip(source: str | None, tiny: bool, dtype: torch.dtype, vision_only: bool = False):
-    """CLIPModel, or only its vision tower with projection. The projection width lives in the top-level CLIPConfig;
-    the vision sub-config's own `projection_dim` is a default (512) that would silently re-initialise the
-    projection of ViT-L/14 (768), so it is copied over before loading."""
+ARCHITECTURES = Path(__file__).parent / "architectures"
+# Each reward's published CLIP (HF CLIPConfig files shipped with the package): openai/clip-vit-large-patch14 under
+# the LAION aesthetic head and CLIPScore; laion/CLIP-ViT-H-14-laion2B-s32B-b79K, which PickScore_v1 fine-tunes.
+PUBLISHED_CLIP = {
+    "aesthetic": "clip-vit-large-patch14",
+    "clipscore": "clip-vit-large-patch14",
+    "pickscore": "clip-vit-huge-patch14",
+}
+
+
+def load_clip(source: str | None, dtype: torch.dtype, vision_only: bool = False, random: CLIPConfig | None = None):
+    """CLIPModel, or only its vision tower with projection; `random`: that architecture with seeded random weights
+    instead of `source`'s. The projection width lives in the top-level CLIPConfig; the vision sub-config's own
+    `projection_dim` is a default (512) that would silently re-initialise the projection of ViT-L/14 (768), so it
+    is copied over before loading."""
     from framework.weights import load_pretrained
 
-    config = tiny_clip_config() if tiny else load_pretrained(CLIPConfig, source, key="reward.source")
+    config = random or load_pretrained(CLIPConfig, source, key="reward.source")
     config.vision_config.projection_dim = config.projection_dim
-    if tiny:
+    if random is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return (CLIPVisionModelWithProjection(config.vision_config) if vision_only else CLIPModel(config)).to(dtype)
@@ -115,7 +131,13 @@ def load_clip(source: str | None, tiny: bool, dtype: torch.dtype, vision_only: b
     return load_pretrained(cls, source, key="reward.source", config=config, dtype=dtype)
 
 
-def load_tokenizer(source: str | None, tiny: bool, key: str):
+def random_clip_config(name: str, tiny: bool) -> CLIPConfig | None:
+    """The CLIP architecture a random-weight reward `name` builds: the tiny one, or its published one."""
+    return tiny_clip_config() if tiny else CLIPConfig.from_json_file(ARCHITECTURES / f"{PUBLISHED_CLIP[name]}.json")
+
+
+def load_tokenizer(source: str | None, built: bool, key: str):
+    """The tokenizer of `source`, or (`built`: a random-weight reward) the CLIP tokenizer built offline."""
     from framework.weights import load_pretrained
 
-    return build_clip_tokenizer() if tiny else load_pretrained(AutoTokenizer, source, key=key)
+    return build_clip_tokenizer() if built else load_pretrained(AutoTokenizer, source, key=key)

@@ -45,8 +45,10 @@ class HPSReward(Reward):
 
 
 def load_hps(arch: str, checkpoint: Path | None, dtype: torch.dtype) -> HPSReward:
-    """`checkpoint=None` builds `arch` with seeded random weights (tiny smoke versions)."""
+    """`checkpoint=None` builds `arch` with seeded random weights (tiny smoke versions, full-size benchmarks), on
+    the default device (see models.full_size)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None)
+        pretrained = str(checkpoint) if checkpoint else None
+        model = open_clip.create_model(arch, pretrained=pretrained, device=torch.get_default_device())
     return HPSReward(model.to(dtype), open_clip.get_tokenizer(arch))

@@ -1,0 +1,113 @@
+"""The full-size path (SD1.5 and SDXL architectures, HPS's ViT-H-14 reward) measured on any machine, no GPU needed.
+
+    python benchmarks/bench_full_size.py [--proxy-only | --no-proxy]     (make bench)
+
+7. peak memory of one MIRA step at full size, bfloat16, CFG 5, counted on the meta device (benchmarks/meta_device.py):
+   SD1.5 at 512² and SDXL at 1024², with each memory option, at batch 1 and more, 50 vs 10 steps; and the naive
+   loop (autograd through the whole chain, no checkpointing)       targets (GiB): SD1.5 ≤ 10, SDXL ≤ 24
+8. FLOPs of a plain 50-step sample and of a MIRA step (torch's FLOP counter, meta device): the MFU numerator
+9. CPU proxy: SD1.5-arch at 64 px with the HPS-arch reward, one MIRA step end to end at 10 and 50 steps, computed
+   for real (fresh process each): seconds and peak RSS growth                                  target ≤ 1.2
+"""
+
+import argparse
+import time
+
+import torch
+from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script's directory
+from meta_device import GiB, PROMPT, meta_problem, peak_step_memory, sample_and_step_flops, weight_bytes
+
+
+MODELS = {"SD1.5-arch 512²": ("sd", 512), "SDXL-arch 1024²": ("sdxl", 1024)}
+
+
+def memory_table(num_steps: int) -> None:
+    print("7. peak memory of a MIRA step (weights + the step's own tensors), bfloat16, meta device")
+    print(f"   {'model':18} {'options':44} {'batch':>5} {'steps':>5} {'weights':>9} {'step':>9} {'total':>9}")
+    rows = [
+        ({}, 1, num_steps),
+        ({}, 1, 10),
+        ({"vae_checkpointing": False}, 1, 10),
+        ({"unet_checkpointing": True}, 1, 10),
+        ({}, 4, 10),
+        ({"unet_checkpointing": True}, 4, 10),
+    ]
+    for label, (kind, resolution) in MODELS.items():
+        for options, batch, steps in rows:
+            problem = meta_problem(kind, resolution, batch, steps, **options)
+            weights, step = weight_bytes(problem), peak_step_memory(problem)
+            shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+            print(
+                f"   {label:18} {shown:44} {batch:5} {steps:5} {weights / GiB:6.1f}GiB {step / GiB:6.1f}GiB "
+                f"{(weights + step) / GiB:6.1f}GiB"
+            )
+        # The naive loop keeps every step's activations: its memory is affine in the step count.
+        at = {s: peak_step_memory(meta_problem(kind, resolution, 1, s, vae_checkpointing=False), False) for s in (2, 4)}
+        per_step = (at[4] - at[2]) / 2
+        weights = weight_bytes(meta_problem(kind, resolution, 1, 1))
+        naive = {s: weights + at[2] + (s - 2) * per_step for s in (1, num_steps)}
+        fits = {card: int((card * GiB - weights - at[2]) // per_step) + 2 for card in (24, 80)}
+        print(
+            f"   {label:18} naive loop: {naive[1] / GiB:.1f} GiB at 1 step, +{per_step / GiB:.2f} GiB per step, "
+            f"{naive[num_steps] / GiB:.0f} GiB at {num_steps}; fits 24 GiB up to {max(fits[24], 0)} steps, "
+            f"80 GiB up to {max(fits[80], 0)}"
+        )
+
+
+def flop_table(num_steps: int) -> None:
+    print(f"\n8. FLOPs at batch 1, {num_steps} steps (model FLOPs: no recomputation counted)")
+    for label, (kind, resolution) in MODELS.items():
+        sample, step = sample_and_step_flops(kind, resolution, num_steps)
+        print(f"   {label:18} plain sample {sample / 1e12:7.1f} TFLOP   MIRA step {step / 1e12:7.1f} TFLOP")
+
+
+def _proxy_child(num_steps: int, resolution: int, queue) -> None:
+    from framework.config import MIRAConfig, ModelConfig, RewardConfig
+    from framework.methods import Item, Problem, build_method
+    from framework.models import load_backbone
+    from framework.rewards import build_reward
+
+    backbone = load_backbone(ModelConfig(kind="sd", random_weights=True, resolution=resolution))
+    reward = build_reward(RewardConfig(name="hps", random_weights=True))
+    cfg = MIRAConfig(num_steps=num_steps, opt_steps=1, beta=1.0)
+    method = build_method(cfg, reward)
+
+    def one_step():
+        with torch.enable_grad():
+            (result,) = method.run(Problem(backbone, reward, Item(0, 0, PROMPT, 0), cfg))
+        assert result.steps[0]["grad_norm"] > 0
+
+    start = time.perf_counter()
+    peak, baseline = peak_of(one_step, "cpu")
+    queue.put((time.perf_counter() - start, peak, baseline))
+
+
+def cpu_proxy(resolution: int) -> None:
+    print(f"\n9. CPU proxy: SD1.5-arch at {resolution} px, HPS-arch reward (float32), one MIRA step + final sample")
+    measured = {s: in_fresh_process(_proxy_child, s, resolution) for s in (10, 50)}
+    for steps, (seconds, peak, baseline) in measured.items():
+        print(
+            f"   {steps:2} steps: {seconds:6.1f} s, peak RSS {peak / GiB:.2f} GiB ({baseline / GiB:.2f} GiB loaded, "
+            f"+{(peak - baseline) / GiB:.2f} GiB in the step)"
+        )
+    ratio = measured[50][1] / measured[10][1]
+    growth = (measured[50][1] - measured[50][2]) / (measured[10][1] - measured[10][2])
+    print(f"   peak memory 50 / 10 steps: {ratio:.2f} (the step's own growth: {growth:.2f})   target ≤ 1.2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--proxy-resolution", type=int, default=64)
+    parser.add_argument("--proxy-only", action="store_true")
+    parser.add_argument("--no-proxy", action="store_true")
+    args = parser.parse_args()
+    if not args.proxy_only:
+        memory_table(args.num_steps)
+        flop_table(args.num_steps)
+    if not args.no_proxy:
+        cpu_proxy(args.proxy_resolution)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Memory and FLOPs of the full-size path on the meta device: every tensor a step creates has its shape, dtype and
+size, but nothing is computed and no weight exists, so SDXL at 1024² is accounted on any laptop in seconds.
+
+Peak tensor memory is what CUDA's `max_memory_allocated` counts, less its block rounding (512 B) and the kernels'
+workspaces (cuBLAS, cuDNN: tens of MiB). torch's own MemTracker would do this accounting but registers gradient
+hooks on every parameter, which frozen networks refuse; the tracker here is the same idea in a few lines.
+"""
+
+import contextlib
+import weakref
+
+import framework  # noqa: F401  (torchvision workaround)
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from framework.config import MIRAConfig, ModelConfig, RewardConfig
+from framework.methods import Item, Problem
+from framework.models import load_backbone
+from framework.rewards import build_reward
+from framework.sampling import trajectory_divergence
+
+GiB = 2**30
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+class TensorMemory(TorchDispatchMode):
+    """Bytes of live tensor storage created inside the context, and their peak. A storage counts from the op that
+    creates it until its last user (a view, autograd's saved tensors) is gone, which the storage's Python object
+    (kept alive exactly that long by PyTorch) reports through a finaliser."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in self.live:
+                    self.live[storage._cdata] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._free, storage._cdata)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """SDPA as CUDA runs it (a fused kernel that keeps its output and log-sum-exp for backward, never the attention
+    matrix), where the meta device would take the math path. Swapped in as `F.scaled_dot_product_attention`, which
+    diffusers looks up at each call, so checkpoint recomputation sees it too."""
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or kwargs:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def meta_problem(kind: str, resolution: int, batch: int, num_steps: int, **options) -> Problem:
+    """A MIRA problem of `batch` items on the full-size model of `kind` and HPS's ViT-H-14, all in bfloat16 (the
+    VAE as the pipelines keep it), on the meta device."""
+    with torch.device("meta"):
+        model = ModelConfig(kind=kind, random_weights=True, resolution=resolution, dtype="bfloat16", **options)
+        backbone = load_backbone(model)
+        reward = build_reward(RewardConfig(name="hps", random_weights=True, dtype="bfloat16"))
+    backbone.scheduler = DDIMScheduler.from_config(backbone.scheduler.config)  # its tables must hold values
+    cfg = MIRAConfig(num_steps=num_steps, beta=1.0)
+    return Problem(backbone, reward, [Item(i, 0, PROMPT, i) for i in range(batch)], cfg)
+
+
+def weight_bytes(problem: Problem) -> int:
+    return sum(p.numel() * p.element_size() for m in (problem.backbone, problem.reward) for p in m.parameters())
+
+
+def mira_step(problem: Problem, reference=None, checkpoint: bool = True) -> None:
+    """One MIRA optimisation step's forward and backward (the optimiser's update of the noise is negligible); the
+    reference ε̂ are those of a no-grad sample (at step 0 MIRA takes them from this very pass)."""
+    x_T, noises = problem.noise()
+    if reference is None:
+        with torch.no_grad():
+            reference = [eps.detach() for eps in problem.render(x_T, noises)[1].eps]
+    x_T.requires_grad_(), noises.requires_grad_()
+    with torch.enable_grad():
+        images, traj = problem.render(x_T, noises, checkpoint=checkpoint)
+        loss = -problem.score(images).sum() + problem.sampling.beta * trajectory_divergence(traj.eps, reference).sum()
+        loss.backward()
+
+
+def peak_step_memory(problem: Problem, checkpoint: bool = True) -> int:
+    """Peak bytes of one MIRA step on top of the weights (its reference sample runs before, outside the count)."""
+    x_T, noises = problem.noise()
+    with torch.no_grad():
+        reference = [eps.detach() for eps in problem.render(x_T, noises)[1].eps]
+    with fused_attention(), TensorMemory() as memory:
+        mira_step(problem, reference, checkpoint)
+    return memory.peak
+
+
+def flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def sample_and_step_flops(kind: str, resolution: int, num_steps: int) -> tuple[float, float]:
+    """(FLOPs of a plain sample, model FLOPs of a MIRA step: forward and backward, recomputation not counted) at
+    batch 1 and `num_steps` steps. Both are affine in the step count, so two short counts give them exactly."""
+    per_steps = {}
+    for steps in (1, 2):
+        problem = meta_problem(kind, resolution, 1, steps)
+        x_T, noises = problem.noise()
+        sample = flops(torch.no_grad()(lambda: problem.score(problem.render(x_T, noises)[0])))
+        step = flops(lambda: mira_step(problem, [torch.zeros_like(x_T)] * steps, checkpoint=False))
+        per_steps[steps] = (sample, step)
+    return tuple(one + (num_steps - 1) * (two - one) for one, two in zip(per_steps[1], per_steps[2]))

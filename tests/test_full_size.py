@@ -1,0 +1,150 @@
+"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch; reward=*_arch), checked on the meta device:
+parameter counts against the published checkpoints' and every tensor shape of the sampler's path, without memory or
+compute."""
+
+import pytest
+import torch
+
+from framework.config import ModelConfig, RewardConfig
+from framework.models import load_backbone
+from framework.rewards import build_reward
+
+# Parameters of the released checkpoints (diffusers / transformers / open_clip counts of the published weights).
+PUBLISHED_MODELS = {
+    "sd": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+}
+PUBLISHED_REWARDS = {
+    "hps": 986_109_698,  # open_clip ViT-H-14 (image 632.08 M + text 354.03 M)
+    "pickscore": 986_109_698,  # the same ViT-H/14 as a transformers CLIPModel
+    "clipscore": 427_616_513,  # openai/clip-vit-large-patch14
+    "aesthetic": 303_966_208 + 927_969,  # its vision tower with projection, and the MLP head
+}
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def meta_backbone(request):
+    with torch.device("meta"):
+        cfg = ModelConfig(kind=request.param, random_weights=True, resolution=512 if request.param == "sd" else 1024)
+        return load_backbone(cfg)
+
+
+def test_full_size_models_have_the_published_parameter_counts(meta_backbone):
+    kind = "sdxl" if meta_backbone.is_sdxl else "sd"
+    for name, published in PUBLISHED_MODELS[kind].items():
+        assert count(getattr(meta_backbone.pipe, name)) == pytest.approx(published, rel=0.01), name
+
+
+def test_full_size_models_map_shapes_through_the_sampler_path(meta_backbone):
+    """Prompt encoding, a CFG-guided ε̂ at the native latent size and a decode to the native resolution."""
+    latent = meta_backbone.latent_shape()
+    side = 1024 if meta_backbone.is_sdxl else 512
+    assert latent == (4, side // 8, side // 8)
+    cond = meta_backbone.encode(["a photo of a cat", "a dog"])
+    width = 2048 if meta_backbone.is_sdxl else 768  # SDXL: both encoders' hidden states, concatenated
+    assert cond.embeds.shape == cond.uncond_embeds.shape == (2, 77, width)
+    if meta_backbone.is_sdxl:
+        assert cond.pooled.shape == (2, 1280) and cond.time_ids.shape == (2, 6)
+    x = torch.zeros(2, *latent, device="meta")
+    eps, eps_cond = meta_backbone.eps_branches(x, 981, cond, guidance_scale=5.0)
+    assert eps.shape == eps_cond.shape == x.shape
+    assert meta_backbone.decode(x).shape == (2, 3, side, side)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_REWARDS))
+def test_full_size_rewards_have_the_published_parameter_counts_and_score_images(name):
+    with torch.device("meta"):
+        reward = build_reward(RewardConfig(name=name, random_weights=True))
+        scores = reward(torch.zeros(3, 3, 512, 512), ["a cat", "a dog", "a cat"])
+    assert count(reward) == pytest.approx(PUBLISHED_REWARDS[name], rel=0.01)
+    assert scores.shape == (3,)
+
+
+def _image_and_gradient(**options):
+    """A tiny SD sample through the checkpointed sampler and the gradient of its brightness w.r.t. x_T."""
+    from framework.config import DNOConfig
+    from framework.methods import Item, Problem
+
+    backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32, **options))
+    reward = build_reward(RewardConfig(name="brightness"))
+    problem = Problem(backbone, reward, Item(0, 0, "a cat", 0), DNOConfig(num_steps=3))
+    x_T, noises = problem.noise()
+    x_T.requires_grad_()
+    with torch.enable_grad():
+        images, _ = problem.render(x_T, noises, checkpoint=True)
+        problem.score(images).sum().backward()
+    return backbone, images.detach(), x_T.grad
+
+
+@pytest.fixture(scope="module")
+def default_image_and_gradient():
+    return _image_and_gradient()[1:]
+
+
+@pytest.mark.parametrize(
+    "option, in_effect",
+    [
+        ("vae_checkpointing", lambda b, on: b.vae.decoder.gradient_checkpointing == on),
+        ("unet_checkpointing", lambda b, on: b.unet.is_gradient_checkpointing == on),
+        ("channels_last", lambda b, on: b.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == on),
+    ],
+)
+def test_runtime_options_take_effect_and_change_no_image_or_gradient(option, in_effect, default_image_and_gradient):
+    default = getattr(ModelConfig, option)
+    backbone, images, grad = _image_and_gradient(**{option: not default})
+    assert in_effect(backbone, not default)
+    assert torch.allclose(images, default_image_and_gradient[0], atol=1e-5)
+    assert torch.allclose(grad, default_image_and_gradient[1], atol=1e-6, rtol=1e-4)
+
+
+def test_compile_traces_the_checkpointed_sampler_and_its_backward(monkeypatch, default_image_and_gradient):
+    """model.compile=true through dynamo and AOTAutograd: the aot_eager backend stands in for inductor, whose C++
+    build of the UNet takes minutes on a CPU (benchmarks/bench_gpu.py measures inductor itself)."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    backbone, images, grad = _image_and_gradient(compile=True)
+    assert backbone.unet._compiled_call_impl is not None
+    assert torch.allclose(images, default_image_and_gradient[0], atol=1e-5)
+    assert torch.allclose(grad, default_image_and_gradient[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cpu_proxy_runs_a_mira_step_on_sd15_arch_with_the_hps_arch_reward(tmp_path):
+    """The full-size path end to end on a CPU: SD1.5's networks at 64 px, the CLI, MIRA's loop, the VAE backward
+    and the full ViT-H-14 reward (benchmarks/bench_full_size.py measures it at 10 and 50 steps)."""
+    import json
+
+    from conftest import run_cli
+
+    args = ["model=sd15_arch", "model.resolution=64", "reward=hps_arch", "method=mira", "method.num_steps=2"]
+    result = run_cli(*args, "method.opt_steps=1", "prompts.limit=1", "logger=none", run_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (record_file,) = tmp_path.glob("items/*/record.json")
+    record = json.loads(record_file.read_text())
+    assert record["status"] == "ok" and len(record["steps"]) == 1
+    step = record["steps"][0]
+    assert step["grad_norm"] > 0 and step["regulariser"] == 0  # a gradient reached the noise; z = z0 at step 0
+    assert record["compute"]["evals"] == 2 * 2 + 2  # the step: forward and recompute of 2 steps; the final sample
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=sd15", "model.random_weights=true"], "model.source='stable-diffusion-v1-5/stable-diffusion-v1-5' is"),
+        (["model=sd15_arch", "model.tiny=true"], "model.random_weights=True is not valid; model.tiny and"),
+        (["reward=pickscore", "reward.random_weights=true"], "reward.random_weights=True is not valid; it builds"),
+        (["reward=jpeg", "reward.random_weights=true"], "reward.random_weights=True is not valid; only the network"),
+    ],
+)
+def test_random_weight_configs_that_contradict_themselves_are_refused(overrides, message):
+    from conftest import compose
+
+    from framework.config import validate
+    from framework.errors import FrameworkError
+
+    with pytest.raises(FrameworkError, match=message.replace("(", r"\(")):
+        validate(compose(*overrides))
