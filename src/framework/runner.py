@@ -84,7 +84,8 @@ class InferenceTimeAlignment(L.LightningModule):
                 self._fail(
                     batch[0],
                     f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try method.checkpoint=true, "
-                    "fewer images per sampler call (method.batch_size) or a smaller model.resolution",
+                    "model.unet_checkpointing=true, fewer images per sampler call (method.batch_size) or a smaller "
+                    "model.resolution",
                 )
 
     def _run(self, items: list[Item]) -> None:
