@@ -32,6 +32,7 @@ from framework.models import load_backbone
 from framework.rewards import build_reward
 
 MODELS = {"sd15": ("sd", 512), "sdxl": ("sdxl", 1024)}
+OPTIONS = {"vae_checkpointing": False, "unet_checkpointing": True, "channels_last": True, "compile": True}  # ≠ default
 # Dense bfloat16 tensor-core peaks (TFLOP/s) by device name; --peak-tflops for any other.
 PEAKS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "A100": 312, "L40S": 362, "4090": 165}
 
@@ -65,6 +66,15 @@ class Bench:
             self.sync()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
+
+    @staticmethod
+    def attempt(fn):
+        """fn(), or None if the device runs out of memory (its cache then emptied for the next attempt)."""
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None
 
     def peak(self, fn) -> float:
         """Peak allocated GiB during fn() (0 on the CPU)."""
@@ -128,11 +138,7 @@ class Bench:
         backbone = self.backbone(vae_checkpointing=False)
 
         def fits(steps: int) -> float | None:
-            try:
-                return self.peak(lambda: self.naive_step(backbone, steps))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                return None
+            return self.attempt(lambda: self.peak(lambda: self.naive_step(backbone, steps)))
 
         full = fits(self.num_steps)
         if full is not None:
@@ -161,47 +167,38 @@ def bench_model(name: str, args) -> None:
     print("b. batch   per-image MIRA step   vs batch 1   peak allocated   MFU")
     batch, alone = 1, None
     while batch <= args.max_batch:
-        try:
-            seconds, memory = bench.step(backbone, MIRAConfig, batch)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        measured = bench.attempt(lambda: bench.step(backbone, MIRAConfig, batch))
+        if measured is None:
             print(f"   {batch:5}   out of memory")
             break
+        seconds, memory = measured
         per_image = seconds / batch
         alone = alone or (per_image, memory)
         mfu = f"{step_flops / per_image / peak_flops:.0%}" if step_flops and peak_flops else "n/a"
         print(f"   {batch:5}   {per_image:15.2f} s   {per_image / alone[0]:10.2f}   {memory:10.1f} GiB   {mfu}")
         batch *= 2
-    sample, (dno, _) = bench.sample_seconds(backbone), bench.step(backbone, DNOConfig)
+    alone = alone or (float("nan"), float("nan"))  # not even batch 1 fits with the defaults: see c.
+    sample, dno = bench.sample_seconds(backbone), bench.attempt(lambda: bench.step(backbone, DNOConfig)[0])
     mira = alone[0]
     print(
         f"a. plain sample {sample:.2f} s; MIRA step {mira:.2f} s ({mira / sample:.2f}× the sample); "
-        f"DNO step {dno:.2f} s ({dno / sample:.2f}×)"
+        + ("DNO step: out of memory" if dno is None else f"DNO step {dno:.2f} s ({dno / sample:.2f}×)")
     )
     print(
         f"c. option (one at a time)          MIRA step     peak\n   {'defaults':32} {mira:7.2f} s  {alone[1]:7.1f} GiB"
     )
-    variants = {
-        "vae_checkpointing=false": {"vae_checkpointing": False},
-        "unet_checkpointing=true": {"unet_checkpointing": True},
-    }
-    variants["channels_last=true"] = {"channels_last": True}
-    if not args.no_compile:
-        variants["compile=true"] = {"compile": True}
-    variants["attention: classic processor"] = "classic"
-    del backbone
-    for label, options in variants.items():
-        variant = bench.backbone(**(options if options != "classic" else {}))
-        if options == "classic":
+    variants = [(f"{key}={value}".lower(), {key: value}) for key, value in OPTIONS.items()]
+    variants = [v for v in variants if not (args.no_compile and "compile" in v[1])] + [("classic attention", {})]
+    backbone = None  # free the device for the variants
+    for label, options in variants:
+        variant = bench.backbone(**options)
+        if label == "classic attention":  # diffusers' processor before SDPA: the attention matrix materialised
             variant.unet.set_attn_processor(AttnProcessor())
             variant.vae.set_attn_processor(AttnProcessor())
-        try:
-            seconds, memory = bench.step(variant, MIRAConfig)
-            print(f"   {label:32} {seconds:7.2f} s  {memory:7.1f} GiB")
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            print(f"   {label:32} out of memory")
-        del variant
+        measured = bench.attempt(lambda: bench.step(variant, MIRAConfig))
+        shown = "out of memory" if measured is None else f"{measured[0]:7.2f} s  {measured[1]:7.1f} GiB"
+        print(f"   {label:32} {shown}")
+        variant = None
     print(f"d. naive loop (diffusers' components, no checkpointing): {bench.naive()}")
 
 
