@@ -44,7 +44,6 @@ def memory_table(num_steps: int) -> None:
         # The naive loop keeps every step's activations: its memory is affine in the step count.
         at = {s: peak_step_memory(meta_problem(kind, resolution, 1, s, vae_checkpointing=False), False) for s in (2, 4)}
         per_step = (at[4] - at[2]) / 2
-        weights = weight_bytes(meta_problem(kind, resolution, 1, 1))
         naive = {s: weights + at[2] + (s - 2) * per_step for s in (1, num_steps)}
         fits = {card: int((card * GiB - weights - at[2]) // per_step) + 2 for card in (24, 80)}
         print(

@@ -34,7 +34,7 @@ from framework.rewards import build_reward
 MODELS = {"sd15": ("sd", 512), "sdxl": ("sdxl", 1024)}
 OPTIONS = {"vae_checkpointing": False, "unet_checkpointing": True, "channels_last": True, "compile": True}  # ≠ default
 # Dense bfloat16 tensor-core peaks (TFLOP/s) by device name; --peak-tflops for any other.
-PEAKS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "A100": 312, "L40S": 362, "4090": 165}
+PEAKS = {"H200": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "A100": 312, "L40S": 362, "4090": 165}
 
 
 class Bench:
@@ -114,8 +114,7 @@ class Bench:
         pipe, cond = backbone.pipe, backbone.encode([PROMPT])
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(steps)
-        x = torch.randn(1, *backbone.latent_shape(), device=self.device, requires_grad=True)
-        latents = x
+        latents = torch.randn(1, *backbone.latent_shape(), device=self.device, requires_grad=True)
         added = None
         if backbone.is_sdxl:
             added = {

@@ -88,13 +88,10 @@ def weight_bytes(problem: Problem) -> int:
     return sum(p.numel() * p.element_size() for m in (problem.backbone, problem.reward) for p in m.parameters())
 
 
-def mira_step(problem: Problem, reference=None, checkpoint: bool = True) -> None:
-    """One MIRA optimisation step's forward and backward (the optimiser's update of the noise is negligible); the
-    reference ε̂ are those of a no-grad sample (at step 0 MIRA takes them from this very pass)."""
+def mira_step(problem: Problem, reference: list, checkpoint: bool = True) -> None:
+    """One MIRA optimisation step's forward and backward against the `reference` ε̂ (the optimiser's update of the
+    noise is negligible)."""
     x_T, noises = problem.noise()
-    if reference is None:
-        with torch.no_grad():
-            reference = [eps.detach() for eps in problem.render(x_T, noises)[1].eps]
     x_T.requires_grad_(), noises.requires_grad_()
     with torch.enable_grad():
         images, traj = problem.render(x_T, noises, checkpoint=checkpoint)
@@ -103,7 +100,8 @@ def mira_step(problem: Problem, reference=None, checkpoint: bool = True) -> None
 
 
 def peak_step_memory(problem: Problem, checkpoint: bool = True) -> int:
-    """Peak bytes of one MIRA step on top of the weights (its reference sample runs before, outside the count)."""
+    """Peak bytes of one MIRA step on top of the weights. Its reference ε̂ are a no-grad sample's (at step 0 MIRA
+    takes them from the step's own pass), run before, outside the count."""
     x_T, noises = problem.noise()
     with torch.no_grad():
         reference = [eps.detach() for eps in problem.render(x_T, noises)[1].eps]

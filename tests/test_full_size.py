@@ -14,11 +14,14 @@ PUBLISHED_MODELS = {
     "sd": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
 }
+CLIP_L, CLIP_L_TEXT = 427_616_513, 123_060_480  # openai/clip-vit-large-patch14, and its text tower
+AESTHETIC_HEAD = (768 + 1) * 1024 + (1024 + 1) * 128 + (128 + 1) * 64 + (64 + 1) * 16 + (16 + 1)  # LAION's MLP
 PUBLISHED_REWARDS = {
-    "hps": 986_109_698,  # open_clip ViT-H-14 (image 632.08 M + text 354.03 M)
-    "pickscore": 986_109_698,  # the same ViT-H/14 as a transformers CLIPModel
-    "clipscore": 427_616_513,  # openai/clip-vit-large-patch14
-    "aesthetic": 303_966_208 + 927_969,  # its vision tower with projection, and the MLP head
+    "hps": 986.11e6,  # open_clip's ViT-H-14 (its model table: 986.11 M)
+    "pickscore": 986.11e6,  # the same ViT-H/14 as a transformers CLIPModel
+    "clipscore": CLIP_L,
+    # the vision tower with projection: CLIP ViT-L/14 less its text tower, text projection and logit scale
+    "aesthetic": CLIP_L - CLIP_L_TEXT - 768 * 768 - 1 + AESTHETIC_HEAD,
 }
 
 
