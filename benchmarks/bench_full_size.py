@@ -1,10 +1,11 @@
-"""The full-size path (SD1.5 and SDXL architectures, HPS's ViT-H-14 reward) measured on any machine, no GPU needed.
+"""The full-size path (SD1.5, SDXL and SD3.5-medium architectures, HPS's ViT-H-14 reward) measured on any machine, no
+GPU needed.
 
-    python benchmarks/bench_full_size.py [--proxy-only | --no-proxy]     (make bench)
+    python benchmarks/bench_full_size.py [--model sd15|sdxl|sd35|all] [--proxy-only | --no-proxy]     (make bench)
 
 7. peak memory of one MIRA step at full size, bfloat16, CFG 5, counted on the meta device (benchmarks/meta_device.py):
-   SD1.5 at 512² and SDXL at 1024², with each memory option, at batch 1 and more, 50 vs 10 steps; and the naive
-   loop (autograd through the whole chain, no checkpointing)       targets (GiB): SD1.5 ≤ 10, SDXL ≤ 24
+   SD1.5 at 512², SDXL and SD3.5 medium at 1024², with each memory option, at batch 1 and more, 50 vs 10 steps; and
+   the naive loop (autograd through the whole chain, no checkpointing)       targets (GiB): SD1.5 ≤ 10, SDXL ≤ 24
 8. FLOPs of a plain 50-step sample and of a MIRA step (torch's FLOP counter, meta device): the MFU numerator
 9. CPU proxy: SD1.5-arch at 64 px with the HPS-arch reward, one MIRA step end to end at 10 and 50 steps, computed
    for real (fresh process each): seconds and peak RSS growth                                  target ≤ 1.2
@@ -18,10 +19,14 @@ from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script
 from meta_device import GiB, PROMPT, meta_problem, peak_step_memory, sample_and_step_flops, weight_bytes
 
 
-MODELS = {"SD1.5-arch 512²": ("sd", 512), "SDXL-arch 1024²": ("sdxl", 1024)}
+MODELS = {
+    "sd15": ("SD1.5-arch 512²", "sd", 512),
+    "sdxl": ("SDXL-arch 1024²", "sdxl", 1024),
+    "sd35": ("SD3.5-arch 1024²", "sd3", 1024),
+}
 
 
-def memory_table(num_steps: int) -> None:
+def memory_table(num_steps: int, models: list[str]) -> None:
     print("7. peak memory of a MIRA step (weights + the step's own tensors), bfloat16, meta device")
     print(f"   {'model':18} {'options':44} {'batch':>5} {'steps':>5} {'weights':>9} {'step':>9} {'total':>9}")
     rows = [
@@ -32,7 +37,7 @@ def memory_table(num_steps: int) -> None:
         ({}, 4, 10),
         ({"unet_checkpointing": True}, 4, 10),
     ]
-    for label, (kind, resolution) in MODELS.items():
+    for label, kind, resolution in (MODELS[name] for name in models):
         for options, batch, steps in rows:
             problem = meta_problem(kind, resolution, batch, steps, **options)
             weights, step = weight_bytes(problem), peak_step_memory(problem)
@@ -53,9 +58,9 @@ def memory_table(num_steps: int) -> None:
         )
 
 
-def flop_table(num_steps: int) -> None:
+def flop_table(num_steps: int, models: list[str]) -> None:
     print(f"\n8. FLOPs at batch 1, {num_steps} steps (model FLOPs: no recomputation counted)")
-    for label, (kind, resolution) in MODELS.items():
+    for label, kind, resolution in (MODELS[name] for name in models):
         sample, step = sample_and_step_flops(kind, resolution, num_steps)
         print(f"   {label:18} plain sample {sample / 1e12:7.1f} TFLOP   MIRA step {step / 1e12:7.1f} TFLOP")
 
@@ -97,13 +102,15 @@ def cpu_proxy(resolution: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all", help="the models of tables 7 and 8")
     parser.add_argument("--proxy-resolution", type=int, default=64)
     parser.add_argument("--proxy-only", action="store_true")
     parser.add_argument("--no-proxy", action="store_true")
     args = parser.parse_args()
     if not args.proxy_only:
-        memory_table(args.num_steps)
-        flop_table(args.num_steps)
+        models = list(MODELS) if args.model == "all" else [args.model]
+        memory_table(args.num_steps, models)
+        flop_table(args.num_steps, models)
     if not args.no_proxy:
         cpu_proxy(args.proxy_resolution)
 

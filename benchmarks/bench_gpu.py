@@ -1,7 +1,7 @@
-"""The full-size path on a GPU: SD1.5-arch at 512² and SDXL-arch at 1024², CFG 5, η = 1, the HPS-arch reward
-(ViT-H-14), bfloat16 with random weights (speed and memory do not depend on their values).
+"""The full-size path on a GPU: SD1.5-arch at 512², SDXL-arch and SD3.5-medium-arch at 1024², CFG 5, η = 1, the HPS-arch
+reward (ViT-H-14), bfloat16 with random weights (speed and memory do not depend on their values).
 
-    python benchmarks/bench_gpu.py [--model sd15|sdxl|all] [--num-steps 50] [--max-batch 16] [--no-compile]
+    python benchmarks/bench_gpu.py [--model sd15|sdxl|sd35|all] [--num-steps 50] [--max-batch 16] [--no-compile]
                                    [--peak-tflops T] [--smoke]                                (make bench-gpu)
 
 a. plain sample and one MIRA / DNO optimisation step at batch 1, timed in the methods' own loop (a run of 2
@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor
 from meta_device import GiB, PROMPT, sample_and_step_flops  # benchmarks/ is the script's directory
 
@@ -31,7 +31,7 @@ from framework.methods import Item, Problem, build_method
 from framework.models import load_backbone
 from framework.rewards import build_reward
 
-MODELS = {"sd15": ("sd", 512), "sdxl": ("sdxl", 1024)}
+MODELS = {"sd15": ("sd", 512), "sdxl": ("sdxl", 1024), "sd35": ("sd3", 1024)}
 OPTIONS = {"vae_checkpointing": False, "unet_checkpointing": True, "channels_last": True, "compile": True}  # ≠ default
 # Dense bfloat16 tensor-core peaks (TFLOP/s) by device name; --peak-tflops for any other.
 PEAKS = {"H200": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "A100": 312, "L40S": 362, "4090": 165}
@@ -110,11 +110,27 @@ class Bench:
         return self.seconds(lambda: problem.sample_and_score(x_T, noises, rows))
 
     def naive_step(self, backbone, steps: int) -> None:
-        """Diffusers' UNet, scheduler and VAE with autograd through the whole chain, nothing checkpointed."""
+        """Diffusers' UNet (or transformer), scheduler and VAE with autograd through the whole chain, nothing
+        checkpointed."""
         pipe, cond = backbone.pipe, backbone.encode([PROMPT])
+        latents = torch.randn(1, *backbone.latent_shape(), device=self.device, requires_grad=True)
+        if backbone.flow_matching:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            scheduler.set_timesteps(steps)
+            for t in scheduler.timesteps:
+                v_u, v_c = pipe.transformer(
+                    torch.cat([latents, latents]).to(pipe.transformer.dtype),
+                    timestep=t.expand(2).to(self.device),
+                    encoder_hidden_states=torch.cat([cond.uncond_embeds, cond.embeds]),
+                    pooled_projections=torch.cat([cond.uncond_pooled, cond.pooled]),
+                ).sample.chunk(2)
+                latents = scheduler.step(v_u + 5.0 * (v_c - v_u), t, latents).prev_sample
+            z = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(z.to(pipe.vae.dtype)).sample
+            (-self.reward((image.float() / 2 + 0.5).clamp(0, 1), [PROMPT]).sum()).backward()
+            return
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(steps)
-        latents = torch.randn(1, *backbone.latent_shape(), device=self.device, requires_grad=True)
         added = None
         if backbone.is_sdxl:
             added = {
@@ -160,7 +176,7 @@ def bench_model(name: str, args) -> None:
     kind, resolution = MODELS[name]
     bench = Bench(kind, resolution, args.num_steps, args.smoke)
     backbone = bench.backbone()
-    print(f"\n{'tiny SD, CPU (smoke)' if args.smoke else f'{name}-arch {resolution}²'}, {args.num_steps} steps")
+    print(f"\n{f'tiny {kind}, CPU (smoke)' if args.smoke else f'{name}-arch {resolution}²'}, {args.num_steps} steps")
     step_flops = None if args.smoke else sample_and_step_flops(kind, resolution, args.num_steps)[1]
     peak_flops = device_peak_flops(args.peak_tflops)
     print("b. batch   per-image MIRA step   vs batch 1   peak allocated   MFU")
@@ -187,7 +203,9 @@ def bench_model(name: str, args) -> None:
         f"c. option (one at a time)          MIRA step     peak\n   {'defaults':32} {mira:7.2f} s  {alone[1]:7.1f} GiB"
     )
     variants = [(f"{key}={value}".lower(), {key: value}) for key, value in OPTIONS.items()]
-    variants = [v for v in variants if not (args.no_compile and "compile" in v[1])] + [("classic attention", {})]
+    variants = [v for v in variants if not (args.no_compile and "compile" in v[1])]
+    if kind != "sd3":  # SD3's joint attention has no pre-SDPA processor to compare with
+        variants.append(("classic attention", {}))
     backbone = None  # free the device for the variants
     for label, options in variants:
         variant = bench.backbone(**options)

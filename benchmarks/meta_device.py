@@ -12,7 +12,6 @@ import weakref
 import framework  # noqa: F401  (torchvision workaround)
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -79,7 +78,7 @@ def meta_problem(kind: str, resolution: int, batch: int, num_steps: int, **optio
         model = ModelConfig(kind=kind, random_weights=True, resolution=resolution, dtype="bfloat16", **options)
         backbone = load_backbone(model)
         reward = build_reward(RewardConfig(name="hps", random_weights=True, dtype="bfloat16"))
-    backbone.scheduler = DDIMScheduler.from_config(backbone.scheduler.config)  # its tables must hold values
+    backbone.scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)  # tables must hold values
     cfg = MIRAConfig(num_steps=num_steps, beta=1.0)
     return Problem(backbone, reward, [Item(i, 0, PROMPT, i) for i in range(batch)], cfg)
 
@@ -95,7 +94,10 @@ def mira_step(problem: Problem, reference: list, checkpoint: bool = True) -> Non
     x_T.requires_grad_(), noises.requires_grad_()
     with torch.enable_grad():
         images, traj = problem.render(x_T, noises, checkpoint=checkpoint)
-        loss = -problem.score(images).sum() + problem.sampling.beta * trajectory_divergence(traj.eps, reference).sum()
+        loss = (
+            -problem.score(images).sum()
+            + problem.sampling.beta * trajectory_divergence(traj.predictions, reference).sum()
+        )
         loss.backward()
 
 
@@ -104,7 +106,7 @@ def peak_step_memory(problem: Problem, checkpoint: bool = True) -> int:
     takes them from the step's own pass), run before, outside the count."""
     x_T, noises = problem.noise()
     with torch.no_grad():
-        reference = [eps.detach() for eps in problem.render(x_T, noises)[1].eps]
+        reference = [eps.detach() for eps in problem.render(x_T, noises)[1].predictions]
     with fused_attention(), TensorMemory() as memory:
         mira_step(problem, reference, checkpoint)
     return memory.peak

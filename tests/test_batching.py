@@ -64,7 +64,7 @@ CONFIGS = {
     "base": BaseConfig(**COMMON),
     "best_of_n": BestOfNConfig(n=3, batch_size=5, **COMMON),  # candidates of several items share sampler calls
     "dno": DNOConfig(gamma=1.0, num_permutations=2, **STEPS),
-    "mira": MIRAConfig(beta=1.0, weighting="eps_kl", **STEPS),
+    "mira": MIRAConfig(beta=1.0, weighting="girsanov", **STEPS),
     "dno_zo": DNOZeroOrderConfig(num_candidates=3, mu=0.3, batch_size=4, **STEPS),
     "mira_dpo": MIRADPOConfig(num_candidates=3, mu=0.3, beta=0.5, **STEPS),
     "lora_scale": LoRAScaleConfig(alpha=0.5, adapter="-", **COMMON),

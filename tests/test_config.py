@@ -1,6 +1,8 @@
 import itertools
 
 import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose
@@ -12,33 +14,49 @@ def options(group):
     return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
 
 
+# A reward relates to a method only through whether the method follows reward gradients and has a held-out stopping
+# rule (`select`): one method of each of the four kinds stands for its kind with every reward.
+METHOD_KINDS = ("mira", "draft", "mira_dpo", "best_of_n")
+
+
 def test_every_model_reward_method_pair_composes():
-    """Every method with every model and with every reward (the rules across groups relate two groups at a time:
-    model and method, reward and method), the third group at its default."""
+    """Every method with every model, every reward with a method of each kind (the rules across groups relate two
+    groups at a time: model and method, reward and method), the third group at its default."""
     default_model, default_reward = "shapes", "brightness"
     combos = [(m, default_reward, method) for m, method in itertools.product(options("model"), options("method"))]
-    combos += [(default_model, r, method) for r, method in itertools.product(options("reward"), options("method"))]
-    assert len(combos) >= (5 + 13) * 9
-    for model, reward, method in combos:
-        overrides = [f"model={model}", f"reward={reward}", f"method={method}"]
-        if reward == "callable":
-            overrides.append("reward.target=math:fsum")
-        if method in ("lora_scale", "aig"):
-            overrides.append("method.adapter=some/adapter")
-        cfg = compose(*overrides)
-        assert OmegaConf.get_type(cfg.model) is ModelConfig
-        assert OmegaConf.get_type(cfg.reward) is RewardConfig
-        assert OmegaConf.get_type(cfg.method) is METHOD_SCHEMAS[method]
-        assert cfg.method.name == method
-        if reward in ("jpeg", "callable") and follows_reward_gradients(cfg.method):
-            with pytest.raises(FrameworkError, match=f"reward {reward} is not differentiable"):
-                validate(cfg)
-        else:
+    combos += [(default_model, r, method) for r, method in itertools.product(options("reward"), METHOD_KINDS)]
+    assert len(combos) >= 14 * 9 + 19 * 4
+    kinds = {
+        (follows_reward_gradients(METHOD_SCHEMAS[m]), "select" in METHOD_SCHEMAS[m].__dataclass_fields__)
+        for m in METHOD_KINDS
+    }
+    assert len(kinds) == 4
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):  # once: composing is the cheap part
+        for model, reward, method in combos:
+            overrides = [f"model={model}", f"reward={reward}", f"method={method}"]
+            if reward == "callable":
+                overrides.append("reward.target=math:fsum")
+            if method in ("lora_scale", "aig"):
+                overrides.append("method.adapter=some/adapter")
+            check_composed(hydra_compose("config", overrides=overrides), reward, method)
+
+
+def check_composed(cfg, reward: str, method: str) -> None:
+    assert OmegaConf.get_type(cfg.model) is ModelConfig
+    assert OmegaConf.get_type(cfg.reward) is RewardConfig
+    assert OmegaConf.get_type(cfg.method) is METHOD_SCHEMAS[method]
+    assert cfg.method.name == method
+    if reward in ("jpeg", "callable") and follows_reward_gradients(cfg.method):
+        with pytest.raises(FrameworkError, match=f"reward {reward} is not differentiable"):
             validate(cfg)
+    else:
+        validate(cfg)
 
 
 def test_groups_have_their_documented_options():
-    assert {"sd14", "sd15", "sdxl", "tiny_sd", "tiny_sdxl"} <= set(options("model"))
+    assert {"sd14", "sd15", "sdxl", "sd3", "sd35", "flux", "tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux"} <= set(
+        options("model")
+    )
     assert {
         "aesthetic",
         "hps",

@@ -92,14 +92,14 @@ def loss_module(backbone, reward, cfg) -> DRaFT:
 )
 def test_only_the_last_step_is_differentiated(tuned, brightness, cfg, expected):
     """DRaFT-K (K=1): gradients through the last sampler step only; DRaFT-LV: through its n re-noised last steps."""
-    grad_enabled, original = [], tuned.eps_branches
-    tuned.eps_branches = lambda *a, **k: (grad_enabled.append(torch.is_grad_enabled()), original(*a, **k))[1]
+    grad_enabled, original = [], tuned.predict_branches
+    tuned.predict_branches = lambda *a, **k: (grad_enabled.append(torch.is_grad_enabled()), original(*a, **k))[1]
     try:
         with torch.enable_grad():
             loss, reward, _ = loss_module(tuned, brightness, cfg).losses(["a cat"], [5])
             loss.backward()
     finally:
-        del tuned.eps_branches
+        del tuned.predict_branches
     assert grad_enabled == expected and torch.isfinite(loss) and 0 < reward.item() < 1
     grads = [p.grad for p in tuned.unet.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
@@ -108,7 +108,7 @@ def test_only_the_last_step_is_differentiated(tuned, brightness, cfg, expected):
 
 def test_adapter_save_then_load_reproduces_samples(tuned, brightness, tmp_path):
     cfg = LoRAScaleConfig(num_steps=3, adapter=str(tmp_path))
-    save_lora(tuned.unet, tmp_path)
+    save_lora(tuned, tmp_path)
     reloaded = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
     load_lora(reloaded.unet, tmp_path)
     torch.testing.assert_close(
@@ -121,9 +121,9 @@ def test_our_adapter_loads_with_the_diffusers_pipeline_and_changes_its_samples_a
     sampler's (η = 0, same latents) and differs from the pipeline's sample without it."""
     from framework.models.lora import WEIGHT_NAME
     from framework.models.tiny import build_tiny_pipeline
-    from framework.sampling import ddim_sample
+    from framework.sampling import sample as run_sampler
 
-    save_lora(tuned.unet, tmp_path)
+    save_lora(tuned, tmp_path)
     pipe = build_tiny_pipeline("sd", 32)  # the same seeded weights as `tuned` without its adapter
     pipe.scheduler = tuned.scheduler
     pipe.set_progress_bar_config(disable=True)
@@ -134,7 +134,7 @@ def test_our_adapter_loads_with_the_diffusers_pipeline_and_changes_its_samples_a
         pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
         theirs = pipe(["a cat"], latents=x_T.clone(), **options).images
         ours = tuned.postprocess(
-            tuned.decode(ddim_sample(tuned, tuned.encode(["a cat"]), x_T, num_steps=4, guidance_scale=5.0).latents)
+            tuned.decode(run_sampler(tuned, tuned.encode(["a cat"]), x_T, num_steps=4, guidance_scale=5.0).latents)
         )
     assert (theirs - ours).abs().max().item() <= 1e-4
     assert (theirs - base).abs().max().item() > 1e-2

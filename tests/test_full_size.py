@@ -1,6 +1,6 @@
-"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch; reward=*_arch), checked on the meta device:
-parameter counts against the published checkpoints' and every tensor shape of the sampler's path, without memory or
-compute."""
+"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch, sd35_arch; reward=*_arch), checked on the
+meta device: parameter counts against the published checkpoints' and every tensor shape of the sampler's path, without
+memory or compute."""
 
 import pytest
 import torch
@@ -13,7 +13,12 @@ from framework.rewards import build_reward
 PUBLISHED_MODELS = {
     "sd": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    # SD3.5 medium: MMDiT-X "2.5 B" (Stability's count, which includes the 384² positional-embedding table, a buffer
+    # in diffusers), CLIP-L with its 768² projection, SDXL's CLIP-G, the T5 v1.1 XXL encoder "4.7 B"
+    "sd3": {"transformer": 2.5e9, "text_encoder": 123_060_480 + 768 * 768, "text_encoder_2": 694_659_840},
 }
+T5_XXL_ENCODER = 4.7e9
+SIDE = {"sd": 512, "sdxl": 1024, "sd3": 1024}
 CLIP_L, CLIP_L_TEXT = 427_616_513, 123_060_480  # openai/clip-vit-large-patch14, and its text tower
 AESTHETIC_HEAD = (768 + 1) * 1024 + (1024 + 1) * 128 + (128 + 1) * 64 + (64 + 1) * 16 + (16 + 1)  # LAION's MLP
 PUBLISHED_REWARDS = {
@@ -25,36 +30,42 @@ PUBLISHED_REWARDS = {
 }
 
 
-def count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count(module: torch.nn.Module, buffers: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters()) + (sum(b.numel() for b in module.buffers()) if buffers else 0)
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
 def meta_backbone(request):
     with torch.device("meta"):
-        cfg = ModelConfig(kind=request.param, random_weights=True, resolution=512 if request.param == "sd" else 1024)
-        return load_backbone(cfg)
+        backbone = load_backbone(ModelConfig(kind=request.param, random_weights=True, resolution=SIDE[request.param]))
+    backbone.kind = request.param
+    return backbone
 
 
 def test_full_size_models_have_the_published_parameter_counts(meta_backbone):
-    kind = "sdxl" if meta_backbone.is_sdxl else "sd"
-    for name, published in PUBLISHED_MODELS[kind].items():
-        assert count(getattr(meta_backbone.pipe, name)) == pytest.approx(published, rel=0.01), name
+    for name, published in PUBLISHED_MODELS[meta_backbone.kind].items():
+        total = count(getattr(meta_backbone.pipe, name), buffers=name == "transformer")
+        assert total == pytest.approx(published, rel=0.02 if name == "transformer" else 0.01), name
+    if meta_backbone.kind == "sd3":
+        assert count(meta_backbone.pipe.text_encoder_3) == pytest.approx(T5_XXL_ENCODER, rel=0.02)
 
 
 def test_full_size_models_map_shapes_through_the_sampler_path(meta_backbone):
-    """Prompt encoding, a CFG-guided ε̂ at the native latent size and a decode to the native resolution."""
-    latent = meta_backbone.latent_shape()
-    side = 1024 if meta_backbone.is_sdxl else 512
-    assert latent == (4, side // 8, side // 8)
+    """Prompt encoding, a CFG-guided prediction at the native latent size and a decode to the native resolution."""
+    kind, latent = meta_backbone.kind, meta_backbone.latent_shape()
+    side = SIDE[kind]
+    assert latent == (16 if kind == "sd3" else 4, side // 8, side // 8)
     cond = meta_backbone.encode(["a photo of a cat", "a dog"])
-    width = 2048 if meta_backbone.is_sdxl else 768  # SDXL: both encoders' hidden states, concatenated
-    assert cond.embeds.shape == cond.uncond_embeds.shape == (2, 77, width)
-    if meta_backbone.is_sdxl:
-        assert cond.pooled.shape == (2, 1280) and cond.time_ids.shape == (2, 6)
+    # SDXL: both encoders' hidden states, concatenated; SD3: both CLIPs' padded to T5's width, then T5's 256 tokens
+    shape = {"sd": (2, 77, 768), "sdxl": (2, 77, 2048), "sd3": (2, 77 + 256, 4096)}[kind]
+    assert cond.embeds.shape == cond.uncond_embeds.shape == shape
+    if kind != "sd":
+        assert cond.pooled.shape == (2, 1280 if kind == "sdxl" else 2048)
+    if kind == "sdxl":
+        assert cond.time_ids.shape == (2, 6)
     x = torch.zeros(2, *latent, device="meta")
-    eps, eps_cond = meta_backbone.eps_branches(x, 981, cond, guidance_scale=5.0)
-    assert eps.shape == eps_cond.shape == x.shape
+    pred, pred_cond = meta_backbone.predict_branches(x, 981, cond, guidance_scale=5.0)
+    assert pred.shape == pred_cond.shape == x.shape
     assert meta_backbone.decode(x).shape == (2, 3, side, side)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from framework.models.gmm import GaussianMixtureBackbone
-from framework.sampling import ddim_sample
+from framework.sampling import sample
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,15 @@ def test_eps_is_minus_sqrt_one_minus_alpha_times_the_autograd_score(gmm, t):
         (score,) = torch.autograd.grad(gmm.log_prob_t(x_, alpha, selector).sum(), x_)
         cond = gmm.encode(["left"] * 5)
         cond.embeds = selector
-        torch.testing.assert_close(gmm.eps(x, t, cond, 1.0), -((1 - alpha) ** 0.5) * score, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gmm.predict(x, t, cond, 1.0), -((1 - alpha) ** 0.5) * score, rtol=1e-4, atol=1e-5)
 
 
 def test_cfg_combines_conditional_and_unconditional(gmm):
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     cond = gmm.encode(["right"] * 4)
-    conditional, guided = gmm.eps(x, 500, cond, 1.0), gmm.eps(x, 500, cond, 3.0)
+    conditional, guided = gmm.predict(x, 500, cond, 1.0), gmm.predict(x, 500, cond, 3.0)
     cond.embeds = cond.uncond_embeds
-    unconditional = gmm.eps(x, 500, cond, 1.0)
+    unconditional = gmm.predict(x, 500, cond, 1.0)
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional))
 
 
@@ -42,7 +42,7 @@ def test_ddim_reproduces_the_mixture_weights_and_moments(gmm):
     x_T = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
     noises = torch.randn(200, n, 3, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        x0 = ddim_sample(gmm, gmm.encode(["right"] * n), x_T, noises, num_steps=200, eta=1.0).latents
+        x0 = sample(gmm, gmm.encode(["right"] * n), x_T, noises, num_steps=200, eta=1.0).latents
     nearest = (x0[:, None, :] - gmm.means[c][None]).square().sum(-1).argmin(1)
     for k in range(2):
         members = x0[nearest == k]

@@ -1,14 +1,15 @@
 """MIRA: zero surrogate at z0, equivalence with DNO at β = 0, no extra model evaluations, per-step KL weights."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
 from framework.config import DNOConfig, MIRAConfig, RewardConfig
 from framework.methods import Item, Problem, build_method
-from framework.methods.mira import eps_kl_weights
 from framework.rewards import build_reward
-from framework.sampling import ddim_coefficients
+from framework.sampling import ddim_coefficients, kl_weights, sampler_steps
 
 ITEM = Item(0, 0, "a red circle", 77)
 
@@ -67,7 +68,7 @@ def test_cond_surrogate_compares_the_conditional_branch_of_the_same_evaluation(t
     expected = (
         torch.stack(
             [
-                (tiny_sd.eps(x, t, cond, 1.0) - tiny_sd.eps(r, t, cond, 1.0)).square().mean()
+                (tiny_sd.predict(x, t, cond, 1.0) - tiny_sd.predict(r, t, cond, 1.0)).square().mean()
                 for x, r, t in zip(moved.x, reference.x, moved.timesteps)
             ]
         )
@@ -80,7 +81,7 @@ def test_cond_surrogate_compares_the_conditional_branch_of_the_same_evaluation(t
     assert guided_value.regulariser(problem, x_T.flatten(), moved, step=1).item() != pytest.approx(value, rel=1e-2)
 
 
-def test_eps_kl_weight_is_the_closed_form_kl_of_one_ddim_step():
+def test_girsanov_weight_is_the_closed_form_kl_of_one_ddim_step():
     """Two ε̂ at the same x_t: the DDIM transitions N(μ_i, σ²I) differ by c·Δε, so KL = c²‖Δε‖²/(2σ²)."""
     alpha, alpha_prev, eta = 0.3, 0.5, 0.8
     x = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -91,8 +92,11 @@ def test_eps_kl_weight_is_the_closed_form_kl_of_one_ddim_step():
         x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
         return alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
 
+    backbone = SimpleNamespace(flow_matching=False, schedule=lambda n: [(0, alpha, alpha_prev)])
+    (step,) = sampler_steps(backbone, 1, eta)
+    torch.testing.assert_close(step.update(x, eps1)[1], mean(eps1))
     kl = kl_divergence(Normal(mean(eps1), sigma), Normal(mean(eps2), sigma)).sum()
-    (weight,) = eps_kl_weights([(0, alpha, alpha_prev)], eta)
+    (weight,) = kl_weights([step])
     assert (weight * (eps1 - eps2).square().sum()).item() == pytest.approx(kl.item(), rel=1e-9)
 
 
@@ -105,7 +109,7 @@ def test_mira_on_the_testbed_raises_reward_and_drifts_less_than_dno():
     backbone = load_backbone(ModelConfig(kind="sd", source=str(MODEL_DIR), resolution=32))
     reward = build_reward(RewardConfig(name="brightness"))
     common = dict(num_steps=6, opt_steps=15, lr=0.05, optimize="x_T")
-    mira, _ = run(MIRAConfig(beta=50.0, weighting="eps_kl", **common), backbone, reward)
+    mira, _ = run(MIRAConfig(beta=50.0, weighting="girsanov", **common), backbone, reward)
     dno, _ = run(DNOConfig(**common), backbone, reward)
     assert mira.final_reward > mira.base_reward
     assert mira.steps[-1]["drift_rmse"] < dno.steps[-1]["drift_rmse"]

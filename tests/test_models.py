@@ -6,14 +6,14 @@ from framework.config import ModelConfig
 from framework.errors import FrameworkError
 from framework.models import load_backbone
 from framework.models.tokenizer import build_clip_tokenizer
-from framework.sampling import ddim_sample
+from framework.sampling import sample
 
 
 def images_of(backbone, seed=0):
     x_T = noise_like((2, *backbone.latent_shape()), seed)
     with torch.no_grad():
         cond = backbone.encode(["a red circle", "a photo of a dog"])
-        return backbone.decode(ddim_sample(backbone, cond, x_T, num_steps=4, guidance_scale=5.0).latents)
+        return backbone.decode(sample(backbone, cond, x_T, num_steps=4, guidance_scale=5.0).latents)
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])

@@ -58,6 +58,7 @@ def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_p
     shipped = set(zipfile.ZipFile(wheel).namelist())
     for config in (
         "models/architectures/sdxl/text_encoder_2/config.json",
+        "models/architectures/sd35/transformer/config.json",
         "rewards/architectures/clip-vit-huge-patch14.json",
     ):
         assert f"framework/{config}" in shipped  # the full-size architectures build from package data

@@ -226,7 +226,7 @@ def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_wit
         backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
         for p in add_lora(backbone.unet, rank=2):
             p.data = torch.full_like(p, value)
-        save_lora(backbone.unet, tmp_path / "adapter")
+        save_lora(backbone, tmp_path / "adapter")
 
     adapter(0.01)
     run_dir = tmp_path / "run"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import noise_like
-from framework.sampling import ddim_sample
+from framework.sampling import sample
 
 PROMPTS = ["a cat", "a red circle and a blue square"]
 
@@ -18,9 +18,7 @@ def test_eta0_matches_diffusers_pipeline(tiny_backbone):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ours = backbone.postprocess(
-            backbone.decode(
-                ddim_sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8, guidance_scale=5.0).latents
-            )
+            backbone.decode(sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8, guidance_scale=5.0).latents)
         )
         reference = pipe(
             PROMPTS,
@@ -44,7 +42,7 @@ def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd, final_step_nois
     x_T, noises = noise_like((1, *tiny_sd.latent_shape())), noise_like((steps, 1, *tiny_sd.latent_shape()), 1)
     used = noises if final_step_noise else noises[:-1]
     with torch.no_grad():
-        ours = ddim_sample(
+        ours = sample(
             tiny_sd, cond, x_T, used, num_steps=steps, eta=eta, guidance_scale=5.0, final_step_noise=final_step_noise
         )
         scheduler = copy.deepcopy(tiny_sd.scheduler)
@@ -53,20 +51,20 @@ def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd, final_step_nois
         for i, t in enumerate(scheduler.timesteps):
             last_plain = i == steps - 1 and not final_step_noise
             x = scheduler.step(
-                tiny_sd.eps(x, int(t), cond, 5.0),
+                tiny_sd.predict(x, int(t), cond, 5.0),
                 t,
                 x,
                 eta=0.0 if last_plain else eta,
                 variance_noise=None if last_plain else noises[i],
             ).prev_sample
     torch.testing.assert_close(ours.latents, x, rtol=1e-5, atol=1e-4)
-    assert ours.timesteps == scheduler.timesteps.tolist() and len(ours.eps) == steps
+    assert ours.timesteps == scheduler.timesteps.tolist() and len(ours.predictions) == steps
 
 
 def test_eta_positive_needs_one_noise_per_step(tiny_sd):
     cond = tiny_sd.encode(PROMPTS[:1])
     with pytest.raises(ValueError, match="one noise per stochastic step"):
-        ddim_sample(tiny_sd, cond, noise_like((1, *tiny_sd.latent_shape())), num_steps=3, eta=1.0)
+        sample(tiny_sd, cond, noise_like((1, *tiny_sd.latent_shape())), num_steps=3, eta=1.0)
 
 
 def grads(backbone, **options):
@@ -74,7 +72,7 @@ def grads(backbone, **options):
     cond = backbone.encode(PROMPTS[:1])
     x_T = noise_like((1, *backbone.latent_shape())).requires_grad_()
     noises = noise_like((steps, 1, *backbone.latent_shape()), 1).requires_grad_()
-    traj = ddim_sample(backbone, cond, x_T, noises, num_steps=steps, eta=1.0, guidance_scale=5.0, **options)
+    traj = sample(backbone, cond, x_T, noises, num_steps=steps, eta=1.0, guidance_scale=5.0, **options)
     backbone.decode(traj.latents).mean().backward()
     return x_T.grad, noises.grad
 

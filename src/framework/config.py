@@ -105,9 +105,12 @@ def reward_configs() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in (CONF_DIR / "reward").glob("*.yaml")))
 
 
+FLOW_KINDS = ("sd3", "flux")  # flow-matching models (velocity prediction, Euler sampler)
+
+
 @dataclass
 class ModelConfig:
-    kind: str = valid(MISSING, OneOf(("sd", "sdxl")))  # SD1.x | SDXL
+    kind: str = valid(MISSING, OneOf(("sd", "sdxl", *FLOW_KINDS)))  # SD1.x | SDXL | SD3.x | FLUX.1
     source: str | None = valid(None, Text())  # hub id or local directory (save_pretrained layout); None if built
     tiny: bool = False  # random-weight tiny architecture built in-process (tests, smoke runs)
     # the published full-size architecture of `kind` (SD1.5 or SDXL base) with seeded random weights, built
@@ -119,6 +122,8 @@ class ModelConfig:
     # null: dtype, except float32 under float16 for a VAE that overflows there (SDXL's), as diffusers does
     vae_dtype: str | None = valid(None, OneOf(DTYPES))
     resolution: int = valid(512, Range(8, multiple_of=8))  # image side in pixels (the SD VAEs downsample 8×)
+    # T5 tokens of a flow model's prompt; null: its pipeline's default (256 SD3, 512 FLUX; FLUX.1-schnell takes ≤ 256)
+    max_sequence_length: int | None = valid(None, Range(1, 512))
     # How the networks run (RUNTIME_OPTIONS); none changes a result beyond float rounding, so a run resumes across
     # them. The defaults are measured (README, Performance).
     vae_checkpointing: bool = True  # keep only the VAE decoder's block inputs for backward, recompute the rest
@@ -135,6 +140,10 @@ class ModelConfig:
             yield "source", f"model.{built}=true builds the model in-process: unset model.source (source=null)"
         elif not (c.tiny or c.random_weights) and c.source is None:
             yield "source", "give a hub id or a local directory (or set model.tiny=true or model.random_weights=true)"
+        if c.max_sequence_length is not None and c.kind not in FLOW_KINDS:
+            yield "max_sequence_length", f"only the T5-conditioned flow models ({', '.join(FLOW_KINDS)}) read it"
+        if c.random_weights and c.kind == "flux":
+            yield "random_weights", "full-size random architectures ship for sd, sdxl and sd3 (SD3.5 medium), not flux"
 
 
 RUNTIME_OPTIONS = ("vae_checkpointing", "unet_checkpointing", "channels_last", "compile")
@@ -183,10 +192,11 @@ class RewardConfig:
 
 @dataclass
 class SamplingConfig:
-    """What every method shares: the DDIM sampler it draws images with."""
+    """What every method shares: the sampler it draws images with (DDIM, or Euler for flow-matching models)."""
 
     num_steps: int = valid(50, Range(1, 1000))  # at most the 1000 training timesteps
-    eta: float = valid(1.0, UNIT)  # DDIM's η: 0 deterministic, 1 DDPM-like
+    # DDIM's η (0 deterministic, 1 DDPM-like); on flow models the noise level of the Euler SDE (Flow-GRPO's a)
+    eta: float = valid(1.0, UNIT)
     guidance_scale: float = valid(5.0, NON_NEGATIVE)
     # σ·ξ at the last DDIM step when eta > 0: true as diffusers' DDIMScheduler; false as DNO's sampler (the last
     # step deterministic), which matters for rewards that see high-frequency noise (JPEG)
@@ -250,19 +260,19 @@ class MIRAConfig(NoiseOptimisationConfig):
     name: str = valid("mira", OneOf(("mira",)))
     optimize: str = valid("x_T", OneOf(("all", "x_T")))
     beta: float = valid(0.1, NON_NEGATIVE)  # weight of R_MIRA; sweep it (0.01–10 depending on the reward's scale)
-    # uniform | eps_kl (the weight making each step's ε̂ difference the exact Gaussian KL of that DDIM step taken from
-    # the same x_t; needs eta > 0 and final_step_noise)
-    weighting: str = valid("uniform", OneOf(("uniform", "eps_kl")))
-    # cfg (the guided ε̂ that drives the sampler) | cond (conditional branch only)
+    # uniform | girsanov (the weight making each step's prediction difference the exact Gaussian KL of that DDIM or
+    # stochastic Euler step taken from the same x_t; needs eta > 0 and final_step_noise)
+    weighting: str = valid("uniform", OneOf(("uniform", "girsanov")))
+    # cfg (the guided ε̂ or v̂ that drives the sampler) | cond (conditional branch only)
     surrogate_guidance: str = valid("cfg", OneOf(("cfg", "cond")))
 
     @staticmethod
     def relations(c) -> Iterator[tuple[str, str]]:
-        if c.weighting == "eps_kl" and not (c.eta > 0 and c.final_step_noise):
+        if c.weighting == "girsanov" and not (c.eta > 0 and c.final_step_noise):
             yield (
                 "weighting",
                 (
-                    "eps_kl needs method.eta > 0 and method.final_step_noise=true (every step "
+                    "girsanov needs method.eta > 0 and method.final_step_noise=true (every step "
                     "stochastic, so each step's KL is finite)"
                 ),
             )

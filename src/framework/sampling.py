@@ -1,9 +1,29 @@
-"""The differentiable DDIM sampler: the one place that knows DDIM's update.
+"""The differentiable samplers: the one place that knows their updates.
 
-Noises are explicit arguments (x_T and one ξ per step, used when η > 0) so methods can optimise them and two
-trajectories can share them. At η = 0 it reproduces diffusers' DDIMScheduler/pipeline numerically. Memory stays
-flat in the number of steps with `checkpoint=True` (only each step's input x_t is kept; the model is re-run during
+Two families share one loop. ε-prediction models (SD1.x, SDXL) step with DDIM on their training schedule; flow-
+matching models (SD3.x, FLUX.1) step with Euler on their velocity, the ODE dx/dσ = v turned into an SDE for
+stochastic sampling as Flow-GRPO does (arXiv 2505.05470). Every step is linear in (x_t, prediction, ξ):
+
+    x_next = mean(x_t, p̂) + std·ξ,     mean = a·x_t + c·p̂,
+
+p̂ the model's own prediction (ε̂ or v̂). That makes the per-step Gaussian KL between two predictions at the same x_t
+the same closed form for both families, c²‖Δp̂‖²/(2 std²) (`kl_weights`).
+
+Noises are explicit arguments (the initial noise and one ξ per stochastic step) so methods can optimise them and two
+trajectories can share them. At η = 0 the samplers reproduce diffusers' pipelines numerically. Memory stays flat in
+the number of steps with `checkpoint=True` (only each step's input x_t is kept; the model is re-run during
 backward), and `grad_steps=K` backpropagates through the last K steps only (DRaFT-K style truncation).
+
+DDIM (ᾱ_t the cumulative signal rate, ᾱ' that of the next step):
+    x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t;  std = η √((1−ᾱ')/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ');  mean = √ᾱ' x̂0 + √(1−ᾱ'−std²) ε̂.
+
+Flow matching (x_σ = (1−σ) x0 + σ ε, v = ε − x0, σ from 1 to 0 with the model's timestep shift, Δ = σ' − σ < 0).
+The probability-flow ODE dx = v dσ has the same marginals as the reverse SDE
+    dx = [v + s²/(2σ)·(x + (1−σ) v)] dσ + s √(−dσ) ξ,   s = η √(σ/(1−σ))
+(the score being −(x + (1−σ) v)/σ); one Euler–Maruyama step gives
+    x̂0 = x − σ v̂;  std = s √(−Δ);  mean = x·(1 + s²Δ/(2σ)) + v̂·(1 + s²(1−σ)/(2σ))·Δ,
+which is diffusers' Euler step x + Δ·v̂ at η = 0. At σ = 1, where σ/(1−σ) is infinite, s uses the next step's σ in
+the denominator (Flow-GRPO's convention), so the first step is stochastic and finite.
 """
 
 from collections.abc import Callable
@@ -22,32 +42,104 @@ class Trajectory:
     """What one sampler run produced, step by step (noisiest first), for regularisers and metrics to reuse."""
 
     latents: Tensor  # final x_0
-    timesteps: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
     x: list[Tensor] = field(default_factory=list)  # x_t fed to the model
-    eps: list[Tensor] = field(default_factory=list)  # ε̂ that drove the update
-    eps_cond: list[Tensor] = field(default_factory=list)  # its conditional branch ε_c (same evaluation)
+    predictions: list[Tensor] = field(default_factory=list)  # the (guided) ε̂ or v̂ that drove the update
+    cond_predictions: list[Tensor] = field(default_factory=list)  # its conditional branch (same evaluation)
     x0_pred: list[Tensor] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One sampler step from x_t: the model's timestep input `t`, the marginal x_t = signal·x0 + noise·ε, the std of
+    the injected ξ and the coefficient c of the prediction in the step's mean."""
+
+    t: float
+    signal: float
+    noise: float
+    std: float
+    pred_coef: float
+
+    def update(self, x: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂0, mean of x_next)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DDIMStep(Step):
+    alpha: float = 1.0
+    alpha_prev: float = 1.0
+
+    def update(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        x0 = (x - (1 - self.alpha) ** 0.5 * eps) / self.alpha**0.5
+        return x0, self.alpha_prev**0.5 * x0 + (1 - self.alpha_prev - self.std**2) ** 0.5 * eps
+
+
+@dataclass(frozen=True)
+class FlowStep(Step):
+    sigma: float = 1.0
+    sigma_next: float = 0.0
+    diffusion: float = 0.0  # s of the SDE at σ (0: the ODE step)
+
+    def update(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        x0 = x - self.sigma * v
+        dt = self.sigma_next - self.sigma
+        if self.diffusion == 0:
+            return x0, x + dt * v  # diffusers' FlowMatchEulerDiscreteScheduler.step, in the same order
+        s2 = self.diffusion**2
+        return x0, x * (1 + s2 * dt / (2 * self.sigma)) + v * self.pred_coef
+
+
 def ddim_coefficients(alpha: float, alpha_prev: float, eta: float) -> tuple[float, float]:
-    """σ_t of a DDIM step and the coefficient of ε̂ in its mean μ = a·x_t + c·ε̂ (with x̂0 substituted), which
-    MIRA's eps_kl weighting needs: c = √(1−ᾱ_prev−σ²) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t."""
+    """std of a DDIM step and the coefficient of ε̂ in its mean μ = a·x_t + c·ε̂ (with x̂0 substituted):
+    c = √(1−ᾱ_prev−std²) − √ᾱ_prev·√(1−ᾱ_t)/√ᾱ_t."""
     sigma = eta * ((1 - alpha_prev) / (1 - alpha)) ** 0.5 * (1 - alpha / alpha_prev) ** 0.5
     return sigma, (1 - alpha_prev - sigma**2) ** 0.5 - (alpha_prev / alpha) ** 0.5 * (1 - alpha) ** 0.5
 
 
-def _mixed_eps_branches(
-    backbone: Backbone, x: Tensor, t: int, cond: Cond, guidance_scale: float, gamma: float
+def flow_coefficients(sigma: float, sigma_next: float, eta: float, sigma_after_first: float) -> tuple[float, ...]:
+    """(s, std, c) of one stochastic Euler step of the flow SDE: s = η √(σ/(1−σ)) (1−σ read at the next step's σ when
+    σ = 1), std = s √(σ−σ'), c = (1 + s²(1−σ)/(2σ))·(σ'−σ)."""
+    dt = sigma_next - sigma
+    s = eta * (sigma / (1 - (sigma_after_first if sigma >= 1 else sigma))) ** 0.5 if eta > 0 else 0.0
+    return s, s * (-dt) ** 0.5, (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+
+
+def sampler_steps(backbone: Backbone, num_steps: int, eta: float, final_step_noise: bool = True) -> list[Step]:
+    """The steps of `num_steps`-step sampling with the backbone's own schedule, noisiest first; η > 0 makes the
+    first `num_noises(...)` of them stochastic."""
+    stochastic = num_noises(num_steps, eta, final_step_noise)
+    schedule = backbone.schedule(num_steps)
+    steps = []
+    for i, (t, a, b) in enumerate(schedule):
+        level = eta if i < stochastic else 0.0
+        if backbone.flow_matching:  # (t, σ, σ')
+            s, std, c = flow_coefficients(a, b, level, schedule[1][1] if len(schedule) > 1 else 0.0)
+            steps.append(FlowStep(t, 1 - a, a, std, c, sigma=a, sigma_next=b, diffusion=s))
+        else:  # (t, ᾱ, ᾱ')
+            std, c = ddim_coefficients(a, b, level)
+            steps.append(DDIMStep(t, a**0.5, (1 - a) ** 0.5, std, c, alpha=a, alpha_prev=b))
+    return steps
+
+
+def kl_weights(steps: list[Step]) -> list[float]:
+    """c²/(2 std²) per step: times ‖p̂ − p̂_ref‖², the exact KL between the Gaussian steps that two predictions at the
+    same x_t take (every step must be stochastic)."""
+    return [step.pred_coef**2 / (2 * step.std**2) for step in steps]
+
+
+def _mixed_predict_branches(
+    backbone: Backbone, x: Tensor, t: float, cond: Cond, guidance_scale: float, gamma: float
 ) -> tuple[Tensor, Tensor]:
-    """(1 − γ)·ε̃_base + γ·ε̃_ft, base = the same backbone with its adapters off. At γ = 0 or 1 only one model is
+    """(1 − γ)·p̃_base + γ·p̃_ft, base = the same backbone with its adapters off. At γ = 0 or 1 only one model is
     evaluated, so the endpoints are exactly base or fine-tuned sampling."""
     if gamma == 1:
-        return backbone.eps_branches(x, t, cond, guidance_scale)
+        return backbone.predict_branches(x, t, cond, guidance_scale)
     with backbone.adapters_disabled():
-        base = backbone.eps_branches(x, t, cond, guidance_scale)
+        base = backbone.predict_branches(x, t, cond, guidance_scale)
     if gamma == 0:
         return base
-    tuned = backbone.eps_branches(x, t, cond, guidance_scale)
+    tuned = backbone.predict_branches(x, t, cond, guidance_scale)
     return tuple((1 - gamma) * b + gamma * f for b, f in zip(base, tuned))
 
 
@@ -57,7 +149,7 @@ def num_noises(num_steps: int, eta: float, final_step_noise: bool = True) -> int
     return 0 if eta <= 0 else num_steps - (0 if final_step_noise else 1)
 
 
-def ddim_sample(
+def sample(
     backbone: Backbone,
     cond: Cond,
     x_T: Tensor,
@@ -71,39 +163,36 @@ def ddim_sample(
     mix: Callable[[int], float] | None = None,
     final_step_noise: bool = True,
 ) -> Trajectory:
-    """Run DDIM from x_T. `noises[i]` is ξ of step i (shape [num_noises(...), *x_T.shape]); required when η > 0.
-    `mix(i)` = γ_i mixes the fine-tuned and adapter-free predictions at step i (AIG); None = the backbone as is.
-    `final_step_noise=False` makes the last step deterministic (σ = 0, as DNO's sampler; diffusers adds σ·ξ there).
-
-    x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t;  σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev);
-    x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t ξ_t.
-    """
+    """Run the backbone's sampler from x_T. `noises[i]` is ξ of step i (shape [num_noises(...), *x_T.shape]);
+    required when η > 0. `mix(i)` = γ_i mixes the fine-tuned and adapter-free predictions at step i (AIG); None =
+    the backbone as is. `final_step_noise=False` makes the last step deterministic (as DNO's sampler; diffusers'
+    DDIM adds std·ξ there)."""
     expected = num_noises(num_steps, eta, final_step_noise)
     if expected and (noises is None or noises.shape[0] != expected):
         raise ValueError(f"eta > 0 needs one noise per stochastic step: noises of shape [{expected}, ...]")
     first_grad_step = num_steps - grad_steps if grad_steps is not None else 0
     traj = Trajectory(latents=x_T)
     x = x_T
-    for i, (t, alpha, alpha_prev) in enumerate(backbone.schedule(num_steps)):
+    for i, step in enumerate(sampler_steps(backbone, num_steps, eta, final_step_noise)):
         if i == first_grad_step and i > 0:
             x = x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad_step):
-            predict = backbone.eps_branches if mix is None else partial(_mixed_eps_branches, backbone, gamma=mix(i))
+            predict = backbone.predict_branches
+            if mix is not None:
+                predict = partial(_mixed_predict_branches, backbone, gamma=mix(i))
             if checkpoint and torch.is_grad_enabled():
-                eps, eps_cond = checkpointed(predict, x, t, cond, guidance_scale, use_reentrant=False)
+                pred, pred_cond = checkpointed(predict, x, step.t, cond, guidance_scale, use_reentrant=False)
             else:
-                eps, eps_cond = predict(x, t, cond, guidance_scale)
-            x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-            sigma, _ = ddim_coefficients(alpha, alpha_prev, eta if i < expected else 0.0)
-            x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
-            if sigma > 0:
-                x_prev = x_prev + sigma * noises[i]
-        traj.timesteps.append(t)
+                pred, pred_cond = predict(x, step.t, cond, guidance_scale)
+            x0, x_next = step.update(x, pred)
+            if step.std > 0:
+                x_next = x_next + step.std * noises[i]
+        traj.timesteps.append(step.t)
         traj.x.append(x)
-        traj.eps.append(eps)
-        traj.eps_cond.append(eps_cond)
+        traj.predictions.append(pred)
+        traj.cond_predictions.append(pred_cond)
         traj.x0_pred.append(x0)
-        x = x_prev
+        x = x_next
     traj.latents = x
     return traj
 
@@ -111,9 +200,9 @@ def ddim_sample(
 def trajectory_divergence(
     predictions: list[Tensor], reference: list[Tensor], weights: list[float] | None = None
 ) -> Tensor:
-    """Per image [B]: (1/S) Σ_t w_t · mean((ε_t − ε_t^ref)²), the mean over that image's entries: the score-based
+    """Per image [B]: (1/S) Σ_t w_t · mean((p̂_t − p̂_t^ref)²), the mean over that image's entries: the score-based
     surrogate of the KL between the image distributions of two trajectories with the same injected noise (MIRA's
-    R_MIRA; w_t = 1 unless given)."""
+    R_MIRA; w_t = 1 unless given). p̂ is ε̂ or v̂, whichever the backbone predicts."""
     weights = weights or [1.0] * len(predictions)
-    terms = [w * (eps - ref).square().flatten(1).mean(1) for w, eps, ref in zip(weights, predictions, reference)]
+    terms = [w * (p - ref).square().flatten(1).mean(1) for w, p, ref in zip(weights, predictions, reference)]
     return torch.stack(terms).mean(0)

@@ -1,7 +1,8 @@
 """AIG, annealed importance guidance (arXiv 2409.06493): at sampler step i of N (i = 0 noisiest) the prediction is
 ε = (1 − γ_i)·ε̃_base + γ_i·ε̃_ft, each with its own CFG, so early (layout) steps follow the base model and late
-(detail) steps the fine-tuned one. Base = the same UNet with its adapters off. Schedules: power γ_i = (i/N)^p
-(p = 0: fine-tuned only, p = ∞: base only), linear (p = 1), step γ_i = 1[i/N ≥ f]."""
+(detail) steps the fine-tuned one. Base = the same denoiser (UNet or transformer) with its adapters off; on flow
+models the mixed predictions are velocities. Schedules: power γ_i = (i/N)^p (p = 0: fine-tuned only, p = ∞: base
+only), linear (p = 1), step γ_i = 1[i/N ≥ f]."""
 
 import math
 
@@ -23,7 +24,7 @@ def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> 
 
 class AIG(Method):
     def prepare(self, run_cfg, trainer, backbone, reward) -> Method:
-        load_lora(backbone.unet, self.cfg.adapter)
+        load_lora(backbone.denoiser, self.cfg.adapter)
         return self
 
     @torch.no_grad()

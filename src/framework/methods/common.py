@@ -13,7 +13,7 @@ from framework.errors import Interrupted, NonFiniteLoss
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
-from framework.sampling import Trajectory, ddim_sample, num_noises
+from framework.sampling import Trajectory, sample, num_noises
 
 
 def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
@@ -64,7 +64,7 @@ class Problem:
         """Decoded images (unclamped, see Backbone.decode) from the given noises (batch size = len(x_T)), and the
         sampler's trajectory."""
         cfg = self.sampling
-        traj = ddim_sample(
+        traj = sample(
             self.backbone,
             self.cond.select(self._rows(len(x_T), rows)),
             x_T,

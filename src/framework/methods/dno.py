@@ -156,8 +156,8 @@ class DNO(Method):
             torch.stack([items[i].scaler.scale(losses[i]) for i in active]).sum().backward()
             grad_norms = {i: items[i].step() for i in active}
             if step == 0:  # z = z0: the base samples and the reference trajectory of the drift metrics
-                base_images, base_rewards, reference = images.detach(), rewards, [e.detach() for e in traj.eps]
-            r_mira = trajectory_divergence([e.detach() for e in traj.eps], reference)
+                base_images, base_rewards, reference = images.detach(), rewards, [e.detach() for e in traj.predictions]
+            r_mira = trajectory_divergence([e.detach() for e in traj.predictions], reference)
             noise_sq = torch.stack([f.square().mean() for f in flats])
             values = {"loss": losses, "regulariser": regs, "noise_sq": noise_sq, "r_mira": r_mira}
             values = {k: value.detach().tolist() for k, value in values.items()}

@@ -1,10 +1,13 @@
-"""DRaFT (arXiv 2309.17400): fine-tune LoRA adapters of the UNet by back-propagating the reward through sampling.
+"""DRaFT (arXiv 2309.17400): fine-tune LoRA adapters of the denoiser (the UNet, or a flow model's transformer) by
+back-propagating the reward through sampling.
 
-DRaFT-K: only the last K DDIM steps keep gradients (K = null: full DRaFT); loss −mean r(decode(x_0)), x_0 the
+DRaFT-K: only the last K sampler steps keep gradients (K = null: full DRaFT); loss −mean r(decode(x_0)), x_0 the
 sampler's output (as DRaFT and NeMo-Aligner's DRaFT+ score it). DRaFT-LV: sample x0 without gradients, re-noise it
-n times to the last timestep and take one denoising step with gradients each; loss −Σ_i mean r(x̂0^i). DRaFT+KL adds
-λ·mean over the differentiated steps of mean((ε̃_ft − sg ε̃_base)²), the base prediction being the same UNet with
-adapters off at the same x_t: the mean-squared ε difference that stands for the KL (logged as `train/eps_mse`).
+n times to the last timestep (x_t = signal·x0 + noise·ε: √ᾱ and √(1−ᾱ) for DDIM, 1−σ and σ for flow matching) and
+take one step with gradients each, scoring its x̂0 (x_t − σ·v̂ on flow models); loss −Σ_i mean r(x̂0^i). DRaFT+KL adds
+λ·mean over the differentiated steps of mean((p̃_ft − sg p̃_base)²), p the backbone's prediction (ε, or the velocity
+on flow models), the base one being the same denoiser with adapters off at the same x_t: the mean-squared
+prediction difference that stands for the KL (logged as `train/eps_mse` for either).
 
 Training is a Lightning `fit`. The prompts and noises of optimiser step s derive from (seed, s, row) only, and each
 process takes rows rank::world of the global batch, so a resumed run, or a DDP run with the same global batch,
@@ -24,7 +27,7 @@ from framework.items import derive_seed
 from framework.methods.common import Method, draw_noise
 from framework.methods.lora_scale import LoRAScale
 from framework.models.lora import add_lora, save_lora
-from framework.sampling import ddim_sample
+from framework.sampling import sample, sampler_steps
 from framework.images import save_png
 
 SAMPLE_PROMPTS = 4  # images in each periodic sample grid
@@ -41,7 +44,7 @@ class DRaFT(L.LightningModule):
             )
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
-        self.trainable = add_lora(backbone.unet, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
+        self.trainable = add_lora(backbone.denoiser, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
 
     def rows(self, step: int) -> tuple[list[int], list[int]]:
@@ -58,21 +61,21 @@ class DRaFT(L.LightningModule):
         cfg, backbone = self.cfg, self.backbone
         cond = backbone.encode(prompts)
         x_T, noises = draw_noise(backbone, cfg, seeds)
-        sample = dict(
+        sampler = dict(
             num_steps=cfg.num_steps,
             eta=cfg.eta,
             guidance_scale=cfg.guidance_scale,
             final_step_noise=cfg.final_step_noise,
         )
         if cfg.variant == "k":
-            traj = ddim_sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sample)
+            traj = sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sampler)
             first = cfg.num_steps - (cfg.k or cfg.num_steps)
             rewards = self.reward(backbone.decode(traj.latents), prompts)
-            differentiated = list(zip(traj.x[first:], traj.timesteps[first:], traj.eps[first:]))
+            differentiated = list(zip(traj.x[first:], traj.timesteps[first:], traj.predictions[first:]))
         else:
             with torch.no_grad():
-                x0 = ddim_sample(backbone, cond, x_T, noises, **sample).latents
-            t, alpha, _ = backbone.schedule(cfg.num_steps)[-1]
+                x0 = sample(backbone, cond, x_T, noises, **sampler).latents
+            last = sampler_steps(backbone, cfg.num_steps, 0.0)[-1]
             rewards, differentiated = 0, []
             for i in range(cfg.lv_samples):
                 fresh = torch.stack(
@@ -83,16 +86,16 @@ class DRaFT(L.LightningModule):
                         for seed in seeds
                     ]
                 ).to(x0.device)
-                x1 = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * fresh
-                eps = backbone.eps(x1, t, cond, cfg.guidance_scale)
-                x0_hat = (x1 - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+                x1 = last.signal * x0 + last.noise * fresh
+                pred = backbone.predict(x1, last.t, cond, cfg.guidance_scale)
+                x0_hat, _ = last.update(x1, pred)
                 rewards = rewards + self.reward(backbone.decode(x0_hat), prompts)
-                differentiated.append((x1, t, eps))
+                differentiated.append((x1, last.t, pred))
         eps_mse = torch.zeros((), device=x_T.device)
         if cfg.kl_weight > 0:
             with torch.no_grad(), backbone.adapters_disabled():
-                base = [backbone.eps(x.detach(), t, cond, cfg.guidance_scale) for x, t, _ in differentiated]
-            eps_mse = torch.stack([(eps - b).square().mean() for (_, _, eps), b in zip(differentiated, base)]).mean()
+                base = [backbone.predict(x.detach(), t, cond, cfg.guidance_scale) for x, t, _ in differentiated]
+            eps_mse = torch.stack([(p - b).square().mean() for (_, _, p), b in zip(differentiated, base)]).mean()
         return -rewards.mean(), rewards.mean() / (1 if cfg.variant == "k" else cfg.lv_samples), eps_mse
 
     def training_step(self, batch, batch_idx) -> Tensor:
@@ -117,7 +120,7 @@ class DRaFT(L.LightningModule):
         prompts = self.prompts[:SAMPLE_PROMPTS]
         seeds = [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))]
         x_T, noises = draw_noise(self.backbone, self.cfg, seeds)
-        traj = ddim_sample(
+        traj = sample(
             self.backbone,
             self.backbone.encode(prompts),
             x_T,
@@ -144,7 +147,7 @@ class DRaFT(L.LightningModule):
         """Keep the adapter only (the frozen model is reloaded from its source) and write it in diffusers format."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         if self.trainer.is_global_zero:
-            save_lora(self.backbone.unet, self.out_dir / "checkpoints" / f"adapter-step{self.global_step:06d}")
+            save_lora(self.backbone, self.out_dir / "checkpoints" / f"adapter-step{self.global_step:06d}")
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(range(self.cfg.train_steps), batch_size=None)  # content: see `rows`
@@ -167,7 +170,7 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
         ) from None
     adapter = module.out_dir / "adapter"
     if trainer.is_global_zero:
-        save_lora(module.backbone.unet, adapter)
+        save_lora(module.backbone, adapter)
     trainer.strategy.barrier()
     return adapter
 
@@ -189,7 +192,7 @@ class FineTuneThenSample(Method):
 
         adapter = Path(cfg.output_dir) / "adapter"
         if (adapter / WEIGHT_NAME).exists():
-            load_lora(backbone.unet, adapter)
+            load_lora(backbone.denoiser, adapter)
         else:
             module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
             adapter = train(trainer, module)

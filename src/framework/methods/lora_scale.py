@@ -10,7 +10,7 @@ from framework.models.lora import load_lora, set_lora_scale
 
 class LoRAScale(Method):
     def prepare(self, run_cfg, trainer, backbone, reward) -> Method:
-        load_lora(backbone.unet, self.cfg.adapter)
+        load_lora(backbone.denoiser, self.cfg.adapter)
         return self
 
     @torch.no_grad()
@@ -18,9 +18,9 @@ class LoRAScale(Method):
         noise = problem.noise()
         with problem.backbone.adapters_disabled():
             base, _ = problem.render(*noise)
-        set_lora_scale(problem.backbone.unet, self.cfg.alpha)
+        set_lora_scale(problem.backbone.denoiser, self.cfg.alpha)
         try:
             images, _ = problem.render(*noise)
         finally:
-            set_lora_scale(problem.backbone.unet, 1.0)
+            set_lora_scale(problem.backbone.denoiser, 1.0)
         return paired_results(problem, base, images, {"alpha": self.cfg.alpha})

@@ -1,30 +1,26 @@
 """MIRA (arXiv 2510.01549): noise optimisation regularised in image space, not noise space.
 
-loss(z) = −r(M(z)) + β·R_MIRA(z),  R_MIRA(z) = (1/S) Σ_t w_t · mean((ε̂(x_t^(z)) − sg[ε̂(x_t^(z0))])²),
+loss(z) = −r(M(z)) + β·R_MIRA(z),  R_MIRA(z) = (1/S) Σ_t w_t · mean((p̂(x_t^(z)) − sg[p̂(x_t^(z0))])²),
 
-a score-based surrogate of KL[p(x0 | z, c) ‖ p(x0 | z0, c)]. The reference ε̂(x_t^(z0)) is what the first
-optimisation step's forward pass computes (z = z0, same injected ξ), so it is cached from there: no extra model
-evaluation, ever. At z = z0 the surrogate and its gradient are 0. Weights w_t: 1 (`uniform`) or `eps_kl`: the weight
-c_t²/(2σ_t²) that turns the ε̂ difference into the exact Gaussian KL of one DDIM transition, c_t being the
-coefficient of ε̂ in the step's mean. It is the KL between the two steps taken from the same x_t; the two
-trajectories' means also differ by a_t·(x_t − x_t^(z0)), which this weighting (like the surrogate) leaves out.
-The compared prediction is the CFG-guided ε̂ that drives the sampler (`surrogate_guidance=cfg`) or its conditional
-branch ε_c (`cond`), which the same model evaluation returns.
+a score-based surrogate of KL[p(x0 | z, c) ‖ p(x0 | z0, c)], written in the backbone's own prediction p̂: ε̂ on
+ε-prediction models, the velocity v̂ on flow-matching ones. Both are affine in the score at a given x_t (ε̂ = −σ_t·∇log p,
+v̂ = −(x_t + σ_t ∇log p)/(1 − σ_t)), so a difference of predictions at the same x_t is a rescaled score difference.
+The reference p̂(x_t^(z0)) is what the first optimisation step's forward pass computes (z = z0, same injected ξ), so
+it is cached from there: no extra model evaluation, ever. At z = z0 the surrogate and its gradient are 0.
+
+Weights w_t: 1 (`uniform`) or `girsanov`: c_t²/(2 std_t²), which turns the prediction difference into the exact
+Gaussian KL of one sampler step (DDIM, or the stochastic Euler step of a flow model; framework.sampling), c_t being
+the coefficient of the prediction in the step's mean. Summed over steps it is the discrete Girsanov KL of the two
+trajectories' steps taken from the same x_t; their means also differ by a_t·(x_t − x_t^(z0)), which this weighting
+(like the surrogate) leaves out. The compared prediction is the CFG-guided one that drives the sampler
+(`surrogate_guidance=cfg`) or its conditional branch (`cond`), which the same model evaluation returns.
 """
 
 from torch import Tensor
 
 from framework.methods.common import Problem
 from framework.methods.dno import DNO
-from framework.sampling import Trajectory, ddim_coefficients, trajectory_divergence
-
-
-def eps_kl_weights(schedule: list[tuple[int, float, float]], eta: float) -> list[float]:
-    weights = []
-    for _, alpha, alpha_prev in schedule:
-        sigma, eps_coef = ddim_coefficients(alpha, alpha_prev, eta)
-        weights.append(eps_coef**2 / (2 * sigma**2))
-    return weights
+from framework.sampling import Trajectory, kl_weights, sampler_steps, trajectory_divergence
 
 
 class MIRA(DNO):
@@ -34,12 +30,12 @@ class MIRA(DNO):
 
     def regulariser(self, problem: Problem, flat_noises: list[Tensor], traj: Trajectory, step: int) -> Tensor:
         """Each item's R_MIRA to its own reference trajectory, [B]."""
-        predictions = traj.eps if self.cfg.surrogate_guidance == "cfg" else traj.eps_cond
+        predictions = traj.predictions if self.cfg.surrogate_guidance == "cfg" else traj.cond_predictions
         if step == 0:  # z = z0: this forward pass is the reference trajectory
-            self._reference = [eps.detach() for eps in predictions]
+            self._reference = [p.detach() for p in predictions]
             self._weights = (
-                eps_kl_weights(problem.backbone.schedule(self.cfg.num_steps), self.cfg.eta)
-                if self.cfg.weighting == "eps_kl"
+                kl_weights(sampler_steps(problem.backbone, self.cfg.num_steps, self.cfg.eta))
+                if self.cfg.weighting == "girsanov"
                 else [1.0] * len(predictions)
             )
         return trajectory_divergence(predictions, self._reference, self._weights)

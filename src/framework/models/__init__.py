@@ -1,18 +1,24 @@
-"""Backbones: loading SD1.x / SDXL from a hub id or local directory, or building them in-process (tiny, or full-size
-with random weights), and setting how their networks run (checkpointing, memory format, compilation)."""
+"""Backbones: loading SD1.x / SDXL / SD3 / FLUX.1 from a hub id or local directory, or building them in-process (tiny,
+or full-size with random weights), and setting how their networks run (checkpointing, memory format, compilation)."""
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from framework.config import ModelConfig
+from framework.config import FLOW_KINDS, ModelConfig
 from framework.models.backbone import Backbone, Cond, StableDiffusionBackbone
+from framework.models.flow import FlowMatchingBackbone
 from framework.models.full_size import build_full_size_pipeline
-from framework.models.tiny import build_tiny_pipeline
+from framework.models.tiny import build_tiny_flow_pipeline, build_tiny_pipeline
 from framework.weights import load_pretrained
 
-__all__ = ["DTYPES", "Backbone", "Cond", "StableDiffusionBackbone", "load_backbone"]
+__all__ = ["DTYPES", "Backbone", "Cond", "FlowMatchingBackbone", "StableDiffusionBackbone", "load_backbone"]
 
-PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PIPELINES = {
+    "sd": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "flux": FluxPipeline,
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -20,7 +26,7 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     """The backbone of a validated model config (see framework.config.validate)."""
     kind, dtype = cfg.kind, DTYPES[cfg.dtype]
     if cfg.tiny:
-        pipe = build_tiny_pipeline(kind, cfg.resolution)
+        pipe = (build_tiny_flow_pipeline if kind in FLOW_KINDS else build_tiny_pipeline)(kind, cfg.resolution)
     elif cfg.random_weights:
         pipe = build_full_size_pipeline(kind)
     else:
@@ -35,7 +41,7 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
             use_safetensors=True,
             **extra,
         )
-    if pipe.unet.dtype != dtype:
+    if denoiser(pipe).dtype != dtype:
         pipe.to(dtype=dtype)
     # Unset vae_dtype: the model's, except float32 for an SDXL VAE that overflows in float16 (force_upcast), as
     # diffusers' SDXL pipeline does; bfloat16 has the range, and the SD1.x pipeline never upcasts.
@@ -44,17 +50,27 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     if pipe.vae.dtype != vae_dtype:
         pipe.vae.to(dtype=vae_dtype)
     configure_networks(pipe, cfg)
+    if kind in FLOW_KINDS:
+        return FlowMatchingBackbone(pipe, cfg.resolution, cfg.max_sequence_length)
     return StableDiffusionBackbone(pipe, cfg.resolution)
 
 
+def denoiser(pipe) -> torch.nn.Module:
+    """The UNet of an SD pipeline, the transformer of a flow-matching one."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
 def configure_networks(pipe, cfg: ModelConfig) -> None:
-    """The runtime options of a model config; attention is diffusers' default, PyTorch's fused SDPA kernels."""
+    """The runtime options of a model config; attention is diffusers' default, PyTorch's fused SDPA kernels.
+    `unet_checkpointing` and `compile` apply to the denoiser, UNet or transformer; channels-last to convolutions
+    (the UNet and the VAE)."""
     if cfg.vae_checkpointing:
         pipe.vae.enable_gradient_checkpointing()
     if cfg.unet_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser(pipe).enable_gradient_checkpointing()
     if cfg.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        for module in (getattr(pipe, "unet", None), pipe.vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     if cfg.compile:
-        pipe.unet.compile()
+        denoiser(pipe).compile()

@@ -1,10 +1,10 @@
 """The Backbone contract and its Stable Diffusion (SD1.x and SDXL) implementation.
 
 A Backbone is everything the sampler and the methods need from a text-to-image diffusion model, and nothing more:
-`encode` prompts once, evaluate the CFG-guided noise prediction `eps`, `decode` latents to images on the [0, 1] scale,
-and the noise schedule. Diffusers does the model work: we keep its pipeline object to reuse its own prompt encoding (so
-SD1.x, SDXL and their CFG conventions match diffusers exactly) and register the networks as submodules so Lightning
-moves them between devices.
+`encode` prompts once, evaluate the CFG-guided prediction `predict` (ε̂ of an ε-prediction model, the velocity v̂ of
+a flow-matching one: `flow_matching`), `decode` latents to images on the [0, 1] scale, and the schedule. Diffusers
+does the model work: we keep its pipeline object to reuse its own prompt encoding (so SD1.x, SDXL and their CFG
+conventions match diffusers exactly) and register the networks as submodules so Lightning moves them between devices.
 """
 
 import logging
@@ -22,7 +22,7 @@ class Cond:
     """Text conditioning of a batch. Row i of every tensor belongs to prompt i; `uncond_*` is CFG's negative."""
 
     embeds: Tensor
-    uncond_embeds: Tensor
+    uncond_embeds: Tensor | None = None  # None: a guidance-distilled model without a negative branch (FLUX)
     pooled: Tensor | None = None  # SDXL: pooled text embeds of text_encoder_2
     uncond_pooled: Tensor | None = None
     time_ids: Tensor | None = None  # SDXL: (original size, crop top-left, target size)
@@ -36,13 +36,15 @@ class Cond:
 
 
 class Backbone(nn.Module):
-    """Interface of a conditional ε-prediction model with a DDIM-compatible schedule.
+    """Interface of a conditional ε-prediction model with a DDIM-compatible schedule, or (`flow_matching`) of a
+    velocity-prediction model with a flow-matching Euler schedule (framework.models.flow).
 
-    `num_evals` counts noise-prediction evaluations per image (one per guided ε̂ of one image, CFG's two branches
+    `num_evals` counts model evaluations per image (one per guided ε̂ of one image, CFG's two branches
     counted once, checkpoint recomputation counted again): the unit in which methods are compared at equal compute.
     """
 
     scheduler: DDIMScheduler
+    flow_matching = False
 
     def __init__(self):
         super().__init__()
@@ -51,12 +53,12 @@ class Backbone(nn.Module):
     def encode(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
-    def eps_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
-        """(CFG-guided ε̂ = ε_u + w(ε_c − ε_u), conditional ε_c), both from the same model evaluation."""
+    def predict_branches(self, x: Tensor, t: float, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+        """(CFG-guided p̂ = p_u + w(p_c − p_u), conditional p_c), both from the same model evaluation; p is ε or v."""
         raise NotImplementedError
 
-    def eps(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> Tensor:
-        return self.eps_branches(x, t, cond, guidance_scale)[0]
+    def predict(self, x: Tensor, t: float, cond: Cond, guidance_scale: float) -> Tensor:
+        return self.predict_branches(x, t, cond, guidance_scale)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images on the [0, 1] scale as the decoder produced them, not clamped: rewards that read raw pixels see
@@ -68,11 +70,18 @@ class Backbone(nn.Module):
         return images.clamp(0, 1)
 
     def adapters_disabled(self):
-        """Context in which `eps` is the base model's (LoRA adapters off); backbones without adapters refuse."""
-        raise NotImplementedError(f"{type(self).__name__} has no adapters")
+        """Context in which `predict` is the base model's (LoRA adapters of the denoiser off)."""
+        from framework.models.lora import adapters_disabled
+
+        return adapters_disabled(self.denoiser)
 
     def latent_shape(self) -> tuple[int, int, int]:
         raise NotImplementedError
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network that LoRA adapters attach to (the UNet, or a flow model's transformer)."""
+        raise NotImplementedError(f"{type(self).__name__} has no trainable denoiser")
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +150,7 @@ class StableDiffusionBackbone(Backbone):
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype, int(pooled.shape[-1]))
         return Cond(embeds, uncond, pooled, uncond_pooled, time_ids.to(self.device).repeat(len(prompts), 1))
 
-    def eps_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+    def predict_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
         """In float32 whatever the UNet's dtype; w = 1 skips the negative branch."""
         self.num_evals += len(x)
         guided = guidance_scale != 1.0
@@ -170,10 +179,9 @@ class StableDiffusionBackbone(Backbone):
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond), text
 
-    def adapters_disabled(self):
-        from framework.models.lora import adapters_disabled
-
-        return adapters_disabled(self.unet)
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents → images on the [0, 1] scale (unclamped), differentiable, scaled as the SD pipelines do."""

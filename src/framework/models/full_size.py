@@ -1,10 +1,13 @@
-"""Full-size SD1.5 and SDXL with seeded random weights, built in-process from their published configurations.
+"""Full-size SD1.5, SDXL and SD3.5 medium with seeded random weights, built in-process from their published
+configurations.
 
 Speed and memory do not depend on the weights' values, so these stand in for the real checkpoints where none can be
 downloaded (benchmarks, the CPU proxy of the full-size path): the same modules with the same shapes, whose images are
 noise. The configurations (architectures/<name>/, laid out as a diffusers repository) are those of
-stable-diffusion-v1-5 (which SD1.4 shares) and stable-diffusion-xl-base-1.0; the tokenizers are the CLIP tokenizer
-built offline (SDXL's second one pads with "!", as OpenCLIP's does).
+stable-diffusion-v1-5 (which SD1.4 shares), stable-diffusion-xl-base-1.0 and stable-diffusion-3.5-medium (MMDiT-X,
+CLIP-L and CLIP-G with projections, the T5-XXL encoder, the 16-channel VAE); the tokenizers are the CLIP tokenizer
+built offline (SDXL's and SD3's second one pads with "!", as OpenCLIP's does) and, for T5, the small-vocabulary T5
+tokenizer: its ids lie within T5's vocabulary and it pads to the same sequence length, which is what cost depends on.
 """
 
 from pathlib import Path
@@ -13,16 +16,19 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from framework.models.tokenizer import build_clip_tokenizer
+from framework.models.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
-ARCHITECTURE_OF_KIND = {"sd": "sd15", "sdxl": "sdxl"}
+ARCHITECTURE_OF_KIND = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35"}
 SEED = 0
 
 
@@ -31,12 +37,25 @@ def _diffusers(cls, folder: Path):
 
 
 def build_full_size_pipeline(kind: str):
-    """The pipeline of `kind` ("sd" or "sdxl") at full size with seeded random weights (the libraries' own
+    """The pipeline of `kind` ("sd", "sdxl" or "sd3") at full size with seeded random weights (the libraries' own
     initialisation). Built on the default device: `with torch.device("meta"):` counts parameters without memory,
     `with torch.device("cuda"):` initialises on the GPU (seconds instead of a minute)."""
     root = ARCHITECTURES / ARCHITECTURE_OF_KIND[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
+        if kind == "sd3":
+            clip = lambda name: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / name))  # noqa: E731
+            return StableDiffusion3Pipeline(
+                transformer=_diffusers(SD3Transformer2DModel, root / "transformer"),
+                scheduler=_diffusers(FlowMatchEulerDiscreteScheduler, root / "scheduler"),
+                vae=_diffusers(AutoencoderKL, root / "vae"),
+                text_encoder=clip("text_encoder"),
+                tokenizer=build_clip_tokenizer(),
+                text_encoder_2=clip("text_encoder_2"),
+                tokenizer_2=build_clip_tokenizer(pad_token="!"),
+                text_encoder_3=T5EncoderModel(T5Config.from_pretrained(root / "text_encoder_3")),
+                tokenizer_3=build_t5_tokenizer(),
+            )
         components = dict(
             unet=_diffusers(UNet2DConditionModel, root / "unet"),
             vae=_diffusers(AutoencoderKL, root / "vae"),

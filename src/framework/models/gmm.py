@@ -86,7 +86,7 @@ class GaussianMixtureBackbone(Backbone):
         score = -(responsibilities[:, :, None] * diff / var[None, :, None]).sum(1)
         return -((1 - alpha) ** 0.5) * score
 
-    def eps_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+    def predict_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
         self.num_evals += len(x)
         alpha = float(self.scheduler.alphas_cumprod[t])
         conditional = self._eps(x.float(), alpha, cond.embeds)

@@ -11,7 +11,7 @@ import gzip
 import importlib.util
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CLIP_VOCAB_SIZE = 49408
@@ -38,3 +38,15 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length, pad_token=pad_token)
+
+
+T5_PIECES = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.;:'-!?()"
+
+
+def build_t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
+    """A T5 (SentencePiece unigram) tokenizer with a tiny vocabulary, for the tiny flow models' T5 encoders: T5's
+    special ids (pad 0, eos 1, unk 2) and one piece per character, word-initial or not. No T5 vocabulary ships
+    offline, and the tiny encoders are random, so only the class and its conventions need to be real."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{c}", -3.0) for c in T5_PIECES] + [(c, -4.0) for c in T5_PIECES]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)

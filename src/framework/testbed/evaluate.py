@@ -6,7 +6,7 @@ import torch
 
 from framework.config import ModelConfig
 from framework.models import load_backbone
-from framework.sampling import ddim_sample
+from framework.sampling import sample
 from framework.testbed import JUDGE_FILE, MODEL_DIR
 from framework.testbed.judge import load_judge
 from framework.testbed.shapes import BACKGROUND, all_captions, parse_caption
@@ -37,9 +37,7 @@ def evaluate_adherence(
         x_T = torch.randn((seeds, *backbone.latent_shape()), generator=torch.Generator().manual_seed(0))
         cond = backbone.encode([caption]).select([0] * seeds)
         images = backbone.postprocess(
-            backbone.decode(
-                ddim_sample(backbone, cond, x_T, num_steps=num_steps, guidance_scale=guidance_scale).latents
-            )
+            backbone.decode(sample(backbone, cond, x_T, num_steps=num_steps, guidance_scale=guidance_scale).latents)
         )
         colors, kinds = judge(images)
         color, shape = parse_caption(caption)

@@ -1,0 +1,155 @@
+"""Flow-matching backbones: Stable Diffusion 3 / 3.5 (MMDiT) and FLUX.1 (dev, schnell), through diffusers' pipelines.
+
+These models predict the velocity v = ε − x0 of the straight path x_σ = (1 − σ)·x0 + σ·ε, and are sampled by Euler
+steps on σ from 1 to 0 with the model's own timestep shift (framework.sampling holds the update and its SDE form).
+We keep the pipeline object to reuse its prompt encoding, latent packing and schedule, so conditioning and steps are
+diffusers' own.
+
+Guidance differs between the two families, and `predict_branches` follows each pipeline:
+- SD3: classifier-free guidance, v̂ = v_u + w·(v_c − v_u), the negative being the empty prompt (as for SD).
+- FLUX.1-dev is guidance-distilled: w enters the transformer as its guidance embedding and there is one branch (the
+  guided prediction is the conditional one); FLUX.1-schnell has no guidance input at all, so w is ignored.
+"""
+
+import logging
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from torch import Tensor, nn
+
+from framework.errors import FrameworkError
+from framework.models.backbone import Backbone, Cond
+
+log = logging.getLogger(__name__)
+
+
+class FlowMatchingBackbone(Backbone):
+    """`StableDiffusion3Pipeline` or `FluxPipeline` components at a fixed resolution; latents are kept unpacked
+    ([16, h, w]) so noises, metrics and methods see the same shapes as for the SD backbones."""
+
+    flow_matching = True
+
+    def __init__(self, pipe, resolution: int, max_sequence_length: int | None = None):
+        super().__init__()
+        self.pipe = pipe
+        self.is_flux = isinstance(pipe, FluxPipeline)
+        self.resolution = resolution
+        self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.text_encoders = nn.ModuleList(
+            m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None
+        )
+        for module in (self.transformer, self.vae, *self.text_encoders):
+            module.requires_grad_(False).eval()  # frozen: backprop then computes input grads only
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.max_sequence_length = max_sequence_length or (512 if self.is_flux else 256)  # the pipelines' defaults
+        self.guidance_embeds = self.is_flux and self.transformer.config.guidance_embeds
+        self._ignored_guidance_said = False
+        patch = 2 if self.is_flux else self.transformer.config.patch_size
+        size = resolution // pipe.vae_scale_factor
+        if resolution % pipe.vae_scale_factor or size % patch:
+            multiple, vae = pipe.vae_scale_factor * patch, pipe.vae_scale_factor
+            raise FrameworkError(
+                f"model.resolution={resolution} is not valid; it must be a multiple of {multiple} for this model "
+                f"(VAE {vae}× and {patch}×{patch} patches)"
+            )
+        self.latent_size = size
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        channels = self.transformer.config.in_channels // (4 if self.is_flux else 1)
+        return (channels, self.latent_size, self.latent_size)
+
+    def _image_tokens(self) -> int:
+        patch = 2 if self.is_flux else self.transformer.config.patch_size
+        return (self.latent_size // patch) ** 2
+
+    def schedule(self, num_steps: int) -> list[tuple[float, float, float]]:
+        """(t, σ_t, σ_next) for each Euler step, noisiest first, exactly as the pipeline sets its scheduler: FLUX from
+        sigmas linspace(1, 1/n, n) and the image-size shift μ; SD3 from the scheduler's own spacing (and μ when its
+        config shifts by image size). t is the transformer's timestep input, 1000·σ_t."""
+        sched, config = self.scheduler, self.scheduler.config
+        options = {}
+        if self.is_flux or config.get("use_dynamic_shifting"):
+            options["mu"] = calculate_shift(
+                self._image_tokens(),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15 if self.is_flux else 1.16),
+            )
+        if self.is_flux and not config.get("use_flow_sigmas"):
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **options)
+        else:
+            sched.set_timesteps(num_steps, **options)
+        sigmas = sched.sigmas.tolist()
+        return [(t, sigmas[i], sigmas[i + 1]) for i, t in enumerate(sched.timesteps.tolist())]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        if self.is_flux:
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            )
+            return Cond(embeds, pooled=pooled)
+        embeds, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompts, None, None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return Cond(embeds, uncond, pooled, uncond_pooled)
+
+    def predict_branches(self, x: Tensor, t: float, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
+        """(guided v̂, conditional v_c), in float32 whatever the transformer's dtype."""
+        self.num_evals += len(x)
+        if self.is_flux:
+            out = self._flux_velocity(x, t, cond, guidance_scale)
+            return out, out
+        guided = guidance_scale != 1.0
+        pick = (lambda u, c: torch.cat([u, c])) if guided else (lambda u, c: c)
+        model_in = pick(x, x).to(self.transformer.dtype)
+        out = self.transformer(
+            hidden_states=model_in,
+            timestep=torch.full((len(model_in),), t, device=x.device),
+            encoder_hidden_states=pick(cond.uncond_embeds, cond.embeds),
+            pooled_projections=pick(cond.uncond_pooled, cond.pooled),
+            return_dict=False,
+        )[0].float()
+        if not guided:
+            return out, out
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond), text
+
+    def _flux_velocity(self, x: Tensor, t: float, cond: Cond, guidance_scale: float) -> Tensor:
+        """FLUX's transformer on 2×2-packed latent tokens with position ids, timestep t/1000 as its pipeline passes."""
+        batch, channels, height, width = x.shape
+        dtype = self.transformer.dtype
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.full((batch,), guidance_scale, device=x.device, dtype=torch.float32)
+        elif guidance_scale not in (0.0, 1.0) and not self._ignored_guidance_said:
+            self._ignored_guidance_said = True
+            log.warning("this FLUX model has no guidance input (as FLUX.1-schnell): guidance_scale is ignored")
+        packed = self.pipe._pack_latents(x.to(dtype), batch, channels, height, width)
+        image_ids = self.pipe._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, dtype)
+        text_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=dtype)
+        out = self.transformer(
+            hidden_states=packed,
+            timestep=torch.full((batch,), t, device=x.device, dtype=dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = self.pipe.vae_scale_factor
+        return self.pipe._unpack_latents(out, height * scale, width * scale, scale).float()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → images on the [0, 1] scale (unclamped), differentiable, shifted and scaled as the pipelines do."""
+        z = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
+        return images / 2 + 0.5

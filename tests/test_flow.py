@@ -1,0 +1,280 @@
+"""Flow-matching backbones (SD3, FLUX.1): the Euler sampler against diffusers' pipelines, the stochastic step's
+maths, LoRA files the pipelines load, and every method end to end from the CLI on the tiny models."""
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from torch.distributions import Normal, kl_divergence
+
+from conftest import run_cli
+from framework.config import ModelConfig
+from framework.errors import FrameworkError
+from framework.models import Backbone, Cond, load_backbone
+from framework.models.flow import FlowMatchingBackbone
+from framework.models.tiny import build_tiny_flow_pipeline
+from framework.sampling import kl_weights, num_noises, sample, sampler_steps
+
+PROMPTS = ["a cat", "a red circle and a blue square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    return load_backbone(ModelConfig(kind="sd3", tiny=True, resolution=32, max_sequence_length=64))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    return load_backbone(ModelConfig(kind="flux", tiny=True, resolution=32, max_sequence_length=64))
+
+
+@pytest.fixture(scope="module")
+def tiny_schnell():
+    """FLUX without a guidance input and with a static schedule, as FLUX.1-schnell."""
+    return FlowMatchingBackbone(build_tiny_flow_pipeline("flux", 32, guidance_embeds=False), 32, 64)
+
+
+def noise(backbone, n=2, seed=0):
+    return torch.randn((n, *backbone.latent_shape()), generator=torch.Generator().manual_seed(seed))
+
+
+def pipeline_images(backbone, x_T, steps, guidance_scale, **options):
+    pipe = copy.copy(backbone.pipe)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe._pack_latents(x_T.clone(), len(x_T), *x_T.shape[1:]) if backbone.is_flux else x_T.clone()
+    size = backbone.resolution
+    return pipe(
+        PROMPTS,
+        latents=latents,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        output_type="pt",
+        height=size,
+        width=size,
+        max_sequence_length=backbone.max_sequence_length,
+        **options,
+    ).images
+
+
+@pytest.mark.parametrize("model, guidance_scale", [("sd3", 5.0), ("flux", 3.5), ("schnell", 0.0)])
+def test_eta0_matches_the_diffusers_pipeline(model, guidance_scale, request):
+    """Same components, initial latents and steps: our Euler sampler + decode against StableDiffusion3Pipeline /
+    FluxPipeline (packed latents, guidance embedding, image-size shift) called as a user would."""
+    backbone = request.getfixturevalue(f"tiny_{model}")
+    x_T = noise(backbone)
+    with torch.no_grad():
+        traj = sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=6, guidance_scale=guidance_scale)
+        ours = backbone.postprocess(backbone.decode(traj.latents))
+        reference = pipeline_images(backbone, x_T, 6, guidance_scale)
+    assert ours.shape == reference.shape == (2, 3, 32, 32)
+    assert (ours - reference).abs().max().item() <= 1e-5
+    assert ours.std() > 0.01  # a real image, not a constant
+
+
+def test_schedule_is_the_pipelines_shifted_one(tiny_sd3, tiny_flux):
+    """SD3.5's static shift 3 and FLUX-dev's image-size shift μ: σ starts at 1, ends at 0, t = 1000·σ."""
+    sd3 = tiny_sd3.schedule(4)
+    shift = lambda s: 3 * s / (1 + 2 * s)  # noqa: E731
+    smallest = shift(1 / 1000)  # of the shifted training sigmas, which the spacing runs down to, then shifted again
+    spaced = [1 - i * (1 - smallest) / 3 for i in range(4)]
+    assert [a for _, a, _ in sd3] == pytest.approx([shift(s) for s in spaced], rel=1e-5)
+    for schedule in (sd3, tiny_flux.schedule(4)):
+        assert schedule[0][1] == 1.0 and schedule[-1][2] == 0.0
+        assert all(t == pytest.approx(1000 * s, rel=1e-6) for t, s, _ in schedule)
+        assert all(a > b for _, a, b in schedule)
+
+
+def flow_sde_step(x, v, sigma, sigma_next, eta, sigma_after_first):
+    """Flow-GRPO's Euler–Maruyama step written out independently: (mean, std)."""
+    dt = sigma_next - sigma
+    denominator = 1 - (sigma_after_first if sigma == 1 else sigma)
+    s = eta * math.sqrt(sigma / denominator)
+    score_term = s**2 / (2 * sigma) * (x + (1 - sigma) * v)
+    return x + (v + score_term) * dt, s * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("sigma, sigma_next", [(0.6, 0.45), (1.0, 0.9), (0.1, 0.0)])
+def test_girsanov_weight_is_the_closed_form_kl_of_one_stochastic_euler_step(sigma, sigma_next):
+    """Two velocities at the same x_t: the steps N(μ_i, std²I) differ by c·Δv, so KL = c²‖Δv‖²/(2 std²), torch's
+    Normal KL of the two steps; the step itself is the SDE's Euler–Maruyama step (first step σ = 1 included)."""
+    eta, first = 0.7, sigma == 1
+    sigma_after_first = sigma_next if first else 0.9
+    x = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v1, v2 = (torch.randn(16, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (1, 2))
+    schedule = [(1000.0, 1.0, sigma_after_first), (1000 * sigma, sigma, sigma_next)]
+    if first:
+        schedule[1] = (1000 * sigma_next, sigma_next, 0.0)
+    backbone = SimpleNamespace(flow_matching=True, schedule=lambda n: schedule)
+    step = sampler_steps(backbone, 2, eta)[0 if first else 1]
+    mean1, std = flow_sde_step(x, v1, sigma, sigma_next, eta, sigma_after_first)
+    mean2, _ = flow_sde_step(x, v2, sigma, sigma_next, eta, sigma_after_first)
+    torch.testing.assert_close(step.update(x, v1)[1], mean1)
+    assert step.std == pytest.approx(std, rel=1e-12) and step.std > 0
+    torch.testing.assert_close(step.update(x, v1)[0], x - sigma * v1)  # x̂0 of a velocity
+    kl = kl_divergence(Normal(mean1, std), Normal(mean2, std)).sum()
+    (weight,) = kl_weights([step])
+    assert (weight * (v1 - v2).square().sum()).item() == pytest.approx(kl.item(), rel=1e-9)
+
+
+class GaussianFlow(Backbone):
+    """Exact velocity of data x0 ~ N(0, s0² I) under x_σ = (1−σ)x0 + σε: v = (σ − (1−σ)s0²)·x / ((1−σ)²s0² + σ²)."""
+
+    flow_matching = True
+
+    def __init__(self, like: FlowMatchingBackbone, s0: float):
+        super().__init__()
+        self.scheduler, self.s0, self.like = like.scheduler, s0, like
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def schedule(self, num_steps):
+        return self.like.schedule(num_steps)
+
+    def predict_branches(self, x, t, cond, guidance_scale):
+        sigma = t / 1000
+        v = (sigma - (1 - sigma) * self.s0**2) * x / ((1 - sigma) ** 2 * self.s0**2 + sigma**2)
+        return v, v
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7, 1.0])
+def test_the_stochastic_sampler_keeps_the_flows_marginals(tiny_sd3, eta):
+    """On a Gaussian whose velocity is exact, ODE and SDE sampling (any noise level) end at the data variance s0²."""
+    backbone, n, steps = GaussianFlow(tiny_sd3, s0=0.5), 20000, 100
+    generator = torch.Generator().manual_seed(1)
+    x_T = torch.randn((n, 1), generator=generator)
+    noises = torch.randn((num_noises(steps, eta), n, 1), generator=generator) if eta > 0 else None
+    cond = Cond(torch.zeros(n, 1))
+    x0 = sample(backbone, cond, x_T, noises, num_steps=steps, eta=eta).latents
+    assert x0.var().item() == pytest.approx(0.25, rel=0.05)
+    assert abs(x0.mean().item()) < 0.02
+
+
+def test_noise_gradients_reach_the_initial_noise_and_every_xi(tiny_flux):
+    """DNO's variables on a flow model: x_1 and every ξ_t of the stochastic sampler get gradients."""
+    x_T = noise(tiny_flux, n=1).requires_grad_()
+    noises = torch.randn((3, 1, *tiny_flux.latent_shape()), generator=torch.Generator().manual_seed(2))
+    noises.requires_grad_()
+    traj = sample(tiny_flux, tiny_flux.encode(["a cat"]), x_T, noises, num_steps=3, eta=0.7, checkpoint=True)
+    tiny_flux.decode(traj.latents).mean().backward()
+    assert x_T.grad.abs().sum() > 0
+    assert all(noises.grad[i].abs().sum() > 0 for i in range(3))
+
+
+def test_resolution_not_divisible_by_the_patches_is_one_clear_error():
+    with pytest.raises(FrameworkError, match="model.resolution=34 is not valid; it must be a multiple of 4"):
+        load_backbone(ModelConfig(kind="sd3", tiny=True, resolution=34, max_sequence_length=8))
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_save_pretrained_then_model_source_dir_gives_the_same_images(model, request, tmp_path):
+    backbone = request.getfixturevalue(f"tiny_{model}")
+    backbone.pipe.save_pretrained(tmp_path)
+    loaded = load_backbone(ModelConfig(kind=model, source=str(tmp_path), resolution=32, max_sequence_length=64))
+    x_T = noise(backbone, n=1)
+    with torch.no_grad():
+        images = [b.decode(sample(b, b.encode(["a cat"]), x_T, num_steps=2).latents) for b in (backbone, loaded)]
+    torch.testing.assert_close(images[0], images[1])
+
+
+def test_missing_flux_weights_say_how_to_provide_them():
+    with pytest.raises(FrameworkError, match="model.source: weights for 'black-forest-labs/FLUX.1-schnell' are not in"):
+        load_backbone(ModelConfig(kind="flux", source="black-forest-labs/FLUX.1-schnell"))
+
+
+COMMON = ["model=tiny_sd3,tiny_flux", "prompts=inline", "prompts.prompts=[a cat]", "logger=none", "method.num_steps=2"]
+NOISE = ["method.opt_steps=2", "method.num_permutations=2"]
+
+
+def sweep(directory, *overrides) -> dict[tuple[str, str], dict]:
+    """`--multirun` over both tiny flow models; (model kind, method) → that job's summary and run directory."""
+    result = run_cli("--multirun", *COMMON, *overrides, f"hydra.sweep.dir={directory}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
+    for summary in directory.glob("*/summary.json"):
+        config = yaml.safe_load((summary.parent / ".hydra" / "config.yaml").read_text())
+        runs[(config["model"]["kind"], config["method"]["name"])] = json.loads(summary.read_text()) | {
+            "dir": summary.parent
+        }
+    return runs
+
+
+def test_every_method_runs_end_to_end_on_tiny_sd3_and_tiny_flux_from_the_cli(tmp_path):
+    """Noise optimisation (DNO, DNO-ZO, MIRA, MIRA-DPO), Best-of-N and base; DRaFT trains a transformer LoRA, which
+    LoRA scaling and AIG then load: every item finishes on both flow families."""
+    runs = sweep(tmp_path / "noise", "method=dno,dno_zo,mira,mira_dpo", "reward=brightness", *NOISE)
+    runs |= sweep(tmp_path / "sampling", "method=base,best_of_n", "reward=jpeg", "method.eta=0.5")
+    draft = ["method.train_steps=1", "method.train_batch_size=1", "method.lora_rank=2", "method.kl_weight=0.1"]
+    runs |= sweep(tmp_path / "draft", "method=draft", "reward=brightness", *draft)
+    for kind in ("sd3", "flux"):  # `++`: the sweep's primary config (the default method) has no adapter key
+        adapter = runs[(kind, "draft")]["dir"] / "adapter"
+        result = run_cli(
+            "--multirun",
+            f"model=tiny_{kind}",
+            *COMMON[1:],
+            "method=lora_scale,aig",
+            "reward=brightness",
+            f"++method.adapter={adapter}",
+            f"hydra.sweep.dir={tmp_path / kind}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        for job in (tmp_path / kind).glob("*/summary.json"):
+            config = yaml.safe_load((job.parent / ".hydra" / "config.yaml").read_text())
+            runs[(kind, config["method"]["name"])] = json.loads(job.read_text())
+    methods = ("dno", "dno_zo", "mira", "mira_dpo", "base", "best_of_n", "draft", "lora_scale", "aig")
+    assert set(runs) == {(kind, method) for kind in ("sd3", "flux") for method in methods}
+    for (kind, method), summary in runs.items():
+        assert summary["num_ok"] == summary["num_items"] == 1, (kind, method, summary["items"])
+        assert math.isfinite(summary["final_reward_mean"]), (kind, method)
+    for kind in ("sd3", "flux"):  # the optimisers moved the image; DRaFT's adapter changed the model
+        for method in ("dno", "mira", "draft"):
+            summary = runs[(kind, method)]
+            assert summary["final_reward_mean"] != summary["base_reward_mean"], (kind, method)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_path):
+    """Our adapter file (attention and MLP projections of every block, the text stream's too) is what
+    `load_lora_weights` of StableDiffusion3Pipeline / FluxPipeline reads; the pipeline then samples as we do."""
+    from framework.models.lora import WEIGHT_NAME, add_lora, save_lora
+
+    ours = load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
+    with torch.no_grad():
+        for parameter in add_lora(ours.denoiser, rank=2, seed=1):
+            parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(parameter.numel()))
+    adapted = {name.rsplit(".lora_", 1)[0] for name, _ in ours.denoiser.named_parameters() if "lora_" in name}
+    assert any(name.endswith("attn.add_q_proj") for name in adapted) and any("ff_context" in n for n in adapted)
+    assert "proj_out" not in adapted  # the final projection is not an MLP layer
+    if kind == "flux":
+        assert any(name.startswith("single_transformer_blocks.0.proj_mlp") for name in adapted)
+    save_lora(ours, tmp_path)
+    pipe = build_tiny_flow_pipeline(kind, 32)
+    pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
+    theirs = FlowMatchingBackbone(pipe, 32, 64)
+    x_T = noise(ours)
+    with torch.no_grad():
+        cond = ours.encode(PROMPTS)
+        ours_images = ours.postprocess(ours.decode(sample(ours, cond, x_T, num_steps=3, guidance_scale=3.0).latents))
+        with ours.adapters_disabled():
+            base = ours.postprocess(ours.decode(sample(ours, cond, x_T, num_steps=3, guidance_scale=3.0).latents))
+        reference = pipeline_images(theirs, x_T, 3, 3.0)
+    assert (ours_images - reference).abs().max().item() <= 1e-5
+    assert (ours_images - base).abs().max().item() > 1e-3  # the adapter is not a no-op
+
+
+def test_mira_with_girsanov_weights_on_a_flow_model_climbs_and_starts_at_zero_drift(tiny_flux):
+    """MIRA's velocity surrogate with the per-step KL weights of the stochastic Euler sampler (η = 0.7)."""
+    from framework.config import MIRAConfig, RewardConfig
+    from framework.methods import Item, Problem, build_method
+    from framework.rewards import build_reward
+
+    reward = build_reward(RewardConfig(name="brightness"))
+    cfg = MIRAConfig(num_steps=3, eta=0.7, opt_steps=4, lr=0.05, beta=1.0, weighting="girsanov")
+    (result,) = build_method(cfg, reward).run(Problem(tiny_flux, reward, Item(0, 0, "a cat", 3), cfg))
+    assert result.steps[0]["regulariser"] == 0.0 and result.steps[-1]["regulariser"] > 0
+    assert result.final_reward > result.base_reward
