@@ -65,21 +65,21 @@ class Step:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DDIMStep(Step):
-    alpha: float = 1.0
-    alpha_prev: float = 1.0
+    alpha: float
+    alpha_prev: float
 
     def update(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         x0 = (x - (1 - self.alpha) ** 0.5 * eps) / self.alpha**0.5
         return x0, self.alpha_prev**0.5 * x0 + (1 - self.alpha_prev - self.std**2) ** 0.5 * eps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FlowStep(Step):
-    sigma: float = 1.0
-    sigma_next: float = 0.0
-    diffusion: float = 0.0  # s of the SDE at σ (0: the ODE step)
+    sigma: float
+    sigma_next: float
+    diffusion: float  # s of the SDE at σ (0: the ODE step)
 
     def update(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         x0 = x - self.sigma * v

@@ -55,15 +55,16 @@ def tiny_text_encoder(projection: bool = False, hidden_size: int = 32):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def tiny_vae(sample_size: int) -> AutoencoderKL:
+def tiny_vae(sample_size: int, latent_channels: int = 4, **config) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=sample_size,
+        **config,
     )
 
 
@@ -124,14 +125,9 @@ FLUX_SCHEDULER = dict(
 
 def tiny_flow_vae(sample_size: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
     """The 16-channel latent VAE of SD3 and FLUX (no quant convs, a shift besides the scale), tiny."""
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=sample_size,
+    return tiny_vae(
+        sample_size,
+        16,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv=False,
