@@ -144,14 +144,15 @@ class GaussianFlow(Backbone):
 
 @pytest.mark.parametrize("eta", [0.0, 0.7, 1.0])
 def test_the_stochastic_sampler_keeps_the_flows_marginals(tiny_sd3, eta):
-    """On a Gaussian whose velocity is exact, ODE and SDE sampling (any noise level) end at the data variance s0²."""
-    backbone, n, steps = GaussianFlow(tiny_sd3, s0=0.5), 20000, 100
+    """On a Gaussian whose velocity is exact, ODE and SDE sampling (any noise level) end at the data variance s0², to
+    3 % (the estimate's own standard error is √(2/n) = 1 %)."""
+    backbone, n, steps = GaussianFlow(tiny_sd3, s0=0.5), 20000, 400
     generator = torch.Generator().manual_seed(1)
     x_T = torch.randn((n, 1), generator=generator)
     noises = torch.randn((num_noises(steps, eta), n, 1), generator=generator) if eta > 0 else None
     cond = Cond(torch.zeros(n, 1))
     x0 = sample(backbone, cond, x_T, noises, num_steps=steps, eta=eta).latents
-    assert x0.var().item() == pytest.approx(0.25, rel=0.05)
+    assert x0.var().item() == pytest.approx(0.25, rel=0.03)
     assert abs(x0.mean().item()) < 0.02
 
 
