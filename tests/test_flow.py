@@ -4,6 +4,7 @@ maths, LoRA files the pipelines load, and every method end to end from the CLI o
 import copy
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -188,13 +189,13 @@ def test_missing_flux_weights_say_how_to_provide_them():
         load_backbone(ModelConfig(kind="flux", source="black-forest-labs/FLUX.1-schnell"))
 
 
-COMMON = ["model=tiny_sd3,tiny_flux", "prompts=inline", "prompts.prompts=[a cat]", "logger=none", "method.num_steps=2"]
+COMMON = ["prompts=inline", "prompts.prompts=[a cat]", "logger=none", "method.num_steps=2"]
 NOISE = ["method.opt_steps=2", "method.num_permutations=2"]
 
 
-def sweep(directory, *overrides) -> dict[tuple[str, str], dict]:
-    """`--multirun` over both tiny flow models; (model kind, method) → that job's summary and run directory."""
-    result = run_cli("--multirun", *COMMON, *overrides, f"hydra.sweep.dir={directory}")
+def sweep(directory, *overrides, models="model=tiny_sd3,tiny_flux") -> dict[tuple[str, str], dict]:
+    """`--multirun` over the tiny flow models; (model kind, method) → that job's summary and run directory."""
+    result = run_cli("--multirun", models, *COMMON, *overrides, f"hydra.sweep.dir={directory}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {}
     for summary in directory.glob("*/summary.json"):
@@ -207,26 +208,24 @@ def sweep(directory, *overrides) -> dict[tuple[str, str], dict]:
 
 def test_every_method_runs_end_to_end_on_tiny_sd3_and_tiny_flux_from_the_cli(tmp_path):
     """Noise optimisation (DNO, DNO-ZO, MIRA, MIRA-DPO), Best-of-N and base; DRaFT trains a transformer LoRA, which
-    LoRA scaling and AIG then load: every item finishes on both flow families."""
-    runs = sweep(tmp_path / "noise", "method=dno,dno_zo,mira,mira_dpo", "reward=brightness", *NOISE)
-    runs |= sweep(tmp_path / "sampling", "method=base,best_of_n", "reward=jpeg", "method.eta=0.5")
+    LoRA scaling and AIG then load: every item finishes on both flow families. Two sweeps at a time (2 cores)."""
     draft = ["method.train_steps=1", "method.train_batch_size=1", "method.lora_rank=2", "method.kl_weight=0.1"]
-    runs |= sweep(tmp_path / "draft", "method=draft", "reward=brightness", *draft)
-    for kind in ("sd3", "flux"):  # `++`: the sweep's primary config (the default method) has no adapter key
-        adapter = runs[(kind, "draft")]["dir"] / "adapter"
-        result = run_cli(
-            "--multirun",
-            f"model=tiny_{kind}",
-            *COMMON[1:],
-            "method=lora_scale,aig",
-            "reward=brightness",
-            f"++method.adapter={adapter}",
-            f"hydra.sweep.dir={tmp_path / kind}",
+    sweeps = [
+        (tmp_path / "draft", ["method=draft", "reward=brightness", *draft]),
+        (tmp_path / "noise", ["method=dno,dno_zo,mira,mira_dpo", "reward=brightness", *NOISE]),
+        (tmp_path / "sampling", ["method=base,best_of_n", "reward=jpeg", "method.eta=0.5"]),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        runs = {}
+        for found in pool.map(lambda job: sweep(job[0], *job[1]), sweeps):
+            runs |= found
+        # `++`: the sweep's primary config (the default method) has no adapter key
+        adapters = [(kind, f"++method.adapter={runs[(kind, 'draft')]['dir']}/adapter") for kind in ("sd3", "flux")]
+        adapted = lambda job: sweep(  # noqa: E731
+            tmp_path / job[0], "method=lora_scale,aig", "reward=brightness", job[1], models=f"model=tiny_{job[0]}"
         )
-        assert result.returncode == 0, result.stderr[-3000:]
-        for job in (tmp_path / kind).glob("*/summary.json"):
-            config = yaml.safe_load((job.parent / ".hydra" / "config.yaml").read_text())
-            runs[(kind, config["method"]["name"])] = json.loads(job.read_text())
+        for found in pool.map(adapted, adapters):
+            runs |= found
     methods = ("dno", "dno_zo", "mira", "mira_dpo", "base", "best_of_n", "draft", "lora_scale", "aig")
     assert set(runs) == {(kind, method) for kind in ("sd3", "flux") for method in methods}
     for (kind, method), summary in runs.items():
