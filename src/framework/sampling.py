@@ -51,14 +51,20 @@ class Trajectory:
 
 @dataclass(frozen=True)
 class Step:
-    """One sampler step from x_t: the model's timestep input `t`, the marginal x_t = signal·x0 + noise·ε, the std of
-    the injected ξ and the coefficient c of the prediction in the step's mean."""
+    """One sampler step from x_t: the model's timestep input `t`, the std of the injected ξ and the coefficient c of
+    the prediction in the step's mean; `signal` and `noise` give the marginal x_t = signal·x0 + noise·ε."""
 
     t: float
-    signal: float
-    noise: float
     std: float
     pred_coef: float
+
+    @property
+    def signal(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def noise(self) -> float:
+        raise NotImplementedError
 
     def update(self, x: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
         """(x̂0, mean of x_next)."""
@@ -69,6 +75,14 @@ class Step:
 class DDIMStep(Step):
     alpha: float
     alpha_prev: float
+
+    @property
+    def signal(self) -> float:
+        return self.alpha**0.5
+
+    @property
+    def noise(self) -> float:
+        return (1 - self.alpha) ** 0.5
 
     def update(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         x0 = (x - (1 - self.alpha) ** 0.5 * eps) / self.alpha**0.5
@@ -81,13 +95,18 @@ class FlowStep(Step):
     sigma_next: float
     diffusion: float  # s of the SDE at σ (0: the ODE step)
 
+    @property
+    def signal(self) -> float:
+        return 1 - self.sigma
+
+    @property
+    def noise(self) -> float:
+        return self.sigma
+
     def update(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        x0 = x - self.sigma * v
-        dt = self.sigma_next - self.sigma
-        if self.diffusion == 0:
-            return x0, x + dt * v  # diffusers' FlowMatchEulerDiscreteScheduler.step, in the same order
-        s2 = self.diffusion**2
-        return x0, x * (1 + s2 * dt / (2 * self.sigma)) + v * self.pred_coef
+        """At s = 0 the mean is x·1 + v·(σ'−σ): diffusers' Euler step, bit for bit."""
+        drift = self.diffusion**2 * (self.sigma_next - self.sigma) / (2 * self.sigma)
+        return x - self.sigma * v, x * (1 + drift) + v * self.pred_coef
 
 
 def ddim_coefficients(alpha: float, alpha_prev: float, eta: float) -> tuple[float, float]:
@@ -115,10 +134,10 @@ def sampler_steps(backbone: Backbone, num_steps: int, eta: float, final_step_noi
         level = eta if i < stochastic else 0.0
         if backbone.flow_matching:  # (t, σ, σ')
             s, std, c = flow_coefficients(a, b, level, schedule[1][1] if len(schedule) > 1 else 0.0)
-            steps.append(FlowStep(t, 1 - a, a, std, c, sigma=a, sigma_next=b, diffusion=s))
+            steps.append(FlowStep(t, std, c, sigma=a, sigma_next=b, diffusion=s))
         else:  # (t, ᾱ, ᾱ')
             std, c = ddim_coefficients(a, b, level)
-            steps.append(DDIMStep(t, a**0.5, (1 - a) ** 0.5, std, c, alpha=a, alpha_prev=b))
+            steps.append(DDIMStep(t, std, c, alpha=a, alpha_prev=b))
     return steps
 
 

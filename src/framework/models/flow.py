@@ -46,7 +46,7 @@ class FlowMatchingBackbone(Backbone):
         self.max_sequence_length = max_sequence_length or (512 if self.is_flux else 256)  # the pipelines' defaults
         self.guidance_embeds = self.is_flux and self.transformer.config.guidance_embeds
         self._ignored_guidance_said = False
-        patch = 2 if self.is_flux else self.transformer.config.patch_size
+        self.patch = patch = 2 if self.is_flux else self.transformer.config.patch_size  # FLUX packs 2×2 latents
         size = resolution // pipe.vae_scale_factor
         if resolution % pipe.vae_scale_factor or size % patch:
             multiple, vae = pipe.vae_scale_factor * patch, pipe.vae_scale_factor
@@ -55,6 +55,7 @@ class FlowMatchingBackbone(Backbone):
                 f"(VAE {vae}× and {patch}×{patch} patches)"
             )
         self.latent_size = size
+        self._position_ids: dict = {}  # FLUX's image-token ids per (device, dtype): the same at every step
 
     @property
     def denoiser(self) -> nn.Module:
@@ -65,8 +66,7 @@ class FlowMatchingBackbone(Backbone):
         return (channels, self.latent_size, self.latent_size)
 
     def _image_tokens(self) -> int:
-        patch = 2 if self.is_flux else self.transformer.config.patch_size
-        return (self.latent_size // patch) ** 2
+        return (self.latent_size // self.patch) ** 2
 
     def schedule(self, num_steps: int) -> list[tuple[float, float, float]]:
         """(t, σ_t, σ_next) for each Euler step, noisiest first, exactly as the pipeline sets its scheduler: FLUX from
@@ -133,7 +133,10 @@ class FlowMatchingBackbone(Backbone):
             self._ignored_guidance_said = True
             log.warning("this FLUX model has no guidance input (as FLUX.1-schnell): guidance_scale is ignored")
         packed = self.pipe._pack_latents(x.to(dtype), batch, channels, height, width)
-        image_ids = self.pipe._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, dtype)
+        key = (x.device, dtype)
+        if key not in self._position_ids:
+            self._position_ids[key] = self.pipe._prepare_latent_image_ids(batch, height // 2, width // 2, *key)
+        image_ids = self._position_ids[key]
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=dtype)
         out = self.transformer(
             hidden_states=packed,
