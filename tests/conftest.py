@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ import torch  # noqa: E402
 
 from framework.config import ModelConfig  # noqa: E402
 from framework.models import load_backbone  # noqa: E402
+
+
+# Tolerances, by what the two sides of a comparison share. The same computation twice in one process, with the same
+# tensor shapes, is compared bitwise (CPU kernels are deterministic). REBATCHED: the same float32 maths on other tensor
+# shapes, thread counts or processes (items batched together or alone, DDP shards, chunked evaluation): kernels block,
+# vectorise and reduce in another order, and differently on every SIMD width (AVX-512, AVX2, SSE), each op rounding at
+# ~1e-7 relative; through a few sampler and optimiser steps of the tiny models, rewards and adapter weights (order
+# 0.01-1) then move by a few 1e-7, pixels by a few 1e-6 (measured under each of those instruction sets).
+REBATCHED = 1e-5  # absolute, on rewards, metrics and weights
+REBATCHED_PIXELS = 1e-4  # absolute, on images in [0, 1]
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +71,99 @@ def compose(*overrides: str):
         return hydra_compose("config", overrides=list(overrides))
 
 
-def run_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """`python -m framework.run` in a subprocess, as a user would type it."""
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def call_main(main, *args: str, pythonpath: Path | None = None) -> Result:
+    """A console script's `main()` with these arguments, run in this process as a user's command would run it: output
+    captured, the exit code from its SystemExit, Hydra's global state reset afterwards (no interpreter start, no
+    re-import of torch). `pythonpath`: a directory of user modules (e.g. a callable reward), importable meanwhile."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved_argv, saved_path, saved_modules = sys.argv, list(sys.path), set(sys.modules)
+    sys.argv = [main.__module__, *args]
+    if pythonpath is not None:
+        sys.path.insert(0, str(pythonpath))
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        GlobalHydra.instance().clear()
+        if pythonpath is not None:  # the next test may write a module of the same name
+            for name in set(sys.modules) - saved_modules:
+                if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(pythonpath)):
+                    del sys.modules[name]
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_cli(*overrides: str, run_dir: Path | None = None, pythonpath: Path | None = None) -> Result:
+    """`python -m framework.run ...` as a user types it, in this process (see `call_main`)."""
+    from framework.run import main
+
+    run_dir_override = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+    return call_main(main, *overrides, *run_dir_override, pythonpath=pythonpath)
+
+
+def launch_in_process(overrides: list[str]) -> tuple[int, str]:
+    """The launcher of experiment runs in tests: each run in this process (framework.experiments.launch_process
+    starts a fresh interpreter per run)."""
+    result = run_cli(*overrides)
+    return result.returncode, result.stderr
+
+
+def run_process(*overrides: str, run_dir: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """`python -m framework.run` in a subprocess: for what only a process shows (exit codes of the interpreter,
+    signals, several processes)."""
     args = [sys.executable, "-m", "framework.run", *overrides]
     if run_dir is not None:
         args.append(f"hydra.run.dir={run_dir}")
     return subprocess.run(
         args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
+
+
+def run_nodes(*overrides: str, run_dir: Path, nodes: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """`framework.run` on `nodes` "nodes" of one process each on this machine, started as a multi-node launch starts
+    them (torchrun --nnodes=N --node-rank=i: MASTER_ADDR, MASTER_PORT, NODE_RANK, RANK, WORLD_SIZE in each
+    process's environment), with trainer.num_nodes=N trainer.devices=1. One CPU thread per process."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1"]
+    launch += ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", f"trainer.num_nodes={nodes}"]
+    args = ["-m", "framework.run", *overrides, *ddp, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            [*launch, f"--node-rank={rank}", *args],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(nodes)
+    ]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
 
 
 def start_cli(*overrides: str, run_dir: Path | None = None, env: dict | None = None) -> subprocess.Popen:

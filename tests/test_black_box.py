@@ -14,6 +14,7 @@ from framework.config import (
 )
 from framework.errors import FrameworkError
 from framework.methods import Item, Problem, build_method
+from framework.methods.common import Start
 from framework.methods.dno_zo import perturbed_candidates
 from framework.rewards import Reward, build_reward
 
@@ -78,6 +79,7 @@ def image_gradient(cfg, backbone, reward):
     method, problem = build_method(cfg, reward), Problem(backbone, reward, ITEM, cfg)
     x_T, noises = problem.noise([ITEM.seed])
     images, traj = problem.render(x_T, noises)
+    problem.start = Start.of(images, traj)  # z = z0, as the loop keeps its first pass
     images.requires_grad_()
     term, _, _ = method.reward_term(problem, images, traj, x_T, noises, step=0)
     (grad,) = torch.autograd.grad(term, images)

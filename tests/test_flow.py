@@ -4,7 +4,6 @@ maths, LoRA files the pipelines load, and every method end to end from the CLI o
 import copy
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -208,24 +207,21 @@ def sweep(directory, *overrides, models="model=tiny_sd3,tiny_flux") -> dict[tupl
 
 def test_every_method_runs_end_to_end_on_tiny_sd3_and_tiny_flux_from_the_cli(tmp_path):
     """Noise optimisation (DNO, DNO-ZO, MIRA, MIRA-DPO), Best-of-N and base; DRaFT trains a transformer LoRA, which
-    LoRA scaling and AIG then load: every item finishes on both flow families. Two sweeps at a time (2 cores)."""
+    LoRA scaling and AIG then load: every item finishes on both flow families."""
     draft = ["method.train_steps=1", "method.train_batch_size=1", "method.lora_rank=2", "method.kl_weight=0.1"]
     sweeps = [
         (tmp_path / "draft", ["method=draft", "reward=brightness", *draft]),
         (tmp_path / "noise", ["method=dno,dno_zo,mira,mira_dpo", "reward=brightness", *NOISE]),
         (tmp_path / "sampling", ["method=base,best_of_n", "reward=jpeg", "method.eta=0.5"]),
     ]
-    with ThreadPoolExecutor(2) as pool:
-        runs = {}
-        for found in pool.map(lambda job: sweep(job[0], *job[1]), sweeps):
-            runs |= found
-        # `++`: the sweep's primary config (the default method) has no adapter key
-        adapters = [(kind, f"++method.adapter={runs[(kind, 'draft')]['dir']}/adapter") for kind in ("sd3", "flux")]
-        adapted = lambda job: sweep(  # noqa: E731
-            tmp_path / job[0], "method=lora_scale,aig", "reward=brightness", job[1], models=f"model=tiny_{job[0]}"
+    runs = {}
+    for directory, overrides in sweeps:
+        runs |= sweep(directory, *overrides)
+    for kind in ("sd3", "flux"):  # `++`: the sweep's primary config (the default method) has no adapter key
+        adapter = f"++method.adapter={runs[(kind, 'draft')]['dir']}/adapter"
+        runs |= sweep(
+            tmp_path / kind, "method=lora_scale,aig", "reward=brightness", adapter, models=f"model=tiny_{kind}"
         )
-        for found in pool.map(adapted, adapters):
-            runs |= found
     methods = ("dno", "dno_zo", "mira", "mira_dpo", "base", "best_of_n", "draft", "lora_scale", "aig")
     assert set(runs) == {(kind, method) for kind in ("sd3", "flux") for method in methods}
     for (kind, method), summary in runs.items():

@@ -149,11 +149,13 @@ def test_dno_and_mira_steps_follow_adam_through_the_linear_sampler(gaussian, bri
 def reward_term_gradient(gaussian, cfg, reward):
     """d(reward term)/d(sample) at the initial noise, and the candidates the method drew."""
     from framework.methods import Item, Problem, build_method
+    from framework.methods.common import Start
     from framework.methods.dno_zo import perturbed_candidates
 
     method, problem = build_method(cfg, reward), Problem(gaussian, reward, Item(0, 0, "left", 3), cfg)
     x_T, noises = problem.noise([problem.items[0].seed])
     samples, traj = problem.render(x_T, noises)
+    problem.start = Start.of(samples, traj)  # z = z0, as the loop keeps its first pass
     samples.requires_grad_()
     with torch.enable_grad():
         term, _, _ = method.reward_term(problem, samples, traj, x_T, noises, step=0)

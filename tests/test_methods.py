@@ -196,7 +196,8 @@ def test_the_held_out_stopping_rule_picks_the_step_its_reward_scores_best(tiny_s
     results = {}
     for select in ("last", "best_held_out"):
         cfg = DNOConfig(num_steps=3, opt_steps=4, lr=0.2, select=select)
-        (results[select],) = build_method(cfg, brightness).run(Problem(tiny_sd, brightness, ITEM, cfg, metrics))
+        problem = Problem(tiny_sd, brightness, ITEM, cfg, metrics, held_out="darkness")
+        (results[select],) = build_method(cfg, brightness).run(problem)
     last, chosen = results["last"], results["best_held_out"]
     score = lambda image: darkness(image.clamp(0, 1)[None], [ITEM.prompt]).item()  # noqa: E731
     values = [s["eval_darkness"] for s in last.steps] + [score(last.final_image)]

@@ -77,9 +77,10 @@ def test_a_killed_sweep_rerun_into_its_directory_finishes_every_item_exactly_onc
         assert float(table[run]["reward_mean"]) == pytest.approx(float(expected[run]["reward_mean"]), abs=1e-6)
 
 
-def test_sigterm_stops_an_inference_run_after_its_finished_items_and_a_rerun_resumes(tmp_path):
+def test_ctrl_c_stops_an_inference_run_after_its_finished_items_and_a_rerun_resumes(tmp_path):
+    """SIGINT to the process group, as a terminal sends it: stopped like SIGTERM (the current batch discarded), 130."""
     run_dir = tmp_path / "run"
-    # Two items per batch: the first batch is written together, SIGTERM lands in the second, which is not written.
+    # Two items per batch: the first batch is written together, Ctrl-C lands in the second, which is not written.
     args = [
         *FAST,
         "prompts=inline",
@@ -89,13 +90,16 @@ def test_sigterm_stops_an_inference_run_after_its_finished_items_and_a_rerun_res
     ]
     process = start_cli(*args, run_dir=run_dir)
     wait_for(lambda: len(mtimes(run_dir)) >= 1, process)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM") and "Traceback" not in stderr
-    assert json.loads((run_dir / "status.json").read_text())["exit_code"] == 143
+    assert process.returncode == 130, stderr
+    assert (
+        stderr.strip().splitlines()[-1].startswith("stopped: SIGINT during items p0002_s000")
+        and "Traceback" not in stderr
+    )
+    assert json.loads((run_dir / "status.json").read_text())["exit_code"] == 130
     before = mtimes(run_dir)
-    assert 1 <= len(before) < 3
+    assert len(before) == 2 and not list((run_dir / "items").glob(".*"))  # the first batch, nothing half-written
     resumed = run_cli(*args, run_dir=run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert len(records(run_dir)) == 3 and {k: v for k, v in mtimes(run_dir).items() if k in before} == before
@@ -137,25 +141,81 @@ def test_sigterm_during_fine_tuning_saves_a_checkpoint_the_rerun_resumes_from(tm
     assert sorted(train_log(run_dir)) == list(range(16)) and set(first_attempt) <= set(range(stopped_at))
 
 
-def test_an_internal_error_is_one_line_with_the_traceback_in_error_log(tmp_path):
-    (tmp_path / "buggy.py").write_text("def score(images, prompts):\n    return 1 / 0\n")
-    run_dir = tmp_path / "run"
-    result = run_cli(
-        *FAST,
-        "method=base",
-        "reward=callable",
-        "reward.target=buggy:score",
-        "prompts=inline",
-        "prompts.prompts=[a cat]",
-        run_dir=run_dir,
-        env={"PYTHONPATH": str(tmp_path)},
+def test_a_reward_that_raises_on_one_prompt_fails_that_item_and_the_others_finish(tmp_path):
+    """The batch of four is split until the raising item is alone; its record keeps the error and the traceback."""
+    (tmp_path / "picky.py").write_text(
+        "def score(images, prompts):\n"
+        "    if 'bad' in prompts:\n"
+        "        raise ValueError('cannot score a bad prompt')\n"
+        "    return images.mean((1, 2, 3))\n"
     )
+    run_dir = tmp_path / "run"
+    args = [
+        *FAST,
+        "method.opt_steps=2",
+        "method.batch_size=4",
+        "reward=callable",
+        "reward.target=picky:score",
+        "reward.differentiable=true",
+        "prompts=inline",
+        "prompts.prompts=[a cat,bad,a dog,a bird]",
+    ]
+    result = run_cli(*args, run_dir=run_dir, pythonpath=tmp_path)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after the progress bars
+        "error: 1 of 4 items failed: p0001_s000 (reward callable raised ValueError: cannot score a bad prompt) "
+        f"(see {run_dir}/summary.json); a rerun retries them"
+    )
+    written = records(run_dir)
+    assert written["p0001_s000"]["status"] == "failed"
+    assert "raise ValueError('cannot score a bad prompt')" in written["p0001_s000"]["traceback"]
+    assert [written[i]["status"] for i in ("p0000_s000", "p0002_s000", "p0003_s000")] == ["ok"] * 3
+    assert {written[i]["compute"]["batch_items"] for i in ("p0000_s000", "p0002_s000", "p0003_s000")} == {1, 2}
+    # A rerun retries only the failed item (it fails again); the finished ones are kept as they are.
+    before = mtimes(run_dir)
+    again = run_cli(*args, run_dir=run_dir, pythonpath=tmp_path)
+    assert again.returncode == 3
+    assert {k: v for k, v in mtimes(run_dir).items() if k != "p0001_s000"} == {
+        k: v for k, v in before.items() if k != "p0001_s000"
+    }
+
+
+def test_a_metric_that_raises_fails_the_items_it_concerns(tmp_path, monkeypatch):
+    from framework.metrics import ImageMetrics
+
+    measure = ImageMetrics.measure
+
+    def fragile(self, images, prompts, base=None):
+        if "a dog" in prompts:
+            raise RuntimeError("feature extractor broke")
+        return measure(self, images, prompts, base)
+
+    monkeypatch.setattr(ImageMetrics, "measure", fragile)
+    run_dir = tmp_path / "run"
+    result = run_cli(*FAST, "method=base", "method.batch_size=3", *PROMPTS, run_dir=run_dir)
+    assert result.returncode == 3
+    written = records(run_dir)
+    assert written["p0001_s000"]["error"] == "a metric raised RuntimeError: feature extractor broke"
+    assert [written[i]["status"] for i in ("p0000_s000", "p0002_s000", "p0003_s000")] == ["ok"] * 3
+
+
+def test_a_bug_in_the_framework_is_an_internal_error_with_the_traceback_in_error_log(tmp_path, monkeypatch):
+    """Outside the per-item work of rewards and metrics, an exception is a bug: the run ends, the traceback kept."""
+    from framework.methods.common import Problem
+
+    def broken(self, *args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(Problem, "render", broken)
+    run_dir = tmp_path / "run"
+    result = run_cli(*FAST, "method=base", "prompts=inline", "prompts.prompts=[a cat]", run_dir=run_dir)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"internal error: ZeroDivisionError: division by zero; full traceback in {run_dir}/error.log"
     )
     log = (run_dir / "error.log").read_text()
     assert log.startswith("Traceback") and "return 1 / 0" in log
+    assert json.loads((run_dir / "status.json").read_text())["exit_code"] == 1
 
 
 def test_out_of_memory_fails_that_item_with_a_hint_and_the_run_goes_on(tmp_path):
@@ -176,7 +236,7 @@ def test_out_of_memory_fails_that_item_with_a_hint_and_the_run_goes_on(tmp_path)
         "prompts=inline",
         "prompts.prompts=[a cat,huge,a dog]",
         run_dir=run_dir,
-        env={"PYTHONPATH": str(tmp_path)},
+        pythonpath=tmp_path,
     )
     assert result.returncode == 3 and "Traceback" not in result.stderr
     written = records(run_dir)
@@ -273,3 +333,108 @@ def test_report_on_a_directory_without_results_says_so(tmp_path):
         result.stderr == f"error: {tmp_path} has no finished item (items/*/record.json): give the directory of a "
         "framework.run run\n"
     )
+
+
+def bad_adapters(directory):
+    """name -> (adapter directory, what the error line says): every way an adapter file can be wrong."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from framework.config import ModelConfig
+    from framework.models import load_backbone
+    from framework.models.lora import WEIGHT_NAME, add_lora, save_lora
+
+    def model(kind):
+        options = {"max_sequence_length": 16} if kind == "sd3" else {}
+        return load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, **options))
+
+    sd = model("sd")
+    add_lora(sd.unet, rank=2)
+    good = save_lora(sd, directory / "good")
+    sd3 = model("sd3")
+    add_lora(sd3.denoiser, rank=2)
+    save_lora(sd3, directory / "sd3")
+    weights = load_file(good)
+    cases = {
+        "missing": (directory / "nowhere", "not found; train an adapter"),
+        "sd3": (directory / "sd3", "not for this model's"),
+    }
+
+    def write(name, data, why):
+        (directory / name).mkdir()
+        if isinstance(data, bytes):
+            (directory / name / WEIGHT_NAME).write_bytes(data)
+        else:
+            save_file(data, directory / name / WEIGHT_NAME)
+        cases[name] = (directory / name, why)
+
+    write("truncated", good.read_bytes()[: good.stat().st_size // 2], "not a complete safetensors file")
+    write("pickle", b"\x80\x04\x95" + bytes(64), "not a complete safetensors file")
+    renamed = {k.replace("attn1.to_q", "attn1.to_query"): v for k, v in weights.items()}
+    write("unknown module", renamed, "attn1.to_query' is not a layer of this model's UNet2DConditionModel")
+    write("not lora", {"unet.conv_in.weight": torch.zeros(2, 2)}, "is not a LoRA weight in diffusers' format")
+    one_half = {k: v for k, v in weights.items() if "lora_B" not in k}
+    write("half", one_half, "has lora_A without its other half")
+    ranks = {k: (torch.zeros(v.shape[0], 3) if "lora_B" in k else v) for k, v in weights.items()}
+    write("rank", ranks, "lora_A has rank 2, lora_B rank 3")
+    wide = {k: (torch.zeros(v.shape[0] + 1, v.shape[1]) if "lora_B" in k else v) for k, v in weights.items()}
+    write("shape", wide, "features in the adapter")
+    return cases
+
+
+def test_a_wrong_adapter_file_is_one_line_naming_it_before_any_sampling(tmp_path):
+    for name, (adapter, why) in bad_adapters(tmp_path).items():
+        run_dir = tmp_path / "runs" / name.replace(" ", "_")
+        result = run_cli(*FAST, "method=lora_scale", f"method.adapter={adapter}", *PROMPTS, run_dir=run_dir)
+        assert result.returncode == 2, (name, result.stderr)
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: method.adapter: {adapter}") and why in line, (name, line)
+        assert not list(run_dir.glob("items/*")), name
+
+
+def test_an_output_directory_that_cannot_be_written_is_one_line_before_models_load(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    (tmp_path / "a file").write_text("")
+    below_a_file = tmp_path / "a file" / "run"
+    result = run_cli(*FAST, "method=base", *PROMPTS, run_dir=below_a_file)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: cannot create or write {below_a_file} (Not a directory)")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    loaded = []
+    monkeypatch.setattr("framework.models.load_backbone", lambda *a: loaded.append(a))
+    monkeypatch.setattr(Path, "write_text", full)  # a full disk (or a read-only directory: the same path)
+    result = run_cli(*FAST, "method=base", *PROMPTS, run_dir=tmp_path / "run")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and not loaded
+    assert result.stderr.startswith(f"error: cannot create or write {tmp_path / 'run'} (No space left on device)")
+
+
+def test_a_write_that_fails_mid_run_keeps_finished_items_and_a_rerun_resumes(tmp_path, monkeypatch):
+    import errno
+
+    import framework.store
+
+    save_png = framework.store.save_png
+
+    def disk_fills(image, path):
+        if "p0001_s000" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save_png(image, path)
+
+    monkeypatch.setattr(framework.store, "save_png", disk_fills)
+    run_dir = tmp_path / "run"
+    args = [*FAST, "method=base", "prompts=inline", "prompts.prompts=[a cat,a dog,a bird]"]
+    result = run_cli(*args, run_dir=run_dir)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot write item p0001_s000 (No space left on device); the run stopped")
+    assert sorted(p.name for p in (run_dir / "items").iterdir()) == ["p0000_s000"]  # nothing half-written
+    before = mtimes(run_dir)
+    monkeypatch.setattr(framework.store, "save_png", save_png)  # space freed
+    resumed = run_cli(*args, run_dir=run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(records(run_dir)) == 3 and mtimes(run_dir)["p0000_s000"] == before["p0000_s000"]

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import math
 import typing
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from omegaconf import OmegaConf
@@ -212,13 +211,8 @@ ON_THE_COMMAND_LINE = (
 def test_bad_values_on_the_command_line_end_in_one_error_line_and_exit_2(tmp_path):
     """As a user types them: each exits 2 with exactly one `error:` line, runs nothing, prints no traceback."""
 
-    def attempt(item):
-        i, typed = item
-        return typed, run_cli(*typed.split(), "logger=none", run_dir=tmp_path / str(i), timeout=120)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(attempt, enumerate(ON_THE_COMMAND_LINE)))
-    for typed, result in results:
+    for i, typed in enumerate(ON_THE_COMMAND_LINE):
+        result = run_cli(*typed.split(), "logger=none", run_dir=tmp_path / str(i))
         assert result.returncode == 2, (typed, result.stderr)
         expected = BAD_VALUES[typed]
         assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {expected}"), (typed, result.stderr)

@@ -43,10 +43,13 @@ class Range:
         return above and below and (self.multiple_of is None or value % self.multiple_of == 0)
 
     def describe(self) -> str:
-        low = None if self.low is None else f"{'>' if self.low_open else '≥'} {self.low:g}"
-        high = None if self.high is None else f"{'<' if self.high_open else '≤'} {self.high:g}"
+        show = lambda v: str(int(v)) if float(v).is_integer() else f"{v:g}"  # noqa: E731  (2147483647, not 2.1e+09)
+        low = None if self.low is None else f"{'>' if self.low_open else '≥'} {show(self.low)}"
+        high = None if self.high is None else f"{'<' if self.high_open else '≤'} {show(self.high)}"
         if low and high:
-            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            bounds = (
+                f"in {'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}{')' if self.high_open else ']'}"
+            )
         else:
             bounds = low or high or "finite"
         return f"it must be {bounds}" + (f" and a multiple of {self.multiple_of}" if self.multiple_of else "")
@@ -448,10 +451,16 @@ class Config:
             )
 
 
-def held_out_reward(method, eval_rewards) -> str | None:
-    """The held-out reward of a noise method's stopping rule: `method.held_out`, or the first of eval.rewards that
-    is not the testbed's ground-truth judge (which stays a pure measurement)."""
-    return method.held_out or next((name for name in eval_rewards if name != "judge"), None)
+def held_out_reward(c) -> str | None:
+    """The held-out reward of a noise method's stopping rule in run config `c`: `method.held_out`, or the first of
+    eval.rewards that is neither the testbed's ground-truth judge (which stays a pure measurement) nor the optimised
+    reward itself (which the rule must not consult)."""
+    if "select" not in c.method:  # not a noise-optimisation method: no stopping rule
+        return None
+    if c.method.held_out:
+        return c.method.held_out
+    candidates = (name for name in c.eval.rewards if name != "judge" and not same_reward(reward_config(name), c.reward))
+    return next(candidates, None)
 
 
 def held_out_relations(c) -> Iterator[tuple[str, str]]:
@@ -459,8 +468,29 @@ def held_out_relations(c) -> Iterator[tuple[str, str]]:
         yield "method.held_out", f"it must be one of eval.rewards={list(c.eval.rewards)}"
     elif c.method.held_out == "judge":
         yield "method.held_out", "the ground-truth judge measures adherence; it cannot choose the step"
-    elif c.method.select == "best_held_out" and held_out_reward(c.method, c.eval.rewards) is None:
-        yield "method.select", "best_held_out needs a held-out reward: set eval.rewards (e.g. eval.rewards=[contrast])"
+    elif c.method.held_out is not None and same_reward(reward_config(c.method.held_out), c.reward):
+        yield "method.held_out", "it is the optimised reward; a held-out reward must be another one"
+    elif c.method.select == "best_held_out" and held_out_reward(c) is None:
+        yield (
+            "method.select",
+            "best_held_out needs a held-out reward other than the optimised one: set eval.rewards "
+            "(e.g. eval.rewards=[contrast])",
+        )
+
+
+def reward_config(name: str) -> RewardConfig:
+    """The config of conf/reward/<name>.yaml (e.g. a held-out evaluation reward), as `reward=<name>` composes it."""
+    path = CONF_DIR / "reward" / f"{name}.yaml"
+    if not path.is_file():
+        raise FrameworkError(f"eval.rewards: no reward config {name!r}; choose from: {', '.join(reward_configs())}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path)))
+
+
+def same_reward(a, b) -> bool:
+    """Whether reward configs `a` and `b` score with the same reward and weights (whatever their scale, dtype or
+    clamping)."""
+    keys = [f.name for f in fields(RewardConfig) if f.name not in ("scale", "dtype", "clamp")]
+    return all(getattr(a, key) == getattr(b, key) for key in keys)
 
 
 METHOD_SCHEMAS = {
@@ -511,9 +541,11 @@ def unknown_key(group: str, key: str, schema: type) -> FrameworkError:
 def compose_error(e: Exception) -> FrameworkError:
     """Hydra's and OmegaConf's composition errors as one line, an unknown key as `validate` reports it (Hydra says
     "Could not override" without `+` and nothing at all with it)."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = e.__cause__
+    if isinstance(e, OverrideParseException):
+        return FrameworkError(parse_error(e))
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
         return FrameworkError(f"{group}={option}: no such option; choose from: {', '.join(e.options)}")
@@ -524,6 +556,19 @@ def compose_error(e: Exception) -> FrameworkError:
         return unknown_key(group, name, schema)
     first = lambda error: (str(error).strip().splitlines() or [type(error).__name__])[0]  # noqa: E731
     return FrameworkError(f"{key}: {first(cause)}" if key else first(e))
+
+
+def parse_error(e) -> str:
+    """Hydra's OverrideParseException as one line naming the override and what the grammar expected."""
+    lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(("Error parsing", "See "))]
+    detail = lines[0] if lines else "not valid override syntax"
+    if detail.startswith("LexerNoViableAltException") and len(lines) > 1:  # a caret line points at the character
+        position = len(lines[1]) - len(lines[1].lstrip()) - len("LexerNoViableAltException: ")
+        detail = f"unexpected character {e.override[position]!r} at position {position + 1}"
+    return (
+        f"cannot parse the override {e.override!r}: {detail}; write key=value, a list as key=[a,b], and quote a "
+        "value holding brackets, commas, quotes or $ (key='a, b')"
+    )
 
 
 def _schema_nodes(cfg) -> Iterator[tuple[str, Any, type]]:

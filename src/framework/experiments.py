@@ -39,8 +39,10 @@ import argparse
 import hashlib
 import json
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from framework.errors import INTERRUPTED, Failure, FrameworkError, Interrupted, guarded
+from framework.errors import STOPPED, Failure, FrameworkError, Interrupted, guarded
 from framework.tables import aggregate, table_metrics
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
@@ -281,30 +283,37 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     return runs
 
 
-def ensure_run(run: Run, group: str) -> str | None:
-    """Run (or resume) one configuration; a run whose summary reports every item finished is left alone. Returns
-    None, or the run's one-line error when it did not finish (its finished items are kept)."""
+def launch_process(overrides: list[str]) -> tuple[int, str]:
+    """`framework.run` with these overrides in a fresh process (memory and failures stay with that run): its exit
+    code and stderr. Ctrl-C reaches the run from the terminal (they share the process group): this process waits
+    for the run to stop cleanly instead of killing it."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        command = [sys.executable, "-m", "framework.run", *overrides]
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return result.returncode, result.stderr
+
+
+def ensure_run(run: Run, group: str, launch: Callable[[list[str]], tuple[int, str]] = launch_process) -> str | None:
+    """Run (or resume) one configuration through `launch` (overrides -> exit code, stderr); a run whose summary
+    reports every item finished is left alone. Returns None, or the run's one-line error when it did not finish (its
+    finished items are kept)."""
     summary = run.dir / "summary.json"
     if summary.exists():
         counts = json.loads(summary.read_text())
         if counts["num_ok"] == counts["num_items"]:
             return None
     print(f"running {run.name} in {run.dir}", flush=True)
-    command = [
-        sys.executable,
-        "-m",
-        "framework.run",
-        *run.overrides,
-        f"logger.group={group}",
-        f"hydra.run.dir={run.dir}",
-    ]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode == 0:
+    code, stderr = launch([*run.overrides, f"logger.group={group}", f"hydra.run.dir={run.dir}"])
+    if code == 0:
         return None
-    if result.returncode == INTERRUPTED:
-        raise Interrupted(f"SIGTERM during run {run.dir}; rerun the same command to resume")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    error = (lines or [f"exit code {result.returncode}"])[-1].removeprefix("error: ")
+    stopped_by = {exit_code: name for name, exit_code in STOPPED.items()}
+    if code in stopped_by:
+        raise Interrupted(f" during run {run.dir}; rerun the same command to resume", stopped_by[code])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    error = (lines or [f"exit code {code}"])[-1].removeprefix("error: ")
     print(f"  failed: {error}", flush=True)
     return error
 
@@ -320,8 +329,11 @@ def prepare(name: str, scale: str, out: Path, experiments_dir: Path, claimed: di
     return spec, plan(spec, scale, out / "runs" / scale, name, claimed)
 
 
-def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
-    """Check every experiment first (configs compose, weights present), then run what is missing and aggregate."""
+def reproduce_all(
+    names: list[str], scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR, launch=launch_process
+) -> list[Path]:
+    """Check every experiment first (configs compose, weights present), then run what is missing (each run through
+    `launch`, see `ensure_run`) and aggregate."""
     claimed: dict[str, Path] = {}  # one directory per configuration across all the experiments
     planned = {name: prepare(name, scale, out, experiments_dir, claimed) for name in names}
     from framework.preflight import missing_weights
@@ -349,7 +361,7 @@ def reproduce_all(names: list[str], scale: str, out: Path, experiments_dir: Path
     written, failed = [], {}
     for name, (spec, runs) in planned.items():
         for run in runs:
-            if run.dir not in failed and (error := ensure_run(run, group=f"{name}-{scale}")):
+            if run.dir not in failed and (error := ensure_run(run, f"{name}-{scale}", launch)):
                 failed[run.dir] = error
         statuses = {run.name: failed[run.dir] for run in runs if run.dir in failed}
         written += aggregate(name, spec, runs, out / "tables" / scale, statuses)
@@ -370,8 +382,8 @@ class RunsFailed(Failure):
         self.written = written
 
 
-def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR) -> list[Path]:
-    return reproduce_all([name], scale, out, experiments_dir)
+def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR, launch=launch_process):
+    return reproduce_all([name], scale, out, experiments_dir, launch)
 
 
 def main() -> None:

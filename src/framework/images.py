@@ -10,7 +10,7 @@ from torch import Tensor
 
 def save_png(image: Tensor, path: Path) -> None:
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path, format="PNG")  # by content, not by the name's suffix
 
 
 def load_png(path: Path) -> Tensor:

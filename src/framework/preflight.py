@@ -11,7 +11,8 @@ from framework.weights import unavailable
 def missing_weights(cfg) -> list[tuple[str, str, str]]:
     """(config key, value, why) of every weight or prompt file that run config `cfg` needs and this machine lacks."""
     from framework.metrics import resolve_features
-    from framework.rewards import named_reward_config, required_weights
+    from framework.config import reward_config
+    from framework.rewards import required_weights
 
     needs = []  # (kind, spec, key, revision)
     if not cfg.model.tiny and cfg.model.source:
@@ -20,7 +21,7 @@ def missing_weights(cfg) -> list[tuple[str, str, str]]:
     for name in cfg.eval.rewards:
         needs += [
             (kind, spec, f"{key} of reward={name} (eval.rewards)", None)
-            for kind, spec, key in required_weights(named_reward_config(name), "reward")
+            for kind, spec, key in required_weights(reward_config(name), "reward")
         ]
     if resolve_features(cfg.eval, cfg.model) == "clip":
         needs += [

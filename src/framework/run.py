@@ -2,9 +2,9 @@
 
 Every value is validated before anything is loaded. Whatever goes wrong ends in one line on stderr and an exit code
 (see framework.errors): 2 bad input, 3 some items failed (the others are written), 1 internal error (traceback in
-<run dir>/error.log), 143 stopped by SIGTERM (finished items kept). A job never raises into Hydra, so one failing
-job of a `--multirun` sweep leaves the others running; each job's outcome is <run dir>/status.json, and the
-process exits with the worst of them.
+<run dir>/error.log), 143 or 130 stopped by SIGTERM or Ctrl-C (finished items kept). A job never raises into Hydra,
+so one failing job of a `--multirun` sweep leaves the others running; each job's outcome is <run dir>/status.json,
+and the process exits with the worst of them.
 """
 
 import hashlib
@@ -18,13 +18,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import RUNTIME_OPTIONS, compose_error, validate
-from framework.errors import INTERRUPTED, Failure, guarded, process_error_log, worst
+from framework import signals
+from framework.config import CONF_DIR, RUNTIME_OPTIONS, compose_error, held_out_reward, validate
+from framework.errors import STOPPED, Failure, FrameworkError, guarded, process_error_log, unwritable, worst
 
 # Everything an item's result or its metrics depend on; a rerun into the same directory must match.
 ITEM_AFFECTING = ("model", "reward", "method", "seed", "eval", "samples_per_prompt")
 STATUS_FILE = "status.json"
 job_codes: list[int] = []  # exit codes of the jobs this process ran (a sweep runs several)
+job_started = False  # whether Hydra got as far as a job: what it raises before that is about the command line
 
 
 def _quiet_libraries() -> None:
@@ -38,7 +40,9 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    for message in ("does not have many workers", "predict returned None", ".*treespec", r".*module\(s\) in eval mode"):
+    quiet = ("does not have many workers", "predict returned None", ".*treespec", r".*module\(s\) in eval mode")
+    quiet += ("Total length of `DataLoader` across ranks is zero",)  # a resumed run with every item finished
+    for message in quiet:
         warnings.filterwarnings("ignore", message=f".*{message}")
 
 
@@ -102,7 +106,7 @@ def run(cfg: DictConfig) -> dict | None:
         **method.trainer_options(cfg),
     )
     method = method.prepare(cfg, trainer, backbone, reward)  # e.g. load an adapter, or fine-tune one (draft)
-    module = InferenceTimeAlignment(backbone, reward, method, store, metrics)
+    module = InferenceTimeAlignment(backbone, reward, method, store, metrics, held_out_reward(cfg))
     trainer.predict(module, datamodule=ItemsDataModule(items, store, method.cfg.batch_size), return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
@@ -113,49 +117,88 @@ def run(cfg: DictConfig) -> dict | None:
     if wandb_dir:
         print(f"wandb:   {wandb_dir} ({cfg.logger.mode}; `wandb sync` uploads offline runs)")
     if summary["num_failed"] or summary["num_missing"]:
-        raise Failure(
-            f"{summary['num_failed'] + summary['num_missing']} of {summary['num_items']} items failed "
-            f"(see {summary['run_dir']}/summary.json); a rerun retries them"
-        )
+        raise Failure(failure_line(summary))
     return summary
+
+
+def failure_line(summary: dict, named: int = 3) -> str:
+    """One line naming the failed items (the first `named`, with their errors) and where the rest is."""
+    failed = [f"{row['id']} ({row['error']})" for row in summary["items"] if row["status"] == "failed"]
+    shown = "; ".join(failed[:named]) + (f"; and {len(failed) - named} more" if len(failed) > named else "")
+    count = summary["num_failed"] + summary["num_missing"]
+    return (
+        f"{count} of {summary['num_items']} items failed"
+        + (f": {shown}" if shown else "")
+        + f" (see {summary['run_dir']}/summary.json); a rerun retries them"
+    )
 
 
 def _is_global_rank_zero() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def job(cfg: DictConfig) -> int:
     """One Hydra job. It returns its exit code instead of raising: Hydra ends a whole sweep at a job's exception (a
-    SystemExit at once, any other after the batch, without the sweep table). Only SIGTERM stops the process, on
-    purpose."""
+    SystemExit at once, any other after the batch, without the sweep table). Only a stop signal ends the process,
+    on purpose."""
+    global job_started
+    job_started = True
     run_dir = Path(cfg.output_dir)
-    code, line = guarded(lambda: run(cfg), run_dir / "error.log")
+    with signals.stop_gracefully():  # Ctrl-C stops the run as SIGTERM does
+        code, line = guarded(lambda: run(cfg), run_dir / "error.log")
     if _is_global_rank_zero():  # DDP processes started by Lightning leave the job's status to rank 0
-        (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code, "error": line}))
+        try:
+            (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code, "error": line}))
+        except OSError:  # an unwritable directory has already been reported by the run itself
+            pass
     job_codes.append(code)
-    if code == INTERRUPTED:
+    if code in STOPPED.values():  # a stop signal ends the sweep too
         raise SystemExit(code)
     return code
 
 
 def main() -> None:
-    """Hydra's own errors (composition, unknown keys, wrong types) become one line and exit 2, as ours do."""
+    """Hydra's own errors (composition, unknown keys, wrong types, an unwritable run directory) become one line and
+    exit 2, as ours do."""
+    global job_started
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them to us instead of printing several lines
+    job_codes.clear()
+    job_started = False
 
     def launch() -> None:
+        check_group_lists(sys.argv[1:])
         try:
             job()
-        except Exception as e:
+        except Exception as e:  # job() itself never raises: this is Hydra, before or around the job
             from hydra.errors import HydraException
             from omegaconf.errors import OmegaConfBaseException
 
             if isinstance(e, (HydraException, OmegaConfBaseException)):
                 raise compose_error(e) from None
+            cause = e if isinstance(e, OSError) else e.__cause__  # logging's file handler wraps its OSError
+            if isinstance(cause, OSError):  # the run (or sweep) directory cannot be created or written
+                raise FrameworkError(unwritable(cause)) from None
+            if isinstance(e, ValueError) and not job_started:  # Hydra refused the command line itself
+                raise FrameworkError(f"the command line: {compose_error(e)}") from None
             raise
 
     code, _ = guarded(launch, process_error_log())
     sys.exit(code or worst(job_codes))
+
+
+def check_group_lists(args: list[str]) -> None:
+    """`method=[mira,dno]` outside a sweep: Hydra would merge both options into one config and fail obscurely."""
+    if {"--multirun", "-m"} & set(args):
+        return
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in groups and value.startswith("["):
+            raise FrameworkError(
+                f"{arg}: a config group takes one option; to run each, add --multirun and write {key}="
+                f"{value.strip('[]')}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ own finished items to disk; rank 0 summarises from disk after a barrier.
 import logging
 import resource
 import time
+import traceback
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.errors import Interrupted
+from framework.errors import Interrupted, ItemError
 from framework.metrics import ImageMetrics
 from framework.items import Item, ItemResult, derive_seed
 from framework.methods import Method, Problem
@@ -30,6 +32,10 @@ def make_items(prompts: list[str], seed: int, samples_per_prompt: int) -> list[I
         for p, prompt in enumerate(prompts)
         for s in range(samples_per_prompt)
     ]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _as_is(item):
@@ -56,37 +62,50 @@ class InferenceTimeAlignment(L.LightningModule):
     stores each item's result. A batch that runs out of GPU memory is split in halves and rerun (an item's result
     does not depend on its batch), and later batches keep the smaller size; an item that does not fit alone fails."""
 
-    def __init__(self, backbone, reward, method: Method, store: ItemStore, metrics: ImageMetrics):
+    def __init__(
+        self, backbone, reward, method: Method, store: ItemStore, metrics: ImageMetrics, held_out: str | None = None
+    ):
         super().__init__()
         self.backbone, self.reward = backbone, reward  # submodules: Lightning moves them to the device
-        self.method, self.store, self.metrics = method, store, metrics
+        self.method, self.store, self.metrics, self.held_out = method, store, metrics, held_out
         self.items_per_batch = method.cfg.batch_size
 
     def interrupted(self) -> bool:
-        """SIGTERM arrived (Lightning's signal handler notes it): stop before the next batch or optimisation step."""
+        """A stop signal arrived (Lightning's SIGTERM handler notes it; framework.signals turns Ctrl-C into SIGTERM):
+        stop before the next batch or optimisation step."""
         return self.trainer.received_sigterm
 
     def predict_step(self, items: list[Item]) -> None:
-        while items:
+        """Runs `items` in batches of `items_per_batch`. Out of memory halves the batch size for this and every later
+        batch; an ItemError (a reward or metric raised) splits only the batch it came from, until the item that
+        raises it is alone and fails; either way the other items finish."""
+        batches = deque(chunks(items, self.items_per_batch))
+        while batches:
             if self.interrupted():
-                raise Interrupted("SIGTERM: stopped after the finished items; rerun the same command to resume")
-            batch, items = items[: self.items_per_batch], items[self.items_per_batch :]
+                raise Interrupted(": stopped after the finished items; rerun the same command to resume")
+            batch = batches.popleft()
             try:
                 self._run(batch)
-            except torch.OutOfMemoryError as e:
-                if self.device.type == "cuda":
+            except (torch.OutOfMemoryError, ItemError) as e:
+                out_of_memory = isinstance(getattr(e, "cause", e), torch.OutOfMemoryError)
+                if out_of_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if len(batch) > 1:
+                if len(batch) > 1 and out_of_memory:
                     self.items_per_batch = len(batch) // 2
                     log.warning("out of memory at %d items per batch; going on with %d", len(batch), len(batch) // 2)
-                    items = batch + items
-                    continue
-                self._fail(
-                    batch[0],
-                    f"out of memory ({(str(e).splitlines() or [''])[0][:120]}); try method.checkpoint=true, "
-                    "model.unet_checkpointing=true, fewer images per sampler call (method.batch_size) or a smaller "
-                    "model.resolution",
-                )
+                    batches = deque(chunks(batch + [item for b in batches for item in b], self.items_per_batch))
+                elif len(batch) > 1:
+                    half = len(batch) // 2
+                    batches.extendleft([batch[half:], batch[:half]])
+                elif out_of_memory:
+                    self._fail(
+                        batch[0],
+                        f"out of memory ({(str(getattr(e, 'cause', e)).splitlines() or [''])[0][:120]}); try "
+                        "method.checkpoint=true, model.unet_checkpointing=true, fewer images per sampler call "
+                        "(method.batch_size) or a smaller model.resolution",
+                    )
+                else:
+                    self._fail(batch[0], str(e), e.cause)
 
     def _run(self, items: list[Item]) -> None:
         """One batch. Compute is shared out equally (every item of a batch does the same work): model evaluations
@@ -95,7 +114,14 @@ class InferenceTimeAlignment(L.LightningModule):
         evals, start = self.backbone.num_evals, time.perf_counter()
         show_progress = self.trainer.is_global_zero
         problem = Problem(
-            self.backbone, self.reward, items, self.method.cfg, self.metrics, show_progress, self.interrupted
+            self.backbone,
+            self.reward,
+            items,
+            self.method.cfg,
+            self.metrics,
+            show_progress,
+            self.interrupted,
+            self.held_out,
         )
         with torch.enable_grad() if self.method.needs_gradients else nullcontext():
             results = self.method.run(problem)
@@ -116,9 +142,11 @@ class InferenceTimeAlignment(L.LightningModule):
         for j, (base_metrics, final_metrics) in zip(done, measured):
             self.store.write(items[j], results[j], {"base": base_metrics, "final": final_metrics}, compute)
 
-    def _fail(self, item: Item, error: str) -> None:
+    def _fail(self, item: Item, error: str, cause: BaseException | None = None) -> None:
+        """The item's record says it failed, with the error line (and the traceback of the exception behind it)."""
         log.warning("item %s (%r) failed: %s", item.id, item.prompt, error)
-        self.store.write_failure(item, error)
+        trace = "".join(traceback.format_exception(cause)) if cause is not None else None
+        self.store.write_failure(item, error, trace)
 
 
 class PeakMemory:

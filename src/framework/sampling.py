@@ -48,6 +48,18 @@ class Trajectory:
     cond_predictions: list[Tensor] = field(default_factory=list)  # its conditional branch (same evaluation)
     x0_pred: list[Tensor] = field(default_factory=list)
 
+    def detached(self) -> "Trajectory":
+        """The same values, cut from the autograd graph (a reference to compare later passes with)."""
+        cut = lambda tensors: [t.detach() for t in tensors]  # noqa: E731
+        return Trajectory(
+            self.latents.detach(),
+            list(self.timesteps),
+            cut(self.x),
+            cut(self.predictions),
+            cut(self.cond_predictions),
+            cut(self.x0_pred),
+        )
+
 
 @dataclass(frozen=True)
 class Step:

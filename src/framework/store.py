@@ -10,13 +10,14 @@
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from framework.errors import FrameworkError
+from framework.errors import FrameworkError, StorageError, unwritable
 from framework.images import load_png, save_png
 from framework.items import Item, ItemResult
 
@@ -43,11 +44,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def storing(what: str, tmp: Path):
+    """An OSError while writing `what` through the temporary `tmp` removes `tmp` and becomes a StorageError."""
+    try:
+        yield
+    except OSError as e:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise StorageError(
+            f"cannot write {what} ({e.strerror or e}); the run stopped, every finished item is kept: free space or "
+            "fix permissions, then rerun the same command to resume"
+        ) from e
+
+
 class ItemStore:
     def __init__(self, run_dir: Path, fingerprint: dict):
+        """Checks up front (before any model loads) that the run directory can be created and written."""
         self.run_dir = Path(run_dir)
         self.items_dir = self.run_dir / "items"
-        self.items_dir.mkdir(parents=True, exist_ok=True)
+        probe = self.items_dir / f".write-check.{os.getpid()}.tmp"
+        try:
+            self.items_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise FrameworkError(unwritable(e, self.run_dir)) from None
         self._check_fingerprint(fingerprint)
         self._remove_stale_temporaries()
 
@@ -78,8 +102,9 @@ class ItemStore:
     @staticmethod
     def _write_json(path: Path, data) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        with storing(path.name, tmp):
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
 
     def record(self, item: Item) -> dict | None:
         path = self.items_dir / item.id / "record.json"
@@ -90,16 +115,18 @@ class ItemStore:
         return record is not None and record["status"] == "ok"
 
     def _commit(self, item: Item, record: dict, images: dict[str, Tensor]) -> None:
-        """Write into a hidden folder, then rename it into place: readers never see a half-written item."""
+        """Write into a hidden folder, then rename it into place: readers never see a half-written item. A write that
+        fails (e.g. the disk is full) removes the half-written folder and stops the run; finished items stay."""
         tmp = self.items_dir / f".{item.id}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, image in images.items():
-            save_png(image, tmp / f"{name}.png")
-        (tmp / "record.json").write_text(json.dumps(record, indent=1))
-        final = self.items_dir / item.id
-        shutil.rmtree(final, ignore_errors=True)  # only a failed attempt can be there
-        os.replace(tmp, final)
+        with storing(f"item {item.id}", tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name, image in images.items():
+                save_png(image, tmp / f"{name}.png")
+            (tmp / "record.json").write_text(json.dumps(record, indent=1))
+            final = self.items_dir / item.id
+            shutil.rmtree(final, ignore_errors=True)  # only a failed attempt can be there
+            os.replace(tmp, final)
 
     def _base_record(self, item: Item) -> dict:
         return {
@@ -122,8 +149,9 @@ class ItemStore:
         }
         self._commit(item, record, {"base": result.base_image, "final": result.final_image})
 
-    def write_failure(self, item: Item, error: str) -> None:
-        self._commit(item, self._base_record(item) | {"status": "failed", "error": error}, {})
+    def write_failure(self, item: Item, error: str, trace: str | None = None) -> None:
+        failure = {"status": "failed", "error": error} | ({"traceback": trace} if trace else {})
+        self._commit(item, self._base_record(item) | failure, {})
 
     def load_image(self, record: dict, kind: str) -> Tensor:
         return load_png(self.items_dir / record["id"] / f"{kind}.png")
@@ -172,4 +200,7 @@ class ItemStore:
         tiles = [self.load_image(r, kind) for kind in ("base", "final") for r in records]
         grid = make_grid(tiles, nrow=len(records), padding=2, pad_value=1.0)
         scale = max(1, 256 // tiles[0].shape[-1])  # small testbed images are enlarged (nearest) to be seen
-        save_png(grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2), self.run_dir / "grid.png")
+        tmp = self.run_dir / f".grid.png.{os.getpid()}.tmp"
+        with storing("grid.png", tmp):
+            save_png(grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2), tmp)
+            os.replace(tmp, self.run_dir / "grid.png")

@@ -11,6 +11,12 @@ from framework.report import ok_records, step_curve
 from framework.statistics import run_metric
 
 
+def exact(value: float) -> str:
+    """A number as CSV text that reads back as the same float (the shortest round-trip form): readers compare
+    tightly."""
+    return repr(float(value))
+
+
 def table_metrics(spec: dict) -> list[str]:
     """The metric columns: `win_rate` becomes one `win_rate:<judge>` column per judge (default: the reward)."""
     judges = spec.get("judges", ["reward"])
@@ -32,7 +38,7 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
         for row in rows:
             writer.writerow(
                 [row["run"], *(row[a] for a in axes), row["items"]]
-                + [f"{v:.6g}" for m in metrics for v in row[m]]
+                + [exact(v) for m in metrics for v in row[m]]
                 + extra(row)
             )
 
@@ -91,9 +97,7 @@ def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
         for run in runs:
             num_steps = max((len(r.get("steps", [])) for r in ok_records(run.dir)), default=0)
             curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
-            writer.writerows(
-                [run.name, row["step"], row["items"], *(f"{row[m]:.6g}" for m in metrics)] for row in curve
-            )
+            writer.writerows([run.name, row["step"], row["items"], *(exact(row[m]) for m in metrics)] for row in curve)
             for ax, metric in zip(axes[0], metrics):
                 ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=run.name)
     for ax, metric in zip(axes[0], metrics):
@@ -143,7 +147,7 @@ def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: st
             optimised = any("loss" in (r.get("steps") or [{}])[0] for r in records)
             num_steps = max((len(r.get("steps", [])) for r in records), default=0) if optimised else 0
             curve = step_curve(run.dir, list(range(num_steps)), [y, *xs])
-            writer.writerows([run.name, c["step"], c["items"], *(f"{c[k]:.6g}" for k in (y, *xs))] for c in curve)
+            writer.writerows([run.name, c["step"], c["items"], *(exact(c[k]) for k in (y, *xs))] for c in curve)
             for ax, x in zip(axes[0], xs):
                 (line,) = ax.plot([c[x] for c in curve] + [row[x][0]], [c[y] for c in curve] + [row[y][0]], lw=1)
                 ax.errorbar(

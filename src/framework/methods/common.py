@@ -2,6 +2,7 @@
 and the method contract."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,12 +29,26 @@ def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -
     return noise[0], (noise[1 : 1 + used] if used else None)
 
 
+@dataclass
+class Start:
+    """A noise optimisation's first pass, at z = z0 (detached): the base images, and the reference trajectory that
+    regularisers (R_MIRA) and drift metrics compare later passes with. `traj` is None when nothing was optimised."""
+
+    images: Tensor
+    traj: Trajectory | None
+
+    @classmethod
+    def of(cls, images: Tensor, traj: Trajectory) -> "Start":
+        return cls(images.detach(), traj.detached())
+
+
 class Problem:
     """A batch of items' world: frozen backbone and reward, the prompts' conditioning (encoded once), seeded noise.
 
     Image j of a batch belongs to item `rows[j]`; left out, rows are j mod len(items) (one image per item, or any
     number of images of a single item). Everything per image depends on that image's item and noise alone, so an
-    item's result is the same in any batch."""
+    item's result is the same in any batch. `held_out`: the eval reward of a noise method's stopping rule (None: no
+    rule); `start`: the first pass of a noise optimisation, once it ran."""
 
     def __init__(
         self,
@@ -44,8 +59,10 @@ class Problem:
         metrics: ImageMetrics | None = None,
         show_progress: bool = False,
         interrupted: Callable[[], bool] = lambda: False,
+        held_out: str | None = None,
     ):
         self.items = [items] if isinstance(items, Item) else list(items)
+        self.held_out, self.start = held_out, None
         self.backbone, self.reward, self.sampling = backbone, reward, sampling
         self.cond = backbone.encode([item.prompt for item in self.items])
         self.metrics = metrics or ImageMetrics()
@@ -101,13 +118,13 @@ class Problem:
         return self.metrics(shown(images.detach()), prompts, None if base is None else shown(base.detach()))
 
     def progress(self, iterable, total: int, desc: str):
-        """`iterable` with a progress bar; stops the batch (unwritten, so a rerun redoes it) if SIGTERM arrives."""
+        """`iterable` with a progress bar; a stop signal stops the batch (unwritten, so a rerun redoes it)."""
         for value in tqdm(
             iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True
         ):
             if self.interrupted():
                 raise Interrupted(
-                    f"SIGTERM during items {self.describe()}: stopped after the finished items; rerun "
+                    f" during items {self.describe()}: stopped after the finished items; rerun "
                     "the same command to resume"
                 )
             yield value

@@ -9,15 +9,15 @@ counts as step opt_steps) and, with `select=best_held_out`, returned: a stopping
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from framework.config import held_out_reward
 from framework.errors import FrameworkError, NonFiniteLoss
 from framework.items import Item, ItemResult, derive_seed
-from framework.methods.common import Method, Problem
+from framework.methods.common import Method, Problem, Start
 from framework.sampling import Trajectory, trajectory_divergence
 
 
@@ -91,6 +91,79 @@ class ItemNoise:
         return grad_norm.item()
 
 
+class BatchNoise:
+    """The optimised noises of a batch's items, rendered together: x_T [B, ...] and ξ [S', B, ...] (the fixed ξ when
+    only x_T is optimised)."""
+
+    def __init__(self, problem: Problem, cfg):
+        x_T, self.noises = problem.noise()
+        self.optimise_noises = cfg.optimize == "all" and self.noises is not None
+        self.items = [
+            ItemNoise(
+                cfg,
+                x_T[i : i + 1],
+                self.noises[:, i : i + 1] if self.optimise_noises else None,
+                problem.backbone.float16,
+            )
+            for i in range(len(x_T))
+        ]
+
+    def batch(self) -> tuple[Tensor, Tensor | None]:
+        x_T = torch.cat([it.tensors[0] for it in self.items])
+        return x_T, torch.cat([it.tensors[1] for it in self.items], dim=1) if self.optimise_noises else self.noises
+
+    def step(self, losses: Tensor, active: list[int]) -> dict[int, float]:
+        """One optimiser step of each active item on its own loss; their gradient norms."""
+        for it in self.items:
+            it.optimizer.zero_grad(set_to_none=True)
+        torch.stack([self.items[i].scaler.scale(losses[i]) for i in active]).sum().backward()
+        return {i: self.items[i].step() for i in active}
+
+
+@dataclass
+class Choice:
+    value: float  # the held-out reward of the chosen image
+    step: int
+    image: Tensor
+    reward: float
+
+
+class ItemLog:
+    """What a noise optimisation keeps per item of its batch: whether it failed (a non-finite loss ends that item
+    alone), one record per step, the base reward, and the held-out choice: the step whose image the held-out reward
+    (`problem.held_out`) scores best, the final noise counting as step opt_steps. That choice is a stopping rule blind
+    to the ground truth and to the optimised reward."""
+
+    def __init__(self, num_items: int, held_out: str | None):
+        self.failures: list[NonFiniteLoss | None] = [None] * num_items
+        self.steps: list[list[dict]] = [[] for _ in range(num_items)]
+        self.base_rewards: list[float] | None = None
+        self.held_out_key = held_out and f"eval_{held_out}"
+        self.choices: list[Choice | None] = [None] * num_items
+
+    def active(self, losses: Tensor, step: int) -> list[int]:
+        """The items still optimised after this step's losses (a non-finite one fails its item)."""
+        for i, loss in enumerate(losses.tolist()):
+            if self.failures[i] is None and not math.isfinite(loss):
+                self.failures[i] = NonFiniteLoss(f"non-finite loss ({loss}) at optimisation step {step}")
+        return [i for i, failure in enumerate(self.failures) if failure is None]
+
+    def record(self, problem: Problem, step: int, active: list[int], images: Tensor, values: dict, extras: list[dict]):
+        """Each active item's step record: `values` (per-item lists: reward, loss, ...), `extras`, and the image
+        metrics of this step's image against the base image."""
+        if step == 0:
+            self.base_rewards = values["reward"]
+        for i, measures in zip(active, problem.measure(images[active], problem.start.images[active], active)):
+            self.steps[i].append({"step": step} | {k: v[i] for k, v in values.items()} | extras[i] | measures)
+            self.offer(i, step, measures, images[i], values["reward"][i])
+
+    def offer(self, i: int, step: int, measures: dict, image: Tensor, reward: float) -> None:
+        """A candidate of item i's held-out choice."""
+        key, best = self.held_out_key, self.choices[i]
+        if key and (best is None or measures[key] > best.value):
+            self.choices[i] = Choice(measures[key], step, image.detach().clone(), reward)  # not a view of the batch
+
+
 class DNO(Method):
     """Noise optimisation. Subclasses change the regulariser (`weight` × `regulariser`) or, for black-box rewards,
     the differentiable term that stands for −r(M(z)) (`reward_term`); the loop, optimiser and budget stay shared.
@@ -122,72 +195,59 @@ class DNO(Method):
 
     def run(self, problem: Problem) -> list[ItemResult | NonFiniteLoss]:
         cfg, n = self.cfg, len(problem.items)
-        x_T, noises = problem.noise()
-        optimise_noises = cfg.optimize == "all" and noises is not None
-        items = [
-            ItemNoise(cfg, x_T[i : i + 1], noises[:, i : i + 1] if optimise_noises else None, problem.backbone.float16)
-            for i in range(n)
-        ]
-
-        def batch() -> tuple[Tensor, Tensor | None]:
-            x = torch.cat([it.tensors[0] for it in items])
-            return x, torch.cat([it.tensors[1] for it in items], dim=1) if optimise_noises else noises
-
-        failures: list[NonFiniteLoss | None] = [None] * n
-        held_out = held_out_reward(cfg, problem.metrics.eval_rewards)
-        key, chosen = held_out and f"eval_{held_out}", [None] * n  # per item: (held-out value, step, image, reward)
-        steps, base_images, base_rewards, reference = [[] for _ in range(n)], None, None, None
+        noise, log = BatchNoise(problem, cfg), ItemLog(n, problem.held_out)
         desc = f"{problem.describe()} {cfg.name}"
         for step in problem.progress(range(cfg.opt_steps), total=cfg.opt_steps, desc=desc):
-            x, xi = batch()
+            x, xi = noise.batch()
             images, traj = problem.render(x, xi, checkpoint=cfg.checkpoint, grad_steps=cfg.grad_steps)
+            if step == 0:  # z = z0: the base images, and the reference of regularisers and drift metrics
+                problem.start = Start.of(images, traj)
             terms, rewards, extras = self.reward_term(problem, images, traj, x, xi, step)
-            flats = [it.flat() for it in items]
+            flats = [it.flat() for it in noise.items]
             regs = self.regulariser(problem, flats, traj, step) if self.weight > 0 else terms.new_zeros(n)
             losses = terms + self.weight * regs
-            for i, loss in enumerate(losses.tolist()):
-                if failures[i] is None and not math.isfinite(loss):
-                    failures[i] = NonFiniteLoss(f"non-finite loss ({loss}) at optimisation step {step}")
-            active = [i for i in range(n) if failures[i] is None]
+            active = log.active(losses, step)
             if not active:
                 break
-            for it in items:
-                it.optimizer.zero_grad(set_to_none=True)
-            torch.stack([items[i].scaler.scale(losses[i]) for i in active]).sum().backward()
-            grad_norms = {i: items[i].step() for i in active}
-            if step == 0:  # z = z0: the base samples and the reference trajectory of the drift metrics
-                base_images, base_rewards, reference = images.detach(), rewards, [e.detach() for e in traj.predictions]
-            r_mira = trajectory_divergence([e.detach() for e in traj.predictions], reference)
-            noise_sq = torch.stack([f.square().mean() for f in flats])
-            values = {"loss": losses, "regulariser": regs, "noise_sq": noise_sq, "r_mira": r_mira}
+            grad_norms = noise.step(losses, active)
+            values = {
+                "loss": losses,
+                "regulariser": regs,
+                "noise_sq": torch.stack([f.square().mean() for f in flats]),
+                "r_mira": trajectory_divergence([p.detach() for p in traj.predictions], problem.start.traj.predictions),
+            }
             values = {k: value.detach().tolist() for k, value in values.items()}
-            for i, measures in zip(active, problem.measure(images[active], base_images[active], active)):
-                record = {"step": step, "reward": rewards[i], "grad_norm": grad_norms[i]}
-                steps[i].append(record | {k: value[i] for k, value in values.items()} | extras[i] | measures)
-                if key and (chosen[i] is None or measures[key] > chosen[i][0]):
-                    chosen[i] = (measures[key], step, images[i].detach().clone(), rewards[i])  # not the batch
+            values |= {"reward": rewards, "grad_norm": [grad_norms.get(i) for i in range(n)]}
+            log.record(problem, step, active, images, values, extras)
         with torch.no_grad():
-            images, _ = problem.render(*batch())
-            final_rewards = problem.score(images).tolist()
-            if base_images is None:  # opt_steps = 0
-                base_images, base_rewards = images, final_rewards
-            ok = [i for i in range(n) if failures[i] is None]
-            for i, measures in zip(ok, problem.measure(images[ok], rows=ok) if key and ok else []):
-                if chosen[i] is None or measures[key] > chosen[i][0]:  # the final noise is a candidate too
-                    chosen[i] = (measures[key], cfg.opt_steps, images[i], final_rewards[i])
-            results = []
-            for i, it in enumerate(items):
-                if failures[i] is not None:
-                    results.append(failures[i])
-                    continue
-                flat = it.flat()  # how Gaussian the final noise still is
-                info = {"noise_sq": flat.square().mean().item()}
-                if flat.numel() >= cfg.block_size:  # R_prob needs one block at least
-                    info["r_prob"] = self.prob_regulariser(problem.items[i], flat, cfg.opt_steps).item()
-                final, final_reward = images[i], final_rewards[i]
-                if key:
-                    info["held_out_step"] = chosen[i][1]
-                    if cfg.select == "best_held_out":
-                        _, _, final, final_reward = chosen[i]
-                results.append(ItemResult(base_images[i], final, base_rewards[i], final_reward, steps[i], info))
+            return self.finish(problem, noise, log)
+
+    def finish(self, problem: Problem, noise: BatchNoise, log: ItemLog) -> list[ItemResult | NonFiniteLoss]:
+        """Each item's result from its final noise (or its held-out choice), or its failure."""
+        cfg = self.cfg
+        images, _ = problem.render(*noise.batch())
+        final_rewards = problem.score(images).tolist()
+        if problem.start is None:  # opt_steps = 0: the final noise is the initial one
+            problem.start, log.base_rewards = Start(images, None), final_rewards
+        ok = [i for i, failure in enumerate(log.failures) if failure is None]
+        if log.held_out_key and ok:
+            for i, measures in zip(ok, problem.measure(images[ok], rows=ok)):
+                log.offer(i, cfg.opt_steps, measures, images[i], final_rewards[i])
+        results = []
+        for i, it in enumerate(noise.items):
+            if log.failures[i] is not None:
+                results.append(log.failures[i])
+                continue
+            flat = it.flat()  # how Gaussian the final noise still is
+            info = {"noise_sq": flat.square().mean().item()}
+            if flat.numel() >= cfg.block_size:  # R_prob needs one block at least
+                info["r_prob"] = self.prob_regulariser(problem.items[i], flat, cfg.opt_steps).item()
+            final, final_reward = images[i], final_rewards[i]
+            if log.held_out_key:
+                choice = log.choices[i]
+                info["held_out_step"] = choice.step
+                if cfg.select == "best_held_out":
+                    final, final_reward = choice.image, choice.reward
+            base = problem.start.images[i]
+            results.append(ItemResult(base, final, log.base_rewards[i], final_reward, log.steps[i], info))
         return results

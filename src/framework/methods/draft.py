@@ -155,7 +155,7 @@ class DRaFT(L.LightningModule):
 
 def train(trainer: L.Trainer, module: DRaFT) -> Path:
     """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
-    `interrupted.ckpt` written when SIGTERM or an error stopped training); returns the adapter directory."""
+    `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     directory = module.out_dir / "checkpoints"
@@ -165,7 +165,7 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
         trainer.fit(module, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
         raise Interrupted(
-            f"SIGTERM at training step {trainer.global_step}: resumable checkpoint "
+            f" at training step {trainer.global_step}: resumable checkpoint "
             f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume"
         ) from None
     adapter = module.out_dir / "adapter"
@@ -239,7 +239,7 @@ def trainer_options(cfg) -> dict:
         filename="step{step:06d}",
         auto_insert_metric_name=False,
     )
-    # SIGTERM (Lightning raises at the end of the current step) or an error: save where training stopped
+    # a stop signal (Lightning raises at the end of the current step) or an error: save where training stopped
     on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
     return {
         "max_steps": cfg.method.train_steps,

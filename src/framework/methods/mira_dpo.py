@@ -27,10 +27,9 @@ class MIRADPO(MIRA):
     ) -> tuple[Tensor, list[float], list[dict]]:
         cfg = self.cfg
         candidate_images, candidate_latents, rewards = perturbed_candidates(problem, cfg, x_T, noises, step)
-        current = images if cfg.space == "image" else traj.latents
-        candidates = candidate_images if cfg.space == "image" else candidate_latents
-        if step == 0:  # z = z0: this pass is the reference sample M(z0) of every item
-            self._reference_sample = current.detach()
+        image_space = cfg.space == "image"
+        current, candidates = (images, candidate_images) if image_space else (traj.latents, candidate_latents)
+        start = problem.start.images if image_space else problem.start.traj.latents  # M(z0) of every item
         with torch.no_grad():
             reward = problem.score(images.detach())
         rows = torch.arange(len(rewards))
@@ -39,7 +38,7 @@ class MIRADPO(MIRA):
 
         def log_ratio(x: Tensor) -> Tensor:
             squared = lambda d: d.square().flatten(1).mean(1)  # noqa: E731
-            return (squared(x - self._reference_sample) - squared(x - current)) / (2 * cfg.tau**2)
+            return (squared(x - start) - squared(x - current)) / (2 * cfg.tau**2)
 
         margin = cfg.beta_dpo * (log_ratio(candidates[rows, winners]) - log_ratio(candidates[rows, losers]))
         tied = gaps == 0

@@ -22,6 +22,7 @@ from framework.metrics.sets import (
     vendi_score,
     win_rate,
 )
+from framework.errors import item_work
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
 
@@ -59,6 +60,11 @@ class ImageMetrics(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, prompts: list[str], base: Tensor | None = None) -> list[dict[str, float]]:
+        """See `measure`; whatever a metric raises becomes an ItemError (the items it concerns fail, not the run)."""
+        with item_work("a metric"):
+            return self.measure(images, prompts, base)
+
+    def measure(self, images: Tensor, prompts: list[str], base: Tensor | None = None) -> list[dict[str, float]]:
         """One record per image (image i was prompted with `prompts[i]`; `base[i]` is its base image): `drift_rmse`
         (pixel RMSE to the base), `drift_embedding` (1 − cos of the embeddings), `clipscore` (100·cos(image,
         prompt), clamped at 0), `eval_<name>`, and for shapes-world prompts `adherence` (judge: colour and shape both

@@ -6,6 +6,7 @@ Switching adapters off (rather than keeping a frozen copy of the denoiser) is wh
 and AIG's base branch free in memory.
 """
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,23 +71,91 @@ def lora_prefix(denoiser: nn.Module) -> str:
 
 def load_lora(denoiser: nn.Module, directory: str | Path) -> None:
     """Load an adapter in the pipelines' format (`save_lora`, or a LoRA trained elsewhere and saved with diffusers'
-    `save_lora_weights`) or in the bare UNet format of `unet.save_lora_adapter`; safetensors only."""
-    from safetensors import safe_open
+    `save_lora_weights`) or in the bare UNet format of `unet.save_lora_adapter`; safetensors only. The file is checked
+    against the denoiser first (`check_adapter`), so a wrong file is one line naming it, before any sampling."""
+    from framework.errors import FrameworkError
+
+    path, prefixed = check_adapter(denoiser, directory)
+    try:
+        denoiser.load_lora_adapter(
+            str(path.parent),
+            prefix=lora_prefix(denoiser) if prefixed else None,
+            weight_name=WEIGHT_NAME,
+            adapter_name="default",
+        )
+    except (RuntimeError, ValueError, KeyError) as e:  # what the checks above did not foresee, still one line
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FrameworkError(f"method.adapter: {path}: cannot be loaded into this model: {first_line}") from None
+
+
+LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<half>A|B)\.weight")
+
+
+def check_adapter(denoiser: nn.Module, directory: str | Path) -> tuple[Path, bool]:
+    """The adapter file of `directory` and whether its keys carry the pipeline prefix (`unet.`/`transformer.`), after
+    checking that it is a complete safetensors file of peft LoRA pairs (`<module>.lora_A.weight` [r, in] and
+    `.lora_B.weight` [out, r]) whose every module is a layer of this denoiser with those sizes. Anything else is a
+    FrameworkError naming the file and what is wrong (missing, truncated, another format, another model)."""
+    from safetensors import SafetensorError, safe_open
 
     from framework.errors import FrameworkError
 
-    path = Path(directory)
-    if not (path / WEIGHT_NAME).is_file():
-        raise FrameworkError(
-            f"method.adapter: no LoRA weights at '{path / WEIGHT_NAME}'; train one with "
-            "method=draft (its run directory holds adapter/) or point to a diffusers LoRA directory"
+    path = Path(directory).expanduser() / WEIGHT_NAME
+
+    def wrong(why: str) -> FrameworkError:
+        return FrameworkError(f"method.adapter: {path}: {why}")
+
+    if not path.is_file():
+        raise wrong(
+            "not found; train an adapter with method=draft (its run directory holds adapter/) or point to a diffusers "
+            "LoRA directory"
         )
-    prefix = lora_prefix(denoiser)
-    with safe_open(path / WEIGHT_NAME, framework="pt") as f:
-        prefixed = any(key.startswith(f"{prefix}.") for key in f.keys())
-    denoiser.load_lora_adapter(
-        str(path), prefix=prefix if prefixed else None, weight_name=WEIGHT_NAME, adapter_name="default"
-    )
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise wrong(f"not a complete safetensors file ({first_line}); copy it again or re-save it") from None
+    if not shapes:
+        raise wrong("holds no tensors")
+    prefix, family = lora_prefix(denoiser), type(denoiser).__name__
+    for other in {"unet", "transformer"} - {prefix}:
+        if any(key.startswith(f"{other}.") for key in shapes):
+            raise wrong(f"an adapter for a model with a {other}, not for this model's {family}")
+    prefixed = any(key.startswith(f"{prefix}.") for key in shapes)
+    pairs: dict[str, dict[str, tuple]] = {}
+    for key, shape in shapes.items():
+        match = LORA_KEY.fullmatch(key.removeprefix(f"{prefix}.") if prefixed else key)
+        if match is None:
+            raise wrong(
+                f"key {key!r} is not a LoRA weight in diffusers' format (<module>.lora_A.weight, .lora_B.weight)"
+            )
+        pairs.setdefault(match["module"], {})[match["half"]] = shape
+    modules = dict(denoiser.named_modules())
+    for name, halves in pairs.items():
+        layer = modules.get(name)
+        sizes = layer_sizes(layer)
+        if sizes is None:
+            raise wrong(f"module {name!r} is not a layer of this model's {family} (an adapter for another model?)")
+        if set(halves) != {"A", "B"}:
+            raise wrong(f"module {name!r} has lora_{next(iter(halves))} without its other half")
+        (rank, fan_in), (fan_out, rank_b) = halves["A"][:2], halves["B"][:2]
+        if rank != rank_b:
+            raise wrong(f"module {name!r}: lora_A has rank {rank}, lora_B rank {rank_b}")
+        if (fan_in, fan_out) != sizes:
+            raise wrong(
+                f"module {name!r} maps {fan_in} → {fan_out} features in the adapter, {sizes[0]} → {sizes[1]} in "
+                f"this model's {family} (an adapter for another model?)"
+            )
+    return path, prefixed
+
+
+def layer_sizes(layer: nn.Module | None) -> tuple[int, int] | None:
+    """(inputs, outputs) of a layer LoRA can adapt: a linear layer's features, a convolution's channels."""
+    for fan_in, fan_out in (("in_features", "out_features"), ("in_channels", "out_channels")):
+        if hasattr(layer, fan_in):
+            return getattr(layer, fan_in), getattr(layer, fan_out)
+    return None
 
 
 def set_lora_scale(denoiser: nn.Module, scale: float) -> None:

@@ -1,6 +1,6 @@
 """Reward zoo: build any reward from its config (real weights from local paths or the HF cache, or tiny)."""
 
-from framework.config import RewardConfig
+from framework.config import RewardConfig, reward_config
 from framework.errors import FrameworkError
 from framework.rewards.base import Reward, clip_preprocess
 from framework.rewards.simple import CallableReward, ImageStatistic, JpegCompressibility
@@ -136,21 +136,8 @@ def required_weights(cfg: RewardConfig, prefix: str) -> list[tuple[str, str, str
     return []
 
 
-def named_reward_config(name: str) -> RewardConfig:
-    """The config of conf/reward/<name>.yaml (e.g. a held-out evaluation reward), validated like `reward=<name>`."""
-    from omegaconf import OmegaConf
-
-    from framework.config import CONF_DIR
-
-    path = CONF_DIR / "reward" / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise FrameworkError(f"eval.rewards: no reward config {name!r}; choose from: {', '.join(options)}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path)))
-
-
 def load_named_reward(name: str) -> Reward:
     try:
-        return build_reward(named_reward_config(name))
+        return build_reward(reward_config(name))
     except FrameworkError as e:
         raise FrameworkError(f"eval.rewards={name} (conf/reward/{name}.yaml): {e}") from None

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from framework.errors import item_work
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -22,7 +24,12 @@ class Reward(nn.Module):
     name: str = "reward"
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
-        return self.scale * self.score(images.clamp(0, 1) if self.clamp else images, prompts)
+        """Scores [B]. Whatever the scoring raises becomes an ItemError: the items it concerns fail, not the run."""
+        with item_work(f"reward {self.name}"):
+            scores = self.score(images.clamp(0, 1) if self.clamp else images, prompts)
+            if scores.shape != (len(images),):
+                raise ValueError(f"returned scores of shape {tuple(scores.shape)} for {len(images)} images")
+        return self.scale * scores
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         raise NotImplementedError
