@@ -13,15 +13,17 @@ import argparse
 import statistics
 import time
 
-import framework  # noqa: F401  (torchvision workaround)
 import torch
 from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script's directory
 
-from framework.config import DNOConfig, MIRAConfig, ModelConfig, RewardConfig
+import framework  # noqa: F401  (torchvision workaround)
+from framework.config import ModelConfig
 from framework.methods import Problem, build_method
+from framework.methods.schemas import DNOConfig, MIRAConfig
 from framework.metrics import ImageMetrics
 from framework.models import load_backbone
 from framework.rewards import build_reward
+from framework.rewards.registry import RewardConfig
 from framework.runner import make_items
 from framework.testbed import MODEL_DIR
 from framework.testbed.judge import load_judge

@@ -16,8 +16,7 @@ import time
 
 import torch
 from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script's directory
-from meta_device import GiB, PROMPT, meta_problem, peak_step_memory, sample_and_step_flops, weight_bytes
-
+from meta_device import PROMPT, GiB, meta_problem, peak_step_memory, sample_and_step_flops, weight_bytes
 
 MODELS = {
     "sd15": ("SD1.5-arch 512²", "sd", 512),
@@ -66,10 +65,12 @@ def flop_table(num_steps: int, models: list[str]) -> None:
 
 
 def _proxy_child(num_steps: int, resolution: int, queue) -> None:
-    from framework.config import MIRAConfig, ModelConfig, RewardConfig
+    from framework.config import ModelConfig
     from framework.methods import Item, Problem, build_method
+    from framework.methods.schemas import MIRAConfig
     from framework.models import load_backbone
     from framework.rewards import build_reward
+    from framework.rewards.registry import RewardConfig
 
     backbone = load_backbone(ModelConfig(kind="sd", random_weights=True, resolution=resolution))
     reward = build_reward(RewardConfig(name="hps", random_weights=True))

@@ -24,12 +24,14 @@ import time
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor
-from meta_device import GiB, PROMPT, sample_and_step_flops  # benchmarks/ is the script's directory
+from meta_device import PROMPT, GiB, sample_and_step_flops  # benchmarks/ is the script's directory
 
-from framework.config import DNOConfig, MIRAConfig, ModelConfig, RewardConfig
+from framework.config import ModelConfig
 from framework.methods import Item, Problem, build_method
+from framework.methods.schemas import DNOConfig, MIRAConfig
 from framework.models import load_backbone
 from framework.rewards import build_reward
+from framework.rewards.registry import RewardConfig
 
 MODELS = {"sd15": ("sd", 512), "sdxl": ("sdxl", 1024), "sd35": ("sd3", 1024)}
 OPTIONS = {"vae_checkpointing": False, "unet_checkpointing": True, "channels_last": True, "compile": True}  # ≠ default

@@ -9,17 +9,19 @@ hooks on every parameter, which frozen networks refuse; the tracker here is the 
 import contextlib
 import weakref
 
-import framework  # noqa: F401  (torchvision workaround)
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from framework.config import MIRAConfig, ModelConfig, RewardConfig
+import framework  # noqa: F401  (torchvision workaround)
+from framework.config import ModelConfig
 from framework.methods import Item, Problem
+from framework.methods.schemas import MIRAConfig
 from framework.models import load_backbone
 from framework.rewards import build_reward
+from framework.rewards.registry import RewardConfig
 from framework.sampling import trajectory_divergence
 
 GiB = 2**30

@@ -14,7 +14,11 @@ import math
 import pytest
 import torch
 
-from framework.config import (
+from framework.config import ModelConfig
+from framework.errors import NonFiniteLoss
+from framework.items import ItemResult
+from framework.methods import Problem, build_method
+from framework.methods.schemas import (
     AIGConfig,
     BaseConfig,
     BestOfNConfig,
@@ -23,15 +27,11 @@ from framework.config import (
     LoRAScaleConfig,
     MIRAConfig,
     MIRADPOConfig,
-    ModelConfig,
-    RewardConfig,
 )
-from framework.errors import NonFiniteLoss
-from framework.items import ItemResult
-from framework.methods import Problem, build_method
 from framework.models import load_backbone
 from framework.models.lora import add_lora
 from framework.rewards import Reward, build_reward
+from framework.rewards.registry import RewardConfig
 from framework.runner import make_items
 
 ITEMS = make_items(["a cat", "a dog", "a red circle", "a photo of a bird"], seed=3, samples_per_prompt=2)

@@ -1,13 +1,16 @@
 import itertools
 
 import pytest
+from conftest import REPO, compose
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose
-from framework.config import METHOD_SCHEMAS, ModelConfig, RewardConfig, follows_reward_gradients, validate
+from framework.config import ModelConfig
 from framework.errors import FrameworkError
+from framework.methods.schemas import METHODS
+from framework.rewards.registry import RewardConfig
+from framework.validation import validate
 
 
 def options(group):
@@ -26,10 +29,7 @@ def test_every_model_reward_method_pair_composes():
     combos = [(m, default_reward, method) for m, method in itertools.product(options("model"), options("method"))]
     combos += [(default_model, r, method) for r, method in itertools.product(options("reward"), METHOD_KINDS)]
     assert len(combos) >= 14 * 9 + 19 * 4
-    kinds = {
-        (follows_reward_gradients(METHOD_SCHEMAS[m]), "select" in METHOD_SCHEMAS[m].__dataclass_fields__)
-        for m in METHOD_KINDS
-    }
+    kinds = {(METHODS[m].follows_reward_gradients, "select" in METHODS[m].__dataclass_fields__) for m in METHOD_KINDS}
     assert len(kinds) == 4
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):  # once: composing is the cheap part
         for model, reward, method in combos:
@@ -44,9 +44,9 @@ def test_every_model_reward_method_pair_composes():
 def check_composed(cfg, reward: str, method: str) -> None:
     assert OmegaConf.get_type(cfg.model) is ModelConfig
     assert OmegaConf.get_type(cfg.reward) is RewardConfig
-    assert OmegaConf.get_type(cfg.method) is METHOD_SCHEMAS[method]
+    assert OmegaConf.get_type(cfg.method) is METHODS[method]
     assert cfg.method.name == method
-    if reward in ("jpeg", "callable") and follows_reward_gradients(cfg.method):
+    if reward in ("jpeg", "callable") and METHODS[method].follows_reward_gradients:
         with pytest.raises(FrameworkError, match=f"reward {reward} is not differentiable"):
             validate(cfg)
     else:

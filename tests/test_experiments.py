@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, call_main, launch_in_process, run_cli
+
 from framework.errors import FrameworkError
 from framework.experiments import EXPERIMENTS_DIR, load_experiment, prepare, reproduce, reproduce_all, slug
+from framework.records import read_records
+from framework.report import step_curve
 from framework.statistics import mean_ci
-from framework.report import ok_records, step_curve
 
 
 def read_csv(path):
@@ -204,7 +205,7 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
     assert "win_rate:eval_hps_mean" not in rows["MIRA · β=1"]
     [mira_dir] = (out / "runs" / "testbed").glob("MIRA_beta_0.01-*")
     [dpo_dir] = (out / "runs" / "testbed").glob("MIRA-DPO_beta_0.01-*")
-    mira, dpo = ({r["id"]: r["metrics"]["final"]["judge_log_prob"] for r in ok_records(d)} for d in (mira_dir, dpo_dir))
+    mira, dpo = ({r.id: r.final("judge_log_prob") for r in read_records(d)} for d in (mira_dir, dpo_dir))
     wins = np.mean([(mira[i] > dpo[i]) + 0.5 * (mira[i] == dpo[i]) for i in mira])  # MIRA's image beats the row's
     assert float(rows["MIRA-DPO · β=0.01"]["win_rate:judge_log_prob_mean"]) == pytest.approx(wins, rel=1e-12)
     assert read_csv(written[3])["MIRA again"]["reward_mean"] == rows["MIRA · β=1"]["reward_mean"]
@@ -226,6 +227,18 @@ def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
     (tmp_path / "old.yaml").write_text(yaml.safe_dump({**spec, "judge": "reward"}))
     with pytest.raises(FrameworkError, match="`judge` is now `judges`, a list"):
         load_experiment(tmp_path / "old.yaml")
+
+
+def test_a_run_directory_named_by_the_legacy_hash_is_renamed_once_with_its_items(tmp_path):
+    from framework.experiments import legacy_hash, plan
+
+    spec = {"title": "s", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED}, "runs": {"M": []}}
+    [run] = plan(spec, "testbed", tmp_path, "s", {})
+    old = tmp_path / f"M-{legacy_hash(run.cfg)}"
+    (old / "items" / "p0000_s000").mkdir(parents=True)
+    [again] = plan(spec, "testbed", tmp_path, "s", {})
+    assert again.dir == run.dir == tmp_path / f"M-{run.ident}" and run.ident != legacy_hash(run.cfg)
+    assert (again.dir / "items" / "p0000_s000").is_dir() and not old.exists()
 
 
 def test_bad_override_fails_before_any_run(tmp_path):

@@ -7,15 +7,17 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import REBATCHED, run_cli, run_nodes
-from framework.config import AIGConfig, DRaFTConfig, LoRAScaleConfig, ModelConfig, RewardConfig
+
+from framework.config import ModelConfig
 from framework.methods import Item, Problem, build_method
 from framework.methods.aig import aig_gamma
 from framework.methods.draft import DRaFT
+from framework.methods.schemas import AIGConfig, DRaFTConfig, LoRAScaleConfig
 from framework.models import load_backbone
-from framework.models.lora import add_lora, adapters_disabled, load_lora, save_lora
+from framework.models.lora import adapters_disabled, add_lora, load_lora, save_lora
 from framework.rewards import build_reward
+from framework.rewards.registry import RewardConfig
 
 ITEM = Item(0, 0, "a cat", 11)
 

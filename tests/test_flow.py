@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from torch.distributions import Normal, kl_divergence
 
-from conftest import run_cli
 from framework.config import ModelConfig
 from framework.errors import FrameworkError
 from framework.models import Backbone, Cond, load_backbone
@@ -265,9 +265,10 @@ def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_
 
 def test_mira_with_girsanov_weights_on_a_flow_model_climbs_and_starts_at_zero_drift(tiny_flux):
     """MIRA's velocity surrogate with the per-step KL weights of the stochastic Euler sampler (η = 0.7)."""
-    from framework.config import MIRAConfig, RewardConfig
     from framework.methods import Item, Problem, build_method
+    from framework.methods.schemas import MIRAConfig
     from framework.rewards import build_reward
+    from framework.rewards.registry import RewardConfig
 
     reward = build_reward(RewardConfig(name="brightness"))
     cfg = MIRAConfig(num_steps=3, eta=0.7, opt_steps=4, lr=0.05, beta=1.0, weighting="girsanov")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from framework.config import EvalConfig, ModelConfig, RewardConfig
+from framework.config import EvalConfig, ModelConfig
 from framework.errors import FrameworkError
 from framework.metrics import ImageMetrics, build_metrics
 from framework.metrics.sets import (
@@ -16,7 +16,9 @@ from framework.metrics.sets import (
     vendi_score,
     win_rate,
 )
+from framework.records import ItemRecord
 from framework.rewards import build_reward, load_named_reward
+from framework.rewards.registry import RewardConfig
 from framework.testbed.judge import load_judge
 
 
@@ -137,10 +139,11 @@ def test_feature_choice_follows_the_model_and_missing_clip_is_one_clear_error():
 def test_set_metrics_of_a_run(testbed_images):
     metrics = ImageMetrics(load_judge(), "judge")
     images = {"base": testbed_images[[0, 0, 1, 1]], "final": testbed_images[[0, 1, 1, 1]]}
-    records = [{"prompt_index": i // 2, "final_reward": f, "base_reward": 0.0} for i, f in enumerate([1, 0, -1, 1])]
-    for i, record in enumerate(records):
-        record["row"] = i
-    out = metrics.set_metrics(records, lambda record, kind: images[kind][record["row"]])
+    records = [
+        ItemRecord(str(i), i // 2, i % 2, "p", i, "ok", base_reward=0.0, final_reward=f)
+        for i, f in enumerate([1, 0, -1, 1])
+    ]
+    out = metrics.set_metrics(records, lambda record, kind: images[kind][int(record.id)])
     assert out["win_rate_vs_base"]["rate"] == pytest.approx(0.625)
     assert out["cmmd_judge"] > 0 and "cmmd" not in out and out["spectral_distance"] > 0
     assert out["base_diversity_vendi"] == pytest.approx(1.0, abs=1e-6)  # two identical seeds per prompt
@@ -164,8 +167,8 @@ def test_cmmd_uses_its_own_clip_when_features_are_clip(clip_dir, tmp_path):
         "base": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
         "final": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
     }
-    records = [{"prompt_index": i, "final_reward": 1.0, "base_reward": 0.0, "row": i} for i in range(4)]
-    out = metrics.set_metrics(records, lambda record, kind: images[kind][record["row"]])
+    records = [ItemRecord(str(i), i, 0, "p", i, "ok", base_reward=0.0, final_reward=1.0) for i in range(4)]
+    out = metrics.set_metrics(records, lambda record, kind: images[kind][int(record.id)])
     reference = CLIPModel.from_pretrained(tmp_path / "cmmd_clip")
     with torch.no_grad():
         embeds = {

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from framework.report import step_curve, versus
 from framework.errors import FrameworkError
+from framework.records import ItemRecord
+from framework.report import step_curve, versus
 from framework.tracking import _log_step_curves
 
 
@@ -13,17 +14,18 @@ def write_run(run_dir, finals, steps=((0.1, 0.0), (0.2, 0.5))):
     for i, final in enumerate(finals):
         item = run_dir / "items" / f"p{i // 2:04d}_s{i % 2:03d}"
         item.mkdir(parents=True)
-        record = {
-            "id": item.name,
-            "status": "ok",
-            "prompt": f"prompt {i // 2}",
-            "seed": i,
-            "prompt_index": i // 2,
-            "final_reward": final,
-            "metrics": {"final": {"eval_jpeg": -final, "drift_rmse": 1.0}},
-            "steps": [{"step": k, "reward": r + i, "drift_rmse": d} for k, (r, d) in enumerate(steps)],
-        }
-        (item / "record.json").write_text(json.dumps(record))
+        record = ItemRecord(
+            item.name,
+            i // 2,
+            i % 2,
+            f"prompt {i // 2}",
+            i,
+            "ok",
+            final_reward=final,
+            metrics={"final": {"eval_jpeg": -final, "drift_rmse": 1.0}},
+            steps=[{"step": k, "reward": r + i, "drift_rmse": d} for k, (r, d) in enumerate(steps)],
+        )
+        (item / "record.json").write_text(record.dumps())
     return run_dir
 
 
@@ -49,9 +51,10 @@ def test_step_curves_average_items_and_end_with_the_final_record(tmp_path):
 def test_win_rate_between_runs_and_against_itself(tmp_path):
     a = write_run(tmp_path / "a", [1.0, 2.0, 3.0, 4.0])
     b = write_run(tmp_path / "b", [0.0, 2.0, 5.0, 1.0])
-    assert versus(a, a)["rate"] == 0.5
     result = versus(a, b)
     assert result["rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4) and result["items"] == 4
+    assert versus(b, a)["rate"] == pytest.approx(1 - result["rate"])  # the tie is half a win each way
+    assert 0 <= result["low"] <= result["rate"] <= result["high"] <= 1
     assert versus(a, b, "eval_jpeg")["rate"] == pytest.approx((0 + 0.5 + 1 + 0) / 4)
     with pytest.raises(FrameworkError, match="no 'eval_hps' in both runs"):
         versus(a, b, "eval_hps")

@@ -6,7 +6,6 @@ import os
 import signal
 
 import pytest
-
 from conftest import run_cli, start_cli, wait_for
 
 FAST = ["model=tiny_sd", "model.resolution=32", "method.num_steps=3", "logger=none"]  # + method.opt_steps for MIRA
@@ -250,7 +249,8 @@ def test_out_of_memory_fails_that_item_with_a_hint_and_the_run_goes_on(tmp_path)
 
 def test_the_fingerprint_covers_metrics_prompts_samples_and_the_adapter_content(tmp_path):
     from conftest import compose
-    from framework.run import fingerprint
+
+    from framework.identity import fingerprint, identity_hash
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -273,6 +273,9 @@ def test_the_fingerprint_covers_metrics_prompts_samples_and_the_adapter_content(
     runtime = ["logger=none", "trainer.devices=2", "method.batch_size=3", "model.vae_checkpointing=false"]
     runtime += ["model.unet_checkpointing=true", "model.channels_last=true", "model.compile=true"]
     assert fingerprint(compose(*base, *runtime), ["a cat"]) == fingerprint(compose(*base), ["a cat"])
+    # The experiments name run directories by the same identity: same runs, same directory.
+    assert identity_hash(compose(*base, *runtime)) == identity_hash(compose(*base))
+    assert identity_hash(compose(*base, "seed=1")) != identity_hash(compose(*base))
 
 
 def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_with_one_line(tmp_path):

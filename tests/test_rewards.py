@@ -5,15 +5,15 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import noise_like
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
-from conftest import noise_like
-from framework.config import RewardConfig
 from framework.errors import FrameworkError
 from framework.models.tokenizer import build_clip_tokenizer
 from framework.rewards import build_reward, clip_preprocess
 from framework.rewards.hps import TINY_ARCH
+from framework.rewards.registry import RewardConfig
 
 PROMPTS = ["a cat", "a red circle"]
 

@@ -8,24 +8,14 @@ import math
 import typing
 
 import pytest
+from conftest import compose, run_cli
 from omegaconf import OmegaConf
 
-from conftest import compose, run_cli
-from framework.config import (
-    METHOD_SCHEMAS,
-    Config,
-    EvalConfig,
-    LoggerConfig,
-    ModelConfig,
-    OneOf,
-    PromptsConfig,
-    Range,
-    RewardConfig,
-    Text,
-    TrainerConfig,
-    validate,
-)
+from framework.config import Config, EvalConfig, LoggerConfig, ModelConfig, PromptsConfig, TrainerConfig
 from framework.errors import FrameworkError
+from framework.methods.schemas import METHODS
+from framework.rewards.registry import RewardConfig
+from framework.validation import OneOf, Range, Text, validate
 
 ADAPTER = ["method.adapter=some/adapter"]  # lora_scale and aig need one to compose a complete config
 SCHEMAS = [
@@ -39,7 +29,7 @@ SCHEMAS = [
 ]
 SCHEMAS += [
     (schema, "method", [f"method={name}"] + (ADAPTER if "adapter" in schema.__dataclass_fields__ else []))
-    for name, schema in METHOD_SCHEMAS.items()
+    for name, schema in METHODS.items()
 ]
 
 
@@ -230,14 +220,34 @@ def test_the_status_of_a_rejected_run_is_written_for_sweeps(tmp_path):
     assert result.returncode == status.exit_code == 2 and "method.beta=-1.0" in status.error
 
 
-def test_the_reward_names_and_their_differentiability_match_the_reward_zoo():
-    from framework.config import REWARDS, reward_is_differentiable
-    from framework.rewards import BUILDERS, build_reward
+def mean_pixel(images, prompts):
+    return images.mean((1, 2, 3))
 
-    assert set(REWARDS) == set(BUILDERS)
-    for name in ("jpeg", "brightness", "darkness", "contrast", "saturation", "judge"):
-        cfg = RewardConfig(name=name)
-        assert build_reward(cfg).differentiable == reward_is_differentiable(cfg), name
-    for differentiable in (True, False):
-        cfg = RewardConfig(name="callable", target="math:fsum", differentiable=differentiable)
-        assert build_reward(cfg).differentiable == reward_is_differentiable(cfg) == differentiable
+
+def test_the_registry_says_truly_which_rewards_gradients_reach_the_images_through():
+    """For every reward that needs no weights: a gradient reaches the images exactly when the registry says so."""
+    import torch
+
+    from framework.rewards import build_reward
+    from framework.rewards.registry import REWARDS, is_differentiable
+
+    configs = [RewardConfig(name=name) for name, entry in REWARDS.items() if not entry.network and name != "callable"]
+    target = "test_validation:mean_pixel"
+    configs += [RewardConfig(name="callable", target=target, differentiable=flag) for flag in (True, False)]
+    images = torch.rand(2, 3, 32, 32)
+    for cfg in configs:
+        pixels = images.clone().requires_grad_()
+        scores = build_reward(cfg)(pixels, ["a red circle", "a blue square"])
+        reaches = scores.requires_grad and torch.autograd.grad(scores.sum(), pixels)[0].abs().sum() > 0
+        assert bool(reaches) == is_differentiable(cfg), cfg.name
+
+
+def test_every_registered_method_builds_its_implementation():
+    from framework.methods import Method, build_method
+    from framework.rewards import build_reward
+
+    reward = build_reward(RewardConfig(name="brightness"))
+    for name, schema in METHODS.items():
+        config = schema(adapter="-") if "adapter" in schema.__dataclass_fields__ else schema()
+        method = build_method(config, reward)
+        assert isinstance(method, Method) and method.cfg is config, name

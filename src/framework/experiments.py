@@ -51,6 +51,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from framework.errors import STOPPED, Failure, FrameworkError, Interrupted, guarded
+from framework.identity import identity_hash
 from framework.tables import aggregate, table_metrics
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
@@ -107,10 +108,10 @@ STEP_KEYS = (
 
 
 def item_metric(name: str) -> bool:
-    from framework.config import reward_configs
+    from framework.options import options
 
     if name.startswith("eval_"):
-        return name.removeprefix("eval_") in reward_configs()
+        return name.removeprefix("eval_") in options("reward")
     return name in ITEM_METRICS
 
 
@@ -206,15 +207,12 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
-IDENTITY_EXCLUDES = ("logger", "trainer", "output_dir")  # how and where a run is logged or executed, not what it is
-
-
 @dataclass
 class Run:
     label: str  # the run's label in the experiment
     cell: dict[str, str]  # grid axis -> option label ({} without a grid)
     overrides: list[str]  # scale, cell and run overrides, {run:LABEL} references resolved to directories
-    ident: str  # hash of the composed configuration (without IDENTITY_EXCLUDES)
+    ident: str  # framework.identity.identity_hash of the composed configuration
     dir: Path
     cfg: Any = None  # the composed config (DictConfig); None for sweep jobs read back from disk
 
@@ -229,7 +227,8 @@ def compose_run(overrides: list[str], where: str):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.config import compose_error, validate
+    from framework.hydra_errors import compose_error
+    from framework.validation import validate
 
     try:
         cfg = compose("config", overrides=overrides)
@@ -239,10 +238,29 @@ def compose_run(overrides: list[str], where: str):
         validate(cfg)
     except FrameworkError as e:
         raise FrameworkError(f"{where}: {e}") from None
+    return cfg, identity_hash(cfg)
+
+
+def legacy_hash(cfg) -> str:
+    """The directory hash of runs made before framework.identity (it also hashed the batch size and the models'
+    runtime options). Directories named by it are renamed once, on the next plan; remove after 2027-06."""
     identity = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k not in IDENTITY_EXCLUDES]), resolve=True
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("logger", "trainer", "output_dir")]), resolve=True
     )
-    return cfg, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_directory(runs_root: Path, name: str, cfg, ident: str) -> Path:
+    """The directory of a configuration: an existing one of the same configuration (by hash, or by its legacy hash,
+    then renamed to the current one), else a new `<name>-<hash>`."""
+    existing = sorted(runs_root.glob(f"*-{ident}"))
+    if existing:
+        return existing[0]
+    directory = runs_root / f"{slug(name)}-{ident}"
+    for old in sorted(runs_root.glob(f"*-{legacy_hash(cfg)}")):
+        old.rename(directory)  # one-time migration, keeping every finished item
+        break
+    return directory
 
 
 def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict[str, Path]) -> list[Run]:
@@ -251,8 +269,10 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     experiment planned earlier in this call claimed (`claimed`: hash -> directory), is reused."""
     from hydra import initialize_config_dir
 
-    from framework.config import CONF_DIR
+    from framework.config import register_configs
+    from framework.options import CONF_DIR
 
+    register_configs()
     cells: list[dict] = [{}]
     for axis, options in (spec.get("grid") or {}).get(scale, {}).items():
         cells = [cell | {axis: (option, overrides)} for cell in cells for option, overrides in options.items()]
@@ -275,9 +295,8 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
                 cfg, ident = compose_run(full, where)
                 cell_options = {axis: option for axis, (option, _) in cell.items()}
                 if ident not in claimed:
-                    existing = sorted(runs_root.glob(f"*-{ident}"))
                     name = " · ".join([label, *cell_options.values()])
-                    claimed[ident] = existing[0] if existing else runs_root / f"{slug(name)}-{ident}"
+                    claimed[ident] = run_directory(runs_root, name, cfg, ident)
                 done[label] = Run(label, cell_options, full, ident, claimed[ident], cfg)
             runs += done.values()
     return runs

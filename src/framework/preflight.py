@@ -10,9 +10,9 @@ from framework.weights import unavailable
 
 def missing_weights(cfg) -> list[tuple[str, str, str]]:
     """(config key, value, why) of every weight or prompt file that run config `cfg` needs and this machine lacks."""
-    from framework.metrics import resolve_features
     from framework.config import reward_config
-    from framework.rewards import required_weights
+    from framework.metrics import resolve_features
+    from framework.rewards.registry import required_weights
 
     needs = []  # (kind, spec, key, revision)
     if not cfg.model.tiny and cfg.model.source:

@@ -11,32 +11,11 @@ over prompts.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-
-def value_after(record: dict, k: int, key: str) -> float | None:
-    steps = record.get("steps", [])
-    if k < len(steps):
-        return steps[k].get(key)
-    if k == len(steps):
-        return record["final_reward"] if key == "reward" else record.get("metrics", {}).get("final", {}).get(key)
-    return None
-
-
-def ok_records(run_dir: Path) -> list[dict]:
-    records = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("items/*/record.json"))]
-    return [r for r in records if r["status"] == "ok"]
-
-
-def final_value(record: dict, key: str) -> float | None:
-    """An item's final value of `key`: the optimised reward ("reward"), a final-image metric, or a compute figure
-    (`evals`, `seconds`, `peak_memory_mb`); None if absent."""
-    if key == "reward":
-        return record["final_reward"]
-    return record["metrics"]["final"].get(key, record.get("compute", {}).get(key))
+from framework.records import read_records
 
 
 def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
@@ -44,30 +23,28 @@ def versus(run_a: Path, run_b: Path, judge: str = "reward") -> dict:
     from framework.errors import FrameworkError
     from framework.metrics.sets import win_rate
 
-    b = {r["id"]: r for r in ok_records(run_b)}
-    pairs = [(r, b[r["id"]]) for r in ok_records(run_a) if r["id"] in b]
+    b = {r.id: r for r in read_records(run_b)}
+    pairs = [(r, b[r.id]) for r in read_records(run_a) if r.id in b]
     if not pairs:
         raise FrameworkError(f"{run_a} and {run_b} have no finished item in common")
     for ra, rb in pairs:
-        if (ra["prompt"], ra["seed"]) != (rb["prompt"], rb["seed"]):
-            raise FrameworkError(f"item {ra['id']} differs between the runs (prompt or seed): not comparable")
-        if judge != "reward" and (judge not in ra["metrics"]["final"] or judge not in rb["metrics"]["final"]):
-            raise FrameworkError(f"item {ra['id']} has no {judge!r} in both runs; run both with eval.rewards=[...]")
+        if (ra.prompt, ra.seed) != (rb.prompt, rb.seed):
+            raise FrameworkError(f"item {ra.id} differs between the runs (prompt or seed): not comparable")
+        if ra.final(judge) is None or rb.final(judge) is None:
+            raise FrameworkError(f"item {ra.id} has no {judge!r} in both runs; run both with eval.rewards=[...]")
     rate, low, high = win_rate(
-        [final_value(ra, judge) for ra, _ in pairs],
-        [final_value(rb, judge) for _, rb in pairs],
-        [ra["prompt_index"] for ra, _ in pairs],
+        [ra.final(judge) for ra, _ in pairs], [rb.final(judge) for _, rb in pairs], [ra.prompt_index for ra, _ in pairs]
     )
     return {"judge": judge, "items": len(pairs), "rate": rate, "low": low, "high": high}
 
 
 def step_curve(run_dir: Path, at: list[int], keys: list[str]) -> list[dict]:
-    records = ok_records(run_dir)
+    records = read_records(run_dir)
     rows = []
     for k in at:
         row = {"step": k, "items": 0}
         for key in keys:
-            values = [v for r in records if (v := value_after(r, k, key)) is not None]
+            values = [v for r in records if (v := r.after(k, key)) is not None]
             row[key] = float(np.mean(values)) if values else float("nan")
             row["items"] = max(row["items"], len(values))
         rows.append(row)
@@ -160,7 +137,7 @@ def report(args: argparse.Namespace) -> None:
     from framework.errors import FrameworkError
 
     for run_dir in [args.run_dir] + ([args.versus] if args.versus is not None else []):
-        if not ok_records(run_dir):
+        if not read_records(run_dir):
             where = "does not exist" if not run_dir.is_dir() else "has no finished item (items/*/record.json)"
             raise FrameworkError(f"{run_dir} {where}: give the directory of a framework.run run")
     if args.versus is not None:

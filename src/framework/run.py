@@ -7,7 +7,6 @@ so one failing job of a `--multirun` sweep leaves the others running; each job's
 and the process exits with the worst of them.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -16,14 +15,16 @@ import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from framework import signals
-from framework.config import CONF_DIR, RUNTIME_OPTIONS, compose_error, held_out_reward, validate
+from framework.config import held_out_reward, register_configs
 from framework.errors import STOPPED, Failure, FrameworkError, guarded, process_error_log, unwritable, worst
+from framework.hydra_errors import compose_error
+from framework.identity import fingerprint
+from framework.options import CONF_DIR
+from framework.validation import validate
 
-# Everything an item's result or its metrics depend on; a rerun into the same directory must match.
-ITEM_AFFECTING = ("model", "reward", "method", "seed", "eval", "samples_per_prompt")
 STATUS_FILE = "status.json"
 job_codes: list[int] = []  # exit codes of the jobs this process ran (a sweep runs several)
 job_started = False  # whether Hydra got as far as a job: what it raises before that is about the command line
@@ -52,23 +53,6 @@ def _label(cfg) -> str:
         return f"method={choices['method']} reward={choices['reward']} model={choices['model']}"
     except ValueError:  # composed without Hydra's runtime (tests)
         return f"method={cfg.method.name} reward={cfg.reward.name}"
-
-
-def fingerprint(cfg: DictConfig, prompts: list[str]) -> dict:
-    """What the results in a run directory depend on: the item-affecting config, the prompt list and the content
-    of a LoRA adapter the method reads."""
-    from framework.models.lora import WEIGHT_NAME
-
-    digest = lambda data: hashlib.sha1(data).hexdigest()  # noqa: E731
-    identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(ITEM_AFFECTING)), resolve=True)
-    identity["method"].pop("batch_size")  # how many items share a batch changes no item's result,
-    for key in RUNTIME_OPTIONS:  # nor how the networks run
-        identity["model"].pop(key)
-    identity["prompts"] = {"count": len(prompts), "sha1": digest(json.dumps(prompts).encode())}
-    adapter = Path(cfg.method.adapter) / WEIGHT_NAME if "adapter" in cfg.method else None
-    if adapter is not None and adapter.is_file():
-        identity["adapter_sha1"] = digest(adapter.read_bytes())
-    return identity
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -163,6 +147,7 @@ def main() -> None:
     exit 2, as ours do."""
     global job_started
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them to us instead of printing several lines
+    register_configs()
     job_codes.clear()
     job_started = False
 

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from framework.errors import Interrupted, ItemError
-from framework.metrics import ImageMetrics
 from framework.items import Item, ItemResult, derive_seed
-from framework.methods import Method, Problem
+from framework.methods.common import Method, Problem
+from framework.metrics import ImageMetrics
 from framework.store import ItemStore
 
 log = logging.getLogger(__name__)

@@ -8,28 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.report import final_value, ok_records
-
-
-def held_out_value(record: dict, key: str) -> float | None:
-    """`key` of the image a noise method's held-out stopping rule chose (its `held_out_step`; opt_steps = the final
-    image); None where no held-out reward was set."""
-    step = record.get("info", {}).get("held_out_step")
-    if step is None:
-        return None
-    return record["steps"][step].get(key) if step < len(record["steps"]) else final_value(record, key)
+from framework.records import read_records
 
 
 def final_values(run_dir: Path, metric: str) -> np.ndarray:
     """Per-item values: the final image's (`reward`, `drift_rmse`, `evals`, ...), for `last.<key>` the value at the
     last optimisation step (e.g. `last.r_mira`, recorded along the trajectory only), for `held_out.<key>` the value
     at the step the held-out stopping rule chose."""
+    records, key = read_records(run_dir), metric.partition(".")[2]
     if metric.startswith("last."):
-        values = [(r.get("steps") or [{}])[-1].get(metric.removeprefix("last.")) for r in ok_records(run_dir)]
+        values = [r.steps[-1].get(key) if r.steps else None for r in records]
     elif metric.startswith("held_out."):
-        values = [held_out_value(r, metric.removeprefix("held_out.")) for r in ok_records(run_dir)]
+        values = [r.held_out(key) for r in records]
     else:
-        values = [final_value(record, metric) for record in ok_records(run_dir)]
+        values = [r.final(metric) for r in records]
     return np.array([v for v in values if v is not None], dtype=float)
 
 
@@ -45,7 +37,7 @@ def run_metric(metric: str, run, spec: dict, runs: list) -> tuple[int, tuple]:
     if metric.startswith("win_rate:"):
         judge = metric.removeprefix("win_rate:")
         other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)
-        if judge != "reward" and not any(final_value(r, judge) is not None for r in ok_records(run.dir)):
+        if not any(r.final(judge) is not None for r in read_records(run.dir)):
             return 0, (float("nan"),) * 3  # not recorded at this scale
         result = versus(other.dir, run.dir, judge)
         return result["items"], (result["rate"], result["low"], result["high"])

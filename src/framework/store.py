@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 from framework.errors import FrameworkError, StorageError, unwritable
 from framework.images import load_png, save_png
 from framework.items import Item, ItemResult
+from framework.records import RECORD, ItemRecord
 
 GRID_ITEMS = 16
 
@@ -106,62 +107,54 @@ class ItemStore:
             tmp.write_text(json.dumps(data, indent=1))
             os.replace(tmp, path)
 
-    def record(self, item: Item) -> dict | None:
-        path = self.items_dir / item.id / "record.json"
-        return json.loads(path.read_text()) if path.exists() else None
+    def record(self, item: Item) -> ItemRecord | None:
+        path = self.items_dir / item.id / RECORD
+        return ItemRecord.load(path) if path.exists() else None
 
     def is_done(self, item: Item) -> bool:
         record = self.record(item)
-        return record is not None and record["status"] == "ok"
+        return record is not None and record.ok
 
-    def _commit(self, item: Item, record: dict, images: dict[str, Tensor]) -> None:
+    def _commit(self, record: ItemRecord, images: dict[str, Tensor]) -> None:
         """Write into a hidden folder, then rename it into place: readers never see a half-written item. A write that
         fails (e.g. the disk is full) removes the half-written folder and stops the run; finished items stay."""
-        tmp = self.items_dir / f".{item.id}.{os.getpid()}.tmp"
-        with storing(f"item {item.id}", tmp):
+        tmp = self.items_dir / f".{record.id}.{os.getpid()}.tmp"
+        with storing(f"item {record.id}", tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             for name, image in images.items():
                 save_png(image, tmp / f"{name}.png")
-            (tmp / "record.json").write_text(json.dumps(record, indent=1))
-            final = self.items_dir / item.id
+            (tmp / RECORD).write_text(record.dumps())
+            final = self.items_dir / record.id
             shutil.rmtree(final, ignore_errors=True)  # only a failed attempt can be there
             os.replace(tmp, final)
 
-    def _base_record(self, item: Item) -> dict:
-        return {
-            "id": item.id,
-            "prompt_index": item.prompt_index,
-            "sample_index": item.sample_index,
-            "prompt": item.prompt,
-            "seed": item.seed,
-        }
-
     def write(self, item: Item, result: ItemResult, metrics: dict, compute: dict) -> None:
-        record = self._base_record(item) | {
-            "status": "ok",
-            "base_reward": result.base_reward,
-            "final_reward": result.final_reward,
-            "metrics": metrics,
-            "compute": compute,
-            "info": result.info,
-            "steps": result.steps,
-        }
-        self._commit(item, record, {"base": result.base_image, "final": result.final_image})
+        record = ItemRecord.of(
+            item,
+            status="ok",
+            base_reward=result.base_reward,
+            final_reward=result.final_reward,
+            metrics=metrics,
+            compute=compute,
+            info=result.info,
+            steps=result.steps,
+        )
+        self._commit(record, {"base": result.base_image, "final": result.final_image})
 
     def write_failure(self, item: Item, error: str, trace: str | None = None) -> None:
-        failure = {"status": "failed", "error": error} | ({"traceback": trace} if trace else {})
-        self._commit(item, self._base_record(item) | failure, {})
+        self._commit(ItemRecord.of(item, status="failed", error=error, traceback=trace), {})
 
-    def load_image(self, record: dict, kind: str) -> Tensor:
-        return load_png(self.items_dir / record["id"] / f"{kind}.png")
+    def load_image(self, record: ItemRecord, kind: str) -> Tensor:
+        return load_png(self.items_dir / record.id / f"{kind}.png")
 
     def summarize(self, items: list[Item], set_metrics=None) -> dict:
         """summary.json: run means of rewards, compute and every per-item metric (`<stage>_<metric>_mean`), numeric
-        method info (`info_<key>_mean`), and `set_metrics(ok_records, load_image)` (run-level metrics) if given."""
+        method info (`info_<key>_mean`), and `set_metrics(records, load_image)` (run-level metrics of the finished
+        records) if given."""
         records = [self.record(item) for item in items]
-        ok = [r for r in records if r and r["status"] == "ok"]
-        failed = [r for r in records if r and r["status"] == "failed"]
+        ok = [r for r in records if r and r.ok]
+        failed = [r for r in records if r and not r.ok]
         mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
         summary = {
             "run_dir": str(self.run_dir),
@@ -169,23 +162,24 @@ class ItemStore:
             "num_ok": len(ok),
             "num_failed": len(failed),
             "num_missing": sum(r is None for r in records),
-            "base_reward_mean": mean([r["base_reward"] for r in ok]),
-            "final_reward_mean": mean([r["final_reward"] for r in ok]),
-            "evals_mean": mean([r["compute"]["evals"] for r in ok]),
-            "seconds_mean": mean([r["compute"]["seconds"] for r in ok]),
-            "peak_memory_mb_max": max((r["compute"]["peak_memory_mb"] for r in ok), default=float("nan")),
+            "base_reward_mean": mean([r.base_reward for r in ok]),
+            "final_reward_mean": mean([r.final_reward for r in ok]),
+            "evals_mean": mean([r.compute["evals"] for r in ok]),
+            "seconds_mean": mean([r.compute["seconds"] for r in ok]),
+            "peak_memory_mb_max": max((r.compute["peak_memory_mb"] for r in ok), default=float("nan")),
         }
         for stage in ("base", "final"):  # every metric the records carry, e.g. adherence and drift
-            for key in sorted({k for r in ok for k in r["metrics"][stage]}):
-                summary[f"{stage}_{key}_mean"] = mean(
-                    [r["metrics"][stage][key] for r in ok if key in r["metrics"][stage]]
-                )
-        for key in sorted({k for r in ok for k, v in r["info"].items() if isinstance(v, (int, float))}):
-            summary[f"info_{key}_mean"] = mean([r["info"][key] for r in ok if key in r["info"]])
+            for key in sorted({k for r in ok for k in r.metrics[stage]}):
+                summary[f"{stage}_{key}_mean"] = mean([r.metrics[stage][key] for r in ok if key in r.metrics[stage]])
+        for key in sorted({k for r in ok for k, v in r.info.items() if isinstance(v, (int, float))}):
+            summary[f"info_{key}_mean"] = mean([r.info[key] for r in ok if key in r.info])
         if set_metrics is not None:
             summary["sets"] = set_metrics(ok, self.load_image)
         summary["items"] = [
-            {k: r.get(k) for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward", "metrics", "error")}
+            {
+                k: getattr(r, k)
+                for k in ("id", "prompt", "seed", "status", "base_reward", "final_reward", "metrics", "error")
+            }
             for r in records
             if r
         ]
@@ -193,7 +187,7 @@ class ItemStore:
         self._write_grid(ok[:GRID_ITEMS])
         return summary
 
-    def _write_grid(self, records: list[dict]) -> None:
+    def _write_grid(self, records: list[ItemRecord]) -> None:
         """grid.png: base images on the top row, the method's images below, one column per item."""
         if not records:
             return

@@ -13,8 +13,8 @@ from hydra.experimental.callback import Callback
 
 from framework.errors import FAILED, OK
 from framework.experiments import Run
+from framework.records import read_records
 from framework.tables import aggregate
-from framework.report import final_value, ok_records
 
 METRICS = ["reward", "drift_rmse", "evals", "seconds"]
 
@@ -48,7 +48,7 @@ class SweepTable(Callback):
             job_codes.append(FAILED if code is None else code)  # jobs of other processes (submitit) count too
             runs.append(run)
         metrics = list(METRICS)
-        if any(final_value(r, "adherence") is not None for d in jobs for r in ok_records(d)):
+        if any(r.final("adherence") is not None for d in jobs for r in read_records(d)):
             metrics.insert(1, "adherence")
         spec = {"title": f"sweep {sweep_dir}", "kind": "table", "metrics": metrics}
         written = aggregate("table", spec, runs, sweep_dir, statuses)

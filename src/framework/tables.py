@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.report import ok_records, step_curve
+from framework.records import read_records
+from framework.report import step_curve
 from framework.statistics import run_metric
 
 
@@ -95,7 +96,7 @@ def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "items", *metrics])
         for run in runs:
-            num_steps = max((len(r.get("steps", [])) for r in ok_records(run.dir)), default=0)
+            num_steps = max((len(r.steps) for r in read_records(run.dir)), default=0)
             curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
             writer.writerows([run.name, row["step"], row["items"], *(exact(row[m]) for m in metrics)] for row in curve)
             for ax, metric in zip(axes[0], metrics):
@@ -143,9 +144,9 @@ def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: st
         writer = csv.writer(f)
         writer.writerow(["run", "step", "items", y, *xs])
         for run, row in zip(runs, rows):
-            records = ok_records(run.dir)
-            optimised = any("loss" in (r.get("steps") or [{}])[0] for r in records)
-            num_steps = max((len(r.get("steps", [])) for r in records), default=0) if optimised else 0
+            records = read_records(run.dir)
+            optimised = any(r.steps and "loss" in r.steps[0] for r in records)
+            num_steps = max((len(r.steps) for r in records), default=0) if optimised else 0
             curve = step_curve(run.dir, list(range(num_steps)), [y, *xs])
             writer.writerows([run.name, c["step"], c["items"], *(exact(c[k]) for k in (y, *xs))] for c in curve)
             for ax, x in zip(axes[0], xs):

@@ -1,11 +1,11 @@
 """Weights & Biases logging of a finished run (offline by default), read back from the item records on disk so that
 items from every process, and from earlier interrupted attempts, are all included."""
 
-import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from framework.records import RECORD, ItemRecord, read_records
 from framework.report import step_curve
 from framework.store import flatten
 
@@ -13,8 +13,7 @@ from framework.store import flatten
 def _log_step_curves(run, run_dir: Path) -> None:
     """Means over items of every per-step value (reward, regulariser, drift, adherence, ...) against the
     optimisation step, as W&B history: the reward/drift-vs-compute curves of the run."""
-    records = [json.loads(p.read_text()) for p in run_dir.glob("items/*/record.json")]
-    steps = [s for r in records if r["status"] == "ok" for s in r.get("steps", [])]
+    steps = [s for r in read_records(run_dir) for s in r.steps]
     keys = sorted({k for s in steps for k, v in s.items() if isinstance(v, (int, float)) and k != "step"})
     if not steps:
         return
@@ -35,6 +34,26 @@ def wandb_group(cfg) -> str | None:
     except ValueError:  # composed without Hydra's runtime (tests, the API)
         return None
     return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def training_loggers(cfg) -> list:
+    """The Lightning loggers of a fine-tuning run: its curves as CSV (one train/version_<attempt>/ per attempt) and,
+    unless logging is off, a W&B run in the run's group, beside the run's evaluation run."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = [CSVLogger(cfg.output_dir, name="train")]
+    if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                name=f"{Path(cfg.output_dir).name}-train",
+                save_dir=cfg.output_dir,
+                offline=cfg.logger.mode == "offline",
+                group=wandb_group(cfg),
+                tags=list(cfg.logger.tags),
+            )
+        )
+    return loggers
 
 
 def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
@@ -70,7 +89,7 @@ def log_to_wandb(cfg, summary: dict, name: str) -> Path | None:
             row["base_reward"],
             row["final_reward"],
         )
-        steps = json.loads((item_dir / "record.json").read_text()).get("steps", []) if ok else []
+        steps = ItemRecord.load(item_dir / RECORD).steps if ok else []
         if steps:
             curves[row["id"]] = [s["reward"] for s in steps]
     logged = {"items": table}

@@ -1,40 +1,29 @@
-"""Methods, one module each. Inference-time methods run per item (prompt × seed) on a frozen backbone."""
+"""Methods, one module each, registered with their schemas in framework.methods.schemas. Importing this package
+loads no network: `build_method` imports a method's module when it builds it, and `Method`/`Problem` (the contract
+and a batch's world, framework.methods.common) load on first use."""
 
-from framework.config import follows_reward_gradients
+from importlib import import_module
+
 from framework.errors import FrameworkError
-from framework.methods.base import Base
-from framework.methods.best_of_n import BestOfN
 from framework.items import Item, ItemResult, derive_seed
-from framework.methods.common import Method, Problem
-from framework.methods.dno import DNO
-from framework.methods.aig import AIG
-from framework.methods.dno_zo import DNOZeroOrder
-from framework.methods.draft import FineTuneThenSample
-from framework.methods.lora_scale import LoRAScale
-from framework.methods.mira import MIRA
-from framework.methods.mira_dpo import MIRADPO
+from framework.methods.schemas import METHODS, gradient_problem
 
-__all__ = ["Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
-
-METHODS = {
-    "base": Base,
-    "best_of_n": BestOfN,
-    "dno": DNO,
-    "mira": MIRA,
-    "dno_zo": DNOZeroOrder,
-    "mira_dpo": MIRADPO,
-    "draft": FineTuneThenSample,
-    "lora_scale": LoRAScale,
-    "aig": AIG,
-}
+__all__ = ["METHODS", "Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 
 
-def build_method(cfg, reward) -> Method:
-    """The method of `cfg`, checked against the reward: gradient methods refuse non-differentiable rewards."""
-    method = METHODS[cfg.name](cfg)
-    if follows_reward_gradients(cfg) and not reward.differentiable:
-        raise FrameworkError(
-            f"method {cfg.name} follows reward gradients, but reward {reward.name} is not differentiable; "
-            "use a black-box method (method=mira_dpo, dno_zo or best_of_n) or a differentiable reward"
-        )
-    return method
+def build_method(cfg, reward):
+    """The method of config `cfg` (a schema instance or a composed DictConfig), checked against the reward it will
+    use (gradient methods refuse a non-differentiable one, as validation does)."""
+    schema = METHODS[cfg.name]
+    if problem := gradient_problem(schema, reward.name, reward.differentiable):
+        raise FrameworkError(problem)
+    module, _, name = schema.implementation.partition(":")
+    return getattr(import_module(module), name)(cfg)
+
+
+def __getattr__(name: str):
+    if name in ("Method", "Problem"):
+        from framework.methods import common
+
+        return getattr(common, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

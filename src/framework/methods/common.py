@@ -8,13 +8,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from framework.config import SamplingConfig
-from framework.items import Item, ItemResult
 from framework.errors import Interrupted, NonFiniteLoss
+from framework.items import Item, ItemResult
+from framework.methods.schemas import SamplingConfig
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
-from framework.sampling import Trajectory, sample, num_noises
+from framework.sampling import Trajectory, num_noises, sample
+
+
+def sampler_options(sampling: SamplingConfig) -> dict:
+    """The sampler's arguments of a method config: every caller of `sample` draws images the same way."""
+    return {key: getattr(sampling, key) for key in ("num_steps", "eta", "guidance_scale", "final_step_noise")}
 
 
 def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
@@ -76,22 +81,12 @@ class Problem:
         return rows if rows is not None else [j % len(self.items) for j in range(n)]
 
     def render(
-        self, x_T: Tensor, noises: Tensor | None, rows: list[int] | None = None, **sampler_options
+        self, x_T: Tensor, noises: Tensor | None, rows: list[int] | None = None, **options
     ) -> tuple[Tensor, Trajectory]:
         """Decoded images (unclamped, see Backbone.decode) from the given noises (batch size = len(x_T)), and the
         sampler's trajectory."""
-        cfg = self.sampling
-        traj = sample(
-            self.backbone,
-            self.cond.select(self._rows(len(x_T), rows)),
-            x_T,
-            noises,
-            num_steps=cfg.num_steps,
-            eta=cfg.eta,
-            guidance_scale=cfg.guidance_scale,
-            final_step_noise=cfg.final_step_noise,
-            **sampler_options,
-        )
+        cond = self.cond.select(self._rows(len(x_T), rows))
+        traj = sample(self.backbone, cond, x_T, noises, **sampler_options(self.sampling), **options)
         return self.backbone.decode(traj.latents), traj
 
     @torch.no_grad()

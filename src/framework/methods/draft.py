@@ -9,9 +9,10 @@ take one step with gradients each, scoring its x̂0 (x_t − σ·v̂ on flow mod
 on flow models), the base one being the same denoiser with adapters off at the same x_t: the mean-squared
 prediction difference that stands for the KL (logged as `train/eps_mse` for either).
 
-Training is a Lightning `fit`. The prompts and noises of optimiser step s derive from (seed, s, row) only, and each
-process takes rows rank::world of the global batch, so a resumed run, or a DDP run with the same global batch,
-sees exactly the data of an uninterrupted single-process run.
+Training is a Lightning `fit` (framework.methods.fine_tune runs it, resumes it and samples the items after). The
+prompts and noises of optimiser step s derive from (seed, s, row) only, and each process takes rows rank::world of
+the global batch, so a resumed run, or a DDP run with the same global batch, sees exactly the data of an
+uninterrupted single-process run.
 """
 
 from pathlib import Path
@@ -22,26 +23,19 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from framework.errors import FrameworkError, Interrupted, NonFiniteLoss
+from framework.errors import NonFiniteLoss
+from framework.images import save_png
 from framework.items import derive_seed
-from framework.methods.common import Method, draw_noise
-from framework.methods.lora_scale import LoRAScale
+from framework.methods.common import draw_noise, sampler_options
 from framework.models.lora import add_lora, save_lora
 from framework.sampling import sample, sampler_steps
-from framework.images import save_png
 
 SAMPLE_PROMPTS = 4  # images in each periodic sample grid
-INTERRUPTED_CKPT = "interrupted.ckpt"
 
 
 class DRaFT(L.LightningModule):
     def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
         super().__init__()
-        if not reward.differentiable:
-            raise FrameworkError(
-                f"method draft back-propagates the reward, but reward {reward.name} is not "
-                "differentiable; choose a differentiable reward"
-            )
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
         self.trainable = add_lora(backbone.denoiser, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
@@ -61,12 +55,7 @@ class DRaFT(L.LightningModule):
         cfg, backbone = self.cfg, self.backbone
         cond = backbone.encode(prompts)
         x_T, noises = draw_noise(backbone, cfg, seeds)
-        sampler = dict(
-            num_steps=cfg.num_steps,
-            eta=cfg.eta,
-            guidance_scale=cfg.guidance_scale,
-            final_step_noise=cfg.final_step_noise,
-        )
+        sampler = sampler_options(cfg)
         if cfg.variant == "k":
             traj = sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sampler)
             first = cfg.num_steps - (cfg.k or cfg.num_steps)
@@ -120,16 +109,7 @@ class DRaFT(L.LightningModule):
         prompts = self.prompts[:SAMPLE_PROMPTS]
         seeds = [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))]
         x_T, noises = draw_noise(self.backbone, self.cfg, seeds)
-        traj = sample(
-            self.backbone,
-            self.backbone.encode(prompts),
-            x_T,
-            noises,
-            num_steps=self.cfg.num_steps,
-            eta=self.cfg.eta,
-            guidance_scale=self.cfg.guidance_scale,
-            final_step_noise=self.cfg.final_step_noise,
-        )
+        traj = sample(self.backbone, self.backbone.encode(prompts), x_T, noises, **sampler_options(self.cfg))
         images = self.backbone.decode(traj.latents)
         reward = self.reward(images, prompts).mean().item()
         path = self.out_dir / "samples" / f"step{step:06d}.png"
@@ -151,101 +131,3 @@ class DRaFT(L.LightningModule):
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(range(self.cfg.train_steps), batch_size=None)  # content: see `rows`
-
-
-def train(trainer: L.Trainer, module: DRaFT) -> Path:
-    """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
-    `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    directory = module.out_dir / "checkpoints"
-    saved = [directory / name for name in ("last.ckpt", INTERRUPTED_CKPT) if (directory / name).exists()]
-    resume = max(saved, key=lambda p: p.stat().st_mtime_ns, default=None)
-    try:
-        trainer.fit(module, ckpt_path=resume, weights_only=True)
-    except SIGTERMException:
-        raise Interrupted(
-            f" at training step {trainer.global_step}: resumable checkpoint "
-            f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume"
-        ) from None
-    adapter = module.out_dir / "adapter"
-    if trainer.is_global_zero:
-        save_lora(module.backbone, adapter)
-    trainer.strategy.barrier()
-    return adapter
-
-
-class FineTuneThenSample(Method):
-    """method=draft through the method contract: `prepare` trains the run's adapter (or reuses it when an earlier
-    attempt finished) and returns the method that samples the items with it, LoRA scale 1 on DRaFT's own sampler
-    (base image = adapters off, same seed)."""
-
-    def trainer_options(self, cfg) -> dict:
-        return trainer_options(cfg)
-
-    def prepare(self, cfg, trainer: L.Trainer, backbone, reward) -> Method:
-        from omegaconf import OmegaConf
-
-        from framework.config import LoRAScaleConfig
-        from framework.models.lora import WEIGHT_NAME, load_lora
-        from framework.prompts import load_prompts
-
-        adapter = Path(cfg.output_dir) / "adapter"
-        if (adapter / WEIGHT_NAME).exists():
-            load_lora(backbone.denoiser, adapter)
-        else:
-            module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
-            adapter = train(trainer, module)
-        m = cfg.method
-        return LoRAScale(
-            OmegaConf.structured(
-                LoRAScaleConfig(
-                    num_steps=m.num_steps,
-                    eta=m.eta,
-                    guidance_scale=m.guidance_scale,
-                    final_step_noise=m.final_step_noise,
-                    batch_size=m.batch_size,
-                    adapter=str(adapter),
-                    alpha=1.0,
-                )
-            )
-        )
-
-
-def trainer_options(cfg) -> dict:
-    """Lightning Trainer options of a fine-tuning run: step budget, gradient clipping, resumable checkpoints every
-    `save_every` steps, training curves as CSV (one train/version_<attempt>/ per attempt) and W&B."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
-
-    loggers = [CSVLogger(cfg.output_dir, name="train")]
-    if cfg.logger.name != "none" and cfg.logger.mode != "disabled":
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                name=f"{Path(cfg.output_dir).name}-train",
-                save_dir=cfg.output_dir,
-                offline=cfg.logger.mode == "offline",
-                group=cfg.logger.group,
-                tags=list(cfg.logger.tags),
-            )
-        )
-    directory = Path(cfg.output_dir) / "checkpoints"
-    checkpoints = ModelCheckpoint(
-        dirpath=directory,
-        every_n_train_steps=cfg.method.save_every,
-        save_last=True,
-        save_top_k=-1,
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-    )
-    # a stop signal (Lightning raises at the end of the current step) or an error: save where training stopped
-    on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
-    return {
-        "max_steps": cfg.method.train_steps,
-        "gradient_clip_val": cfg.method.grad_clip,
-        "logger": loggers,
-        "callbacks": [checkpoints, on_stop],
-        "enable_checkpointing": True,
-        "log_every_n_steps": 1,
-    }

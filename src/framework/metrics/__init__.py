@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from framework.errors import item_work
 from framework.metrics.sets import (
     cmmd,
     log_spectral_distance,
@@ -22,7 +23,7 @@ from framework.metrics.sets import (
     vendi_score,
     win_rate,
 )
-from framework.errors import item_work
+from framework.records import ItemRecord
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
 
@@ -88,7 +89,7 @@ class ImageMetrics(nn.Module):
                 records[i] |= {"adherence": right, "judge_log_prob": lp}
         return records
 
-    def set_metrics(self, records: list[dict], load_image) -> dict[str, float]:
+    def set_metrics(self, records: list[ItemRecord], load_image) -> dict[str, float]:
         """Run-level metrics of finished items (records as the store writes them; `load_image(record, kind)`).
         Set statistics need embeddings and at least 2 items; diversity needs 2 seeds of a prompt."""
         out = {}
@@ -97,9 +98,9 @@ class ImageMetrics(nn.Module):
                 zip(
                     ("rate", "low", "high"),
                     win_rate(
-                        [r["final_reward"] for r in records],
-                        [r["base_reward"] for r in records],
-                        [r["prompt_index"] for r in records],
+                        [r.final_reward for r in records],
+                        [r.base_reward for r in records],
+                        [r.prompt_index for r in records],
                     ),
                 )
             )
@@ -117,7 +118,7 @@ class ImageMetrics(nn.Module):
         }
         by_prompt = defaultdict(list)
         for i, r in enumerate(records):
-            by_prompt[r["prompt_index"]].append(i)
+            by_prompt[r.prompt_index].append(i)
         groups = [rows for rows in by_prompt.values() if len(rows) >= 2]
         for name, embeds in (("base", base), ("final", final)):
             if groups:
@@ -137,9 +138,9 @@ def resolve_features(eval_cfg, model_cfg) -> str:
 
 def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
     """The metrics `eval` asks for."""
-    from framework.config import RewardConfig
     from framework.errors import FrameworkError
     from framework.rewards import build_reward, load_named_reward
+    from framework.rewards.registry import RewardConfig
     from framework.testbed.judge import load_judge
 
     features = resolve_features(eval_cfg, model_cfg)

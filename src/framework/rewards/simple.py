@@ -12,9 +12,8 @@ from framework.rewards.base import Reward
 
 
 class JpegCompressibility(Reward):
-    """−(JPEG file size in kB) at the given quality: flat, simple images score higher. Not differentiable."""
-
-    differentiable = False
+    """−(JPEG file size in kB) at the given quality: flat, simple images score higher. Not differentiable (the
+    registry says so; the PIL encoder cuts the graph)."""
 
     def __init__(self, quality: int = 95):
         super().__init__()
@@ -55,13 +54,15 @@ class ImageStatistic(Reward):
 
 class CallableReward(Reward):
     """Any `f(images, prompts) -> scores` importable as "package.module:function"; scores may be a tensor, a list
-    or an array. When not declared differentiable it only ever sees detached images."""
+    or an array. Unless declared differentiable (`reward.differentiable`, which build_reward sets) it only ever sees
+    detached images."""
 
-    def __init__(self, target: str, differentiable: bool):
+    differentiable = False
+
+    def __init__(self, target: str):
         super().__init__()
         module_name, _, attr = target.partition(":")
         self.fn = getattr(importlib.import_module(module_name), attr)
-        self.differentiable = differentiable
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         if not self.differentiable:

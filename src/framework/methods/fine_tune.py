@@ -1,0 +1,83 @@
+"""method=draft through the method contract: train the run's LoRA adapter with DRaFT (a Lightning `fit` that resumes
+from the run directory's newest checkpoint), then sample every item with it like `lora_scale` at α = 1."""
+
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+from omegaconf import OmegaConf
+
+from framework.errors import Interrupted
+from framework.methods.common import Method
+from framework.methods.draft import DRaFT
+from framework.methods.lora_scale import LoRAScale
+from framework.methods.schemas import LoRAScaleConfig, SamplingConfig
+from framework.models.lora import WEIGHT_NAME, load_lora, save_lora
+
+INTERRUPTED_CKPT = "interrupted.ckpt"
+
+
+class FineTuneThenSample(Method):
+    """`prepare` trains the run's adapter (or reuses it when an earlier attempt finished) and returns the method that
+    samples the items with it, LoRA scale 1 on DRaFT's own sampler (base image = adapters off, same seed)."""
+
+    def trainer_options(self, cfg) -> dict:
+        """Step budget, gradient clipping, resumable checkpoints every `save_every` steps and at a stop signal or an
+        error, training curves (framework.tracking)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+        from framework.tracking import training_loggers
+
+        directory = Path(cfg.output_dir) / "checkpoints"
+        checkpoints = ModelCheckpoint(
+            dirpath=directory,
+            every_n_train_steps=cfg.method.save_every,
+            save_last=True,
+            save_top_k=-1,
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+        )
+        # a stop signal (Lightning raises at the end of the current step) or an error: save where training stopped
+        on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
+        return {
+            "max_steps": cfg.method.train_steps,
+            "gradient_clip_val": cfg.method.grad_clip,
+            "logger": training_loggers(cfg),
+            "callbacks": [checkpoints, on_stop],
+            "enable_checkpointing": True,
+            "log_every_n_steps": 1,
+        }
+
+    def prepare(self, cfg, trainer: L.Trainer, backbone, reward) -> Method:
+        from framework.prompts import load_prompts
+
+        adapter = Path(cfg.output_dir) / "adapter"
+        if (adapter / WEIGHT_NAME).exists():
+            load_lora(backbone.denoiser, adapter)
+        else:
+            module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
+            adapter = train(trainer, module)
+        sampling = {f.name: cfg.method[f.name] for f in fields(SamplingConfig)}  # DRaFT's own sampler
+        return LoRAScale(OmegaConf.structured(LoRAScaleConfig(**sampling, adapter=str(adapter), alpha=1.0)))
+
+
+def train(trainer: L.Trainer, module: DRaFT) -> Path:
+    """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
+    `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    directory = module.out_dir / "checkpoints"
+    saved = [directory / name for name in ("last.ckpt", INTERRUPTED_CKPT) if (directory / name).exists()]
+    resume = max(saved, key=lambda p: p.stat().st_mtime_ns, default=None)
+    try:
+        trainer.fit(module, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        raise Interrupted(
+            f" at training step {trainer.global_step}: resumable checkpoint "
+            f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume"
+        ) from None
+    adapter = module.out_dir / "adapter"
+    if trainer.is_global_zero:
+        save_lora(module.backbone, adapter)
+    trainer.strategy.barrier()
+    return adapter

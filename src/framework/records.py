@@ -1,0 +1,70 @@
+"""What one item leaves on disk: `items/<id>/record.json`, one typed record that the store writes and every reader
+(reports, statistics, tables, W&B, sweep tables) reads, with the questions they ask of it."""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from framework.items import Item
+
+RECORD = "record.json"
+
+
+@dataclass
+class ItemRecord:
+    id: str
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    seed: int
+    status: str  # "ok" | "failed"
+    base_reward: float | None = None  # the optimised reward of the base image (same seed, plain sampling)
+    final_reward: float | None = None  # ... of the method's image
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "base"/"final" -> image metrics
+    compute: dict = field(default_factory=dict)  # evals, seconds, peak_memory_mb, peak_memory_kind, batch_items
+    info: dict = field(default_factory=dict)  # method-specific values (noise_sq, r_prob, held_out_step, n, ...)
+    steps: list[dict] = field(default_factory=list)  # one record per optimisation step or candidate
+    error: str | None = None  # failed: the one error line
+    traceback: str | None = None  # failed by an exception: its traceback
+
+    @classmethod
+    def of(cls, item: Item, **values) -> "ItemRecord":
+        return cls(item.id, item.prompt_index, item.sample_index, item.prompt, item.seed, **values)
+
+    @classmethod
+    def load(cls, path: Path) -> "ItemRecord":
+        data = json.loads(Path(path).read_text())
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def dumps(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=1)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def final(self, key: str) -> float | None:
+        """The final image's value of `key`: the optimised reward ("reward"), an image metric (`adherence`,
+        `eval_<name>`, ...) or a compute figure (`evals`, `seconds`, ...); None if not recorded."""
+        if key == "reward":
+            return self.final_reward
+        return self.metrics.get("final", {}).get(key, self.compute.get(key))
+
+    def after(self, k: int, key: str) -> float | None:
+        """`key` after k optimisation steps: the record of step k is measured on the image of the noise after k
+        updates, and after the last update the final record applies."""
+        if k < len(self.steps):
+            return self.steps[k].get(key)
+        return self.final(key) if k == len(self.steps) else None
+
+    def held_out(self, key: str) -> float | None:
+        """`key` of the image a noise method's held-out stopping rule chose (`held_out_step`; opt_steps = the final
+        image); None where no held-out reward was set."""
+        step = self.info.get("held_out_step")
+        return None if step is None else self.after(step, key)
+
+
+def read_records(run_dir: Path, ok_only: bool = True) -> list[ItemRecord]:
+    """The item records of a run directory, by item id; only the finished ones unless `ok_only=False`."""
+    records = [ItemRecord.load(p) for p in sorted(Path(run_dir).glob(f"items/*/{RECORD}"))]
+    return [r for r in records if r.ok or not ok_only]

@@ -1,0 +1,112 @@
+"""How each reward of the registry (framework.rewards.registry) is built from its config: real weights from local
+paths or the Hugging Face cache (never downloaded), or a tiny or full-size network with random weights."""
+
+from framework.errors import FrameworkError
+from framework.rewards.base import Reward
+from framework.rewards.registry import RewardConfig, hps_checkpoint
+
+
+def _weight_file(cfg: RewardConfig, default: str | None = None):
+    from framework.weights import resolve_file
+
+    spec = cfg.checkpoint or default
+    if spec is None:
+        raise FrameworkError(f"reward.checkpoint is not set: reward {cfg.name} needs its weight file")
+    return resolve_file(spec, key="reward.checkpoint")
+
+
+def _load_checkpoint(path, load):
+    """Run `load(path)`; a file that is corrupt, or that needs unsafe unpickling, becomes one clear error."""
+    import pickle
+
+    try:
+        return load(path)
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FrameworkError(
+            f"reward.checkpoint: cannot load '{path}' (safetensors or torch.load with weights_only=True): {first_line}"
+        ) from e
+
+
+def _state_dict(path):
+    import torch
+    from safetensors.torch import load_file
+
+    return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _random_clip(cfg: RewardConfig):
+    """The CLIP architecture of a random-weight reward config, None for one that reads weights."""
+    from framework.rewards.clip import random_clip_config
+
+    return random_clip_config(cfg.name, cfg.tiny) if cfg.tiny or cfg.random_weights else None
+
+
+def aesthetic(cfg: RewardConfig, dtype) -> Reward:
+    import torch
+
+    from framework.rewards.clip import AestheticReward, aesthetic_mlp, load_clip
+
+    random = _random_clip(cfg)
+    # The MLP file first: it is the part users most often lack.
+    state = None if random else _load_checkpoint(_weight_file(cfg), _state_dict)
+    vision = load_clip(cfg.source, dtype, vision_only=True, random=random)
+    if random:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            state = {f"layers.{k}": v for k, v in aesthetic_mlp(vision.config.projection_dim).state_dict().items()}
+    return AestheticReward(vision, state).to(dtype)
+
+
+def _clip_similarity(cfg: RewardConfig, dtype, cos_scale: float | None) -> Reward:
+    from framework.rewards.clip import CLIPSimilarity, load_clip, load_tokenizer
+
+    key = "reward.processor" if cfg.processor else "reward.source"
+    random = _random_clip(cfg)
+    tokenizer = load_tokenizer(cfg.processor or cfg.source, random is not None, key=key)
+    return CLIPSimilarity(load_clip(cfg.source, dtype, random=random), tokenizer, cos_scale)
+
+
+def pickscore(cfg: RewardConfig, dtype) -> Reward:
+    return _clip_similarity(cfg, dtype, cos_scale=None)  # logit_scale.exp() · cos
+
+
+def clipscore(cfg: RewardConfig, dtype) -> Reward:
+    return _clip_similarity(cfg, dtype, cos_scale=100.0)
+
+
+def hps(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.hps import TINY_ARCH, load_hps
+
+    if cfg.tiny or cfg.random_weights:
+        return load_hps(TINY_ARCH if cfg.tiny else cfg.arch or "ViT-H-14", None, dtype)
+    path = _weight_file(cfg, default=hps_checkpoint(cfg))
+    return _load_checkpoint(path, lambda p: load_hps(cfg.arch or "ViT-H-14", p, dtype))
+
+
+def jpeg(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.simple import JpegCompressibility
+
+    return JpegCompressibility(cfg.jpeg_quality)
+
+
+def statistic(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.simple import ImageStatistic
+
+    return ImageStatistic(cfg.name)
+
+
+def judge(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.judge import JudgeReward
+    from framework.testbed.judge import load_judge
+
+    return JudgeReward(load_judge()).to(dtype)
+
+
+def user_callable(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.simple import CallableReward
+
+    try:
+        return CallableReward(cfg.target)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise FrameworkError(f"reward.target={cfg.target!r} cannot be imported as 'package.module:function': {e}")
