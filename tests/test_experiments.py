@@ -12,7 +12,8 @@ import yaml
 from conftest import REPO, call_main, launch_in_process, run_cli
 
 from framework.errors import FrameworkError
-from framework.experiments import EXPERIMENTS_DIR, load_experiment, prepare, reproduce, reproduce_all, slug
+from framework.experiments import prepare, reproduce, reproduce_all, slug
+from framework.specs import EXPERIMENTS_DIR, load_experiment
 from framework.records import read_records
 from framework.report import step_curve
 from framework.statistics import mean_ci

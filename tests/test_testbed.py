@@ -127,7 +127,7 @@ def test_default_run_reports_ground_truth_adherence_drift_and_a_grid(tmp_path):
     assert {"reward", "adherence", "judge_log_prob", "drift_rmse"} <= set(record["steps"][1])
     assert (run_dir / "grid.png").stat().st_size > 0
     # What experiment specs may name (checked before anything runs) is what runs record.
-    from framework.experiments import ITEM_METRICS, SET_METRICS, STEP_KEYS
+    from framework.specs import ITEM_METRICS, SET_METRICS, STEP_KEYS
 
     assert set(record["metrics"]["final"]) | {"reward"} | set(record["compute"]) - {"peak_memory_kind"} <= set(
         ITEM_METRICS
