@@ -162,3 +162,10 @@ def test_no_import_cycles_and_the_floor_imports_nothing_above_it():
         assert graph[module] <= world, (module, graph[module] - world)
     assert "framework.methods" not in graph["framework.store"]  # items and images have their own modules
     assert "framework.store" not in graph["framework.methods.draft"]
+
+
+def test_every_module_reads_in_one_sitting():
+    """No module of the package above 350 lines: each does one job (the shipped testbed model's files excepted)."""
+    modules = [p for p in (REPO / "src" / "framework").rglob("*.py") if "testbed/model" not in str(p)]
+    long = {str(p.relative_to(REPO)): n for p in modules if (n := len(p.read_text().splitlines())) > 350}
+    assert len(modules) > 40 and long == {}
