@@ -62,6 +62,12 @@ ERRORS = {
     "non-differentiable reward": (["reward=jpeg"], 2, "reward jpeg is not differentiable"),
     "empty prompts file": (["prompts=file", "prompts.path={tmp}/empty.txt"], 2, "holds no prompts"),
     "malformed prompts file": (["prompts=file", "prompts.path={tmp}/bad.json"], 2, "is not valid JSON"),
+    "a reward target that is no function": (
+        ["reward=callable", "reward.target=math:pi", "reward.differentiable=true"],
+        2,
+        "reward.target='math:pi' cannot be imported as 'package.module:function': pi of math is a float",
+    ),
+    "a device this machine lacks": (["trainer.accelerator=mps"], 2, "trainer.accelerator='mps': `MPSAccelerator`"),
 }
 
 

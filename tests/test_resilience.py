@@ -441,3 +441,37 @@ def test_a_write_that_fails_mid_run_keeps_finished_items_and_a_rerun_resumes(tmp
     resumed = run_cli(*args, run_dir=run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert len(records(run_dir)) == 3 and mtimes(run_dir)["p0000_s000"] == before["p0000_s000"]
+
+
+def test_an_unreadable_record_is_redone_and_an_unreadable_run_json_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, "method=base", "prompts=inline", "prompts.prompts=[a cat,a dog]"]
+    assert run_cli(*args, run_dir=run_dir).returncode == 0
+    before = mtimes(run_dir)
+    (run_dir / "items" / "p0001_s000" / "record.json").write_text("{not json")  # edited by hand, say
+    again = run_cli(*args, run_dir=run_dir)
+    assert again.returncode == 0 and "p0001_s000: unreadable" in again.stdout + again.stderr
+    after = mtimes(run_dir)
+    assert after["p0000_s000"] == before["p0000_s000"] and after["p0001_s000"] != before["p0001_s000"]
+    assert records(run_dir)["p0001_s000"]["status"] == "ok"
+    (run_dir / "run.json").write_text("")
+    broken = run_cli(*args, run_dir=run_dir)
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1
+    assert broken.stderr.startswith(f"error: {run_dir / 'run.json'} is not readable")
+
+
+def test_a_full_disk_anywhere_is_failed_work_not_a_bug(tmp_path, capsys):
+    """E.g. DRaFT's checkpoint or a table hitting a full disk: exit 3 with one line, no error.log."""
+    import errno
+
+    from framework.errors import guarded
+
+    def fill(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    code, line = guarded(lambda: fill(tmp_path / "checkpoints" / "last.ckpt"), tmp_path / "error.log")
+    assert code == 3 and not (tmp_path / "error.log").exists()
+    assert line.startswith(f"error: cannot create or write {tmp_path}/checkpoints/last.ckpt (No space left on device)")
+    assert capsys.readouterr().err == line + "\n"
+    code, _ = guarded(lambda: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")), tmp_path / "e.log")
+    assert code == 1 and (tmp_path / "e.log").exists()  # any other OSError is still a bug

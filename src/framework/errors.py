@@ -11,6 +11,7 @@
 Every problem prints exactly one line on stderr, never a traceback wall.
 """
 
+import errno
 import os
 import sys
 import tempfile
@@ -112,10 +113,14 @@ def guarded(work: Callable[[], object], error_log: Path) -> tuple[int, str | Non
         code, line = e.code, f"stopped: {e}"
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loops: at once, nothing half-written
         code, line = STOPPED["SIGINT"], "stopped: Ctrl-C; finished items are kept, rerun the same command to resume"
-    except Exception as e:  # a bug: keep the traceback, show one line
-        error_log = _write_traceback(Path(error_log))
-        message = (str(e).strip().splitlines() or [""])[0]
-        code, line = INTERNAL_ERROR, f"internal error: {type(e).__name__}: {message}; full traceback in {error_log}"
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk anywhere (a checkpoint,
+            # a table): what finished was written atomically, so it stays valid
+            code, line = FAILED, f"error: {unwritable(e)}; what finished is kept, a rerun resumes"
+        else:  # a bug: keep the traceback, show one line
+            error_log = _write_traceback(Path(error_log))
+            message = (str(e).strip().splitlines() or [""])[0]
+            code, line = INTERNAL_ERROR, f"internal error: {type(e).__name__}: {message}; full traceback in {error_log}"
     print(line, file=sys.stderr, flush=True)
     return code, line
 

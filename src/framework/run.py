@@ -59,8 +59,6 @@ def run(cfg: DictConfig) -> dict | None:
     """Run every pending item of `cfg`; returns the summary on rank 0 (None on other ranks)."""
     validate(cfg)
     _quiet_libraries()
-    import lightning as L
-
     from framework.methods import build_method
     from framework.metrics import build_metrics
     from framework.models import load_backbone
@@ -76,19 +74,9 @@ def run(cfg: DictConfig) -> dict | None:
     store = ItemStore(Path(cfg.output_dir), fingerprint(cfg, prompts))
     reward = build_reward(cfg.reward)
     method = build_method(cfg.method, reward)
+    trainer = make_trainer(cfg, method)  # before the models load: a device this machine lacks is bad input
     backbone = load_backbone(cfg.model)
     metrics = build_metrics(cfg.eval, cfg.model)
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes,
-        inference_mode=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=cfg.output_dir,
-        **method.trainer_options(cfg),
-    )
     method = method.prepare(cfg, trainer, backbone, reward)  # e.g. load an adapter, or fine-tune one (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics, held_out_reward(cfg))
     trainer.predict(module, datamodule=ItemsDataModule(items, store, method.cfg.batch_size), return_predictions=False)
@@ -103,6 +91,28 @@ def run(cfg: DictConfig) -> dict | None:
     if summary["num_failed"] or summary["num_missing"]:
         raise Failure(failure_line(summary))
     return summary
+
+
+def make_trainer(cfg: DictConfig, method):
+    """The run's Lightning Trainer; a device or strategy this machine does not have is one line (bad input)."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(
+            accelerator=cfg.trainer.accelerator,
+            devices=cfg.trainer.devices,
+            strategy=cfg.trainer.strategy,
+            num_nodes=cfg.trainer.num_nodes,
+            inference_mode=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            default_root_dir=cfg.output_dir,
+            **method.trainer_options(cfg),
+        )
+    except MisconfigurationException as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FrameworkError(f"trainer.accelerator={cfg.trainer.accelerator!r}: {first_line} (trainer=cpu runs here)")
 
 
 def failure_line(summary: dict, named: int = 3) -> str:

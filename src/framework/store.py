@@ -8,6 +8,7 @@
 """
 
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from framework.items import Item, ItemResult
 from framework.records import RECORD, ItemRecord
 
 GRID_ITEMS = 16
+log = logging.getLogger(__name__)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -90,7 +92,11 @@ class ItemStore:
     def _check_fingerprint(self, fingerprint: dict) -> None:
         path = self.run_dir / "run.json"
         if path.exists():
-            before, now = flatten(json.loads(path.read_text())), flatten(json.loads(json.dumps(fingerprint)))
+            try:
+                before = flatten(json.loads(path.read_text()))
+            except (ValueError, OSError) as e:
+                raise FrameworkError(f"{path} is not readable ({e}); rerun into a new directory (hydra.run.dir=...)")
+            now = flatten(json.loads(json.dumps(fingerprint)))
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             if changed:
                 raise FrameworkError(
@@ -108,8 +114,13 @@ class ItemStore:
             os.replace(tmp, path)
 
     def record(self, item: Item) -> ItemRecord | None:
+        """The item's record, or None if it has none or an unreadable one (then the item is redone)."""
         path = self.items_dir / item.id / RECORD
-        return ItemRecord.load(path) if path.exists() else None
+        try:
+            return ItemRecord.load(path) if path.exists() else None
+        except (ValueError, TypeError, OSError) as e:  # not JSON, or not a record: only an edit can do that
+            log.warning("item %s: unreadable %s (%s); it will be redone", item.id, path, e)
+            return None
 
     def is_done(self, item: Item) -> bool:
         record = self.record(item)

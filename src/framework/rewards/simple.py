@@ -63,6 +63,8 @@ class CallableReward(Reward):
         super().__init__()
         module_name, _, attr = target.partition(":")
         self.fn = getattr(importlib.import_module(module_name), attr)
+        if not callable(self.fn):
+            raise ValueError(f"{attr} of {module_name} is a {type(self.fn).__name__}, not a function")
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         if not self.differentiable:
