@@ -34,6 +34,14 @@ def make_items(prompts: list[str], seed: int, samples_per_prompt: int) -> list[I
     ]
 
 
+def out_of_memory_line(e: Exception) -> str:
+    first = (str(e).splitlines() or [""])[0][:120]
+    return (
+        f"out of memory ({first}); try method.checkpoint=true, model.unet_checkpointing=true, fewer images per "
+        "sampler call (method.batch_size) or a smaller model.resolution"
+    )
+
+
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -87,25 +95,20 @@ class InferenceTimeAlignment(L.LightningModule):
             try:
                 self._run(batch)
             except (torch.OutOfMemoryError, ItemError) as e:
-                out_of_memory = isinstance(getattr(e, "cause", e), torch.OutOfMemoryError)
+                cause = e.cause if isinstance(e, ItemError) else e
+                out_of_memory = isinstance(cause, torch.OutOfMemoryError)
                 if out_of_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if len(batch) > 1 and out_of_memory:
+                if len(batch) == 1 and out_of_memory:
+                    self._fail(batch[0], out_of_memory_line(cause))
+                elif len(batch) == 1:
+                    self._fail(batch[0], str(e), cause)
+                elif out_of_memory:  # this and every later batch at half the size
                     self.items_per_batch = len(batch) // 2
                     log.warning("out of memory at %d items per batch; going on with %d", len(batch), len(batch) // 2)
                     batches = deque(chunks(batch + [item for b in batches for item in b], self.items_per_batch))
-                elif len(batch) > 1:
-                    half = len(batch) // 2
-                    batches.extendleft([batch[half:], batch[:half]])
-                elif out_of_memory:
-                    self._fail(
-                        batch[0],
-                        f"out of memory ({(str(getattr(e, 'cause', e)).splitlines() or [''])[0][:120]}); try "
-                        "method.checkpoint=true, model.unet_checkpointing=true, fewer images per sampler call "
-                        "(method.batch_size) or a smaller model.resolution",
-                    )
-                else:
-                    self._fail(batch[0], str(e), e.cause)
+                else:  # this batch only, in halves, until the item that raises is alone
+                    batches.extendleft([batch[len(batch) // 2 :], batch[: len(batch) // 2]])
 
     def _run(self, items: list[Item]) -> None:
         """One batch. Compute is shared out equally (every item of a batch does the same work): model evaluations
