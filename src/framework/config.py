@@ -19,12 +19,30 @@ from framework.rewards.registry import DTYPES, RewardConfig
 from framework.testbed import MODEL_DIR
 from framework.validation import COUNT, OneOf, Range, Text, valid
 
-FLOW_KINDS = ("sd3", "flux")  # flow-matching models (velocity prediction, Euler sampler)
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A model family: the diffusers pipeline that loads it (a class name), whether it predicts a flow-matching
+    velocity (Euler sampler, T5 prompts) instead of ε (DDIM), and whether its full-size architecture ships for
+    `model.random_weights` (models/architectures/)."""
+
+    pipeline: str
+    flow_matching: bool = False
+    full_size: bool = True
+
+
+MODEL_KINDS = {
+    "sd": ModelKind("StableDiffusionPipeline"),  # SD1.x
+    "sdxl": ModelKind("StableDiffusionXLPipeline"),
+    "sd3": ModelKind("StableDiffusion3Pipeline", flow_matching=True),  # SD3, SD3.5 (medium ships full-size)
+    "flux": ModelKind("FluxPipeline", flow_matching=True, full_size=False),  # FLUX.1
+}
+FLOW_KINDS = tuple(name for name, kind in MODEL_KINDS.items() if kind.flow_matching)
 
 
 @dataclass
 class ModelConfig:
-    kind: str = valid(MISSING, OneOf(("sd", "sdxl", *FLOW_KINDS)))  # SD1.x | SDXL | SD3.x | FLUX.1
+    kind: str = valid(MISSING, OneOf(tuple(MODEL_KINDS)))  # SD1.x | SDXL | SD3.x | FLUX.1
     source: str | None = valid(None, Text())  # hub id or local directory (save_pretrained layout); None if built
     tiny: bool = False  # random-weight tiny architecture built in-process (tests, smoke runs)
     # the published full-size architecture of `kind` (SD1.5 or SDXL base) with seeded random weights, built
@@ -59,11 +77,9 @@ class ModelConfig:
             )
         if c.max_sequence_length is not None and c.kind not in FLOW_KINDS:
             yield "model.max_sequence_length", f"only the T5-conditioned flow models ({', '.join(FLOW_KINDS)}) read it"
-        if c.random_weights and c.kind == "flux":
-            yield (
-                "model.random_weights",
-                "full-size random architectures ship for sd, sdxl and sd3 (SD3.5 medium), not flux",
-            )
+        if c.random_weights and not MODEL_KINDS[c.kind].full_size:
+            shipped = ", ".join(name for name, kind in MODEL_KINDS.items() if kind.full_size)
+            yield "model.random_weights", f"full-size random architectures ship for {shipped}, not {c.kind}"
 
 
 RUNTIME_OPTIONS = ("vae_checkpointing", "unet_checkpointing", "channels_last", "compile")

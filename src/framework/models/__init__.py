@@ -1,10 +1,10 @@
 """Backbones: loading SD1.x / SDXL / SD3 / FLUX.1 from a hub id or local directory, or building them in-process (tiny,
 or full-size with random weights), and setting how their networks run (checkpointing, memory format, compilation)."""
 
+import diffusers
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from framework.config import FLOW_KINDS, ModelConfig
+from framework.config import FLOW_KINDS, MODEL_KINDS, ModelConfig
 from framework.models.backbone import Backbone, Cond, StableDiffusionBackbone
 from framework.models.flow import FlowMatchingBackbone
 from framework.models.full_size import build_full_size_pipeline
@@ -13,12 +13,6 @@ from framework.weights import load_pretrained
 
 __all__ = ["DTYPES", "Backbone", "Cond", "FlowMatchingBackbone", "StableDiffusionBackbone", "load_backbone"]
 
-PIPELINES = {
-    "sd": StableDiffusionPipeline,
-    "sdxl": StableDiffusionXLPipeline,
-    "sd3": StableDiffusion3Pipeline,
-    "flux": FluxPipeline,
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -32,7 +26,7 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     else:
         extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
         pipe = load_pretrained(
-            PIPELINES[kind],
+            getattr(diffusers, MODEL_KINDS[kind].pipeline),
             cfg.source,
             key="model.source",
             revision=cfg.revision,
