@@ -48,16 +48,15 @@ class Trajectory:
     cond_predictions: list[Tensor] = field(default_factory=list)  # its conditional branch (same evaluation)
     x0_pred: list[Tensor] = field(default_factory=list)
 
-    def detached(self) -> "Trajectory":
-        """The same values, cut from the autograd graph (a reference to compare later passes with)."""
+    def reference(self) -> "Trajectory":
+        """What later passes are compared with, cut from the autograd graph: the final latents and the predictions
+        (x_t and x̂0 per step are left out, so keeping a reference costs what the predictions cost)."""
         cut = lambda tensors: [t.detach() for t in tensors]  # noqa: E731
         return Trajectory(
             self.latents.detach(),
             list(self.timesteps),
-            cut(self.x),
-            cut(self.predictions),
-            cut(self.cond_predictions),
-            cut(self.x0_pred),
+            predictions=cut(self.predictions),
+            cond_predictions=cut(self.cond_predictions),
         )
 
 

@@ -44,7 +44,7 @@ class Start:
 
     @classmethod
     def of(cls, images: Tensor, traj: Trajectory) -> "Start":
-        return cls(images.detach(), traj.detached())
+        return cls(images.detach(), traj.reference())
 
 
 class Problem:
