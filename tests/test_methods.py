@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import REBATCHED
 
 from framework.errors import FrameworkError, NonFiniteLoss
 from framework.methods import Item, Problem, build_method, derive_seed
@@ -37,6 +38,7 @@ def test_dno_raises_brightness_in_10_steps(tiny_sd, brightness):
 def test_dno_base_image_is_the_plain_sample_of_the_seed(tiny_sd, brightness):
     cfg = DNOConfig(num_steps=4, opt_steps=2)
     dno, base = run(cfg, tiny_sd, brightness), run(BaseConfig(num_steps=4), tiny_sd, brightness)
+    # DNO renders its first pass checkpointed and with gradients; the same float32 ops otherwise
     assert dno.base_reward == pytest.approx(base.final_reward, abs=1e-6)
     torch.testing.assert_close(dno.base_image, base.final_image, rtol=0, atol=1e-5)
 
@@ -113,8 +115,9 @@ def test_r_prob_computed_in_chunks_of_permutations_equals_one_batch(monkeypatch)
     monkeypatch.setattr(dno, "PERMUTED_ENTRIES", 2 * v.numel())  # 2 permutations per call: 4 calls
     chunked = prob_regulariser(v, 4, list(range(7)))
     (chunked_grad,) = torch.autograd.grad(chunked, v)
-    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6) and whole.item() > 4 * math.log(2)
-    torch.testing.assert_close(chunked_grad, whole_grad)
+    # other batch shapes of the same float32 maths (REBATCHED): the mean over 7 permutations summed in 4 chunks
+    assert chunked.item() == pytest.approx(whole.item(), rel=REBATCHED) and whole.item() > 4 * math.log(2)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=REBATCHED, atol=REBATCHED * whole_grad.abs().max())
 
 
 def test_dno_draws_fresh_permutations_per_step_unless_told_not_to(tiny_sd, brightness):
