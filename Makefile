@@ -38,7 +38,7 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 
 # The suite runs on every core (pytest-xdist; each worker one CPU thread, conftest.py), at most 4 workers: about
-# 5 minutes on 2 cores. `make test PYTEST_ARGS="-n 0 tests/test_x.py"` runs one file in this process.
+# 5-7 minutes of pytest on 2 cores. `make test PYTEST_ARGS="-n 0 tests/test_x.py"` runs one file in this process.
 PYTEST_ARGS ?= -n auto --maxprocesses 4
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
