@@ -24,6 +24,16 @@ OK, INTERNAL_ERROR, BAD_INPUT, FAILED = 0, 1, 2, 3
 STOPPED = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line: its first line, or its type's name when it has no message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def described(e: BaseException) -> str:
+    """ "Type: first line of the message" (the type alone when there is no message)."""
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+
+
 class FrameworkError(Exception):
     """A problem the user can fix (bad input, missing weights, incompatible options)."""
 
@@ -42,8 +52,7 @@ class ItemError(Failure):
     others finish. `cause` keeps the original exception (its traceback goes into the item's record)."""
 
     def __init__(self, where: str, cause: BaseException):
-        message = (str(cause).strip().splitlines() or [""])[0]
-        super().__init__(f"{where} raised {type(cause).__name__}: {message}".rstrip(": "))
+        super().__init__(f"{where} raised {described(cause)}")
         self.cause = cause
 
 
@@ -119,8 +128,10 @@ def guarded(work: Callable[[], object], error_log: Path) -> tuple[int, str | Non
             code, line = FAILED, f"error: {unwritable(e)}; what finished is kept, a rerun resumes"
         else:  # a bug: keep the traceback, show one line
             error_log = _write_traceback(Path(error_log))
-            message = (str(e).strip().splitlines() or [""])[0]
-            code, line = INTERNAL_ERROR, f"internal error: {type(e).__name__}: {message}; full traceback in {error_log}"
+            code, line = (
+                INTERNAL_ERROR,
+                f"internal error: {type(e).__name__}: {first_line(e)}; full traceback in {error_log}",
+            )
     print(line, file=sys.stderr, flush=True)
     return code, line
 

@@ -1,6 +1,6 @@
 """Hydra's and OmegaConf's errors as the one-line FrameworkError every entry point prints (exit 2)."""
 
-from framework.errors import FrameworkError
+from framework.errors import FrameworkError, first_line
 from framework.validation import unknown_key
 
 
@@ -20,8 +20,7 @@ def compose_error(e: Exception) -> FrameworkError:
     if key and isinstance(cause, AttributeError) and schema is not None and hasattr(schema, "__dataclass_fields__"):
         group, _, name = key.rpartition(".")
         return unknown_key(group, name, schema)
-    first = lambda error: (str(error).strip().splitlines() or [type(error).__name__])[0]  # noqa: E731
-    return FrameworkError(f"{key}: {first(cause)}" if key else first(e))
+    return FrameworkError(f"{key}: {first_line(cause)}" if key else first_line(e))
 
 
 def parse_error(e) -> str:

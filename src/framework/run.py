@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from framework import signals
 from framework.config import held_out_reward, register_configs
-from framework.errors import STOPPED, Failure, FrameworkError, guarded, process_error_log, unwritable, worst
+from framework.errors import STOPPED, Failure, FrameworkError, first_line, guarded, process_error_log, unwritable, worst
 from framework.hydra_errors import compose_error
 from framework.identity import fingerprint
 from framework.options import CONF_DIR
@@ -111,8 +111,9 @@ def make_trainer(cfg: DictConfig, method):
             **method.trainer_options(cfg),
         )
     except MisconfigurationException as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FrameworkError(f"trainer.accelerator={cfg.trainer.accelerator!r}: {first_line} (trainer=cpu runs here)")
+        raise FrameworkError(
+            f"trainer.accelerator={cfg.trainer.accelerator!r}: {first_line(e)} (trainer=cpu runs here)"
+        ) from None
 
 
 def failure_line(summary: dict, named: int = 3) -> str:

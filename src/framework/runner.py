@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from framework.errors import Interrupted, ItemError
+from framework.errors import Interrupted, ItemError, first_line
 from framework.items import Item, ItemResult, derive_seed
 from framework.methods.common import Method, Problem
 from framework.metrics import ImageMetrics
@@ -35,10 +35,9 @@ def make_items(prompts: list[str], seed: int, samples_per_prompt: int) -> list[I
 
 
 def out_of_memory_line(e: Exception) -> str:
-    first = (str(e).splitlines() or [""])[0][:120]
     return (
-        f"out of memory ({first}); try method.checkpoint=true, model.unet_checkpointing=true, fewer images per "
-        "sampler call (method.batch_size) or a smaller model.resolution"
+        f"out of memory ({first_line(e)[:120]}); try method.checkpoint=true, model.unet_checkpointing=true, fewer "
+        "images per sampler call (method.batch_size) or a smaller model.resolution"
     )
 
 

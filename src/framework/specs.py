@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from framework.errors import FrameworkError
+from framework.errors import FrameworkError, first_line
 from framework.tables import table_metrics
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
@@ -112,7 +112,7 @@ def load_experiment(path: Path) -> dict:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise FrameworkError(f"{path}: not valid YAML ({(str(e).splitlines() or [''])[0]})") from None
+        raise FrameworkError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(spec, dict):
         raise FrameworkError(f"{path}: must be a mapping with keys {', '.join(REQUIRED_KEYS)}")
     if "judge" in spec:

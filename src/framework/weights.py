@@ -9,7 +9,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from framework.errors import FrameworkError
+from framework.errors import FrameworkError, first_line
 
 _HOW_TO_PROVIDE = (
     "download it on a machine with network access (e.g. `hf download {ref}`) and copy the Hugging Face cache "
@@ -49,8 +49,7 @@ def load_pretrained(loader, source: str, *, key: str, **kwargs):
         return loader.from_pretrained(str(path) if path.is_dir() else source, **kwargs)
     except (OSError, ValueError, HfHubHTTPError) as e:
         if path.is_dir():
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FrameworkError(f"{key}: cannot load '{source}': {first_line}") from e
+            raise FrameworkError(f"{key}: cannot load '{source}': {first_line(e)}") from e
         how = _HOW_TO_PROVIDE.format(ref=source, key=key)
         raise FrameworkError(f"{key}: weights for '{source}' are not in the local Hugging Face cache; {how}") from e
 

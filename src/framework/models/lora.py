@@ -73,7 +73,7 @@ def load_lora(denoiser: nn.Module, directory: str | Path) -> None:
     """Load an adapter in the pipelines' format (`save_lora`, or a LoRA trained elsewhere and saved with diffusers'
     `save_lora_weights`) or in the bare UNet format of `unet.save_lora_adapter`; safetensors only. The file is checked
     against the denoiser first (`check_adapter`), so a wrong file is one line naming it, before any sampling."""
-    from framework.errors import FrameworkError
+    from framework.errors import FrameworkError, first_line
 
     path, prefixed = check_adapter(denoiser, directory)
     try:
@@ -84,8 +84,7 @@ def load_lora(denoiser: nn.Module, directory: str | Path) -> None:
             adapter_name="default",
         )
     except (RuntimeError, ValueError, KeyError) as e:  # what the checks above did not foresee, still one line
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FrameworkError(f"method.adapter: {path}: cannot be loaded into this model: {first_line}") from None
+        raise FrameworkError(f"method.adapter: {path}: cannot be loaded into this model: {first_line(e)}") from None
 
 
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<half>A|B)\.weight")
@@ -98,7 +97,7 @@ def check_adapter(denoiser: nn.Module, directory: str | Path) -> tuple[Path, boo
     FrameworkError naming the file and what is wrong (missing, truncated, another format, another model)."""
     from safetensors import SafetensorError, safe_open
 
-    from framework.errors import FrameworkError
+    from framework.errors import FrameworkError, first_line
 
     path = Path(directory).expanduser() / WEIGHT_NAME
 
@@ -114,8 +113,7 @@ def check_adapter(denoiser: nn.Module, directory: str | Path) -> tuple[Path, boo
         with safe_open(path, framework="pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise wrong(f"not a complete safetensors file ({first_line}); copy it again or re-save it") from None
+        raise wrong(f"not a complete safetensors file ({first_line(e)}); copy it again or re-save it") from None
     if not shapes:
         raise wrong("holds no tensors")
     prefix, family = lora_prefix(denoiser), type(denoiser).__name__

@@ -1,7 +1,7 @@
 """How each reward of the registry (framework.rewards.registry) is built from its config: real weights from local
 paths or the Hugging Face cache (never downloaded), or a tiny or full-size network with random weights."""
 
-from framework.errors import FrameworkError
+from framework.errors import FrameworkError, first_line
 from framework.rewards.base import Reward
 from framework.rewards.registry import RewardConfig, hps_checkpoint
 
@@ -22,9 +22,9 @@ def _load_checkpoint(path, load):
     try:
         return load(path)
     except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FrameworkError(
-            f"reward.checkpoint: cannot load '{path}' (safetensors or torch.load with weights_only=True): {first_line}"
+            f"reward.checkpoint: cannot load '{path}' (safetensors or torch.load with weights_only=True): "
+            f"{first_line(e)}"
         ) from e
 
 
