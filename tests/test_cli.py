@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import REBATCHED, run_cli, run_nodes, run_process
 
 QUICK = ["model=tiny_sd", "method.num_steps=3", "method.opt_steps=2", "prompts=inline", "prompts.prompts=[a cat,a dog]"]

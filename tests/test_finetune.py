@@ -69,6 +69,30 @@ def test_lora_scale_and_aig_endpoints_are_exact(tuned, brightness):
     assert not torch.equal(middle, full.final_image) and not torch.equal(middle, base.final_image)
 
 
+def test_path_kl_of_adapted_sampling_is_the_sum_of_its_gaussian_step_kls(tuned, brightness):
+    """Independent of the c²/(2 std²) weights: each step's two Gaussian means from `Step.update`, same std."""
+    from framework.methods.common import draw_noise, sampler_options
+    from framework.sampling import sample as run_sampler
+    from framework.sampling import sampler_steps
+
+    cfg = LoRAScaleConfig(num_steps=3, eta=1.0, adapter="-")
+    kl = sample(tuned, brightness, cfg).info["kl"]
+    x_T, noises = draw_noise(tuned, cfg, [ITEM.seed])
+    cond = tuned.encode([ITEM.prompt])
+    expected = 0.0
+    with torch.no_grad():
+        traj = run_sampler(tuned, cond, x_T, noises, **sampler_options(cfg))
+        for x, step, pred in zip(traj.x, sampler_steps(tuned, 3, 1.0), traj.predictions):
+            with tuned.adapters_disabled():
+                base, _ = tuned.predict_branches(x, step.t, cond, cfg.guidance_scale)
+            mean_tuned, mean_base = step.update(x, pred)[1], step.update(x, base)[1]
+            expected += float((mean_tuned - mean_base).square().sum() / (2 * step.std**2))
+    assert kl > 0 and kl == pytest.approx(expected, rel=1e-4)  # float32 sums of the same terms in another order
+    assert sample(tuned, brightness, LoRAScaleConfig(num_steps=3, eta=1.0, alpha=0.0, adapter="-")).info["kl"] == 0
+    assert sample(tuned, brightness, AIGConfig(num_steps=3, eta=1.0, p=math.inf, adapter="-")).info["kl"] == 0
+    assert "kl" not in sample(tuned, brightness, LoRAScaleConfig(num_steps=3, eta=0.0, adapter="-")).info
+
+
 def test_aig_schedules():
     assert [aig_gamma("power", i, 4, p=2.0) for i in range(4)] == [0, 1 / 16, 1 / 4, 9 / 16]
     assert [aig_gamma("linear", i, 4) for i in range(4)] == [0, 0.25, 0.5, 0.75]

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import noise_like
+
 from framework.config import ModelConfig
 from framework.errors import FrameworkError
 from framework.models import load_backbone

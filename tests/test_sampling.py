@@ -2,8 +2,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import noise_like
+
 from framework.sampling import sample
 
 PROMPTS = ["a cat", "a red circle and a blue square"]

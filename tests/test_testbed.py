@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import compose, run_cli
+
 from framework.errors import FrameworkError
 from framework.models import load_backbone
+from framework.rewards.judge import JudgeReward
 from framework.testbed import JUDGE_FILE, MODEL_DIR, shapes
 from framework.testbed.evaluate import evaluate_adherence, shape_geometry
-from framework.rewards.judge import JudgeReward
 from framework.testbed.judge import load_judge
 
 
@@ -124,7 +124,7 @@ def test_default_run_reports_ground_truth_adherence_drift_and_a_grid(tmp_path):
     assert summary["num_ok"] == 2 and 0 <= summary["base_adherence_mean"] <= 1
     assert summary["final_drift_rmse_mean"] > 0
     record = json.loads((run_dir / "items" / "p0000_s000" / "record.json").read_text())
-    assert {"reward", "adherence", "judge_log_prob", "drift_rmse"} <= set(record["steps"][1])
+    assert {"reward", "adherence", "judge_log_prob", "gold", "drift_rmse"} <= set(record["steps"][1])
     assert (run_dir / "grid.png").stat().st_size > 0
     # What experiment specs may name (checked before anything runs) is what runs record.
     from framework.specs import ITEM_METRICS, SET_METRICS, STEP_KEYS

@@ -45,10 +45,11 @@ class ItemRecord:
 
     def final(self, key: str) -> float | None:
         """The final image's value of `key`: the optimised reward ("reward"), an image metric (`adherence`,
-        `eval_<name>`, ...) or a compute figure (`evals`, `seconds`, ...); None if not recorded."""
+        `eval_<name>`, ...), a compute figure (`evals`, `seconds`, ...) or a method's value of the item (`kl`);
+        None if not recorded."""
         if key == "reward":
             return self.final_reward
-        return self.metrics.get("final", {}).get(key, self.compute.get(key))
+        return self.metrics.get("final", {}).get(key, self.compute.get(key, self.info.get(key)))
 
     def after(self, k: int, key: str) -> float | None:
         """`key` after k optimisation steps: the record of step k is measured on the image of the noise after k

@@ -227,6 +227,22 @@ def sample(
     return traj
 
 
+@torch.no_grad()
+def path_kl(backbone: Backbone, traj: Trajectory, cond: Cond, guidance_scale: float, steps: list[Step]) -> Tensor:
+    """Per image [B]: Σ over the stochastic steps of c²/(2 std²)·‖p̂ − p̂_base‖² (summed over the latent), p̂ the
+    prediction that drove `traj` and p̂_base the backbone's with its adapters off at the same x_t. Along a trajectory
+    drawn from the adapted sampler this is a one-sample estimate of KL(adapted ‖ base) between the two samplers'
+    path measures (each step is Gaussian with the same std), which bounds the KL between their images."""
+    total = torch.zeros(len(traj.latents), device=traj.latents.device)
+    with backbone.adapters_disabled():
+        for x, t, pred, step in zip(traj.x, traj.timesteps, traj.predictions, steps):
+            if step.std > 0:
+                base, _ = backbone.predict_branches(x, t, cond, guidance_scale)
+                weight = step.pred_coef**2 / (2 * step.std**2)
+                total += weight * (pred.float() - base.float()).square().flatten(1).sum(1)
+    return total
+
+
 def trajectory_divergence(
     predictions: list[Tensor], reference: list[Tensor], weights: list[float] | None = None
 ) -> Tensor:

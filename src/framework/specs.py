@@ -5,7 +5,7 @@ every run at each scale, an optional grid per scale (every run in every cell), a
 (framework.experiments runs it):
 
     title: ...
-    kind: table | curve | pareto | tradeoff
+    kind: table | curve | pareto | tradeoff | overoptimisation   # the last: framework.overoptimisation's analysis
     metrics: [reward, adherence, drift_rmse]     # see below
     scales: {testbed: [overrides...], paper: [overrides...]}
     grid: {paper: {model: {SD1.5: [model=sd15], SDXL: [model=sdxl]}, reward: {...}}}   # optional, per scale
@@ -38,7 +38,7 @@ from framework.errors import FrameworkError, first_line
 from framework.tables import table_metrics
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
-KINDS = ("table", "curve", "pareto", "tradeoff")
+KINDS = ("table", "curve", "pareto", "tradeoff", "overoptimisation")
 
 
 REQUIRED_KEYS, OPTIONAL_KEYS = (
@@ -51,9 +51,11 @@ ITEM_METRICS = (
     "reward",
     "adherence",
     "judge_log_prob",
+    "gold",
     "drift_rmse",
     "drift_embedding",
     "clipscore",
+    "kl",
     "evals",
     "seconds",
     "peak_memory_mb",
@@ -83,6 +85,7 @@ STEP_KEYS = (
     "candidate_reward_max",
     "adherence",
     "judge_log_prob",
+    "gold",
     "drift_rmse",
     "drift_embedding",
     "clipscore",

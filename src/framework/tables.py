@@ -204,6 +204,10 @@ def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[st
     if spec["kind"] == "tradeoff":
         axes_ = spec["tradeoff"]
         written.append(draw_tradeoff(runs, rows, axes_["y"], axes_["x"], spec["title"], tables / f"{name}.png"))
-    if spec["kind"] != "table":
+    if spec["kind"] == "overoptimisation":
+        from framework.overoptimisation import analyse, write_outputs
+
+        written += write_outputs(*analyse(runs), spec["title"], tables / name)
+    elif spec["kind"] != "table":
         written.append(tables / f"{name}.png")
     return written

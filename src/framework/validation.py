@@ -63,7 +63,7 @@ class OneOf:
         return all(v in self.names() for v in values)
 
     def describe(self) -> str:
-        return f"choose from: {', '.join(self.names())}"
+        return f"choose from: {', '.join(map(str, self.names()))}"
 
 
 @dataclass(frozen=True)

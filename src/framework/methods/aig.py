@@ -33,5 +33,5 @@ class AIG(Method):
         noise = problem.noise()
         with problem.backbone.adapters_disabled():
             base, _ = problem.render(*noise)
-        images, _ = problem.render(*noise, mix=lambda i: aig_gamma(cfg.schedule, i, cfg.num_steps, cfg.p, cfg.f))
-        return paired_results(problem, base, images)
+        images, traj = problem.render(*noise, mix=lambda i: aig_gamma(cfg.schedule, i, cfg.num_steps, cfg.p, cfg.f))
+        return paired_results(problem, base, images, traj=traj)

@@ -14,7 +14,7 @@ from framework.methods.schemas import SamplingConfig
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
 from framework.rewards import Reward
-from framework.sampling import Trajectory, num_noises, sample
+from framework.sampling import Trajectory, num_noises, path_kl, sample, sampler_steps
 
 
 def sampler_options(sampling: SamplingConfig) -> dict:
@@ -101,6 +101,15 @@ class Problem:
             rewards.append(self.score(chunk_images, rows[chunk]))
         return torch.cat(images), torch.cat(latents), torch.cat(rewards)
 
+    def path_kl(self, traj: Trajectory) -> list[float] | None:
+        """Per item, the KL of the adapted sampler that drew `traj` from the adapter-free one (`sampling.path_kl`);
+        None at η = 0, where both samplers are deterministic and the KL is not defined."""
+        if self.sampling.eta <= 0:
+            return None
+        options = sampler_options(self.sampling)
+        steps = sampler_steps(self.backbone, options["num_steps"], options["eta"], options["final_step_noise"])
+        return path_kl(self.backbone, traj, self.cond, self.sampling.guidance_scale, steps).tolist()
+
     def score(self, images: Tensor, rows: list[int] | None = None) -> Tensor:
         """The reward of each image for its item's prompt: [len(images)]."""
         return self.reward(images, [self.items[i].prompt for i in self._rows(len(images), rows)])
@@ -129,10 +138,17 @@ class Problem:
         return first if len(self.items) == 1 else f"{first} +{len(self.items) - 1}"
 
 
-def paired_results(problem: Problem, base: Tensor, final: Tensor, info: dict | None = None) -> list[ItemResult]:
-    """Each item's result from its base and final image, both scored in one reward call."""
+def paired_results(
+    problem: Problem, base: Tensor, final: Tensor, info: dict | None = None, traj: Trajectory | None = None
+) -> list[ItemResult]:
+    """Each item's result from its base and final image, both scored in one reward call; given the trajectory that
+    drew the final images with adapters, each item's `kl` from the adapter-free sampler (η > 0)."""
     rewards = problem.score(torch.cat([base, final])).view(2, -1).T.tolist()
-    return [ItemResult(b, f, rb, rf, info=dict(info or {})) for b, f, (rb, rf) in zip(base, final, rewards)]
+    kls = (problem.path_kl(traj) if traj is not None else None) or [None] * len(base)
+    return [
+        ItemResult(b, f, rb, rf, info=dict(info or {}) | ({"kl": kl} if kl is not None else {}))
+        for b, f, (rb, rf), kl in zip(base, final, rewards, kls)
+    ]
 
 
 class Method:

@@ -20,7 +20,6 @@ from framework.items import Item, ItemResult, derive_seed
 from framework.methods.common import Method, Problem, Start
 from framework.sampling import Trajectory, trajectory_divergence
 
-
 PERMUTED_ENTRIES = 1 << 24  # at most this many permuted noise entries at once (R_prob's batched permutations)
 
 

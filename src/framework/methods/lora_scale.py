@@ -20,7 +20,7 @@ class LoRAScale(Method):
             base, _ = problem.render(*noise)
         set_lora_scale(problem.backbone.denoiser, self.cfg.alpha)
         try:
-            images, _ = problem.render(*noise)
+            images, traj = problem.render(*noise)
+            return paired_results(problem, base, images, {"alpha": self.cfg.alpha}, traj)
         finally:
             set_lora_scale(problem.backbone.denoiser, 1.0)
-        return paired_results(problem, base, images, {"alpha": self.cfg.alpha})

@@ -2,10 +2,10 @@
 
 Per image (each optimisation step and the final image of every item): drift from the item's base image (same seed)
 as pixel RMSE and embedding cosine distance, CLIPScore, held-out evaluation rewards and, on the testbed,
-ground-truth prompt adherence. Per run (`set_metrics`): CMMD and spectral distances between the final and base
-image sets, diversity across the seeds of each prompt, and the win rate of final over base images. CMMD is computed
-as published, on CLIP ViT-L/14 at 336 px (`eval.cmmd_clip`; `cmmd`), or on the testbed judge's features
-(`cmmd_judge`, not comparable with published values).
+ground-truth prompt adherence and gold (the analysis-by-synthesis gold reward). Per run (`set_metrics`): CMMD and
+spectral distances between the final and base image sets, diversity across the seeds of each prompt, and the win
+rate of final over base images. CMMD is computed as published, on CLIP ViT-L/14 at 336 px (`eval.cmmd_clip`;
+`cmmd`), or on the testbed judge's features (`cmmd_judge`, not comparable with published values).
 """
 
 from collections import defaultdict
@@ -24,6 +24,7 @@ from framework.metrics.sets import (
     win_rate,
 )
 from framework.records import ItemRecord
+from framework.testbed.gold import gold
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
 
@@ -69,7 +70,7 @@ class ImageMetrics(nn.Module):
         """One record per image (image i was prompted with `prompts[i]`; `base[i]` is its base image): `drift_rmse`
         (pixel RMSE to the base), `drift_embedding` (1 − cos of the embeddings), `clipscore` (100·cos(image,
         prompt), clamped at 0), `eval_<name>`, and for shapes-world prompts `adherence` (judge: colour and shape both
-        right) and `judge_log_prob`. Every value of an image depends on that image alone, never on its batch."""
+        right), `judge_log_prob` and `gold`. Every value of an image depends on that image alone, never on its batch."""
         columns = {}
         if base is not None:
             columns["drift_rmse"] = (images - base).flatten(1).square().mean(1).sqrt()
@@ -84,9 +85,11 @@ class ImageMetrics(nn.Module):
         records = [{key: column[i] for key, column in columns.items()} for i in range(len(images))]
         captions = [i for i, prompt in enumerate(prompts) if self.judge is not None and is_caption(prompt)]
         if captions:
-            log_prob, correct = judge_log_prob(self.judge, on_device[captions].float(), [prompts[i] for i in captions])
-            for i, lp, right in zip(captions, log_prob.tolist(), correct.tolist()):
-                records[i] |= {"adherence": right, "judge_log_prob": lp}
+            shown, named = on_device[captions].float(), [prompts[i] for i in captions]
+            log_prob, correct = judge_log_prob(self.judge, shown, named)
+            truth = gold(shown, named)
+            for i, lp, right, g in zip(captions, log_prob.tolist(), correct.tolist(), truth.tolist()):
+                records[i] |= {"adherence": right, "judge_log_prob": lp, "gold": g}
         return records
 
     def set_metrics(self, records: list[ItemRecord], load_image) -> dict[str, float]:

@@ -103,6 +103,13 @@ def judge(cfg: RewardConfig, dtype) -> Reward:
     return JudgeReward(load_judge()).to(dtype)
 
 
+def proxy(cfg: RewardConfig, dtype) -> Reward:
+    from framework.testbed import proxy_file
+    from framework.testbed.proxy import load_proxy
+
+    return load_proxy(_weight_file(cfg) if cfg.checkpoint else proxy_file(cfg.comparisons)).to(dtype)
+
+
 def user_callable(cfg: RewardConfig, dtype) -> Reward:
     from framework.rewards.simple import CallableReward
 

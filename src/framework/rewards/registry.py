@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
+from framework.testbed import PROXY_SIZES
 from framework.validation import POSITIVE, OneOf, Range, Text, valid
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -43,6 +44,8 @@ class RewardConfig:
     jpeg_quality: int = valid(95, Range(1, 100))  # PIL's JPEG quality
     target: str | None = valid(None, Text())  # callable: "package.module:function" taking (images, prompts)
     differentiable: bool = False  # callable: whether gradients flow through `target`
+    # proxy: the shipped testbed proxy trained on this many comparisons (reward.checkpoint: one you trained)
+    comparisons: int = valid(PROXY_SIZES[0], OneOf(PROXY_SIZES))
     # Score the images clamped to [0, 1] (true) or as decoded (false); null = the reward's own default: the toy
     # statistics read the raw decoder output as DNO does, every model-based reward, JPEG and callables clamp.
     clamp: bool | None = None
@@ -86,6 +89,10 @@ def _aesthetic_weights(cfg, prefix: str) -> Weights:
     return [("file", cfg.checkpoint or "", f"{prefix}.checkpoint"), *_pretrained(cfg, prefix)]
 
 
+def _checkpoint_if_set(cfg, prefix: str) -> Weights:
+    return [("file", cfg.checkpoint, f"{prefix}.checkpoint")] if cfg.checkpoint else []
+
+
 def _hps_weights(cfg, prefix: str) -> Weights:
     return [("file", hps_checkpoint(cfg), f"{prefix}.checkpoint")]
 
@@ -99,6 +106,7 @@ REWARDS: dict[str, RewardEntry] = {
     "jpeg": RewardEntry(f"{BUILDERS}:jpeg", differentiable=False),
     **{name: RewardEntry(f"{BUILDERS}:statistic") for name in ("brightness", "darkness", "contrast", "saturation")},
     "judge": RewardEntry(f"{BUILDERS}:judge"),
+    "proxy": RewardEntry(f"{BUILDERS}:proxy", weights=_checkpoint_if_set),
     "callable": RewardEntry(f"{BUILDERS}:user_callable", differentiable=None),
 }
 

@@ -1,0 +1,69 @@
+"""The proxy rewards and the over-optimisation analysis: the Best-of-n estimator against enumeration, Gao's fits on
+curves of known coefficients, the peak's bootstrap, and a proxy rebuilt from scratch on a tiny budget."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from framework.overoptimisation import best_of_n_d, best_of_n_weights, fit, peak
+
+
+def test_best_of_n_estimator_equals_enumerating_every_subset():
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=7), rng.normal(size=7)
+    order = np.argsort(proxy)
+    for n in (1, 2, 3, 7):
+        subsets = list(itertools.combinations(range(7), n))
+        expected = np.mean([gold[max(s, key=lambda i: proxy[i])] for s in subsets])
+        assert best_of_n_weights(7, n) @ gold[order] == pytest.approx(expected, rel=1e-12)
+    assert best_of_n_d(1) == 0 and best_of_n_d(256) == pytest.approx(math.sqrt(math.log(256) - 255 / 256))
+
+
+def test_gao_forms_are_fitted_exactly_on_curves_they_generate():
+    d = np.linspace(0.1, 2.5, 9)
+    bon = fit(d, d * (0.4 - 0.15 * d), "bon")
+    rl = fit(d, d * (0.3 - 0.1 * np.log(d)), "rl")
+    assert (bon["alpha"], bon["beta"]) == pytest.approx((0.4, 0.15), rel=1e-9) and bon["rms_residual"] < 1e-12
+    assert (rl["alpha"], rl["beta"]) == pytest.approx((0.3, 0.1), rel=1e-9) and rl["rms_residual"] < 1e-12
+
+
+def test_peak_finds_the_top_of_the_mean_curve_with_an_interval():
+    steps = np.arange(30)
+    curve = -((steps - 8) ** 2) / 100.0
+    values = curve + np.random.default_rng(1).normal(scale=0.05, size=(24, 30))
+    top = peak(values)
+    assert top["at"] == int(np.nanmean(values, 0).argmax()) and abs(top["at"] - 8) <= 2
+    assert top["value_ci"][0] <= top["value"] <= top["value_ci"][1]
+    assert top["at_ci"][0] <= top["at"] <= top["at_ci"][1]
+
+
+def test_a_proxy_rebuilt_on_a_tiny_budget_is_a_differentiable_reward_and_deterministic(tmp_path):
+    from framework.testbed.proxy import load_proxy
+    from framework.testbed.train_proxy import main
+
+    args = ["--comparisons", "40", "--images", "48", "--eval-images", "24", "--eval-pairs", "50", "--steps", "3"]
+    for out in ("a", "b"):
+        main([*args, "--out", str(tmp_path / out)])
+    first, second = (load_file(tmp_path / out / "proxy_40.safetensors") for out in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    report = json.loads((tmp_path / "a" / "proxy_report.json").read_text())
+    assert 0 <= report["40"]["accuracy_vs_gold"] <= 1 and 0.5 <= report["40"]["noise_ceiling"] <= 1
+    assert report["data"]["command"].startswith("python -m framework.testbed.train_proxy --comparisons 40")
+    reward = load_proxy(tmp_path / "a" / "proxy_40.safetensors")
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    scores = reward(images, ["a red circle", "a blue square"])
+    assert scores.shape == (2,) and torch.autograd.grad(scores.sum(), images)[0].abs().sum() > 0
+
+
+def test_the_shipped_proxies_are_small_and_better_with_more_data():
+    from framework.testbed import PROXY_SIZES, TESTBED_DIR, proxy_file
+
+    report = json.loads((TESTBED_DIR / "proxy_report.json").read_text())
+    accuracies = [report[str(n)]["accuracy_vs_gold"] for n in PROXY_SIZES]
+    assert all(proxy_file(n).stat().st_size < 1 << 20 for n in PROXY_SIZES)
+    assert accuracies == sorted(accuracies) and accuracies[0] > 0.6  # the data set is the knob
