@@ -208,9 +208,11 @@ def _text(value, digits: int | None = None) -> str:
 
 def draw(paths: list[RunPath], fits: list[dict], title: str, path: Path) -> Path:
     """Gold and proxy against the step; gold against d (with the fits), pixel drift and embedding drift."""
-    from framework.tables import _pyplot
+    import matplotlib
 
-    plt = _pyplot()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     panels = [("step", "gold"), ("step", "reward"), ("d", "gold"), ("drift_rmse", "gold"), ("drift_embedding", "gold")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (x_key, y_key) in zip(axes, panels):
