@@ -212,6 +212,22 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
     wins = np.mean([(mira[i] > dpo[i]) + 0.5 * (mira[i] == dpo[i]) for i in mira])  # MIRA's image beats the row's
     assert float(rows["MIRA-DPO · β=0.01"]["win_rate:judge_log_prob_mean"]) == pytest.approx(wins, rel=1e-12)
     assert read_csv(written[3])["MIRA again"]["reward_mean"] == rows["MIRA · β=1"]["reward_mean"]
+    # The figures draw one row of panels per cell (the cells' rewards need not share a scale), from the same runs.
+    trade = spec | {
+        "kind": "tradeoff",
+        "metrics": ["reward", "drift_rmse"],
+        "tradeoff": {"y": "reward", "x": ["drift_rmse"]},
+    }
+    (tmp_path / "trade.yaml").write_text(yaml.safe_dump(trade, allow_unicode=True))
+    written = reproduce("trade", "testbed", out, experiments_dir=tmp_path, launch=launch_in_process)
+    with open(written[-2]) as f:
+        assert {r["run"] for r in csv.DictReader(f)} == {
+            "MIRA · β=0.01",
+            "MIRA · β=1",
+            "MIRA-DPO · β=0.01",
+            "MIRA-DPO · β=1",
+        }
+    assert len(list((out / "runs" / "testbed").iterdir())) == 4
 
 
 def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
@@ -227,6 +243,14 @@ def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
     testbed = plan(spec, "testbed", tmp_path, "s", {})
     assert [r.label for r in testbed] == ["MIRA", "DNO"] and testbed[1].cfg.method.opt_steps == 3
     assert [r.label for r in plan(spec, "other", tmp_path, "s", {})] == ["MIRA"]
+    # `cells:` keeps a run to the grid cells with one of those options (a λ grid per reward)
+    spec["grid"] = {"testbed": {"cfg": {"CFG 3": ["method.guidance_scale=3"], "CFG 5": ["method.guidance_scale=5"]}}}
+    spec["runs"]["DNO"]["cells"] = ["CFG 5"]
+    (tmp_path / "cells.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    load_experiment(tmp_path / "cells.yaml")
+    runs = plan(spec, "testbed", tmp_path, "s", {})
+    assert [(r.label, r.cell["cfg"]) for r in runs] == [("MIRA", "CFG 3"), ("MIRA", "CFG 5"), ("DNO", "CFG 5")]
+    assert runs[2].cfg.method.guidance_scale == 5
     (tmp_path / "old.yaml").write_text(yaml.safe_dump({**spec, "judge": "reward"}))
     with pytest.raises(FrameworkError, match="`judge` is now `judges`, a list"):
         load_experiment(tmp_path / "old.yaml")
@@ -274,6 +298,7 @@ SPEC_ERRORS = {
         "tradeoff": {"y": "reward", "x": ["evals"]},
     },
     "unknown key 'versos'": {"versos": "MIRA"},
+    "run 'DNO': cells must list grid options (no grid)": {"runs": {"DNO": {"testbed": [], "cells": ["Proxy"]}}},
 }
 
 

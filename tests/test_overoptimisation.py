@@ -67,3 +67,63 @@ def test_the_shipped_proxies_are_small_and_better_with_more_data():
     accuracies = [report[str(n)]["accuracy_vs_gold"] for n in PROXY_SIZES]
     assert all(proxy_file(n).stat().st_size < 1 << 20 for n in PROXY_SIZES)
     assert accuracies == sorted(accuracies) and accuracies[0] > 0.6  # the data set is the knob
+
+
+def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp_path):
+    """Tiny runs on the proxy: Best-of-n's points equal the estimator computed here from the candidates' records
+    (n = 1: the mean candidate; n = N: the proxy's best), DNO's path starts at the base images, the adapted samplers
+    (DRaFT at η = 1, LoRA scaling, AIG) carry d = √KL and get the RL fit, Best-of-n the Best-of-N fit."""
+    import csv
+
+    import yaml
+    from conftest import launch_in_process
+
+    from framework.experiments import reproduce
+    from framework.records import read_records
+
+    adapter = "method.adapter={run:DRaFT}/adapter"
+    spec = {
+        "title": "over",
+        "kind": "overoptimisation",
+        "metrics": ["reward", "gold", "kl"],
+        "scales": {
+            "testbed": ["model=shapes", "reward=proxy", "prompts=shapes", "prompts.limit=2", "method.num_steps=3"]
+            + ["method.batch_size=4", "logger=none"]
+        },
+        "runs": {
+            "Base": ["method=base"],
+            "Best-of-N": ["method=best_of_n", "method.n=4"],
+            "DNO": ["method=dno", "method.opt_steps=2", "method.lr=0.05"],
+            "DRaFT": ["method=draft", "method.eta=1", "method.train_steps=2", "method.save_every=2"]
+            + ["method.sample_every=0", "method.train_batch_size=2", "method.lora_rank=4", "method.lr=0.05"],
+            "LoRA α=0.5": ["method=lora_scale", adapter, "method.alpha=0.5"],
+            "AIG p=2": ["method=aig", adapter, "method.p=2"],
+        },
+    }
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
+    out = tmp_path / "out"
+    written = reproduce("over", "testbed", out, experiments_dir=tmp_path, launch=launch_in_process)
+    names = [p.name for p in written]
+    assert {"over_peaks.csv", "over_fits.csv", "over_curves.csv", "over.png"} <= set(names)
+    with open(out / "tables" / "testbed" / "over_curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    with open(out / "tables" / "testbed" / "over_fits.csv") as f:
+        fits = {r["form"]: r for r in csv.DictReader(f)}
+
+    [bon_dir] = (out / "runs" / "testbed").glob("Best-of-N-*")
+    records = read_records(bon_dir)
+    bon = {int(r["x"]): r for r in curves if r["run"] == "Best-of-N"}
+    assert sorted(bon) == [1, 2, 4] and float(bon[1]["d"]) == 0
+    mean_candidate = np.mean([np.mean([c["gold"] for c in r.steps]) for r in records])
+    best = np.mean([max(r.steps, key=lambda c: c["reward"])["gold"] for r in records])
+    assert float(bon[1]["gold"]) == pytest.approx(mean_candidate, rel=1e-9)
+    assert float(bon[4]["gold"]) == pytest.approx(best, rel=1e-9)
+    assert fits["bon"]["points"] == "2" and fits["rl"]["points"] == "3"
+
+    dno = [r for r in curves if r["run"] == "DNO"]
+    [dno_dir] = (out / "runs" / "testbed").glob("DNO-*")
+    base = np.mean([r.metrics["base"]["gold"] for r in read_records(dno_dir)])  # step 0 renders the base image
+    assert [int(r["x"]) for r in dno] == [0, 1, 2] and float(dno[0]["gold"]) == pytest.approx(base, rel=1e-9)
+    for run in ("DRaFT", "LoRA α=0.5", "AIG p=2"):  # sampled at η = 1 (the default): the path KL is defined
+        [row] = [r for r in curves if r["run"] == run]
+        assert float(row["d"]) > 0 and math.isfinite(float(row["d"]))

@@ -114,7 +114,9 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for cell in cells:
             done: dict[str, Run] = {}
-            for label, overrides in run_overrides(spec, scale).items():  # in order: {run:X} names an earlier run
+            cell_options = {axis: option for axis, (option, _) in cell.items()}
+            # in order: {run:X} names an earlier run of the cell
+            for label, overrides in run_overrides(spec, scale, tuple(cell_options.values())).items():
                 where = f"experiment {experiment}, run {label!r}"
 
                 def directory(match):
@@ -127,7 +129,6 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
                     for o in [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra), *overrides]
                 ]
                 cfg, ident = compose_run(full, where)
-                cell_options = {axis: option for axis, (option, _) in cell.items()}
                 if ident not in claimed:
                     name = " · ".join([label, *cell_options.values()])
                     claimed[ident] = run_directory(runs_root, name, cfg, ident)

@@ -14,7 +14,9 @@ drift and, where defined, d = √KL from the base sampler:
 The peak is the highest point of the mean gold curve, with a bootstrap 95 % interval over items (the items are
 resampled and the curve's maximum and its place recomputed); a family (a label's first word on one proxy) peaks at
 the best point of all its runs (the best gold any of its strengths and steps reaches, items paired). Fits of the
-gold gain Δg = gold − gold(d = 0): Gao's Best-of-N form d(α − βd) and RL form d(α − β log d), by least squares.
+gold gain Δg = gold − gold(d = 0): Gao's Best-of-N form d(α − βd) on Best-of-n, and the RL form d(α − β log d)
+on the adapted samplers (DRaFT at each λ, LoRA scaling, AIG: the policies whose path KL is defined), by least
+squares.
 """
 
 import csv
@@ -151,12 +153,13 @@ def analyse(runs: list) -> tuple[list[RunPath], list[dict], list[dict]]:
     if base is not None and len(base.x) >= 3:
         gold = np.nanmean(base.values["gold"], 0)
         fits.append({"row": base.run, **fit(base.d[1:], gold[1:] - gold[0], "bon")})
-    finals = [p for p in paths if p.x_kind == "final" and p.family.startswith("DRaFT") and np.isfinite(p.d[0])]
+    # The adapted samplers (DRaFT at each λ, LoRA α, AIG p): every policy with a path KL, on one gold-vs-d frontier
+    adapted = [p for p in paths if p.x_kind == "final" and np.isfinite(p.d[0]) and p.d[0] > 0]
     reference = next((p for p in paths if p.run.split()[0] == "Base"), None)
-    if reference is not None and len(finals) >= 3:
-        d = np.array([p.d[0] for p in finals])
-        gain = np.array([np.nanmean(p.values["gold"]) for p in finals]) - np.nanmean(reference.values["gold"])
-        fits.append({"row": "DRaFT (λ sweep)", **fit(d, gain, "rl")})
+    if reference is not None and len(adapted) >= 3:
+        d = np.array([p.d[0] for p in adapted])
+        gain = np.array([np.nanmean(p.values["gold"]) for p in adapted]) - np.nanmean(reference.values["gold"])
+        fits.append({"row": "adapted samplers (" + ", ".join(p.run for p in adapted) + ")", **fit(d, gain, "rl")})
     return paths, peaks, fits
 
 

@@ -11,7 +11,9 @@ every run at each scale, an optional grid per scale (every run in every cell), a
     grid: {paper: {model: {SD1.5: [model=sd15], SDXL: [model=sdxl]}, reward: {...}}}   # optional, per scale
     runs: {label: [overrides...], ...}           # "{run:LABEL}" in an override is that run's directory (same cell);
                                                  # {scale: [overrides...]} instead of a list: per-scale overrides,
-                                                 # and the run exists only at the scales it names
+                                                 # and the run exists only at the scales it names; with
+                                                 # `cells: [option, ...]` beside them, at a scale with a grid only
+                                                 # in the cells that have one of these options (a λ grid per reward)
     versus: LABEL                                # win_rate: share of items where LABEL's image beats the row's
     judges: [adherence, eval_pickscore, reward]  # ... one win-rate column per judge (`win_rate:<judge>`): the
                                                  # optimised reward or any recorded final metric; a judge that no run
@@ -153,6 +155,13 @@ def load_experiment(path: Path) -> dict:
             f"{path}: metric win_rate needs `versus:` naming one of the runs "
             f"({', '.join(map(str, spec['runs']))}); got {spec.get('versus')!r}"
         )
+    options = {o for axes in (spec.get("grid") or {}).values() for axis in axes.values() for o in axis}
+    for label, overrides in spec["runs"].items():
+        cells = overrides.get("cells", []) if isinstance(overrides, dict) else []
+        if not isinstance(cells, list) or not set(cells) <= options:
+            raise FrameworkError(
+                f"{path}: run {label!r}: cells must list grid options ({', '.join(sorted(options)) or 'no grid'})"
+            )
     if spec["kind"] == "pareto":
         axes = spec.get("pareto")
         if not isinstance(axes, dict) or set(axes) != {"x", "y"}:
@@ -173,10 +182,20 @@ def load_experiment(path: Path) -> dict:
     return spec
 
 
-def run_overrides(spec: dict, scale: str) -> dict[str, list[str]]:
-    """label -> overrides of the runs that exist at `scale` (a run given per scale exists at the scales it names)."""
+def run_overrides(spec: dict, scale: str, cell: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """label -> overrides of the runs that exist at `scale` in the grid cell of these options (a run given per scale
+    exists at the scales it names; one with `cells:`, at a scale with a grid, only in the cells that have one of
+    those options)."""
+
+    def exists(overrides: list | dict) -> bool:
+        if isinstance(overrides, list):
+            return True
+        return scale in overrides and (
+            "cells" not in overrides or not cell or bool(set(overrides["cells"]) & set(cell))
+        )
+
     return {
         label: overrides if isinstance(overrides, list) else overrides[scale]
         for label, overrides in spec["runs"].items()
-        if isinstance(overrides, list) or scale in overrides
+        if exists(overrides)
     }

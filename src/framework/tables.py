@@ -86,25 +86,36 @@ def _pyplot():
     return plt
 
 
+def by_cell(runs: list) -> list[tuple[str, list[int]]]:
+    """The indices of each grid cell's runs, in order, with the cell's name ("" without a grid): figures draw one
+    row of panels per cell, since the cells' rewards need not share a scale (brightness against a learned proxy)."""
+    cells: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        cells.setdefault(" · ".join(run.cell.values()), []).append(i)
+    return list(cells.items())
+
+
 def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
-    """Mean of each metric over items against the optimisation step, one line per run; the plotted values go to
-    <path stem>_curves.csv."""
+    """Mean of each metric over items against the optimisation step, one line per run, one row per grid cell; the
+    plotted values go to <path stem>_curves.csv."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    cells = by_cell(runs)
+    fig, axes = plt.subplots(len(cells), len(metrics), figsize=(4 * len(metrics), 3.2 * len(cells)), squeeze=False)
     data = path.with_name(f"{path.stem}_curves.csv")
     with open(data, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "items", *metrics])
-        for run in runs:
-            num_steps = max((len(r.steps) for r in read_records(run.dir)), default=0)
-            curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
-            writer.writerows([run.name, row["step"], row["items"], *(exact(row[m]) for m in metrics)] for row in curve)
-            for ax, metric in zip(axes[0], metrics):
-                ax.plot([row["step"] for row in curve], [row[metric] for row in curve], label=run.name)
-    for ax, metric in zip(axes[0], metrics):
-        ax.set_xlabel("optimisation step")
-        ax.set_title(metric)
-    axes[0][0].legend(fontsize=7)
+        for panels, (cell, members) in zip(axes, cells):
+            for run in (runs[i] for i in members):
+                num_steps = max((len(r.steps) for r in read_records(run.dir)), default=0)
+                curve = step_curve(run.dir, list(range(num_steps + 1)), metrics)
+                writer.writerows([run.name, c["step"], c["items"], *(exact(c[m]) for m in metrics)] for c in curve)
+                for ax, metric in zip(panels, metrics):
+                    ax.plot([c["step"] for c in curve], [c[metric] for c in curve], label=run.label)
+            for ax, metric in zip(panels, metrics):
+                ax.set_xlabel("optimisation step")
+                ax.set_title(f"{metric} ({cell})" if cell else metric, fontsize=9)
+            panels[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -112,22 +123,24 @@ def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
     return data
 
 
-def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
-    """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG, in one grid cell)
-    joined by a line. The plotted values are the table's CSV."""
+def draw_pareto(runs: list, rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
+    """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG) joined by a line;
+    one panel per grid cell. The plotted values are the table's CSV."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    families: dict[str, list[dict]] = {}
-    for row in rows:
-        families.setdefault(row["run"].replace(row["label"], row["label"].split()[0]), []).append(row)
-    for family, members in families.items():
-        ax.plot([r[x][0] for r in members], [r[y][0] for r in members], "o-", label=family)
-        for r in members:
-            ax.annotate(" ".join(r["label"].split()[1:]), (r[x][0], r[y][0]), fontsize=6)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    cells = by_cell(runs)
+    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), squeeze=False)
+    for ax, (cell, members) in zip(axes[0], cells):
+        families: dict[str, list[dict]] = {}
+        for row in (rows[i] for i in members):
+            families.setdefault(row["label"].split()[0], []).append(row)
+        for family, points in families.items():
+            ax.plot([r[x][0] for r in points], [r[y][0] for r in points], "o-", label=family)
+            for r in points:
+                ax.annotate(" ".join(r["label"].split()[1:]), (r[x][0], r[y][0]), fontsize=6)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{title} ({cell})" if cell else title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,37 +148,40 @@ def draw_pareto(rows: list[dict], x: str, y: str, title: str, path: Path) -> Non
 
 def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: str, path: Path) -> Path:
     """y against each x: per run, the item means after every optimisation step (a trajectory from the base images)
-    ending at the final images' means with their bootstrap 95 % intervals; runs without optimisation steps (base,
-    Best-of-N, adapters) are their final point only. The trajectories go to <path stem>_trajectories.csv."""
+    ending at the final images' means with their bootstrap 95 % intervals, one row per grid cell; runs without
+    optimisation steps (base, Best-of-N, adapters) are their final point only. The trajectories go to
+    <path stem>_trajectories.csv."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(xs), figsize=(5 * len(xs), 4), squeeze=False)
+    cells = by_cell(runs)
+    fig, axes = plt.subplots(len(cells), len(xs), figsize=(5 * len(xs), 4 * len(cells)), squeeze=False)
     data = path.with_name(f"{path.stem}_trajectories.csv")
     with open(data, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "items", y, *xs])
-        for run, row in zip(runs, rows):
-            records = read_records(run.dir)
-            optimised = any(r.steps and "loss" in r.steps[0] for r in records)
-            num_steps = max((len(r.steps) for r in records), default=0) if optimised else 0
-            curve = step_curve(run.dir, list(range(num_steps)), [y, *xs])
-            writer.writerows([run.name, c["step"], c["items"], *(exact(c[k]) for k in (y, *xs))] for c in curve)
-            for ax, x in zip(axes[0], xs):
-                (line,) = ax.plot([c[x] for c in curve] + [row[x][0]], [c[y] for c in curve] + [row[y][0]], lw=1)
-                ax.errorbar(
-                    row[x][0],
-                    row[y][0],
-                    xerr=[[row[x][0] - row[x][1]], [row[x][2] - row[x][0]]],
-                    yerr=[[row[y][0] - row[y][1]], [row[y][2] - row[y][0]]],
-                    fmt="o",
-                    color=line.get_color(),
-                    ms=4,
-                    capsize=2,
-                    label=run.name,
-                )
-    for ax, x in zip(axes[0], xs):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-    axes[0][0].legend(fontsize=6)
+        for panels, (cell, members) in zip(axes, cells):
+            for run, row in ((runs[i], rows[i]) for i in members):
+                records = read_records(run.dir)
+                optimised = any(r.steps and "loss" in r.steps[0] for r in records)
+                num_steps = max((len(r.steps) for r in records), default=0) if optimised else 0
+                curve = step_curve(run.dir, list(range(num_steps)), [y, *xs])
+                writer.writerows([run.name, c["step"], c["items"], *(exact(c[k]) for k in (y, *xs))] for c in curve)
+                for ax, x in zip(panels, xs):
+                    (line,) = ax.plot([c[x] for c in curve] + [row[x][0]], [c[y] for c in curve] + [row[y][0]], lw=1)
+                    ax.errorbar(
+                        row[x][0],
+                        row[y][0],
+                        xerr=[[row[x][0] - row[x][1]], [row[x][2] - row[x][0]]],
+                        yerr=[[row[y][0] - row[y][1]], [row[y][2] - row[y][0]]],
+                        fmt="o",
+                        color=line.get_color(),
+                        ms=4,
+                        capsize=2,
+                        label=run.label,
+                    )
+            for ax, x in zip(panels, xs):
+                ax.set_xlabel(x)
+                ax.set_ylabel(f"{y} ({cell})" if cell else y)
+            panels[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -200,7 +216,7 @@ def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[st
         curves = spec.get("curves") or [m for m in spec["metrics"] if not m.startswith(("sets.", "last.", "win_rate"))]
         written.append(draw_curves(runs, curves, spec["title"], tables / f"{name}.png"))
     if spec["kind"] == "pareto":
-        draw_pareto(rows, spec["pareto"]["x"], spec["pareto"]["y"], spec["title"], tables / f"{name}.png")
+        draw_pareto(runs, rows, spec["pareto"]["x"], spec["pareto"]["y"], spec["title"], tables / f"{name}.png")
     if spec["kind"] == "tradeoff":
         axes_ = spec["tradeoff"]
         written.append(draw_tradeoff(runs, rows, axes_["y"], axes_["x"], spec["title"], tables / f"{name}.png"))
