@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.figures import pyplot, save
 from framework.records import ItemRecord, read_records
 
 KEYS = ("reward", "gold", "adherence", "drift_rmse", "drift_embedding")
@@ -211,11 +212,7 @@ def _text(value, digits: int | None = None) -> str:
 
 def draw(paths: list[RunPath], fits: list[dict], title: str, path: Path) -> Path:
     """Gold and proxy against the step; gold against d (with the fits), pixel drift and embedding drift."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("step", "gold"), ("step", "reward"), ("d", "gold"), ("drift_rmse", "gold"), ("drift_embedding", "gold")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (x_key, y_key) in zip(axes, panels):
@@ -238,8 +235,5 @@ def draw(paths: list[RunPath], fits: list[dict], title: str, path: Path) -> Path
         ax.set_ylabel("proxy" if y_key == "reward" else y_key)
     axes[0].legend(fontsize=5)
     axes[2].legend(fontsize=5)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, title, path)
     return path

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.figures import pyplot, save
 from framework.records import read_records
 from framework.report import step_curve
 from framework.statistics import run_metric
@@ -77,15 +78,6 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
     stem.with_suffix(".tex").write_text("\n".join(lines) + "\n")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def by_cell(runs: list) -> list[tuple[str, list[int]]]:
     """The indices of each grid cell's runs, in order, with the cell's name ("" without a grid): figures draw one
     row of panels per cell, since the cells' rewards need not share a scale (brightness against a learned proxy)."""
@@ -98,7 +90,7 @@ def by_cell(runs: list) -> list[tuple[str, list[int]]]:
 def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
     """Mean of each metric over items against the optimisation step, one line per run, one row per grid cell; the
     plotted values go to <path stem>_curves.csv."""
-    plt = _pyplot()
+    plt = pyplot()
     cells = by_cell(runs)
     fig, axes = plt.subplots(len(cells), len(metrics), figsize=(4 * len(metrics), 3.2 * len(cells)), squeeze=False)
     data = path.with_name(f"{path.stem}_curves.csv")
@@ -116,17 +108,14 @@ def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
                 ax.set_xlabel("optimisation step")
                 ax.set_title(f"{metric} ({cell})" if cell else metric, fontsize=9)
             panels[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, title, path, fontsize=12)
     return data
 
 
 def draw_pareto(runs: list, rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
     """One point per run; runs of a family (the first word of the label, e.g. DRaFT, LoRA, AIG) joined by a line;
     one panel per grid cell. The plotted values are the table's CSV."""
-    plt = _pyplot()
+    plt = pyplot()
     cells = by_cell(runs)
     fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), squeeze=False)
     for ax, (cell, members) in zip(axes[0], cells):
@@ -140,10 +129,8 @@ def draw_pareto(runs: list, rows: list[dict], x: str, y: str, title: str, path: 
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.legend(fontsize=7)
-        ax.set_title(f"{title} ({cell})" if cell else title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.set_title(cell, fontsize=9)
+    save(fig, title, path)
 
 
 def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: str, path: Path) -> Path:
@@ -151,7 +138,7 @@ def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: st
     ending at the final images' means with their bootstrap 95 % intervals, one row per grid cell; runs without
     optimisation steps (base, Best-of-N, adapters) are their final point only. The trajectories go to
     <path stem>_trajectories.csv."""
-    plt = _pyplot()
+    plt = pyplot()
     cells = by_cell(runs)
     fig, axes = plt.subplots(len(cells), len(xs), figsize=(5 * len(xs), 4 * len(cells)), squeeze=False)
     data = path.with_name(f"{path.stem}_trajectories.csv")
@@ -182,10 +169,7 @@ def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: st
                 ax.set_xlabel(x)
                 ax.set_ylabel(f"{y} ({cell})" if cell else y)
             panels[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, title, path)
     return data
 
 
