@@ -46,14 +46,17 @@ def test_a_proxy_rebuilt_on_a_tiny_budget_is_a_differentiable_reward_and_determi
     from framework.testbed.proxy import load_proxy
     from framework.testbed.train_proxy import main
 
-    args = ["--comparisons", "40", "--images", "48", "--eval-images", "24", "--eval-pairs", "50", "--steps", "3"]
-    for out in ("a", "b"):
-        main([*args, "--out", str(tmp_path / out)])
+    args = ["--images", "48", "--eval-images", "24", "--eval-pairs", "50", "--steps", "3"]
+    main(["--comparisons", "40", "60", *args, "--out", str(tmp_path / "a")])
+    main(["--comparisons", "40", *args, "--out", str(tmp_path / "b")])  # rebuilding one proxy alone reproduces it
     first, second = (load_file(tmp_path / out / "proxy_40.safetensors") for out in ("a", "b"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    report = json.loads((tmp_path / "a" / "proxy_report.json").read_text())
+    report, alone = (json.loads((tmp_path / out / "proxy_report.json").read_text()) for out in ("a", "b"))
+    assert {k: v for k, v in report["40"].items() if k != "train_minutes"} == {
+        k: v for k, v in alone["40"].items() if k != "train_minutes"
+    }
     assert 0 <= report["40"]["accuracy_vs_gold"] <= 1 and 0.5 <= report["40"]["noise_ceiling"] <= 1
-    assert report["data"]["command"].startswith("python -m framework.testbed.train_proxy --comparisons 40")
+    assert alone["data"]["command"].startswith("python -m framework.testbed.train_proxy --comparisons 40 --images")
     reward = load_proxy(tmp_path / "a" / "proxy_40.safetensors")
     images = torch.rand(2, 3, 32, 32, requires_grad=True)
     scores = reward(images, ["a red circle", "a blue square"])

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     train_images, train_prompts = generate(args.images, args.seed)
     eval_images, eval_prompts = generate(args.eval_images, args.seed + 1)
     train_gold, eval_gold = gold_table(train_images), gold_table(eval_images)
-    stream = comparisons(train_prompts, max(args.comparisons), generator)
+    # One stream as long as the largest proxy's, whichever proxies this call rebuilds: each proxy's first N pairs,
+    # their labels and the held-out pairs drawn after them are then the same as when all were built together.
+    stream = comparisons(train_prompts, max([*args.comparisons, *PROXY_SIZES]), generator)
     stream_labels, _ = rate(train_gold, stream, generator)
     held_out = comparisons(eval_prompts, args.eval_pairs, generator)
     held_out_labels, held_out_gap = rate(eval_gold, held_out, generator)
