@@ -155,7 +155,7 @@ def load_experiment(path: Path) -> dict:
             f"{path}: metric win_rate needs `versus:` naming one of the runs "
             f"({', '.join(map(str, spec['runs']))}); got {spec.get('versus')!r}"
         )
-    options = {o for axes in (spec.get("grid") or {}).values() for axis in axes.values() for o in axis}
+    options = {o for grid in (spec.get("grid") or {}).values() for axis in grid.values() for o in axis}  # names
     for label, overrides in spec["runs"].items():
         cells = overrides.get("cells", []) if isinstance(overrides, dict) else []
         if not isinstance(cells, list) or not set(cells) <= options:
