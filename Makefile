@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 # so 20 steps show a visible change).
 RUN_ARGS ?= method.num_steps=10 method.opt_steps=20 method.lr=0.05 prompts.limit=3
 
-# make reproduce-tables [SCALE=testbed|paper] [EXPERIMENT="mechanism compute_matched"]
+# make reproduce-tables [SCALE=testbed|paper] [EXPERIMENT="mechanism compute_matched"] [JOBS=n: runs at a time]
 SCALE ?= testbed
 EXPERIMENT ?=
 
@@ -44,7 +44,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce-tables: install
-	$(PY) -m framework.experiments --scale $(SCALE) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+	$(PY) -m framework.experiments --scale $(SCALE) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(JOBS),--jobs $(JOBS))
 
 bench: install
 	$(PY) benchmarks/bench_sampler.py

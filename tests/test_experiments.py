@@ -4,6 +4,7 @@ Hydra multirun sweeps with their aggregated table; the paper scale's weight chec
 import csv
 import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 import yaml
 from conftest import REPO, call_main, launch_in_process, run_cli
 
-from framework.errors import FrameworkError
-from framework.experiments import prepare, reproduce, reproduce_all, slug
+from framework.errors import STOPPED, FrameworkError, Interrupted
+from framework.experiments import Run, prepare, reproduce, reproduce_all, run_missing, slug
 from framework.records import read_records
 from framework.report import step_curve
 from framework.specs import EXPERIMENTS_DIR, load_experiment
@@ -474,3 +475,46 @@ def test_multirun_jobs_are_one_wandb_group():
         assert wandb_group(cfg) == "mine"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_runs_go_in_parallel_after_the_runs_they_read(tmp_path):
+    """`--jobs 2`: each distinct directory runs once, two at a time; a run reading another's directory ({run:X},
+    recorded by the plan) starts after that one ended; a failure is that run's one-line error; a stopped run stops
+    the whole call, and what waited on it never starts."""
+    spec = {
+        "title": "t",
+        "kind": "table",
+        "metrics": ["reward"],
+        "scales": {"testbed": ["model=shapes", "prompts=shapes", "logger=none"]},
+        "runs": {"DRaFT": ["method=draft"], "AIG": ["method=aig", "method.adapter={run:DRaFT}/adapter"]},
+    }
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    _, (draft, aig) = prepare("t", "testbed", tmp_path / "out", tmp_path, {})
+    assert draft.needs == [] and aig.needs == [draft.dir]
+
+    events, lock = [], threading.Lock()
+    together = threading.Barrier(2, timeout=30)  # broken (an error) unless a and b run at the same time
+
+    def launch(overrides, outcome):
+        name = Path(overrides[-1].removeprefix("hydra.run.dir=")).name
+        with lock:
+            events.append(("start", name))
+        if name in "ab":
+            together.wait()
+        with lock:
+            events.append(("end", name))
+        return outcome.get(name, (0, ""))
+
+    a, b = (Run(n, {}, [], n, tmp_path / n) for n in "ab")
+    c = Run("c", {}, [], "c", tmp_path / "c", needs=[a.dir])
+    runs = [(a, "g"), (b, "g"), (c, "g"), (a, "other experiment")]
+    failed = run_missing(runs, lambda o: launch(o, {"b": (1, "error: boom\n")}), jobs=2)
+    assert failed == {b.dir: "boom"}
+    assert sorted(e for e in events if e[0] == "start") == [("start", n) for n in "abc"]  # a once
+    assert events.index(("end", "a")) < events.index(("start", "c"))
+
+    events.clear()
+    together.reset()
+    with pytest.raises(Interrupted):
+        run_missing(runs, lambda o: launch(o, {"a": (STOPPED["SIGINT"], "")}), jobs=2)
+    assert ("start", "c") not in events and ("end", "b") in events

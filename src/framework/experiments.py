@@ -10,14 +10,19 @@ framework.statistics) and, for `kind: curve`, `pareto` or `tradeoff`, <name>.png
 """
 
 import argparse
+import functools
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,7 @@ class Run:
     ident: str  # framework.identity.identity_hash of the composed configuration
     dir: Path
     cfg: Any = None  # the composed config (DictConfig); None for sweep jobs read back from disk
+    needs: list[Path] = field(default_factory=list)  # directories of the runs it reads ({run:LABEL}): run first
 
     @property
     def name(self) -> str:
@@ -118,11 +124,13 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
             # in order: {run:X} names an earlier run of the cell
             for label, overrides in run_overrides(spec, scale, tuple(cell_options.values())).items():
                 where = f"experiment {experiment}, run {label!r}"
+                needs = []
 
                 def directory(match):
                     if match.group(1) not in done:
                         raise FrameworkError(f"{where}: {match.group(0)} must name an earlier run")
-                    return str(done[match.group(1)].dir.resolve())
+                    needs.append(done[match.group(1)].dir)
+                    return str(needs[-1].resolve())
 
                 full = [
                     RUN_REF.sub(directory, o)
@@ -132,21 +140,19 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
                 if ident not in claimed:
                     name = " · ".join([label, *cell_options.values()])
                     claimed[ident] = run_directory(runs_root, name, cfg, ident)
-                done[label] = Run(label, cell_options, full, ident, claimed[ident], cfg)
+                done[label] = Run(label, cell_options, full, ident, claimed[ident], cfg, needs)
             runs += done.values()
     return runs
 
 
-def launch_process(overrides: list[str]) -> tuple[int, str]:
-    """`framework.run` with these overrides in a fresh process (memory and failures stay with that run): its exit
-    code and stderr. Ctrl-C reaches the run from the terminal (they share the process group): this process waits
-    for the run to stop cleanly instead of killing it."""
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-    try:
-        command = [sys.executable, "-m", "framework.run", *overrides]
-        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def launch_process(overrides: list[str], threads: int | None = None) -> tuple[int, str]:
+    """`framework.run` with these overrides in a fresh process (memory and failures stay with that run), on `threads`
+    CPU threads (OMP_NUM_THREADS, unless the environment sets it): its exit code and stderr."""
+    env = dict(os.environ)
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    command = [sys.executable, "-m", "framework.run", *overrides]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     return result.returncode, result.stderr
 
 
@@ -160,16 +166,50 @@ def ensure_run(run: Run, group: str, launch: Callable[[list[str]], tuple[int, st
         if counts["num_ok"] == counts["num_items"]:
             return None
     print(f"running {run.name} in {run.dir}", flush=True)
+    start = time.monotonic()
     code, stderr = launch([*run.overrides, f"logger.group={group}", f"hydra.run.dir={run.dir}"])
     if code == 0:
+        print(f"  finished {run.name} in {time.monotonic() - start:.0f} s", flush=True)
         return None
     stopped_by = {exit_code: name for name, exit_code in STOPPED.items()}
     if code in stopped_by:
         raise Interrupted(f" during run {run.dir}; rerun the same command to resume", stopped_by[code])
     lines = [line for line in stderr.splitlines() if line.strip()]
     error = (lines or [f"exit code {code}"])[-1].removeprefix("error: ")
-    print(f"  failed: {error}", flush=True)
+    print(f"  failed {run.name}: {error}", flush=True)
     return error
+
+
+def run_missing(runs: list[tuple[Run, str]], launch: Callable, jobs: int = 1) -> dict[Path, str]:
+    """Run or resume each distinct run (with its W&B group; see `ensure_run`), `jobs` at a time, a run that reads
+    another's directory starting after it. Returns the failures: directory -> one-line error. Ctrl-C reaches the
+    runs from the terminal (they share the process group): this process waits for them to stop cleanly instead of
+    killing them, then raises Interrupted; nothing new starts meanwhile."""
+    distinct: dict[Path, tuple[Run, str]] = {}
+    for run, group in runs:
+        distinct.setdefault(run.dir, (run, group))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        if jobs == 1:  # in this thread: a launcher that runs in-process (the tests') keeps the main thread
+            return {run.dir: error for run, group in distinct.values() if (error := ensure_run(run, group, launch))}
+        stop, futures = threading.Event(), {}
+
+        def task(run: Run, group: str) -> str | None:
+            wait([futures[need] for need in run.needs])  # submitted earlier, so already started: no deadlock
+            if stop.is_set():
+                return None
+            try:
+                return ensure_run(run, group, launch)
+            except Interrupted:
+                stop.set()
+                raise
+
+        with ThreadPoolExecutor(jobs) as pool:
+            for run, group in distinct.values():
+                futures[run.dir] = pool.submit(task, run, group)
+        return {directory: error for directory, future in futures.items() if (error := future.result())}
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def prepare(name: str, scale: str, out: Path, experiments_dir: Path, claimed: dict) -> tuple[dict, list[Run]]:
@@ -184,10 +224,10 @@ def prepare(name: str, scale: str, out: Path, experiments_dir: Path, claimed: di
 
 
 def reproduce_all(
-    names: list[str], scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR, launch=launch_process
+    names: list[str], scale: str, out: Path, experiments_dir: Path = EXPERIMENTS_DIR, launch=launch_process, jobs=1
 ) -> list[Path]:
     """Check every experiment first (configs compose, weights present), then run what is missing (each run through
-    `launch`, see `ensure_run`) and aggregate."""
+    `launch`, `jobs` at a time; see `run_missing`) and aggregate."""
     claimed: dict[str, Path] = {}  # one directory per configuration across all the experiments
     planned = {name: prepare(name, scale, out, experiments_dir, claimed) for name in names}
     from framework.preflight import missing_weights
@@ -212,11 +252,10 @@ def reproduce_all(
             f"files and directories at the paths shown, or point the keys at them in the `scales: {scale}` overrides "
             "of experiments/<name>.yaml (e.g. model.source=/data/sd15)."
         )
-    written, failed = [], {}
+    groups = [(run, f"{name}-{scale}") for name, (_, runs) in planned.items() for run in runs]
+    failed = run_missing(groups, launch, jobs)
+    written = []
     for name, (spec, runs) in planned.items():
-        for run in runs:
-            if run.dir not in failed and (error := ensure_run(run, f"{name}-{scale}", launch)):
-                failed[run.dir] = error
         statuses = {run.name: failed[run.dir] for run in runs if run.dir in failed}
         written += aggregate(name, spec, runs, out / "tables" / scale, statuses)
     if failed:
@@ -245,7 +284,17 @@ def main() -> None:
     parser.add_argument("--scale", default="testbed")
     parser.add_argument("--experiment", nargs="*", help="names in experiments/ (default: all that have the scale)")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="runs at a time, the CPU threads shared among them (default: one per CPU core on the testbed, whose "
+        "small runs use several threads poorly; one at other scales, whose runs each take the whole GPU)",
+    )
     args = parser.parse_args()
+    jobs = args.jobs or (os.cpu_count() or 1 if args.scale == "testbed" else 1)
+    if jobs < 1:
+        parser.error("--jobs must be at least 1")
+    launch = functools.partial(launch_process, threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
 
     def show(written: list[Path]) -> None:
         for path in written:
@@ -264,7 +313,7 @@ def main() -> None:
         every = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
         names = args.experiment or [p.stem for p in every if args.scale in load_experiment(p)["scales"]]
         try:
-            show(reproduce_all(names, args.scale, args.out))
+            show(reproduce_all(names, args.scale, args.out, launch=launch, jobs=jobs))
         except RunsFailed as e:  # the tables of what finished, then the failure
             show(e.written)
             raise
