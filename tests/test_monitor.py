@@ -12,6 +12,7 @@ from conftest import run_cli
 from safetensors.torch import load_file
 
 from framework.monitor import Signal, detect, velocity
+from framework.monitor_study import DEFAULT, Trajectory, outcome, summarise
 from framework.records import read_records
 
 STEPS = [0, 5, 10, 15, 20, 25, 30, 35]
@@ -154,3 +155,32 @@ def test_the_rule_runs_over_a_noise_methods_step_records(tmp_path):
     gain = np.array([r.after(k, "reward") - r.after(b, "reward") for r in records])
     for d in (fall, gain):
         assert d.mean() > 3 * d.std(ddof=1) / np.sqrt(len(d))
+
+
+def trajectory_of(gold_curve, signal_fall_from, cell="c", units=16, seed=0):
+    """A Trajectory whose mean gold follows `gold_curve`, the reward rises throughout, and the held-out reward falls
+    from evaluation `signal_fall_from` (None: never), with small unit noise."""
+    reward, held_out = curves(signal_fall_from, seed=seed, units=units)
+    rng = np.random.default_rng(seed + 1)
+    gold = np.asarray(gold_curve, float)[:, None] + 0.01 * rng.standard_normal((len(STEPS), units))
+    return Trajectory("run", cell, STEPS, reward, [held_out], gold, held_out.values)
+
+
+def test_the_study_scores_the_rule_against_gold():
+    """Gold peaking at evaluation 3 then falling: flagged at evaluation 6 (the held-out reward falls from 5, two
+    evaluations in a row) is detected with lag 15 steps and keeps gold of evaluation 6; a held-out signal that never
+    falls misses it; a run whose gold never falls but whose held-out reward does is a false alarm."""
+    hacked = [0.5, 0.55, 0.6, 0.65, 0.6, 0.5, 0.4, 0.3]
+    row = outcome(trajectory_of(hacked, 5), *DEFAULT)
+    assert row["hacks"] and row["outcome"] == "detected" and row["gold_peak_step"] == STEPS[3]
+    assert row["flag_step"] == STEPS[6] and row["lag"] == STEPS[6] - STEPS[3]
+    assert row["gold_at_flag"] == pytest.approx(0.4, abs=0.01) and row["gold_final"] == pytest.approx(0.3, abs=0.01)
+    assert row["gold_best_held_out"] == pytest.approx(hacked[int(np.argmax(curves(5)[1].values.mean(1)))], abs=0.01)
+    assert outcome(trajectory_of(hacked, None), *DEFAULT)["outcome"] == "missed"
+    rising = [0.5, 0.52, 0.54, 0.56, 0.58, 0.6, 0.62, 0.64]
+    assert outcome(trajectory_of(rising, 5), *DEFAULT)["outcome"] == "false alarm"
+    assert outcome(trajectory_of(rising, None), *DEFAULT)["outcome"] == "quiet"
+    counts = summarise([outcome(trajectory_of(g, f), *DEFAULT) for g, f in ((hacked, 5), (hacked, None), (rising, 5))])
+    expected = {"runs": 3, "hacking": 2, "detected": 1, "missed": 1, "false alarm": 1}
+    assert {key: counts[key] for key in expected} == expected
+    assert counts["median_lag"] == STEPS[6] - STEPS[3]

@@ -104,20 +104,35 @@ def velocity(drift: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full((1, drift.shape[1]), np.nan), np.diff(drift, axis=0)])
 
 
+def record_table(records: list[ItemRecord], key: str, steps: list[int]) -> np.ndarray:
+    """`key` after each of `steps` optimisation steps, [steps, items] (NaN where not recorded)."""
+    return np.array([[np.nan if (v := r.after(k, key)) is None else v for r in records] for k in steps], float)
+
+
 def record_signals(records: list[ItemRecord], held_out: list[str]) -> tuple[list[int], np.ndarray, list[Signal]]:
     """The rule's inputs from a noise method's per-step records (each item is a probe unit; the evaluations are the
     steps every item recorded, then the final images): the optimised reward, the held-out rewards
     (`eval_<name>` for each name in `held_out`) and the velocity of pixel drift."""
     length = min(len(r.steps) for r in records)
     steps = list(range(length)) + ([length] if all(len(r.steps) == length for r in records) else [])
+    signals = [Signal(f"eval_{name}", record_table(records, f"eval_{name}", steps)) for name in held_out]
+    signals.append(Signal("drift_velocity", velocity(record_table(records, "drift_rmse", steps)), False))
+    return steps, record_table(records, "reward", steps), signals
 
-    def table(key: str) -> np.ndarray:
-        rows = [[r.after(k, key) for r in records] for k in steps]
-        return np.array([[np.nan if v is None else v for v in row] for row in rows], float)
 
-    signals = [Signal(f"eval_{name}", table(f"eval_{name}")) for name in held_out]
-    signals.append(Signal("drift_velocity", velocity(table("drift_rmse")), higher_is_better=False))
-    return steps, table("reward"), signals
+def probe_table(rows: list[dict], key: str) -> np.ndarray:
+    """`key` at each probe evaluation, [evaluations, units]."""
+    return np.array([row["units"][key] for row in rows], float)
+
+
+def probe_signals(rows: list[dict], held_out: list[str]) -> tuple[list[int], np.ndarray, list[Signal]]:
+    """The rule's inputs from probe evaluations (`monitor.jsonl` rows): the optimised reward, the held-out rewards,
+    diversity (its units are the probe prompts) and the velocity of pixel drift."""
+    signals = [Signal(f"eval_{name}", probe_table(rows, f"eval_{name}")) for name in held_out]
+    if "diversity_vendi" in rows[0]["units"]:
+        signals.append(Signal("diversity_vendi", probe_table(rows, "diversity_vendi")))
+    signals.append(Signal("drift_velocity", velocity(probe_table(rows, "drift_rmse")), higher_is_better=False))
+    return [row["step"] for row in rows], probe_table(rows, "reward"), signals
 
 
 class ProbeMonitor(L.Callback):
@@ -204,7 +219,7 @@ class ProbeMonitor(L.Callback):
 
     def write(self, trainer) -> None:
         """The files of the curves so far, and the rule's decision over them."""
-        self.flag = detect(*self.signals(), z=self.cfg.z, patience=self.cfg.patience)
+        self.flag = detect(*probe_signals(self.rows, self.held_out), z=self.cfg.z, patience=self.cfg.patience)
         if self.flag is not None and self.cfg.stop:
             trainer.should_stop = True
         if not trainer.is_global_zero:
@@ -220,14 +235,6 @@ class ProbeMonitor(L.Callback):
         decision |= {} if self.flag is None else self.flag.as_dict()
         decision["best_held_out_step"] = None if best is None else best["step"]
         (self.out_dir / "monitor.json").write_text(json.dumps(decision, indent=1))
-
-    def signals(self) -> tuple[list[int], np.ndarray, list[Signal]]:
-        table = lambda key: np.array([row["units"][key] for row in self.rows], float)  # noqa: E731
-        signals = [Signal(f"eval_{name}", table(f"eval_{name}")) for name in self.held_out]
-        if "diversity_vendi" in self.rows[0]["units"]:
-            signals.append(Signal("diversity_vendi", table("diversity_vendi")))
-        signals.append(Signal("drift_velocity", velocity(table("drift_rmse")), higher_is_better=False))
-        return [row["step"] for row in self.rows], table("reward"), signals
 
 
 def draw(rows: list[dict], flag: Flag | None, path: Path) -> None:
