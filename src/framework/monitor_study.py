@@ -128,7 +128,11 @@ def write_outputs(tuned: dict, rows: list[dict], summaries: list[dict], title: s
     """<stem>_runs.{csv,md} (per run, at the tuned setting) and <stem>_summary.{csv,md}."""
     written = []
     for path, table, heading in (
-        (stem.with_name(f"{stem.name}_runs"), rows, f"{title}: per run at z = {tuned['z']}, patience {tuned['patience']}"),
+        (
+            stem.with_name(f"{stem.name}_runs"),
+            rows,
+            f"{title}: per run at z = {tuned['z']}, patience {tuned['patience']}",
+        ),
         (stem.with_name(f"{stem.name}_summary"), summaries, f"{title}: tuned on {tuned['tuned_on']}"),
     ):
         keys = list(table[0]) if table else []
