@@ -100,6 +100,8 @@ def test_a_draft_run_watches_its_probe_set_and_stops_at_the_flag(tmp_path):
     assert rows[step]["eval_darkness"] == pytest.approx(-rows[step]["reward"], abs=1e-3)
     assert {"gold", "adherence", "diversity_vendi", "drift_embedding"} <= rows[step].keys()
     assert json.loads((run_dir / "summary.json").read_text())["monitor"] == decision
+    assert f"hacking monitor: flagged at step {step} (eval_darkness turned)" in result.stdout
+    assert rows[0]["probe_evals"] == 4 * 4  # 4 probe images × 4 sampler steps
     with open(next((run_dir / "train").glob("version_*/metrics.csv"))) as f:
         trained = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert max(trained) == step - 1  # the last optimiser step trained

@@ -22,6 +22,7 @@ real models as on the testbed, where gold measures it (docs/experiments.md).
 import csv
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,6 +194,7 @@ class ProbeMonitor(L.Callback):
     def evaluate(self, trainer, module) -> None:
         """One evaluation of the probe set at the current step (every process computes it; rank 0 writes)."""
         step, (prompts, _) = trainer.global_step, self.probe(module)
+        start, evals = time.perf_counter(), module.backbone.num_evals
         images = self.images(module)
         units = {"reward": module.reward(images, prompts).tolist()}
         shown, base = module.backbone.postprocess(images), module.backbone.postprocess(self.base)
@@ -207,7 +209,9 @@ class ProbeMonitor(L.Callback):
                 units["diversity_vendi"] = [vendi_score(g) for g in groups]
                 units["diversity_pairwise"] = [mean_pairwise_distance(g) for g in groups]
             sets["cmmd"] = cmmd(embeds.cpu(), base_embeds.cpu())
-        row = {"step": step, "means": {k: float(np.mean(v)) for k, v in units.items()} | sets, "units": units}
+        cost = {"probe_evals": module.backbone.num_evals - evals, "probe_seconds": time.perf_counter() - start}
+        means = {k: float(np.mean(v)) for k, v in units.items()} | sets
+        row = {"step": step, "means": means, "units": units, "cost": cost}
         self.rows.append(row)
         if self.held_out and trainer.is_global_zero:
             best = max(self.rows, key=lambda r: r["means"][f"eval_{self.held_out[0]}"])
@@ -225,11 +229,11 @@ class ProbeMonitor(L.Callback):
         if not trainer.is_global_zero:
             return
         (self.out_dir / ROWS).write_text("".join(json.dumps(row) + "\n" for row in self.rows))
-        keys = list(dict.fromkeys(k for row in self.rows for k in row["means"]))
+        table = [{"step": row["step"]} | row["means"] | row["cost"] for row in self.rows]
         with open(self.out_dir / "monitor.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", *keys])
-            writer.writerows([row["step"], *(row["means"].get(k, "") for k in keys)] for row in self.rows)
+            writer = csv.DictWriter(f, list(dict.fromkeys(k for row in table for k in row)))
+            writer.writeheader()
+            writer.writerows(table)
         best = max(self.rows, key=lambda r: r["means"][f"eval_{self.held_out[0]}"]) if self.held_out else None
         decision = {"hacking_step": None if self.flag is None else self.flag.step}
         decision |= {} if self.flag is None else self.flag.as_dict()
