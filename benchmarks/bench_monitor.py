@@ -27,7 +27,7 @@ ARGS = [
     "method.train_batch_size=4",
     "method.lr=1e-3",
     "method.sample_every=0",
-    "prompts.limit=2",  # the items sampled after training: as few as possible
+    "prompts.limit=4",  # the probe's 4 prompts; also the items sampled after training
     "logger=none",
 ]
 
