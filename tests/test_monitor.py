@@ -186,3 +186,35 @@ def test_the_study_scores_the_rule_against_gold():
     expected = {"runs": 3, "hacking": 2, "detected": 1, "missed": 1, "false alarm": 1}
     assert {key: counts[key] for key in expected} == expected
     assert counts["median_lag"] == STEPS[6] - STEPS[3]
+
+
+def test_at_real_scale_composed_on_tiny_models(tmp_path):
+    """HPS optimised with PickScore and aesthetic held out (tiny random stand-ins, as the real ones compose): the
+    probe records both held-out rewards and the rule reads them (random-weight models have no image features, so no
+    diversity or embedding drift)."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "model=tiny_sd",
+        "model.resolution=32",
+        "reward=tiny_hps",
+        "eval.rewards=[tiny_pickscore,tiny_aesthetic]",
+        "method=draft",
+        "method.num_steps=3",
+        "method.train_steps=2",
+        "method.save_every=2",
+        "method.sample_every=0",
+        "method.train_batch_size=2",
+        "method.lora_rank=4",
+        "prompts=inline",
+        "prompts.prompts=[a cat,a dog]",
+        "monitor.every=1",
+        "monitor.select=best_held_out",
+        "logger=none",
+        run_dir=run_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = probe_rows(run_dir)
+    assert sorted(rows) == [0, 1, 2] and {"eval_tiny_pickscore", "eval_tiny_aesthetic", "drift_rmse"} <= rows[0].keys()
+    assert "diversity_vendi" not in rows[0]
+    best = max(rows, key=lambda step: rows[step]["eval_tiny_pickscore"])  # the first held-out reward selects
+    assert json.loads((run_dir / "monitor.json").read_text())["best_held_out_step"] == best
