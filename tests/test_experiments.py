@@ -38,12 +38,12 @@ def test_mean_ci_brackets_the_mean_and_collapses_for_constant_values():
 
 def test_shipped_experiments_are_valid(tmp_path):
     names = {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")}
-    assert {"mechanism", "compute_matched", "win_rate", "pareto", "overoptimisation"} <= names
+    assert {"mechanism", "compute_matched", "win_rate", "pareto", "overoptimisation", "monitor"} <= names
     claimed = {}
     for name in names:
         spec = load_experiment(EXPERIMENTS_DIR / f"{name}.yaml")
-        # every experiment at both scales, but over-optimisation: gold exists on the testbed only
-        expected = {"testbed"} if spec["kind"] == "overoptimisation" else {"testbed", "paper"}
+        # every experiment at both scales, but over-optimisation and the monitor's: gold exists on the testbed only
+        expected = {"testbed"} if spec["kind"] in ("overoptimisation", "monitor") else {"testbed", "paper"}
         assert expected <= set(spec["scales"]) and spec["runs"]
         assert prepare(name, "testbed", tmp_path, EXPERIMENTS_DIR, claimed)[1]  # every run composes and is valid
 

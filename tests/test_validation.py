@@ -11,7 +11,15 @@ import pytest
 from conftest import compose, run_cli
 from omegaconf import OmegaConf
 
-from framework.config import Config, EvalConfig, LoggerConfig, ModelConfig, PromptsConfig, TrainerConfig
+from framework.config import (
+    Config,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    MonitorConfig,
+    PromptsConfig,
+    TrainerConfig,
+)
 from framework.errors import FrameworkError
 from framework.methods.schemas import METHODS
 from framework.rewards.registry import RewardConfig
@@ -25,6 +33,7 @@ SCHEMAS = [
     (TrainerConfig, "trainer", []),
     (LoggerConfig, "logger", []),
     (EvalConfig, "eval", []),
+    (MonitorConfig, "monitor", ["method=draft"]),
     (Config, "", []),
 ]
 SCHEMAS += [
@@ -132,6 +141,10 @@ RELATIONS = {
     "method.held_out ": ["method=mira_dpo", "method.held_out=judge", "eval.rewards=[judge]"],
     "method.held_out  ": ["method=dno", "reward=contrast", "method.held_out=contrast", "eval.rewards=[contrast]"],
     "method.select  ": ["method=dno", "reward=contrast", "method.select=best_held_out", "eval.rewards=[contrast]"],
+    "monitor.every": ["method=dno", "monitor.every=5"],  # the noise methods' rule reads their step records
+    "monitor.stop": ["method=draft", "monitor.stop=true"],  # no probe set to act on
+    "monitor.select": ["method=draft", "monitor.select=best_held_out"],
+    "monitor.select ": ["method=draft", "monitor.every=5", "monitor.select=best_held_out", "eval.rewards=[judge]"],
 }
 
 

@@ -17,7 +17,7 @@ from framework.methods.schemas import METHODS, reward_options
 from framework.options import CONF_DIR
 from framework.rewards.registry import DTYPES, RewardConfig
 from framework.testbed import MODEL_DIR
-from framework.validation import COUNT, OneOf, Range, Text, valid
+from framework.validation import COUNT, POSITIVE, OneOf, Range, Text, valid
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,31 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The probe set a fine-tuning run evaluates while it trains and the hacking rule over it (framework.monitor).
+    The noise methods need no probe: the rule runs over their per-step records (summary.json: `monitor`)."""
+
+    every: int = valid(0, Range(0))  # optimiser steps between probe evaluations (0: no probe set); method=draft
+    prompts: int = valid(4, COUNT)  # the first N prompts of the run's prompt set ...
+    seeds: int = valid(2, COUNT)  # ... × N fixed seeds each (diversity needs 2 or more)
+    z: float = valid(3.0, POSITIVE)  # standard errors (over probe units) a held-out signal must fall by
+    patience: int = valid(2, COUNT)  # evaluations in a row the rule must hold before it flags
+    stop: bool = False  # end training at the flag
+    # last | best_held_out: sample the items with the adapter of the evaluation the first held-out reward scored best
+    select: str = valid("last", OneOf(("last", "best_held_out")))
+
+    @staticmethod
+    def relations(c, run) -> Iterator[tuple[str, str]]:
+        if c.every and run.method.name != "draft":
+            yield "monitor.every", "a probe set is evaluated by fine-tuning methods (method=draft)"
+        for key in ("stop", "select"):
+            if c[key] not in (False, "last") and not c.every:
+                yield f"monitor.{key}", "it acts on the probe set's evaluations: set monitor.every (e.g. 5)"
+        if c.select == "best_held_out" and not held_out_rewards(run):
+            yield "monitor.select", "best_held_out needs a held-out reward: set eval.rewards (e.g. [contrast])"
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     reward: RewardConfig = MISSING
@@ -141,6 +166,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     seed: int = valid(0, Range(0, 2**31 - 1))  # item seeds derive from (seed, prompt index, sample index)
     samples_per_prompt: int = valid(1, COUNT)
     output_dir: str = valid("${hydra:runtime.output_dir}", Text())
@@ -155,13 +181,16 @@ class Config:
 def held_out_reward(c) -> str | None:
     """The held-out reward of a noise method's stopping rule in run config `c`: `method.held_out`, or the first of
     eval.rewards that is neither the testbed's ground-truth judge (which stays a pure measurement) nor the optimised
-    reward itself (which the rule must not consult)."""
+    reward itself (which the rule must not consult): the first of `held_out_rewards`."""
     if "select" not in c.method:  # not a noise-optimisation method: no stopping rule
         return None
-    if c.method.held_out:
-        return c.method.held_out
-    candidates = (name for name in c.eval.rewards if name != "judge" and not same_reward(reward_config(name), c.reward))
-    return next(candidates, None)
+    return c.method.held_out or next(iter(held_out_rewards(c)), None)
+
+
+def held_out_rewards(c) -> list[str]:
+    """The rewards of eval.rewards that can judge run `c` blind: neither the testbed's ground-truth judge (which
+    stays a pure measurement) nor the optimised reward."""
+    return [name for name in c.eval.rewards if name != "judge" and not same_reward(reward_config(name), c.reward)]
 
 
 def held_out_relations(c) -> Iterator[tuple[str, str]]:

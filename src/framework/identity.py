@@ -23,6 +23,8 @@ def run_identity(cfg) -> dict:
         OmegaConf.masked_copy(cfg, [k for k in cfg if k not in EXECUTION_GROUPS]), resolve=True
     )
     identity["method"].pop("batch_size")
+    if not identity["monitor"]["every"]:  # no probe set: the monitor changes nothing a run computes
+        identity.pop("monitor")
     for key in RUNTIME_OPTIONS:
         identity["model"].pop(key)
     return identity

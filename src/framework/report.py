@@ -102,6 +102,10 @@ def print_summary(summary: dict, label: str) -> None:
                 + f"{summary[f'final_{key}_mean']:.4f}"
             )
         print_set_metrics(summary.get("sets", {}))
+        if decision := summary.get("monitor"):
+            step, best = decision["hacking_step"], decision.get("best_held_out_step")
+            flagged = "not flagged" if step is None else f"flagged at step {step} ({decision['signal']} turned)"
+            print(f"  hacking monitor: {flagged}" + ("" if best is None else f"; held-out reward best at step {best}"))
     run_dir = Path(summary["run_dir"])
     print(
         f"images:  {run_dir / 'items'}/<item>/{{base,final}}.png, grid {run_dir / 'grid.png'}\n"

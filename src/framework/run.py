@@ -62,6 +62,7 @@ def run(cfg: DictConfig) -> dict | None:
     from framework.methods import build_method
     from framework.metrics import build_metrics
     from framework.models import load_backbone
+    from framework.monitor import run_decision
     from framework.prompts import load_prompts
     from framework.report import print_summary
     from framework.rewards import build_reward
@@ -77,13 +78,13 @@ def run(cfg: DictConfig) -> dict | None:
     trainer = make_trainer(cfg, method)  # before the models load: a device this machine lacks is bad input
     backbone = load_backbone(cfg.model)
     metrics = build_metrics(cfg.eval, cfg.model)
-    method = method.prepare(cfg, trainer, backbone, reward)  # e.g. load an adapter, or fine-tune one (draft)
+    method = method.prepare(cfg, trainer, backbone, reward, metrics)  # e.g. load an adapter, or fine-tune (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics, held_out_reward(cfg))
     trainer.predict(module, datamodule=ItemsDataModule(items, store, method.cfg.batch_size), return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None
-    summary = store.summarize(items, metrics.set_metrics)
+    summary = store.summarize(items, metrics.set_metrics, lambda records: run_decision(cfg, store.run_dir, records))
     print_summary(summary, _label(cfg))
     wandb_dir = log_to_wandb(cfg, summary, name=f"{Path(cfg.output_dir).name}")
     if wandb_dir:

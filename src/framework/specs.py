@@ -5,7 +5,8 @@ every run at each scale, an optional grid per scale (every run in every cell), a
 (framework.experiments runs it):
 
     title: ...
-    kind: table | curve | pareto | tradeoff | overoptimisation   # the last: framework.overoptimisation's analysis
+    kind: table | curve | pareto | tradeoff | overoptimisation | monitor   # the last two: framework.overoptimisation's
+                                                 # and framework.monitor_study's analyses
     metrics: [reward, adherence, drift_rmse]     # see below
     scales: {testbed: [overrides...], paper: [overrides...]}
     grid: {paper: {model: {SD1.5: [model=sd15], SDXL: [model=sdxl]}, reward: {...}}}   # optional, per scale
@@ -23,6 +24,7 @@ every run at each scale, an optional grid per scale (every run in every cell), a
     tradeoff: {y: reward, x: [adherence, drift_rmse]}  # kind tradeoff: y against each x along every run's
                                                  # optimisation trajectory (step means), ending at its final images
                                                  # (means with bootstrap intervals); runs without one: a point
+    monitor: {tune: Brightness, report: Proxy}   # kind monitor: the grid options the rule is tuned and reported on
 
 Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...,
 and compute: `evals`, `seconds`; mean and bootstrap interval over items), `last.<key>` (the value at the last
@@ -40,12 +42,12 @@ from framework.errors import FrameworkError, first_line
 from framework.tables import table_metrics
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiment_specs"  # package data (<repo>/experiments links here)
-KINDS = ("table", "curve", "pareto", "tradeoff", "overoptimisation")
+KINDS = ("table", "curve", "pareto", "tradeoff", "overoptimisation", "monitor")
 
 
 REQUIRED_KEYS, OPTIONAL_KEYS = (
     ("title", "kind", "metrics", "scales", "runs"),
-    ("grid", "versus", "judges", "pareto", "curves", "tradeoff"),
+    ("grid", "versus", "judges", "pareto", "curves", "tradeoff", "monitor"),
 )
 # The names a table may ask for (kept true by a test against what runs record). Item metrics: the final image's
 # values, besides `eval_<reward config>` (held-out rewards); step keys: the per-step records (`last.<key>`, curves).
@@ -179,6 +181,13 @@ def load_experiment(path: Path) -> dict:
                     f"{path}: tradeoff: {metric!r} must be one of the metrics and a per-step key "
                     f"({', '.join(STEP_KEYS)})"
                 )
+    if spec["kind"] == "monitor":
+        split = spec.get("monitor")
+        if not isinstance(split, dict) or set(split) != {"tune", "report"} or not set(split.values()) <= options:
+            raise FrameworkError(
+                f"{path}: kind monitor needs `monitor: {{tune: <grid option>, report: <grid option>}}` "
+                f"(options: {', '.join(sorted(options)) or 'no grid'})"
+            )
     return spec
 
 

@@ -159,10 +159,10 @@ class ItemStore:
     def load_image(self, record: ItemRecord, kind: str) -> Tensor:
         return load_png(self.items_dir / record.id / f"{kind}.png")
 
-    def summarize(self, items: list[Item], set_metrics=None) -> dict:
+    def summarize(self, items: list[Item], set_metrics=None, decide=None) -> dict:
         """summary.json: run means of rewards, compute and every per-item metric (`<stage>_<metric>_mean`), numeric
-        method info (`info_<key>_mean`), and `set_metrics(records, load_image)` (run-level metrics of the finished
-        records) if given."""
+        method info (`info_<key>_mean`), `set_metrics(records, load_image)` (run-level metrics of the finished
+        records) and `decide(records)` (the hacking monitor's decision, framework.monitor) if given."""
         records = [self.record(item) for item in items]
         ok = [r for r in records if r and r.ok]
         failed = [r for r in records if r and not r.ok]
@@ -186,6 +186,8 @@ class ItemStore:
             summary[f"info_{key}_mean"] = mean([r.info[key] for r in ok if key in r.info])
         if set_metrics is not None:
             summary["sets"] = set_metrics(ok, self.load_image)
+        if decide is not None and (decision := decide(ok)) is not None:
+            summary["monitor"] = decision
         summary["items"] = [
             {
                 k: getattr(r, k)

@@ -208,6 +208,11 @@ def aggregate(name: str, spec: dict, runs: list, tables: Path, statuses: dict[st
         from framework.overoptimisation import analyse, write_outputs
 
         written += write_outputs(*analyse(runs), spec["title"], tables / name)
+    elif spec["kind"] == "monitor":
+        from framework.monitor_study import analyse, write_outputs
+
+        split = spec["monitor"]
+        written += write_outputs(*analyse(runs, split["tune"], split["report"]), spec["title"], tables / name)
     elif spec["kind"] != "table":
         written.append(tables / f"{name}.png")
     return written

@@ -23,7 +23,7 @@ def aig_gamma(schedule: str, i: int, n: int, p: float = 1.0, f: float = 0.5) -> 
 
 
 class AIG(Method):
-    def prepare(self, run_cfg, trainer, backbone, reward) -> Method:
+    def prepare(self, run_cfg, trainer, backbone, reward, metrics) -> Method:
         load_lora(backbone.denoiser, self.cfg.adapter)
         return self
 

@@ -165,9 +165,9 @@ class Method:
         """Options of the run's Lightning Trainer: a per-item method only predicts."""
         return {"logger": False, "enable_checkpointing": False}
 
-    def prepare(self, run_cfg, trainer, backbone: Backbone, reward: Reward) -> "Method":
-        """Work before the items (load an adapter; a fine-tuning method trains here); returns the method that runs
-        the items."""
+    def prepare(self, run_cfg, trainer, backbone: Backbone, reward: Reward, metrics: ImageMetrics) -> "Method":
+        """Work before the items (load an adapter; a fine-tuning method trains here, watching its probe set with
+        `metrics`); returns the method that runs the items."""
         return self
 
     def run(self, problem: Problem) -> list[ItemResult | NonFiniteLoss]:

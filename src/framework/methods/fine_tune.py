@@ -7,12 +7,14 @@ from pathlib import Path
 import lightning as L
 from omegaconf import OmegaConf
 
+from framework.config import held_out_rewards
 from framework.errors import Interrupted
 from framework.methods.common import Method
 from framework.methods.draft import DRaFT
 from framework.methods.lora_scale import LoRAScale
 from framework.methods.schemas import LoRAScaleConfig, SamplingConfig
-from framework.models.lora import WEIGHT_NAME, load_lora, save_lora
+from framework.monitor import BEST_ADAPTER, ProbeMonitor
+from framework.models.lora import WEIGHT_NAME, load_lora, restore_lora, save_lora
 
 INTERRUPTED_CKPT = "interrupted.ckpt"
 
@@ -39,31 +41,36 @@ class FineTuneThenSample(Method):
         )
         # a stop signal (Lightning raises at the end of the current step) or an error: save where training stopped
         on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
+        probe = [ProbeMonitor(cfg.monitor, held_out_rewards(cfg), Path(cfg.output_dir))] if cfg.monitor.every else []
         return {
             "max_steps": cfg.method.train_steps,
             "gradient_clip_val": cfg.method.grad_clip,
             "logger": training_loggers(cfg),
-            "callbacks": [checkpoints, on_stop],
+            "callbacks": [checkpoints, on_stop, *probe],
             "enable_checkpointing": True,
             "log_every_n_steps": 1,
         }
 
-    def prepare(self, cfg, trainer: L.Trainer, backbone, reward) -> Method:
+    def prepare(self, cfg, trainer: L.Trainer, backbone, reward, metrics) -> Method:
         from framework.prompts import load_prompts
 
         adapter = Path(cfg.output_dir) / "adapter"
         if (adapter / WEIGHT_NAME).exists():
             load_lora(backbone.denoiser, adapter)
         else:
+            for probe in (c for c in trainer.callbacks if isinstance(c, ProbeMonitor)):
+                probe.metrics = metrics
             module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
-            adapter = train(trainer, module)
+            adapter = train(trainer, module, select_best=cfg.monitor.select == "best_held_out")
         sampling = {f.name: cfg.method[f.name] for f in fields(SamplingConfig)}  # DRaFT's own sampler
         return LoRAScale(OmegaConf.structured(LoRAScaleConfig(**sampling, adapter=str(adapter), alpha=1.0)))
 
 
-def train(trainer: L.Trainer, module: DRaFT) -> Path:
+def train(trainer: L.Trainer, module: DRaFT, select_best: bool = False) -> Path:
     """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
-    `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory."""
+    `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory, which
+    holds the last adapter or, with `select_best`, the one of the probe evaluation the held-out reward scored best
+    (framework.monitor; the last one stays in checkpoints/)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     directory = module.out_dir / "checkpoints"
@@ -77,6 +84,8 @@ def train(trainer: L.Trainer, module: DRaFT) -> Path:
             f"{directory / INTERRUPTED_CKPT}; rerun the same command to resume"
         ) from None
     adapter = module.out_dir / "adapter"
+    if select_best:
+        restore_lora(module.backbone.denoiser, module.out_dir / "checkpoints" / BEST_ADAPTER)
     if trainer.is_global_zero:
         save_lora(module.backbone, adapter)
     trainer.strategy.barrier()

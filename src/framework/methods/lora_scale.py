@@ -9,7 +9,7 @@ from framework.models.lora import load_lora, set_lora_scale
 
 
 class LoRAScale(Method):
-    def prepare(self, run_cfg, trainer, backbone, reward) -> Method:
+    def prepare(self, run_cfg, trainer, backbone, reward, metrics) -> Method:
         load_lora(backbone.denoiser, self.cfg.adapter)
         return self
 

@@ -63,6 +63,17 @@ def save_lora(backbone, directory: Path) -> Path:
     return Path(directory) / WEIGHT_NAME
 
 
+def restore_lora(denoiser: nn.Module, directory: Path) -> None:
+    """Set the denoiser's attached adapter, in place, to the weights `save_lora` wrote to `directory` (e.g. an
+    earlier checkpoint of the adapter being trained)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    prefix = f"{lora_prefix(denoiser)}."
+    state = {key.removeprefix(prefix): value for key, value in load_file(Path(directory) / WEIGHT_NAME).items()}
+    set_peft_model_state_dict(denoiser, state, adapter_name="default")
+
+
 def lora_prefix(denoiser: nn.Module) -> str:
     from diffusers import UNet2DConditionModel
 
