@@ -104,7 +104,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def analyse(runs: list, tune: str, report: str) -> tuple[dict, list[dict], list[dict]]:
-    """The tuned setting, the per-run outcomes (tuned setting) and the summaries (each cell × setting)."""
+    """The tuned setting, the per-run outcomes and the summaries (each cell), at the tuned setting and the default."""
     axis = next(a for a in runs[0].cell if {tune, report} <= {r.cell[a] for r in runs})
     trajectories = [t for run in runs if (t := trajectory(run, axis)) is not None]
     tuning = [t for t in trajectories if t.cell == tune]
@@ -114,12 +114,13 @@ def analyse(runs: list, tune: str, report: str) -> tuple[dict, list[dict], list[
         return float(np.mean([r["gold_at_flag"] for r in rows])), setting
 
     z, patience = max(GRID, key=kept)
-    rows = [outcome(t, z, patience) for t in trajectories]
+    settings = list(dict.fromkeys([(z, patience), DEFAULT]))
+    rows = [{"z": s[0], "patience": s[1]} | outcome(t, *s) for s in settings for t in trajectories]
     summaries = [
         {"cell": cell, "split": split, "z": setting[0], "patience": setting[1]}
-        | summarise([outcome(t, *setting) for t in trajectories if t.cell == cell])
+        | summarise([row for row in rows if row["cell"] == cell and (row["z"], row["patience"]) == setting])
         for cell, split in ((tune, "tune"), (report, "report"))
-        for setting in dict.fromkeys([(z, patience), DEFAULT])
+        for setting in settings
     ]
     return {"z": z, "patience": patience, "tuned_on": tune, "reported_on": report}, rows, summaries
 
@@ -133,7 +134,11 @@ def write_outputs(tuned: dict, rows: list[dict], summaries: list[dict], title: s
             rows,
             f"{title}: per run at z = {tuned['z']}, patience {tuned['patience']}",
         ),
-        (stem.with_name(f"{stem.name}_summary"), summaries, f"{title}: tuned on {tuned['tuned_on']}"),
+        (
+            stem.with_name(f"{stem.name}_summary"),
+            summaries,
+            f"{title}: z = {tuned['z']}, patience {tuned['patience']} tuned on {tuned['tuned_on']}",
+        ),
     ):
         keys = list(table[0]) if table else []
         with open(path.with_suffix(".csv"), "w", newline="") as f:
