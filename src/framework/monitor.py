@@ -62,8 +62,10 @@ class Flag:
     signal: str
     best_step: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+def decision(flag: Flag | None) -> dict:
+    """The rule's decision as summary.json and monitor.json keep it."""
+    return {"hacking_step": None} if flag is None else {"hacking_step": flag.step} | asdict(flag)
 
 
 def paired_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -213,10 +215,8 @@ class ProbeMonitor(L.Callback):
         means = {k: float(np.mean(v)) for k, v in units.items()} | sets
         row = {"step": step, "means": means, "units": units, "cost": cost}
         self.rows.append(row)
-        if self.held_out and trainer.is_global_zero:
-            best = max(self.rows, key=lambda r: r["means"][f"eval_{self.held_out[0]}"])
-            if best is row:
-                save_lora(module.backbone, self.out_dir / "checkpoints" / BEST_ADAPTER)
+        if trainer.is_global_zero and self.best() is row:
+            save_lora(module.backbone, self.out_dir / "checkpoints" / BEST_ADAPTER)
         self.write(trainer)
         for logger in trainer.loggers:
             logger.log_metrics({f"probe/{k}": v for k, v in row["means"].items()}, step=step)
@@ -234,11 +234,14 @@ class ProbeMonitor(L.Callback):
             writer = csv.DictWriter(f, list(dict.fromkeys(k for row in table for k in row)))
             writer.writeheader()
             writer.writerows(table)
-        best = max(self.rows, key=lambda r: r["means"][f"eval_{self.held_out[0]}"]) if self.held_out else None
-        decision = {"hacking_step": None if self.flag is None else self.flag.step}
-        decision |= {} if self.flag is None else self.flag.as_dict()
-        decision["best_held_out_step"] = None if best is None else best["step"]
-        (self.out_dir / "monitor.json").write_text(json.dumps(decision, indent=1))
+        best = self.best()
+        chosen = decision(self.flag) | {"best_held_out_step": None if best is None else best["step"]}
+        (self.out_dir / "monitor.json").write_text(json.dumps(chosen, indent=1))
+
+    def best(self) -> dict | None:
+        """The evaluation the first held-out reward scores best (None without a held-out reward)."""
+        key = self.held_out and f"eval_{self.held_out[0]}"
+        return max(self.rows, key=lambda row: row["means"][key]) if key else None
 
 
 def draw(rows: list[dict], flag: Flag | None, path: Path) -> None:
@@ -267,5 +270,6 @@ def run_decision(cfg, run_dir: Path, records: list[ItemRecord]) -> dict | None:
         return json.loads(path.read_text())
     if "select" not in cfg.method or not records or not all(r.steps for r in records):
         return None
-    flag = detect(*record_signals(records, held_out_rewards(cfg)), z=cfg.monitor.z, patience=cfg.monitor.patience)
-    return {"hacking_step": None} if flag is None else {"hacking_step": flag.step} | flag.as_dict()
+    return decision(
+        detect(*record_signals(records, held_out_rewards(cfg)), z=cfg.monitor.z, patience=cfg.monitor.patience)
+    )
