@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import REBATCHED, run_cli
 from torch.distributions import Normal, kl_divergence
 
 from framework.config import ModelConfig
@@ -277,3 +277,38 @@ def test_mira_with_girsanov_weights_on_a_flow_model_climbs_and_starts_at_zero_dr
     (result,) = build_method(cfg, reward).run(Problem(tiny_flux, reward, Item(0, 0, "a cat", 3), cfg))
     assert result.steps[0]["regulariser"] == 0.0 and result.steps[-1]["regulariser"] > 0
     assert result.final_reward > result.base_reward
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_offloading_the_text_encoders_encodes_once_and_changes_nothing(kind):
+    """`offload_text_encoders` keeps the run's prompts' encodings and drops the encoders: any batch of those prompts
+    (repeats, any order) is encoded as the encoders would (to the rounding of another batch shape), an unknown
+    prompt is one clear error."""
+    backbone = load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
+    batch = [PROMPTS[1], PROMPTS[0], PROMPTS[1]]
+    expected = backbone.encode(batch)
+    size = sum(p.numel() for p in backbone.parameters())
+    backbone.offload_text_encoders([*PROMPTS, PROMPTS[0]], torch.device("cpu"), batch=1)
+    assert len(backbone.text_encoders) == 0 and backbone.pipe.text_encoder is None
+    assert sum(p.numel() for p in backbone.parameters()) < size
+    got = backbone.encode(batch)
+    for field in ("embeds", "uncond_embeds", "pooled", "uncond_pooled"):
+        if getattr(expected, field) is None:
+            assert getattr(got, field) is None
+        else:
+            torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=REBATCHED)
+    with pytest.raises(FrameworkError, match="model.offload_text_encoder"):
+        backbone.encode(["a dog"])
+
+
+def test_a_run_with_offloaded_text_encoders_equals_one_without(tmp_path):
+    args = ["model=tiny_sd3", *COMMON, "method=dno", "reward=brightness", *NOISE]
+    plain, offloaded = (
+        run_cli(*args, *extra, run_dir=tmp_path / name)
+        for name, extra in (("plain", []), ("offloaded", ["model.offload_text_encoder=true"]))
+    )
+    assert plain.returncode == offloaded.returncode == 0, plain.stderr + offloaded.stderr
+    rewards = [
+        json.loads((tmp_path / d / "summary.json").read_text())["final_reward_mean"] for d in ("plain", "offloaded")
+    ]
+    assert rewards[0] == rewards[1]

@@ -133,6 +133,7 @@ RELATIONS = {
     "model.source": ["model=sd15", "model.source=null"],
     "model.max_sequence_length": ["model=sd15", "model.max_sequence_length=77"],  # SD reads no T5 tokens
     "model.random_weights": ["model=tiny_flux", "model.tiny=false", "model.random_weights=true"],  # no FLUX arch
+    "model.offload_text_encoder": ["model=sd15", "model.offload_text_encoder=true"],  # flow models only
     "prompts.path": ["prompts=file"],
     "prompts.prompts": ["prompts=inline", "prompts.prompts=[]"],
     "method.select": ["method=dno", "method.select=best_held_out"],  # no eval.rewards to choose with

@@ -62,6 +62,8 @@ class ModelConfig:
     unet_checkpointing: bool = False  # the same inside each UNet evaluation (one more UNet forward per step)
     channels_last: bool = False  # UNet and VAE in channels-last memory format
     compile: bool = False  # torch.compile the UNet (the first steps compile: minutes)
+    # flow models: encode the run's prompts once on the device, then drop the text encoders for the run
+    offload_text_encoder: bool = False
 
     @staticmethod
     def relations(c, run) -> Iterator[tuple[str, str]]:
@@ -77,12 +79,14 @@ class ModelConfig:
             )
         if c.max_sequence_length is not None and c.kind not in FLOW_KINDS:
             yield "model.max_sequence_length", f"only the T5-conditioned flow models ({', '.join(FLOW_KINDS)}) read it"
+        if c.offload_text_encoder and c.kind not in FLOW_KINDS:
+            yield "model.offload_text_encoder", f"the flow models ({', '.join(FLOW_KINDS)}) offload their text encoders"
         if c.random_weights and not MODEL_KINDS[c.kind].full_size:
             shipped = ", ".join(name for name, kind in MODEL_KINDS.items() if kind.full_size)
             yield "model.random_weights", f"full-size random architectures ship for {shipped}, not {c.kind}"
 
 
-RUNTIME_OPTIONS = ("vae_checkpointing", "unet_checkpointing", "channels_last", "compile")
+RUNTIME_OPTIONS = ("vae_checkpointing", "unet_checkpointing", "channels_last", "compile", "offload_text_encoder")
 
 
 @dataclass

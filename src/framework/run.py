@@ -77,6 +77,8 @@ def run(cfg: DictConfig) -> dict | None:
     method = build_method(cfg.method, reward)
     trainer = make_trainer(cfg, method)  # before the models load: a device this machine lacks is bad input
     backbone = load_backbone(cfg.model)
+    if cfg.model.offload_text_encoder:  # the run's prompts, encoded once where the run computes
+        backbone.offload_text_encoders(prompts, trainer.strategy.root_device)
     metrics = build_metrics(cfg.eval, cfg.model)
     method = method.prepare(cfg, trainer, backbone, reward, metrics)  # e.g. load an adapter, or fine-tune (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics, held_out_reward(cfg))

@@ -34,6 +34,22 @@ class Cond:
         index = torch.tensor(rows, device=self.embeds.device)
         return replace(self, **{f.name: t[index] for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
+    def to(self, device) -> "Cond":
+        return replace(self, **{f.name: t.to(device) for f in fields(self) if (t := getattr(self, f.name)) is not None})
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        """The rows of several conditionings, in order."""
+        first = conds[0]
+        return replace(
+            first,
+            **{
+                f.name: torch.cat([getattr(c, f.name) for c in conds])
+                for f in fields(first)
+                if getattr(first, f.name) is not None
+            },
+        )
+
 
 class Backbone(nn.Module):
     """Interface of a conditional ε-prediction model with a DDIM-compatible schedule, or (`flow_matching`) of a

@@ -56,6 +56,7 @@ class FlowMatchingBackbone(Backbone):
             )
         self.latent_size = size
         self._position_ids: dict = {}  # FLUX's image-token ids per (device, dtype): the same at every step
+        self._encoded: tuple[Cond, dict[str, int]] | None = None  # after `offload_text_encoders`: the run's prompts
 
     @property
     def denoiser(self) -> nn.Module:
@@ -91,15 +92,44 @@ class FlowMatchingBackbone(Backbone):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
+        if self._encoded is None:
+            return self._encode(prompts, self.device)
+        encoded, rows = self._encoded
+        unknown = [p for p in prompts if p not in rows]
+        if unknown:
+            raise FrameworkError(
+                f"prompt {unknown[0]!r} was not among the run's prompts encoded before model.offload_text_encoder "
+                "dropped the text encoders; set model.offload_text_encoder=false to encode it"
+            )
+        return encoded.select([rows[p] for p in prompts]).to(self.device)
+
+    def _encode(self, prompts: list[str], device: torch.device) -> Cond:
         if self.is_flux:
             embeds, pooled, _ = self.pipe.encode_prompt(
-                prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+                prompts, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
             )
             return Cond(embeds, pooled=pooled)
         embeds, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            prompts, None, None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompts, None, None, device=device, max_sequence_length=self.max_sequence_length
         )
         return Cond(embeds, uncond, pooled, uncond_pooled)
+
+    @torch.no_grad()
+    def offload_text_encoders(self, prompts: list[str], device: torch.device, batch: int = 16) -> None:
+        """Encode each distinct prompt once on `device`, keep the encodings (on the CPU) and drop the text encoders
+        (T5-XXL alone is 4.7B parameters): they are needed only to encode, so the run re-encodes nothing and the
+        accelerator never holds them beside the transformer."""
+        distinct = list(dict.fromkeys(prompts))
+        for encoder in self.text_encoders:
+            encoder.to(device)
+        chunks = [self._encode(distinct[i : i + batch], device).to("cpu") for i in range(0, len(distinct), batch)]
+        self._encoded = Cond.cat(chunks), {p: i for i, p in enumerate(distinct)}
+        self.text_encoders = nn.ModuleList()
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def predict_branches(self, x: Tensor, t: float, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
         """(guided v̂, conditional v_c), in float32 whatever the transformer's dtype."""
