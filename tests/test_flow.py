@@ -60,10 +60,13 @@ def pipeline_images(backbone, x_T, steps, guidance_scale, **options):
     ).images
 
 
-@pytest.mark.parametrize("model, guidance_scale", [("sd3", 5.0), ("flux", 3.5), ("schnell", 0.0)])
+@pytest.mark.parametrize(
+    "model, guidance_scale", [("sd3", 5.0), ("sd3", 0.5), ("sd3", 0.0), ("flux", 3.5), ("flux", 0.5), ("schnell", 0.0)]
+)
 def test_eta0_matches_the_diffusers_pipeline(model, guidance_scale, request):
     """Same components, initial latents and steps: our Euler sampler + decode against StableDiffusion3Pipeline /
-    FluxPipeline (packed latents, guidance embedding, image-size shift) called as a user would."""
+    FluxPipeline (packed latents, guidance embedding, image-size shift) called as a user would; below w = 1 too,
+    where SD3's pipeline samples without its negative branch and FLUX feeds w to its guidance embedding."""
     backbone = request.getfixturevalue(f"tiny_{model}")
     x_T = noise(backbone)
     with torch.no_grad():

@@ -9,8 +9,10 @@ from framework.sampling import sample
 PROMPTS = ["a cat", "a red circle and a blue square"]
 
 
-def test_eta0_matches_diffusers_pipeline(tiny_backbone):
-    """Same components, noise and steps: our sampler + decode against diffusers' own pipeline call."""
+@pytest.mark.parametrize("guidance_scale", [5.0, 0.5, 0.0])
+def test_eta0_matches_diffusers_pipeline(tiny_backbone, guidance_scale):
+    """Same components, noise and steps: our sampler + decode against diffusers' own pipeline call; below w = 1,
+    where the pipeline drops the negative branch (SD-Turbo samples at guidance_scale=0), too."""
     backbone = tiny_backbone
     x_T = noise_like((2, *backbone.latent_shape()))
     pipe = copy.copy(backbone.pipe)
@@ -18,13 +20,15 @@ def test_eta0_matches_diffusers_pipeline(tiny_backbone):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ours = backbone.postprocess(
-            backbone.decode(sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8, guidance_scale=5.0).latents)
+            backbone.decode(
+                sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8, guidance_scale=guidance_scale).latents
+            )
         )
         reference = pipe(
             PROMPTS,
             latents=x_T.clone(),
             num_inference_steps=8,
-            guidance_scale=5.0,
+            guidance_scale=guidance_scale,
             eta=0.0,
             output_type="pt",
             height=64,

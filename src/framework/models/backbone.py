@@ -167,9 +167,10 @@ class StableDiffusionBackbone(Backbone):
         return Cond(embeds, uncond, pooled, uncond_pooled, time_ids.to(self.device).repeat(len(prompts), 1))
 
     def predict_branches(self, x: Tensor, t: int, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
-        """In float32 whatever the UNet's dtype; w = 1 skips the negative branch."""
+        """In float32 whatever the UNet's dtype. w ≤ 1 evaluates the conditional branch alone, as the pipelines do
+        (they switch classifier-free guidance off there: SD-Turbo's guidance_scale=0 samples conditionally)."""
         self.num_evals += len(x)
-        guided = guidance_scale != 1.0
+        guided = guidance_scale > 1.0
         pick = (lambda u, c: torch.cat([u, c])) if guided else (lambda u, c: c)
         model_in = pick(x, x).to(self.unet.dtype)
         added = None

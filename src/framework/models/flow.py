@@ -6,7 +6,8 @@ We keep the pipeline object to reuse its prompt encoding, latent packing and sch
 diffusers' own.
 
 Guidance differs between the two families, and `predict_branches` follows each pipeline:
-- SD3: classifier-free guidance, v̂ = v_u + w·(v_c − v_u), the negative being the empty prompt (as for SD).
+- SD3: classifier-free guidance, v̂ = v_u + w·(v_c − v_u), the negative being the empty prompt (as for SD); at
+  w ≤ 1 the conditional branch alone, as the pipeline switches guidance off there.
 - FLUX.1-dev is guidance-distilled: w enters the transformer as its guidance embedding and there is one branch (the
   guided prediction is the conditional one); FLUX.1-schnell has no guidance input at all, so w is ignored.
 """
@@ -137,7 +138,7 @@ class FlowMatchingBackbone(Backbone):
         if self.is_flux:
             out = self._flux_velocity(x, t, cond, guidance_scale)
             return out, out
-        guided = guidance_scale != 1.0
+        guided = guidance_scale > 1.0  # the pipeline's do_classifier_free_guidance
         pick = (lambda u, c: torch.cat([u, c])) if guided else (lambda u, c: c)
         model_in = pick(x, x).to(self.transformer.dtype)
         out = self.transformer(
