@@ -499,7 +499,7 @@ def test_runs_go_in_parallel_after_the_runs_they_read(tmp_path):
         name = Path(overrides[-1].removeprefix("hydra.run.dir=")).name
         with lock:
             events.append(("start", name))
-        if name in "ab":
+        if name in ("a", "b"):
             together.wait()
         with lock:
             events.append(("end", name))

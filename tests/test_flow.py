@@ -304,13 +304,22 @@ def test_offloading_the_text_encoders_encodes_once_and_changes_nothing(kind):
         backbone.encode(["a dog"])
 
 
-def test_a_run_with_offloaded_text_encoders_equals_one_without(tmp_path):
+def test_a_run_with_offloaded_text_encoders_equals_one_without(tmp_path, monkeypatch):
+    """`model.offload_text_encoder=true` offloads once, with the run's prompts, and the run's result is unchanged."""
+    calls = []
+    offload = FlowMatchingBackbone.offload_text_encoders
+    monkeypatch.setattr(
+        FlowMatchingBackbone,
+        "offload_text_encoders",
+        lambda self, prompts, *a, **k: calls.append(list(prompts)) or offload(self, prompts, *a, **k),
+    )
     args = ["model=tiny_sd3", *COMMON, "method=dno", "reward=brightness", *NOISE]
     plain, offloaded = (
         run_cli(*args, *extra, run_dir=tmp_path / name)
         for name, extra in (("plain", []), ("offloaded", ["model.offload_text_encoder=true"]))
     )
     assert plain.returncode == offloaded.returncode == 0, plain.stderr + offloaded.stderr
+    assert calls == [["a cat"]]  # the offloaded run only
     rewards = [
         json.loads((tmp_path / d / "summary.json").read_text())["final_reward_mean"] for d in ("plain", "offloaded")
     ]

@@ -291,7 +291,7 @@ def main() -> None:
         "small runs use several threads poorly; one at other scales, whose runs each take the whole GPU)",
     )
     args = parser.parse_args()
-    jobs = args.jobs or (os.cpu_count() or 1 if args.scale == "testbed" else 1)
+    jobs = args.jobs if args.jobs is not None else ((os.cpu_count() or 1) if args.scale == "testbed" else 1)
     if jobs < 1:
         parser.error("--jobs must be at least 1")
     launch = functools.partial(launch_process, threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)

@@ -56,7 +56,7 @@ class Signal:
 @dataclass(frozen=True)
 class Flag:
     """Where the rule flagged hacking: the optimisation step of that evaluation, the held-out signal that turned, and
-    the step where that signal had been best (the checkpoint a held-out selection would keep)."""
+    the step where that signal had been best."""
 
     step: int
     signal: str
