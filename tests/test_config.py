@@ -54,9 +54,10 @@ def check_composed(cfg, reward: str, method: str) -> None:
 
 
 def test_groups_have_their_documented_options():
-    assert {"sd14", "sd15", "sdxl", "sd3", "sd35", "flux", "tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux"} <= set(
+    assert {"sd14", "sd15", "sdxl", "sd3", "sd35", "flux", "qwen_image", "flux2", "flux2_klein"} <= set(
         options("model")
     )
+    assert {"tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_qwen_image", "tiny_flux2"} <= set(options("model"))
     assert {
         "aesthetic",
         "hps",

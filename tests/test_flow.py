@@ -1,5 +1,5 @@
-"""Flow-matching backbones (SD3, FLUX.1): the Euler sampler against diffusers' pipelines, the stochastic step's
-maths, LoRA files the pipelines load, and every method end to end from the CLI on the tiny models."""
+"""Flow-matching backbones (SD3, FLUX.1, Qwen-Image, FLUX.2): the Euler sampler against diffusers' pipelines, the
+stochastic step's maths, LoRA files the pipelines load, and every method end to end from the CLI on the tiny models."""
 
 import copy
 import json
@@ -14,8 +14,9 @@ from torch.distributions import Normal, kl_divergence
 
 from framework.config import ModelConfig
 from framework.errors import FrameworkError
-from framework.models import Backbone, Cond, load_backbone
+from framework.models import FLOW_BACKBONES, Backbone, Cond, load_backbone
 from framework.models.flow import FlowMatchingBackbone
+from framework.models.qwen_image import QwenImageBackbone
 from framework.models.tiny import build_tiny_flow_pipeline
 from framework.sampling import kl_weights, num_noises, sample, sampler_steps
 
@@ -33,6 +34,21 @@ def tiny_flux():
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen_image():
+    return load_backbone(ModelConfig(kind="qwen_image", tiny=True, resolution=32, max_sequence_length=64))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux2():
+    return load_backbone(ModelConfig(kind="flux2", tiny=True, resolution=32, max_sequence_length=64))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux2_klein():
+    return load_backbone(ModelConfig(kind="flux2_klein", tiny=True, resolution=32, max_sequence_length=64))
+
+
+@pytest.fixture(scope="module")
 def tiny_schnell():
     """FLUX without a guidance input and with a static schedule, as FLUX.1-schnell."""
     return FlowMatchingBackbone(build_tiny_flow_pipeline("flux", 32, guidance_embeds=False), 32, 64)
@@ -42,42 +58,71 @@ def noise(backbone, n=2, seed=0):
     return torch.randn((n, *backbone.latent_shape()), generator=torch.Generator().manual_seed(seed))
 
 
-def pipeline_images(backbone, x_T, steps, guidance_scale, **options):
+def pipeline_images(backbone, x_T, steps, guidance_scale, prompts=PROMPTS):
+    """The backbone's diffusers pipeline called as a user would, from the latents x_T (packed where the pipeline
+    takes them packed), at guidance w: Qwen-Image's true CFG with the model card's negative prompt, the others'
+    guidance_scale."""
     pipe = copy.copy(backbone.pipe)
     pipe.set_progress_bar_config(disable=True)
-    latents = pipe._pack_latents(x_T.clone(), len(x_T), *x_T.shape[1:]) if backbone.is_flux else x_T.clone()
+    latents, guidance = x_T.clone(), {"guidance_scale": guidance_scale}
+    if backbone.is_flux or isinstance(backbone, QwenImageBackbone):
+        latents = pipe._pack_latents(latents, len(x_T), *x_T.shape[1:])
+    if isinstance(backbone, QwenImageBackbone):
+        guidance = {"true_cfg_scale": guidance_scale, "negative_prompt": " " if guidance_scale > 1 else None}
     size = backbone.resolution
     return pipe(
-        PROMPTS,
+        prompt=prompts,
         latents=latents,
         num_inference_steps=steps,
-        guidance_scale=guidance_scale,
         output_type="pt",
         height=size,
         width=size,
         max_sequence_length=backbone.max_sequence_length,
-        **options,
+        **guidance,
     ).images
 
 
 @pytest.mark.parametrize(
-    "model, guidance_scale", [("sd3", 5.0), ("sd3", 0.5), ("sd3", 0.0), ("flux", 3.5), ("flux", 0.5), ("schnell", 0.0)]
+    "model, guidance_scale, steps",
+    [
+        ("sd3", 5.0, 6),
+        ("sd3", 0.5, 6),
+        ("sd3", 0.0, 6),
+        ("flux", 3.5, 6),
+        ("flux", 0.5, 6),
+        ("schnell", 0.0, 6),
+        ("qwen_image", 4.0, 6),
+        ("qwen_image", 4.0, 3),
+        ("qwen_image", 0.5, 3),
+        ("flux2", 4.0, 6),
+        ("flux2", 2.5, 3),
+        ("flux2_klein", 4.0, 6),
+        ("flux2_klein", 0.5, 3),
+    ],
 )
-def test_eta0_matches_the_diffusers_pipeline(model, guidance_scale, request):
+def test_eta0_matches_the_diffusers_pipeline(model, guidance_scale, steps, request):
     """Same components, initial latents and steps: our Euler sampler + decode against StableDiffusion3Pipeline /
-    FluxPipeline (packed latents, guidance embedding, image-size shift) called as a user would; below w = 1 too,
-    where SD3's pipeline samples without its negative branch and FLUX feeds w to its guidance embedding."""
+    FluxPipeline (packed latents, guidance embedding, image-size shift) / QwenImagePipeline (chat template, masks of
+    prompts of different lengths, norm-rescaled true CFG, 3-D VAE) / Flux2Pipeline and Flux2KleinPipeline (three
+    hidden layers, 4-axis positions, batch-normalised patchified latents, empirical shift) called as a user would;
+    below w = 1 too, where the CFG pipelines sample without their negative branch and FLUX feeds w to its guidance
+    embedding."""
     backbone = request.getfixturevalue(f"tiny_{model}")
     x_T = noise(backbone)
     with torch.no_grad():
-        traj = sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=6, guidance_scale=guidance_scale)
+        traj = sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=steps, guidance_scale=guidance_scale)
         ours = backbone.postprocess(backbone.decode(traj.latents))
-        reference = pipeline_images(backbone, x_T, 6, guidance_scale)
+        reference = pipeline_images(backbone, x_T, steps, guidance_scale)
+        other_prompts = sample(
+            backbone, backbone.encode(["a dog"] * 2), x_T, num_steps=steps, guidance_scale=guidance_scale
+        )
+        other = backbone.postprocess(backbone.decode(other_prompts.latents))
     assert ours.shape == reference.shape == (2, 3, 32, 32)
     assert (
         (ours - reference).abs().max().item() <= 1e-5
     )  # same float32 ops in another order (our step vs the scheduler's): ~1e-7 each, 6 steps and a decode
     assert ours.std() > 0.01  # a real image, not a constant
+    assert (ours - other).abs().max() > 1e-3  # and one that depends on the prompt: the comparison can see encoding
 
 
 def test_schedule_is_the_pipelines_shifted_one(tiny_sd3, tiny_flux):
@@ -91,6 +136,19 @@ def test_schedule_is_the_pipelines_shifted_one(tiny_sd3, tiny_flux):
         assert schedule[0][1] == 1.0 and schedule[-1][2] == 0.0
         assert all(t == pytest.approx(1000 * s, rel=1e-6) for t, s, _ in schedule)
         assert all(a > b for _, a, b in schedule)
+
+
+def test_qwen_image_schedule_is_its_exponentially_shifted_linspace_ending_at_the_terminal_sigma(tiny_qwen_image):
+    """Qwen-Image's σ in closed form: linspace(1, 1/n, n) shifted by σ' = e^μ / (e^μ + 1/σ − 1), μ linear in the
+    image's 64 tokens between (256, 0.5) and (8192, 0.9), then stretched so the last σ is 0.02, then 0 appended."""
+    n = 4
+    mu = 0.5 + (64 - 256) * (0.9 - 0.5) / (8192 - 256)
+    shifted = [math.exp(mu) / (math.exp(mu) + 1 / s - 1) for s in (1 - i * (1 - 1 / n) / (n - 1) for i in range(n))]
+    scale = (1 - shifted[-1]) / (1 - 0.02)
+    expected = [1 - (1 - s) / scale for s in shifted] + [0.0]
+    schedule = tiny_qwen_image.schedule(n)
+    assert [s for _, s, _ in schedule] + [schedule[-1][2]] == pytest.approx(expected, rel=1e-5)
+    assert schedule[-1][1] == pytest.approx(0.02, rel=1e-5)
 
 
 def flow_sde_step(x, v, sigma, sigma_next, eta, sigma_after_first):
@@ -177,7 +235,7 @@ def test_resolution_not_divisible_by_the_patches_is_one_clear_error():
         load_backbone(ModelConfig(kind="sd3", tiny=True, resolution=34, max_sequence_length=8))
 
 
-@pytest.mark.parametrize("model", ["sd3", "flux"])
+@pytest.mark.parametrize("model", ["sd3", "flux", "qwen_image", "flux2", "flux2_klein"])
 def test_save_pretrained_then_model_source_dir_gives_the_same_images(model, request, tmp_path):
     backbone = request.getfixturevalue(f"tiny_{model}")
     backbone.pipe.save_pretrained(tmp_path)
@@ -197,7 +255,10 @@ COMMON = ["prompts=inline", "prompts.prompts=[a cat]", "logger=none", "method.nu
 NOISE = ["method.opt_steps=2", "method.num_permutations=2"]
 
 
-def sweep(directory, *overrides, models="model=tiny_sd3,tiny_flux") -> dict[tuple[str, str], dict]:
+KINDS = ("sd3", "flux", "qwen_image", "flux2")
+
+
+def sweep(directory, *overrides, models=f"model={','.join(f'tiny_{k}' for k in KINDS)}") -> dict[tuple[str, str], dict]:
     """`--multirun` over the tiny flow models; (model kind, method) → that job's summary and run directory."""
     result = run_cli("--multirun", models, *COMMON, *overrides, f"hydra.sweep.dir={directory}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -210,10 +271,12 @@ def sweep(directory, *overrides, models="model=tiny_sd3,tiny_flux") -> dict[tupl
     return runs
 
 
-def test_every_method_runs_end_to_end_on_tiny_sd3_and_tiny_flux_from_the_cli(tmp_path):
+def test_every_method_runs_end_to_end_on_the_tiny_flow_models_from_the_cli(tmp_path):
     """Noise optimisation (DNO, DNO-ZO, MIRA, MIRA-DPO), Best-of-N and base; DRaFT trains a transformer LoRA, which
-    LoRA scaling and AIG then load: every item finishes on both flow families."""
+    LoRA scaling and AIG then load: every item finishes on SD3, FLUX.1, Qwen-Image and FLUX.2."""
+    # lr: one step must move the 8-bit images of every tiny model (FLUX.2's moves least)
     draft = ["method.train_steps=1", "method.train_batch_size=1", "method.lora_rank=2", "method.kl_weight=0.1"]
+    draft += ["method.lr=0.01"]
     sweeps = [
         (tmp_path / "draft", ["method=draft", "reward=brightness", *draft]),
         (tmp_path / "noise", ["method=dno,dno_zo,mira,mira_dpo", "reward=brightness", *NOISE]),
@@ -222,26 +285,27 @@ def test_every_method_runs_end_to_end_on_tiny_sd3_and_tiny_flux_from_the_cli(tmp
     runs = {}
     for directory, overrides in sweeps:
         runs |= sweep(directory, *overrides)
-    for kind in ("sd3", "flux"):  # `++`: the sweep's primary config (the default method) has no adapter key
+    for kind in KINDS:  # `++`: the sweep's primary config (the default method) has no adapter key
         adapter = f"++method.adapter={runs[(kind, 'draft')]['dir']}/adapter"
         runs |= sweep(
             tmp_path / kind, "method=lora_scale,aig", "reward=brightness", adapter, models=f"model=tiny_{kind}"
         )
     methods = ("dno", "dno_zo", "mira", "mira_dpo", "base", "best_of_n", "draft", "lora_scale", "aig")
-    assert set(runs) == {(kind, method) for kind in ("sd3", "flux") for method in methods}
+    assert set(runs) == {(kind, method) for kind in KINDS for method in methods}
     for (kind, method), summary in runs.items():
         assert summary["num_ok"] == summary["num_items"] == 1, (kind, method, summary["items"])
         assert math.isfinite(summary["final_reward_mean"]), (kind, method)
-    for kind in ("sd3", "flux"):  # the optimisers moved the image; DRaFT's adapter changed the model
+    for kind in KINDS:  # the optimisers moved the image; DRaFT's adapter changed the model
         for method in ("dno", "mira", "draft"):
             summary = runs[(kind, method)]
             assert summary["final_reward_mean"] != summary["base_reward_mean"], (kind, method)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwen_image", "flux2", "flux2_klein"])
 def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_path):
     """Our adapter file (attention and MLP projections of every block, the text stream's too) is what
-    `load_lora_weights` of StableDiffusion3Pipeline / FluxPipeline reads; the pipeline then samples as we do."""
+    `load_lora_weights` of StableDiffusion3Pipeline / FluxPipeline / QwenImagePipeline / Flux2Pipeline /
+    Flux2KleinPipeline reads; the pipeline then samples as we do."""
     from framework.models.lora import WEIGHT_NAME, add_lora, save_lora
 
     ours = load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
@@ -249,14 +313,16 @@ def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_
         for parameter in add_lora(ours.denoiser, rank=2, seed=1):
             parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(parameter.numel()))
     adapted = {name.rsplit(".lora_", 1)[0] for name, _ in ours.denoiser.named_parameters() if "lora_" in name}
-    assert any(name.endswith("attn.add_q_proj") for name in adapted) and any("ff_context" in n for n in adapted)
+    text_mlp = "txt_mlp" if kind == "qwen_image" else "ff_context"
+    assert any(name.endswith("attn.add_q_proj") for name in adapted) and any(text_mlp in n for n in adapted)
     assert "proj_out" not in adapted  # the final projection is not an MLP layer
-    if kind == "flux":
-        assert any(name.startswith("single_transformer_blocks.0.proj_mlp") for name in adapted)
+    single = {"flux": ["proj_mlp"], "flux2": ["attn.to_qkv_mlp_proj", "attn.to_out"]}.get(kind.removesuffix("_klein"))
+    for layer in single or []:  # FLUX's fused single-stream layers
+        assert f"single_transformer_blocks.0.{layer}" in adapted
     save_lora(ours, tmp_path)
     pipe = build_tiny_flow_pipeline(kind, 32)
     pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
-    theirs = FlowMatchingBackbone(pipe, 32, 64)
+    theirs = FLOW_BACKBONES.get(kind, FlowMatchingBackbone)(pipe, 32, 64)
     x_T = noise(ours)
     with torch.no_grad():
         cond = ours.encode(PROMPTS)
@@ -282,24 +348,30 @@ def test_mira_with_girsanov_weights_on_a_flow_model_climbs_and_starts_at_zero_dr
     assert result.final_reward > result.base_reward
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwen_image", "flux2"])
 def test_offloading_the_text_encoders_encodes_once_and_changes_nothing(kind):
     """`offload_text_encoders` keeps the run's prompts' encodings and drops the encoders: any batch of those prompts
-    (repeats, any order) is encoded as the encoders would (to the rounding of another batch shape), an unknown
-    prompt is one clear error."""
+    (repeats, any order) is encoded as the encoders would (to the rounding of another batch shape; Qwen-Image's
+    prompts of different lengths padded, their masks marking the padding), an unknown prompt is one clear error."""
     backbone = load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
     batch = [PROMPTS[1], PROMPTS[0], PROMPTS[1]]
     expected = backbone.encode(batch)
+    x, t = noise(backbone, n=1), backbone.schedule(4)[1][0]
+    with torch.no_grad():  # the shortest prompt alone: after offloading it is padded to the longest one's length
+        velocity = backbone.predict(x, t, backbone.encode(PROMPTS[:1]), guidance_scale=4.0)
     size = sum(p.numel() for p in backbone.parameters())
     backbone.offload_text_encoders([*PROMPTS, PROMPTS[0]], torch.device("cpu"), batch=1)
     assert len(backbone.text_encoders) == 0 and backbone.pipe.text_encoder is None
     assert sum(p.numel() for p in backbone.parameters()) < size
     got = backbone.encode(batch)
-    for field in ("embeds", "uncond_embeds", "pooled", "uncond_pooled"):
+    for field in ("embeds", "uncond_embeds", "pooled", "uncond_pooled", "mask", "uncond_mask"):
         if getattr(expected, field) is None:
             assert getattr(got, field) is None
         else:
             torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=REBATCHED)
+    with torch.no_grad():
+        offloaded = backbone.predict(x, t, backbone.encode(PROMPTS[:1]), guidance_scale=4.0)
+    torch.testing.assert_close(offloaded, velocity, rtol=0, atol=REBATCHED)
     with pytest.raises(FrameworkError, match="model.offload_text_encoder"):
         backbone.encode(["a dog"])
 

@@ -17,6 +17,8 @@ TINY = {
     "sd": {"resolution": 64},
     "sd3": {"resolution": 32, "max_sequence_length": 16},
     "flux": {"resolution": 32, "max_sequence_length": 16},
+    "qwen_image": {"resolution": 32, "max_sequence_length": 64},
+    "flux2": {"resolution": 32, "max_sequence_length": 64},
 }
 
 

@@ -23,7 +23,7 @@ from framework.validation import COUNT, POSITIVE, OneOf, Range, Text, valid
 @dataclass(frozen=True)
 class ModelKind:
     """A model family: the diffusers pipeline that loads it (a class name), whether it predicts a flow-matching
-    velocity (Euler sampler, T5 prompts) instead of ε (DDIM), and whether its full-size architecture ships for
+    velocity (Euler sampler) instead of ε (DDIM), and whether its full-size architecture ships for
     `model.random_weights` (models/architectures/)."""
 
     pipeline: str
@@ -36,13 +36,16 @@ MODEL_KINDS = {
     "sdxl": ModelKind("StableDiffusionXLPipeline"),
     "sd3": ModelKind("StableDiffusion3Pipeline", flow_matching=True),  # SD3, SD3.5 (medium ships full-size)
     "flux": ModelKind("FluxPipeline", flow_matching=True, full_size=False),  # FLUX.1
+    "qwen_image": ModelKind("QwenImagePipeline", flow_matching=True),
+    "flux2": ModelKind("Flux2Pipeline", flow_matching=True),  # FLUX.2-dev
+    "flux2_klein": ModelKind("Flux2KleinPipeline", flow_matching=True, full_size=False),
 }
 FLOW_KINDS = tuple(name for name, kind in MODEL_KINDS.items() if kind.flow_matching)
 
 
 @dataclass
 class ModelConfig:
-    kind: str = valid(MISSING, OneOf(tuple(MODEL_KINDS)))  # SD1.x | SDXL | SD3.x | FLUX.1
+    kind: str = valid(MISSING, OneOf(tuple(MODEL_KINDS)))  # SD1.x | SDXL | SD3.x | FLUX.1 | Qwen-Image | FLUX.2
     source: str | None = valid(None, Text())  # hub id or local directory (save_pretrained layout); None if built
     tiny: bool = False  # random-weight tiny architecture built in-process (tests, smoke runs)
     # the published full-size architecture of `kind` (SD1.5 or SDXL base) with seeded random weights, built
@@ -54,8 +57,9 @@ class ModelConfig:
     # null: dtype, except float32 under float16 for a VAE that overflows there (SDXL's), as diffusers does
     vae_dtype: str | None = valid(None, OneOf(DTYPES))
     resolution: int = valid(512, Range(8, multiple_of=8))  # image side in pixels (the SD VAEs downsample 8×)
-    # T5 tokens of a flow model's prompt; null: its pipeline's default (256 SD3, 512 FLUX; FLUX.1-schnell takes ≤ 256)
-    max_sequence_length: int | None = valid(None, Range(1, 512))
+    # text tokens of a flow model's prompt (T5's for SD3 and FLUX.1, ≤ 512; the LLM encoder's for Qwen-Image, ≤ 1024,
+    # and FLUX.2); null: its pipeline's default (256 SD3, 512 the others; FLUX.1-schnell takes ≤ 256)
+    max_sequence_length: int | None = valid(None, Range(1, 1024))
     # How the networks run (RUNTIME_OPTIONS); none changes a result beyond float rounding, so a run resumes across
     # them. The defaults are measured (docs/performance.md).
     vae_checkpointing: bool = True  # keep only the VAE decoder's block inputs for backward, recompute the rest
@@ -78,7 +82,9 @@ class ModelConfig:
                 "give a hub id or a local directory (or set model.tiny=true or model.random_weights=true)",
             )
         if c.max_sequence_length is not None and c.kind not in FLOW_KINDS:
-            yield "model.max_sequence_length", f"only the T5-conditioned flow models ({', '.join(FLOW_KINDS)}) read it"
+            yield "model.max_sequence_length", f"only the flow models ({', '.join(FLOW_KINDS)}) read it"
+        elif (c.max_sequence_length or 0) > 512 and c.kind in ("sd3", "flux"):
+            yield "model.max_sequence_length", f"{c.kind}'s T5 encoder reads at most 512 tokens"
         if c.offload_text_encoder and c.kind not in FLOW_KINDS:
             yield "model.offload_text_encoder", f"the flow models ({', '.join(FLOW_KINDS)}) offload their text encoders"
         if c.random_weights and not MODEL_KINDS[c.kind].full_size:

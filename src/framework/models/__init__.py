@@ -1,5 +1,6 @@
-"""Backbones: loading SD1.x / SDXL / SD3 / FLUX.1 from a hub id or local directory, or building them in-process (tiny,
-or full-size with random weights), and setting how their networks run (checkpointing, memory format, compilation)."""
+"""Backbones: loading SD1.x / SDXL / SD3 / FLUX.1 / Qwen-Image / FLUX.2 from a hub id or local directory, or building
+them in-process (tiny, or full-size with random weights), and setting how their networks run (checkpointing, memory
+format, compilation)."""
 
 import diffusers
 import torch
@@ -7,12 +8,15 @@ import torch
 from framework.config import FLOW_KINDS, MODEL_KINDS, ModelConfig
 from framework.models.backbone import Backbone, Cond, StableDiffusionBackbone
 from framework.models.flow import FlowMatchingBackbone
+from framework.models.flux2 import Flux2Backbone
 from framework.models.full_size import build_full_size_pipeline
+from framework.models.qwen_image import QwenImageBackbone
 from framework.models.tiny import build_tiny_flow_pipeline, build_tiny_pipeline
 from framework.weights import load_pretrained
 
 __all__ = ["DTYPES", "Backbone", "Cond", "FlowMatchingBackbone", "StableDiffusionBackbone", "load_backbone"]
 
+FLOW_BACKBONES = {"qwen_image": QwenImageBackbone, "flux2": Flux2Backbone, "flux2_klein": Flux2Backbone}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,7 +49,7 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         pipe.vae.to(dtype=vae_dtype)
     configure_networks(pipe, cfg)
     if kind in FLOW_KINDS:
-        return FlowMatchingBackbone(pipe, cfg.resolution, cfg.max_sequence_length)
+        return FLOW_BACKBONES.get(kind, FlowMatchingBackbone)(pipe, cfg.resolution, cfg.max_sequence_length)
     return StableDiffusionBackbone(pipe, cfg.resolution)
 
 
@@ -57,8 +61,8 @@ def denoiser(pipe) -> torch.nn.Module:
 def configure_networks(pipe, cfg: ModelConfig) -> None:
     """The runtime options of a model config; attention is diffusers' default, PyTorch's fused SDPA kernels.
     `unet_checkpointing` and `compile` apply to the denoiser, UNet or transformer; channels-last to convolutions
-    (the UNet and the VAE)."""
-    if cfg.vae_checkpointing:
+    (the UNet and the VAE); `vae_checkpointing` to the VAEs diffusers can checkpoint (all but Qwen-Image's)."""
+    if cfg.vae_checkpointing and pipe.vae._supports_gradient_checkpointing:  # Qwen-Image's 3-D VAE does not
         pipe.vae.enable_gradient_checkpointing()
     if cfg.unet_checkpointing:
         denoiser(pipe).enable_gradient_checkpointing()

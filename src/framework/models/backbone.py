@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class Cond:
     pooled: Tensor | None = None  # SDXL: pooled text embeds of text_encoder_2
     uncond_pooled: Tensor | None = None
     time_ids: Tensor | None = None  # SDXL: (original size, crop top-left, target size)
+    mask: Tensor | None = None  # Qwen-Image: which tokens of `embeds` are the prompt's (its length varies), [n, L]
+    uncond_mask: Tensor | None = None
 
     def select(self, rows: list[int]) -> "Cond":
         """The given rows (repeats allowed), e.g. one row per image of a batch whose images share prompts."""
@@ -39,16 +42,18 @@ class Cond:
 
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
-        """The rows of several conditionings, in order."""
+        """The rows of several conditionings, in order. Token sequences of different lengths (Qwen-Image encodes a
+        prompt to its own length) are padded at the end with zeros, which their masks mark as not the prompt's."""
         first = conds[0]
-        return replace(
-            first,
-            **{
-                f.name: torch.cat([getattr(c, f.name) for c in conds])
-                for f in fields(first)
-                if getattr(first, f.name) is not None
-            },
-        )
+
+        def joined(name: str) -> Tensor:
+            tensors = [getattr(c, name) for c in conds]
+            if tensors[0].dim() >= 2 and len({t.shape[1] for t in tensors}) > 1:
+                length = max(t.shape[1] for t in tensors)
+                tensors = [F.pad(t, [0, 0] * (t.dim() - 2) + [0, length - t.shape[1]]) for t in tensors]
+            return torch.cat(tensors)
+
+        return replace(first, **{f.name: joined(f.name) for f in fields(first) if getattr(first, f.name) is not None})
 
 
 class Backbone(nn.Module):

@@ -26,11 +26,24 @@ from framework.models.backbone import Backbone, Cond
 log = logging.getLogger(__name__)
 
 
+def image_size_shift(image_tokens: int, config, max_shift: float = 1.15) -> float:
+    """The pipelines' μ, linear in the image's token count between the scheduler config's two anchors."""
+    return calculate_shift(
+        image_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", max_shift),
+    )
+
+
 class FlowMatchingBackbone(Backbone):
     """`StableDiffusion3Pipeline` or `FluxPipeline` components at a fixed resolution; latents are kept unpacked
     ([16, h, w]) so noises, metrics and methods see the same shapes as for the SD backbones."""
 
     flow_matching = True
+
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     def __init__(self, pipe, resolution: int, max_sequence_length: int | None = None):
         super().__init__()
@@ -39,15 +52,15 @@ class FlowMatchingBackbone(Backbone):
         self.resolution = resolution
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.text_encoders = nn.ModuleList(
-            m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None
+            m for name in self.TEXT_ENCODERS if (m := getattr(pipe, name, None)) is not None
         )
         for module in (self.transformer, self.vae, *self.text_encoders):
             module.requires_grad_(False).eval()  # frozen: backprop then computes input grads only
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        self.max_sequence_length = max_sequence_length or (512 if self.is_flux else 256)  # the pipelines' defaults
-        self.guidance_embeds = self.is_flux and self.transformer.config.guidance_embeds
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length()
+        self.guidance_embeds = bool(self.transformer.config.get("guidance_embeds", False))
         self._ignored_guidance_said = False
-        self.patch = patch = 2 if self.is_flux else self.transformer.config.patch_size  # FLUX packs 2×2 latents
+        self.patch = patch = self.patch_size()
         size = resolution // pipe.vae_scale_factor
         if resolution % pipe.vae_scale_factor or size % patch:
             multiple, vae = pipe.vae_scale_factor * patch, pipe.vae_scale_factor
@@ -56,8 +69,14 @@ class FlowMatchingBackbone(Backbone):
                 f"(VAE {vae}× and {patch}×{patch} patches)"
             )
         self.latent_size = size
-        self._position_ids: dict = {}  # FLUX's image-token ids per (device, dtype): the same at every step
+        self._position_ids: dict = {}  # image-token ids per (device, dtype[, batch]): the same at every step
         self._encoded: tuple[Cond, dict[str, int]] | None = None  # after `offload_text_encoders`: the run's prompts
+
+    def default_max_sequence_length(self) -> int:
+        return 512 if self.is_flux else 256  # the pipelines' defaults
+
+    def patch_size(self) -> int:
+        return 2 if self.is_flux else self.transformer.config.patch_size  # FLUX packs 2×2 latents
 
     @property
     def denoiser(self) -> nn.Module:
@@ -74,22 +93,26 @@ class FlowMatchingBackbone(Backbone):
         """(t, σ_t, σ_next) for each Euler step, noisiest first, exactly as the pipeline sets its scheduler: FLUX from
         sigmas linspace(1, 1/n, n) and the image-size shift μ; SD3 from the scheduler's own spacing (and μ when its
         config shifts by image size). t is the transformer's timestep input, 1000·σ_t."""
-        sched, config = self.scheduler, self.scheduler.config
-        options = {}
-        if self.is_flux or config.get("use_dynamic_shifting"):
-            options["mu"] = calculate_shift(
-                self._image_tokens(),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15 if self.is_flux else 1.16),
-            )
-        if self.is_flux and not config.get("use_flow_sigmas"):
+        sched, mu = self.scheduler, self.shift_mu(num_steps)
+        options = {} if mu is None else {"mu": mu}
+        if self.pipeline_sigmas():
             sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **options)
         else:
             sched.set_timesteps(num_steps, **options)
         sigmas = sched.sigmas.tolist()
         return [(t, sigmas[i], sigmas[i + 1]) for i, t in enumerate(sched.timesteps.tolist())]
+
+    def pipeline_sigmas(self) -> bool:
+        """Whether the pipeline gives the scheduler its own σ, linspace(1, 1/n, n), instead of the default spacing."""
+        return self.is_flux and not self.scheduler.config.get("use_flow_sigmas")
+
+    def shift_mu(self, num_steps: int) -> float | None:
+        """μ of the image-size timestep shift, as the pipeline computes it; None where the schedule is not shifted by
+        image size."""
+        config = self.scheduler.config
+        if not (self.is_flux or config.get("use_dynamic_shifting")):
+            return None
+        return image_size_shift(self._image_tokens(), config, max_shift=1.15 if self.is_flux else 1.16)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
@@ -126,7 +149,7 @@ class FlowMatchingBackbone(Backbone):
         chunks = [self._encode(distinct[i : i + batch], device).to("cpu") for i in range(0, len(distinct), batch)]
         self._encoded = Cond.cat(chunks), {p: i for i, p in enumerate(distinct)}
         self.text_encoders = nn.ModuleList()
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in self.TEXT_ENCODERS:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
         if device.type == "cuda":

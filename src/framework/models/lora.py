@@ -15,12 +15,15 @@ from torch import nn
 
 # Attention projections and feed-forward linears of every transformer block (SD1.x and SDXL share the names).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-# SD3's and FLUX's joint blocks add the text stream's projections and MLP; FLUX's single-stream blocks fuse their
-# MLP into proj_mlp/proj_out (a regex, so that the transformer's final proj_out is left alone).
+# SD3's and FLUX's joint blocks add the text stream's projections and MLP (Qwen-Image names its two MLPs img_mlp and
+# txt_mlp, FLUX.2 its feed-forwards linear_in/linear_out); FLUX.1's single-stream blocks fuse their MLP into
+# proj_mlp/proj_out, FLUX.2's fuse attention and MLP into attn.to_qkv_mlp_proj/attn.to_out (single-block regexes, so
+# that the transformer's final proj_out is left alone).
 TRANSFORMER_TARGETS = (
     r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
-    r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2)"
-    r"|.*single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+    r"|(ff|ff_context|img_mlp|txt_mlp)\.net\.0\.proj|(ff|ff_context|img_mlp|txt_mlp)\.net\.2"
+    r"|(ff|ff_context)\.linear_(in|out))"
+    r"|.*single_transformer_blocks\.\d+\.(proj_mlp|proj_out|attn\.to_qkv_mlp_proj|attn\.to_out)"
 )
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -47,8 +50,8 @@ def add_lora(denoiser: nn.Module, rank: int, alpha: float | None = None, seed: i
 
 def save_lora(backbone, directory: Path) -> Path:
     """The denoiser's adapter as the backbone's diffusers pipeline saves and loads LoRAs
-    (`pipe.load_lora_weights(directory)`): keys under `unet.` (SD1.x, SDXL) or `transformer.` (SD3, FLUX), with the
-    adapter's rank and alpha in the file's metadata."""
+    (`pipe.load_lora_weights(directory)`): keys under `unet.` (SD1.x, SDXL) or `transformer.` (the flow models), with
+    the adapter's rank and alpha in the file's metadata."""
     from peft.utils import get_peft_model_state_dict
 
     denoiser, prefix = backbone.denoiser, lora_prefix(backbone.denoiser)

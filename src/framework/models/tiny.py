@@ -1,9 +1,10 @@
-"""Tiny random-weight SD1.x, SDXL, SD3 and FLUX.1 pipelines, built in-process in milliseconds.
+"""Tiny random-weight SD1.x, SDXL, SD3, FLUX.1, Qwen-Image and FLUX.2 pipelines, built in-process in milliseconds.
 
 They have the real architectures' structure (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
 encoders, SDXL's second encoder with pooled embeds and time ids; SD3's MMDiT and FLUX's transformer with their CLIP
-and T5 encoders and the 16-channel VAE) at a size that runs on a CPU, so every code path
-of the real models is exercised by tests without downloading anything. Weights are seeded: the same every time.
+and T5 encoders and the 16-channel VAE; Qwen-Image's and FLUX.2's transformers with their LLM text encoders, chat
+templates and VAEs) at a size that runs on a CPU, so every code path of the real models is exercised by tests without
+downloading anything. Weights are seeded: the same every time.
 """
 
 import torch
@@ -21,7 +22,13 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from framework.models.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
+from framework.models.tokenizer import (
+    CLIP_VOCAB_SIZE,
+    build_clip_tokenizer,
+    build_mistral_tokenizer,
+    build_qwen_tokenizer,
+    build_t5_tokenizer,
+)
 
 TINY_SEED = 0
 
@@ -152,7 +159,12 @@ def tiny_t5_encoder(d_model: int = 32) -> T5EncoderModel:
 
 def build_tiny_flow_pipeline(kind: str, resolution: int = 32, guidance_embeds: bool = True):
     """SD3 (MMDiT, CLIP-L and CLIP-G with projections, T5) or FLUX.1 (double- and single-stream blocks, CLIP-L
-    pooled, T5; `guidance_embeds` as FLUX.1-dev, off as schnell) with tiny seeded weights, as their pipelines."""
+    pooled, T5; `guidance_embeds` as FLUX.1-dev, off as schnell) with tiny seeded weights, as their pipelines; the
+    newer families by their own builders below."""
+    if kind == "qwen_image":
+        return build_tiny_qwen_image_pipeline(resolution)
+    if kind in ("flux2", "flux2_klein"):
+        return build_tiny_flux2_pipeline(resolution, klein=kind == "flux2_klein")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
@@ -209,3 +221,107 @@ def build_tiny_flow_pipeline(kind: str, resolution: int = 32, guidance_embeds: b
             text_encoder_2=tiny_t5_encoder(),
             tokenizer_2=t5_tokenizer,
         )
+
+
+# Qwen-Image's scheduler (image-size shift with an exponential time shift, σ stretched to end at 0.02) and FLUX.2's
+# (its pipeline computes μ from the image size and step count).
+QWEN_IMAGE_SCHEDULER = dict(
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+)
+FLUX2_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+
+
+def build_tiny_qwen_image_pipeline(resolution: int = 32):
+    """Qwen-Image: the MMDiT over 2×2-packed latents, a Qwen2.5-VL text encoder (language model and vision tower;
+    the pipeline reads its last hidden state), the causal 3-D VAE (2× here; its per-channel latent statistics are the
+    published ones), tiny and seeded."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = QwenImageTransformer2DModel(
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage(
+            base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+        pipe = QwenImagePipeline(scheduler, vae, text_encoder=None, tokenizer=None, transformer=transformer)
+        tokenizer = build_qwen_tokenizer(words=pipe.prompt_template_encode)  # the template is the pipeline's
+        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+        text |= dict(num_key_value_heads=1, vocab_size=len(tokenizer))
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sections sum to half the head size
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
+        encoder = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=text, vision_config=vision | {"fullatt_block_indexes": [0]})
+        )
+        pipe.register_modules(text_encoder=encoder, tokenizer=tokenizer)
+        return pipe
+
+
+def build_tiny_flux2_pipeline(resolution: int = 32, klein: bool = False):
+    """FLUX.2-dev (guidance-distilled; a Mistral-3 encoder read at hidden layers 10, 20, 30) or, with `klein`, FLUX.2
+    klein base (true CFG; a Qwen3 encoder read at layers 9, 18, 27): the double- and single-stream transformer on
+    2×2-patchified latents, the 32-channel VAE with its batch-norm statistics (seeded, not the identity, so decoding
+    exercises them); tiny and seeded. Encoders are as deep as the layers their pipelines read, and narrow."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        width, layers = 16, (27 if klein else 30)
+        tokenizer = build_qwen_tokenizer() if klein else build_mistral_tokenizer(words=SYSTEM_MESSAGE)
+        text = dict(hidden_size=width, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2)
+        text |= dict(num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer))
+        if klein:
+            encoder = Qwen3ForCausalLM(Qwen3Config(**text))
+        else:
+            vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1)
+            vision |= dict(num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
+            encoder = Mistral3ForConditionalGeneration(
+                Mistral3Config(text_config=text | {"model_type": "mistral"}, vision_config=vision)
+            )
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=8,
+            layers_per_block=1,
+            sample_size=resolution,
+        )
+        vae.bn.running_mean.normal_(std=0.3)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+        transformer = Flux2Transformer2DModel(
+            in_channels=32,  # 8 latent channels × a 2×2 patch
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=3 * width,  # three hidden layers, concatenated
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=not klein,
+        )
+        components = dict(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
+            vae=vae,
+            text_encoder=encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+        return Flux2KleinPipeline(**components, is_distilled=False) if klein else Flux2Pipeline(**components)

@@ -1,4 +1,4 @@
-"""The real CLIP BPE tokenizer, built offline.
+"""Tokenizers built offline: the real CLIP BPE tokenizer, and small stand-ins for the tiny models' T5 and LLM encoders.
 
 Tiny test models and the embedded testbed need a CLIP tokenizer, and none can be downloaded here. The open-clip-torch
 wheel ships OpenAI's BPE merge list (`bpe_simple_vocab_16e6.txt.gz`); the 49,408-token CLIP vocabulary is a fixed
@@ -11,7 +11,7 @@ import gzip
 import importlib.util
 from pathlib import Path
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CLIP_VOCAB_SIZE = 49408
@@ -50,3 +50,56 @@ def build_t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(f"▁{c}", -3.0) for c in T5_PIECES] + [(c, -4.0) for c in T5_PIECES]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_byte_tokenizer(
+    specials: list[str], chat_template: str, pad_token: str, eos_token: str, words: str = ""
+) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer for the tiny LLM-conditioned flow models (Qwen2.5-VL, Qwen3 and Mistral-3 encoders
+    all read byte-level BPE): one token per byte, plus one per word of `words` (the fixed text their pipelines wrap a
+    prompt in: a system turn, an instruction), plus the special tokens of their chat templates. Knowing those words
+    whole, as the real vocabularies do, keeps the template's token count real: Qwen-Image's pipeline drops the first
+    34 tokens by index, and a prompt must not fall beyond `max_sequence_length` behind a long system message."""
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    roles = dict(unk_token=None, bos_token=None, eos_token=eos_token, pad_token=pad_token)
+    split = Qwen2Tokenizer(vocab=dict(vocab), merges=[], **roles).backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    merges: list[tuple[str, str]] = []
+    for piece in dict.fromkeys(piece for piece, _ in split(words)):  # each word merged left to right
+        for i in range(1, len(piece)):
+            if (piece[:i], piece[i]) not in merges:
+                merges.append((piece[:i], piece[i]))
+                vocab.setdefault(piece[: i + 1], len(vocab))
+    vocab |= {token: len(vocab) + i for i, token in enumerate(specials)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, **roles)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in specials if t not in (pad_token, eos_token)]}
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+# Qwen's chat format (Qwen3's template reduced to plain text turns, with its empty thinking block when thinking is off)
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# Mistral-3's chat format for typed content parts (system prompt, then the user's instruction)
+MISTRAL_CHAT = (
+    "<s>{% for m in messages %}{% set text = m['content'] | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ text }}[/INST]{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_qwen_tokenizer(words: str = "") -> Qwen2Tokenizer:
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for special in specials:
+        words = words.replace(special, " ")
+    return build_byte_tokenizer(specials, QWEN_CHAT, "<|endoftext|>", "<|im_end|>", words)
+
+
+def build_mistral_tokenizer(words: str = "") -> Qwen2Tokenizer:
+    specials = ["<pad>", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
+    return build_byte_tokenizer(specials, MISTRAL_CHAT, "<pad>", "</s>", words)
