@@ -1,11 +1,13 @@
-"""The full-size path (SD1.5, SDXL and SD3.5-medium architectures, HPS's ViT-H-14 reward) measured on any machine, no
-GPU needed.
+"""The full-size path (SD1.5, SDXL, SD3.5-medium, Qwen-Image and FLUX.2-dev architectures, HPS's ViT-H-14 reward)
+measured on any machine, no GPU needed.
 
-    python benchmarks/bench_full_size.py [--model sd15|sdxl|sd35|all] [--proxy-only | --no-proxy]     (make bench)
+    python benchmarks/bench_full_size.py [--model sd15|sdxl|sd35|qwen_image|flux2|all] [--proxy-only | --no-proxy]
+                                                                                                        (make bench)
 
 7. peak memory of one MIRA step at full size, bfloat16, CFG 5, counted on the meta device (benchmarks/meta_device.py):
-   SD1.5 at 512², SDXL and SD3.5 medium at 1024², with each memory option, at batch 1 and more, 50 vs 10 steps; and
-   the naive loop (autograd through the whole chain, no checkpointing)       targets (GiB): SD1.5 ≤ 10, SDXL ≤ 24
+   SD1.5 at 512², SDXL, SD3.5 medium, Qwen-Image and FLUX.2-dev at 1024², with each memory option, at batch 1 and
+   more, 50 vs 10 steps; Qwen-Image's and FLUX.2's text encoders offloaded, and what keeping them adds; and the
+   naive loop (autograd through the whole chain, no checkpointing)       targets (GiB): SD1.5 ≤ 10, SDXL ≤ 24
 8. FLOPs of a plain 50-step sample and of a MIRA step (torch's FLOP counter, meta device): the MFU numerator
 9. CPU proxy: SD1.5-arch at 64 px with the HPS-arch reward, one MIRA step end to end at 10 and 50 steps, computed
    for real (fresh process each): seconds and peak RSS growth                                  target ≤ 1.2
@@ -16,12 +18,23 @@ import time
 
 import torch
 from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script's directory
-from meta_device import PROMPT, GiB, meta_problem, peak_step_memory, sample_and_step_flops, weight_bytes
+from meta_device import (
+    LLM_CONDITIONED,
+    PROMPT,
+    GiB,
+    meta_problem,
+    peak_step_memory,
+    sample_and_step_flops,
+    text_encoder_bytes,
+    weight_bytes,
+)
 
 MODELS = {
     "sd15": ("SD1.5-arch 512²", "sd", 512),
     "sdxl": ("SDXL-arch 1024²", "sdxl", 1024),
     "sd35": ("SD3.5-arch 1024²", "sd3", 1024),
+    "qwen_image": ("Qwen-Image-arch 1024²", "qwen_image", 1024),
+    "flux2": ("FLUX.2-dev-arch 1024²", "flux2", 1024),
 }
 
 
@@ -37,23 +50,34 @@ def memory_table(num_steps: int, models: list[str]) -> None:
         ({"unet_checkpointing": True}, 4, 10),
     ]
     for label, kind, resolution in (MODELS[name] for name in models):
-        for options, batch, steps in rows:
+        # The largest models: the rows that matter at their size (the step-count and VAE rows of the others hold for
+        # them too; Qwen-Image's VAE cannot be checkpointed), as each accounting takes minutes.
+        llm_rows = [r for r in rows if r[2] == 10 and "vae_checkpointing" not in r[0]]
+        for options, batch, steps in llm_rows if kind in LLM_CONDITIONED else rows:
             problem = meta_problem(kind, resolution, batch, steps, **options)
             weights, step = weight_bytes(problem), peak_step_memory(problem)
+            if (options, batch, steps) == ({}, 1, 10):
+                one_step = step
             shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
             print(
                 f"   {label:18} {shown:44} {batch:5} {steps:5} {weights / GiB:6.1f}GiB {step / GiB:6.1f}GiB "
                 f"{(weights + step) / GiB:6.1f}GiB"
             )
+        if kind in LLM_CONDITIONED:  # their rows above are offloaded (model.offload_text_encoder=true)
+            encoder = text_encoder_bytes(kind)
+            print(
+                f"   {label:18} rows above with the text encoder offloaded; kept on the device it adds "
+                f"{encoder / GiB:.1f} GiB (batch 1, 10 steps: {(weights + encoder + one_step) / GiB:.1f} GiB)"
+            )
         # The naive loop keeps every step's activations: its memory is affine in the step count.
         at = {s: peak_step_memory(meta_problem(kind, resolution, 1, s, vae_checkpointing=False), False) for s in (2, 4)}
         per_step = (at[4] - at[2]) / 2
         naive = {s: weights + at[2] + (s - 2) * per_step for s in (1, num_steps)}
-        fits = {card: int((card * GiB - weights - at[2]) // per_step) + 2 for card in (24, 80)}
+        fits = {card: int((card * GiB - weights - at[2]) // per_step) + 2 for card in (24, 80, 141)}
         print(
             f"   {label:18} naive loop: {naive[1] / GiB:.1f} GiB at 1 step, +{per_step / GiB:.2f} GiB per step, "
             f"{naive[num_steps] / GiB:.0f} GiB at {num_steps}; fits 24 GiB up to {max(fits[24], 0)} steps, "
-            f"80 GiB up to {max(fits[80], 0)}"
+            f"80 GiB up to {max(fits[80], 0)}, 141 GiB up to {max(fits[141], 0)}"
         )
 
 

@@ -19,13 +19,15 @@ import framework  # noqa: F401  (torchvision workaround)
 from framework.config import ModelConfig
 from framework.methods import Item, Problem
 from framework.methods.schemas import MIRAConfig
-from framework.models import load_backbone
+from framework.models import Cond, load_backbone
+from framework.models.qwen_image import QwenImageBackbone
 from framework.rewards import build_reward
 from framework.rewards.registry import RewardConfig
 from framework.sampling import trajectory_divergence
 
 GiB = 2**30
 PROMPT = "a photograph of an astronaut riding a horse"
+LLM_CONDITIONED = ("qwen_image", "flux2")  # their text encoders cannot run on the meta device
 
 
 class TensorMemory(TorchDispatchMode):
@@ -61,10 +63,11 @@ def fused_attention():
     diffusers looks up at each call, so checkpoint recomputation sees it too."""
     sdpa = F.scaled_dot_product_attention
 
-    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if attn_mask is not None or kwargs:
-            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or enable_gqa:
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
 
     F.scaled_dot_product_attention = fused
     try:
@@ -81,8 +84,32 @@ def meta_problem(kind: str, resolution: int, batch: int, num_steps: int, **optio
         backbone = load_backbone(model)
         reward = build_reward(RewardConfig(name="hps", random_weights=True, dtype="bfloat16"))
     backbone.scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)  # tables must hold values
+    if kind in LLM_CONDITIONED:
+        stand_in_encodings(backbone, PROMPT)
     cfg = MIRAConfig(num_steps=num_steps, beta=1.0)
     return Problem(backbone, reward, [Item(i, 0, PROMPT, i) for i in range(batch)], cfg)
+
+
+def stand_in_encodings(backbone, prompt: str) -> None:
+    """Qwen-Image's and FLUX.2's LLM encoders read values in their forward (masks, rotary positions), which the meta
+    device does not have: their offloaded state (`model.offload_text_encoder=true`) is set directly instead, the
+    prompt's encodings as zeros of the shapes their pipelines give, the encoders dropped."""
+    pipe, width = backbone.pipe, backbone.transformer.config.joint_attention_dim
+    zeros = lambda length: torch.zeros(1, length, width, device="meta", dtype=backbone.transformer.dtype)  # noqa: E731
+    if isinstance(backbone, QwenImageBackbone):  # the prompt's own tokens after the template's, and the negative's
+        template, dropped = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
+        length = lambda text: len(pipe.tokenizer(template.format(text)).input_ids) - dropped  # noqa: E731
+        cond = Cond(zeros(length(prompt)), zeros(length(backbone.NEGATIVE_PROMPT)))
+    else:  # FLUX.2-dev: padded to max_sequence_length, no negative branch
+        cond = Cond(zeros(backbone.max_sequence_length))
+    backbone.use_encodings(cond, [prompt])
+
+
+def text_encoder_bytes(kind: str) -> int:
+    """Bytes of a full-size model's text encoders in bfloat16: what offloading them keeps off the device."""
+    with torch.device("meta"):
+        backbone = load_backbone(ModelConfig(kind=kind, random_weights=True, dtype="bfloat16"))
+    return sum(p.numel() * p.element_size() for p in backbone.text_encoders.parameters())
 
 
 def weight_bytes(problem: Problem) -> int:

@@ -361,6 +361,8 @@ def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "stabilityai/stable-diffusion-xl-base-1.0",
         "stabilityai/stable-diffusion-3.5-medium",
+        "Qwen/Qwen-Image",
+        "black-forest-labs/FLUX.2-dev",
         "xswu/HPSv2/HPS_v2.1_compressed.pt",
         "yuvalkirstain/PickScore_v1",
         "weights/hpdv2/photo.json",

@@ -1,12 +1,12 @@
-"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch, sd35_arch; reward=*_arch), checked on the
-meta device: parameter counts against the published checkpoints' and every tensor shape of the sampler's path, without
+"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch, sd35_arch, qwen_image_arch, flux2_arch;
+reward=*_arch), checked on the meta device: parameter counts against the published checkpoints' and every tensor shape of the sampler's path, without
 memory or compute."""
 
 import pytest
 import torch
 
 from framework.config import ModelConfig
-from framework.models import load_backbone
+from framework.models import Cond, load_backbone
 from framework.rewards import build_reward
 from framework.rewards.registry import RewardConfig
 
@@ -19,6 +19,13 @@ PUBLISHED_MODELS = {
     "sd3": {"transformer": 2.5e9, "text_encoder": 123_060_480 + 768 * 768, "text_encoder_2": 694_659_840},
 }
 T5_XXL_ENCODER = 4.7e9
+# (published figure, its precision): the model cards' "20B" MMDiT (Qwen-Image) and "32B" transformer (FLUX.2-dev),
+# the hub's counts of Qwen2.5-VL-7B-Instruct (8.29 B) and Mistral-Small-3.1-24B-Instruct (24.0 B), which the
+# pipelines load whole (vision towers included)
+PUBLISHED_LLM_CONDITIONED = {
+    "qwen_image": {"transformer": (20e9, 1e9), "text_encoder": (8.29e9, 0.01e9)},
+    "flux2": {"transformer": (32e9, 1e9), "text_encoder": (24.0e9, 0.1e9)},
+}
 SIDE = {"sd": 512, "sdxl": 1024, "sd3": 1024}
 CLIP_L, CLIP_L_TEXT = 427_616_513, 123_060_480  # openai/clip-vit-large-patch14, and its text tower
 AESTHETIC_HEAD = (768 + 1) * 1024 + (1024 + 1) * 128 + (128 + 1) * 64 + (64 + 1) * 16 + (16 + 1)  # LAION's MLP
@@ -165,3 +172,24 @@ def test_random_weight_configs_that_contradict_themselves_are_refused(overrides,
 
     with pytest.raises(FrameworkError, match=message.replace("(", r"\(")):
         validate(compose(*overrides))
+
+
+@pytest.mark.parametrize("kind", sorted(PUBLISHED_LLM_CONDITIONED))
+def test_qwen_image_and_flux2_at_full_size_have_the_published_sizes_and_map_shapes(kind):
+    """Parameter counts within the published figures' precision, then a guided prediction at 1024² and a decode.
+    Their LLM encoders read values (masks, rotary positions) that the meta device lacks, so the prompt's encodings
+    stand in as the offloaded state with the pipelines' shapes."""
+    with torch.device("meta"):
+        backbone = load_backbone(ModelConfig(kind=kind, random_weights=True, resolution=1024, dtype="bfloat16"))
+    for name, (published, precision) in PUBLISHED_LLM_CONDITIONED[kind].items():
+        assert abs(count(getattr(backbone.pipe, name)) - published) <= precision / 2, name
+    width = {"qwen_image": 3584, "flux2": 3 * 5120}[kind]  # Qwen2.5-VL's last layer; three Mistral layers
+    assert backbone.transformer.config.joint_attention_dim == width
+    latent = backbone.latent_shape()
+    assert latent == {"qwen_image": (16, 128, 128), "flux2": (128, 64, 64)}[kind]
+    embeds = torch.zeros(2, 12 if kind == "qwen_image" else 512, width, device="meta", dtype=torch.bfloat16)
+    cond = Cond(embeds, embeds if kind == "qwen_image" else None)
+    x = torch.zeros(2, *latent, device="meta")
+    pred, pred_cond = backbone.predict_branches(x, 981.0, cond, guidance_scale=4.0)
+    assert pred.shape == pred_cond.shape == x.shape
+    assert backbone.decode(x).shape == (2, 3, 1024, 1024)

@@ -141,19 +141,24 @@ class FlowMatchingBackbone(Backbone):
     @torch.no_grad()
     def offload_text_encoders(self, prompts: list[str], device: torch.device, batch: int = 16) -> None:
         """Encode each distinct prompt once on `device`, keep the encodings (on the CPU) and drop the text encoders
-        (T5-XXL alone is 4.7B parameters): they are needed only to encode, so the run re-encodes nothing and the
-        accelerator never holds them beside the transformer."""
+        (T5-XXL alone is 4.7B parameters, Mistral-3 24B): they are needed only to encode, so the run re-encodes
+        nothing and the accelerator never holds them beside the transformer."""
         distinct = list(dict.fromkeys(prompts))
         for encoder in self.text_encoders:
             encoder.to(device)
         chunks = [self._encode(distinct[i : i + batch], device).to("cpu") for i in range(0, len(distinct), batch)]
-        self._encoded = Cond.cat(chunks), {p: i for i, p in enumerate(distinct)}
+        self.use_encodings(Cond.cat(chunks), distinct)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def use_encodings(self, encoded: Cond, prompts: list[str]) -> None:
+        """Encode `prompts` (row i of `encoded` is prompt i) from now on by these encodings, and drop the text
+        encoders."""
+        self._encoded = encoded, {p: i for i, p in enumerate(prompts)}
         self.text_encoders = nn.ModuleList()
         for name in self.TEXT_ENCODERS:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def predict_branches(self, x: Tensor, t: float, cond: Cond, guidance_scale: float) -> tuple[Tensor, Tensor]:
         """(guided v̂, conditional v_c), in float32 whatever the transformer's dtype."""

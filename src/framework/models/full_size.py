@@ -1,5 +1,5 @@
-"""Full-size SD1.5, SDXL and SD3.5 medium with seeded random weights, built in-process from their published
-configurations.
+"""Full-size SD1.5, SDXL, SD3.5 medium, Qwen-Image and FLUX.2-dev with seeded random weights, built in-process from
+their published configurations.
 
 Speed and memory do not depend on the weights' values, so these stand in for the real checkpoints where none can be
 downloaded (benchmarks, the CPU proxy of the full-size path): the same modules with the same shapes, whose images are
@@ -10,6 +10,7 @@ built offline (SDXL's and SD3's second one pads with "!", as OpenCLIP's does) an
 tokenizer: its ids lie within T5's vocabulary and it pads to the same sequence length, which is what cost depends on.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,10 +26,15 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from framework.models.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+from framework.models.tokenizer import (
+    build_clip_tokenizer,
+    build_mistral_tokenizer,
+    build_qwen_tokenizer,
+    build_t5_tokenizer,
+)
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
-ARCHITECTURE_OF_KIND = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35"}
+ARCHITECTURE_OF_KIND = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35", "qwen_image": "qwen_image", "flux2": "flux2"}
 SEED = 0
 
 
@@ -37,12 +43,14 @@ def _diffusers(cls, folder: Path):
 
 
 def build_full_size_pipeline(kind: str):
-    """The pipeline of `kind` ("sd", "sdxl" or "sd3") at full size with seeded random weights (the libraries' own
+    """The pipeline of `kind` (one of ARCHITECTURE_OF_KIND) at full size with seeded random weights (the libraries' own
     initialisation). Built on the default device: `with torch.device("meta"):` counts parameters without memory,
     `with torch.device("cuda"):` initialises on the GPU (seconds instead of a minute)."""
     root = ARCHITECTURES / ARCHITECTURE_OF_KIND[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
+        if kind in ("qwen_image", "flux2"):
+            return _llm_conditioned(kind, root)
         if kind == "sd3":
             clip = lambda name: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / name))  # noqa: E731
             return StableDiffusion3Pipeline(
@@ -71,3 +79,27 @@ def build_full_size_pipeline(kind: str):
         return StableDiffusionXLPipeline(
             **components, text_encoder_2=encoder_2, tokenizer_2=build_clip_tokenizer(pad_token="!")
         )
+
+
+def _llm_conditioned(kind: str, root: Path):
+    """Qwen-Image or FLUX.2-dev: transformer, VAE and scheduler from their diffusers configurations, the text encoder
+    from its transformers configuration."""
+    import diffusers
+    import transformers
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    pipeline = {"qwen_image": diffusers.QwenImagePipeline, "flux2": diffusers.Flux2Pipeline}[kind]
+    components = {
+        name: _diffusers(getattr(diffusers, json.loads((root / name / file).read_text())["_class_name"]), root / name)
+        for name, file in (
+            ("transformer", "config.json"),
+            ("vae", "config.json"),
+            ("scheduler", "scheduler_config.json"),
+        )
+    }
+    config = transformers.AutoConfig.from_pretrained(root / "text_encoder")
+    encoder = getattr(transformers, config.architectures[0])(config)
+    pipe = pipeline(**components, text_encoder=encoder, tokenizer=None)
+    words = pipe.prompt_template_encode if kind == "qwen_image" else SYSTEM_MESSAGE
+    pipe.register_modules(tokenizer=(build_qwen_tokenizer if kind == "qwen_image" else build_mistral_tokenizer)(words))
+    return pipe

@@ -58,14 +58,15 @@ class QwenImageBackbone(FlowMatchingBackbone):
         unpack = lambda v: self.pipe._unpack_latents(v, height * scale, width * scale, scale)[:, :, 0]  # noqa: E731
         return unpack(guided), unpack(text)
 
-    def _velocity(self, packed: Tensor, t: float, embeds: Tensor, mask: Tensor) -> Tensor:
+    def _velocity(self, packed: Tensor, t: float, embeds: Tensor, mask: Tensor | None) -> Tensor:
         batch = len(packed)
         side = self.latent_size // 2
         return self.transformer(
             hidden_states=packed,
             timestep=torch.full((batch,), t, device=packed.device, dtype=packed.dtype) / 1000,
             encoder_hidden_states=embeds,
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # the pipeline drops an all-ones mask
+            # the pipeline passes no mask when every token is the prompt's
+            encoder_hidden_states_mask=None if mask is None or bool(mask.all()) else mask,
             img_shapes=[[(1, side, side)]] * batch,
             return_dict=False,
         )[0].float()
