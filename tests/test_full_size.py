@@ -1,6 +1,6 @@
 """The full-size random-weight architectures (model=sd15_arch, sdxl_arch, sd35_arch, qwen_image_arch, flux2_arch;
-reward=*_arch), checked on the meta device: parameter counts against the published checkpoints' and every tensor shape of the sampler's path, without
-memory or compute."""
+reward=*_arch), checked on the meta device: parameter counts against the published checkpoints' and every tensor
+shape of the sampler's path, without memory or compute."""
 
 import pytest
 import torch
