@@ -1,7 +1,9 @@
-"""The full-size path on a GPU: SD1.5-arch at 512², SDXL-arch and SD3.5-medium-arch at 1024², CFG 5, η = 1, the HPS-arch
-reward (ViT-H-14), bfloat16 with random weights (speed and memory do not depend on their values).
+"""The full-size path on a GPU: SD1.5-arch at 512², SDXL-arch, SD3.5-medium-arch, Qwen-Image-arch and FLUX.2-dev-arch
+at 1024², CFG 5, η = 1, the HPS-arch reward (ViT-H-14), bfloat16 with random weights (speed and memory do not depend on
+their values). Qwen-Image's and FLUX.2's text encoders are offloaded after encoding (model.offload_text_encoder).
 
-    python benchmarks/bench_gpu.py [--model sd15|sdxl|sd35|all] [--num-steps 50] [--max-batch 16] [--no-compile]
+    python benchmarks/bench_gpu.py [--model sd15|sdxl|sd35|qwen_image|flux2|all] [--num-steps 50] [--max-batch 16]
+                                   [--no-compile]
                                    [--peak-tflops T] [--smoke]                                (make bench-gpu)
 
 a. plain sample and one MIRA / DNO optimisation step at batch 1, timed in the methods' own loop (a run of 2
@@ -10,10 +12,12 @@ b. per batch size until memory runs out: per-image MIRA step time (target ≤ 0.
    peak allocated (SD1.5 ≤ 10 GB and SDXL ≤ 24 GB at batch 1), model FLOP utilisation: the step's FLOPs (torch's
    FLOP counter on the meta device, no recomputation counted) over its time and the device's dense bf16 peak
                                                                                     target ≥ 40 % (SD1.5)
-c. the runtime options one at a time (model.vae_checkpointing, unet_checkpointing, channels_last, compile) and
-   the attention kernel (diffusers' default SDPA vs its classic processor): MIRA step time and peak at batch 1
+c. the runtime options one at a time (model.vae_checkpointing, unet_checkpointing, channels_last, compile; the text
+   encoder kept on the device) and the attention kernel (diffusers' default SDPA vs its classic processor): MIRA step
+   time and peak at batch 1
 d. the loop a user would write without this framework: diffusers' components, autograd through every step and
-   the decoder, nothing checkpointed: its peak at the full step count, or the most steps that fit
+   the decoder, nothing checkpointed (Qwen-Image, FLUX.2: our sampler so, the same graph): its peak at the full step
+   count, or the most steps that fit
 `--smoke` runs every part on the tiny models on the CPU, to check the script itself.
 """
 
@@ -33,7 +37,14 @@ from framework.models import load_backbone
 from framework.rewards import build_reward
 from framework.rewards.registry import RewardConfig
 
-MODELS = {"sd15": ("sd", 512), "sdxl": ("sdxl", 1024), "sd35": ("sd3", 1024)}
+MODELS = {
+    "sd15": ("sd", 512),
+    "sdxl": ("sdxl", 1024),
+    "sd35": ("sd3", 1024),
+    "qwen_image": ("qwen_image", 1024),
+    "flux2": ("flux2", 1024),
+}
+OFFLOADED = ("qwen_image", "flux2")  # their LLM encoders (8.3 B, 24 B) leave the device after encoding
 OPTIONS = {"vae_checkpointing": False, "unet_checkpointing": True, "channels_last": True, "compile": True}  # ≠ default
 # Dense bfloat16 tensor-core peaks (TFLOP/s) by device name; --peak-tflops for any other.
 PEAKS = {"H200": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "A100": 312, "L40S": 362, "4090": 165}
@@ -53,7 +64,11 @@ class Bench:
 
     def backbone(self, **options):
         size = dict(tiny=True, resolution=64) if self.smoke else dict(random_weights=True, resolution=self.resolution)
-        return self._built(lambda: load_backbone(ModelConfig(kind=self.kind, dtype="bfloat16", **size, **options)))
+        offload = options.pop("offload_text_encoder", self.kind in OFFLOADED)
+        backbone = self._built(lambda: load_backbone(ModelConfig(kind=self.kind, dtype="bfloat16", **size, **options)))
+        if offload:
+            backbone.offload_text_encoders([PROMPT], torch.device(self.device))
+        return backbone
 
     def sync(self):
         if self.device == "cuda":
@@ -114,6 +129,12 @@ class Bench:
     def naive_step(self, backbone, steps: int) -> None:
         """Diffusers' UNet (or transformer), scheduler and VAE with autograd through the whole chain, nothing
         checkpointed."""
+        if self.kind in OFFLOADED:  # autograd through our sampler and decoder, nothing checkpointed: the same graph
+            problem = self.problem(backbone, MIRAConfig(num_steps=steps), 1)
+            x_T, noises = problem.noise()
+            images, _ = problem.render(x_T.requires_grad_(), noises, checkpoint=False)
+            (-problem.score(images).sum()).backward()
+            return
         pipe, cond = backbone.pipe, backbone.encode([PROMPT])
         latents = torch.randn(1, *backbone.latent_shape(), device=self.device, requires_grad=True)
         if backbone.flow_matching:
@@ -206,8 +227,10 @@ def bench_model(name: str, args) -> None:
     )
     variants = [(f"{key}={value}".lower(), {key: value}) for key, value in OPTIONS.items()]
     variants = [v for v in variants if not (args.no_compile and "compile" in v[1])]
-    if kind != "sd3":  # SD3's joint attention has no pre-SDPA processor to compare with
+    if kind in ("sd", "sdxl"):  # the flow models' joint attention has no pre-SDPA processor to compare with
         variants.append(("classic attention", {}))
+    if kind in OFFLOADED:
+        variants.append(("text encoder kept on the device", {"offload_text_encoder": False}))
     backbone = None  # free the device for the variants
     for label, options in variants:
         variant = bench.backbone(**options)

@@ -66,9 +66,11 @@ def configure_networks(pipe, cfg: ModelConfig) -> None:
         pipe.vae.enable_gradient_checkpointing()
     if cfg.unet_checkpointing:
         denoiser(pipe).enable_gradient_checkpointing()
-    if cfg.channels_last:
+    if cfg.channels_last:  # each convolution in its rank's format: Qwen-Image's VAE mixes 3-D and 2-D ones
         for module in (getattr(pipe, "unet", None), pipe.vae):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
+            for layer in module.modules() if module is not None else ():
+                if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                    three_d = isinstance(layer, torch.nn.Conv3d)
+                    layer.to(memory_format=torch.channels_last_3d if three_d else torch.channels_last)
     if cfg.compile:
         denoiser(pipe).compile()
