@@ -396,3 +396,19 @@ def test_a_run_with_offloaded_text_encoders_equals_one_without(tmp_path, monkeyp
         json.loads((tmp_path / d / "summary.json").read_text())["final_reward_mean"] for d in ("plain", "offloaded")
     ]
     assert rewards[0] == rewards[1]
+
+
+def test_channels_last_converts_each_of_qwen_images_3d_and_2d_convolutions_and_changes_no_image(tiny_qwen_image):
+    config = ModelConfig(kind="qwen_image", tiny=True, resolution=32, max_sequence_length=64, channels_last=True)
+    backbone = load_backbone(config)
+    layers = list(backbone.vae.modules())
+    conv3d = next(m for m in layers if isinstance(m, torch.nn.Conv3d))
+    conv2d = next(m for m in layers if isinstance(m, torch.nn.Conv2d))
+    assert conv3d.weight.is_contiguous(memory_format=torch.channels_last_3d) and conv3d.weight.dim() == 5
+    assert conv2d.weight.is_contiguous(memory_format=torch.channels_last)
+    x_T = noise(backbone, n=1)
+    with torch.no_grad():
+        images = [
+            b.decode(sample(b, b.encode(["a cat"]), x_T, num_steps=2).latents) for b in (backbone, tiny_qwen_image)
+        ]
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-5)  # other kernels, the same maths
