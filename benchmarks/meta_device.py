@@ -45,10 +45,13 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output that shares an input's storage (a view, an in-place result) allocates nothing: without this, a
+        # view of a weight (linear's transposed weight, saved for backward) would count as new memory
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
-                if storage._cdata not in self.live:
+                if storage._cdata not in self.live and storage._cdata not in inputs:
                     self.live[storage._cdata] = storage.nbytes()
                     self.current += storage.nbytes()
                     weakref.finalize(storage, self._free, storage._cdata)
