@@ -49,6 +49,14 @@ def tiny_flux2_klein():
 
 
 @pytest.fixture(scope="module")
+def tiny_klein_distilled():
+    """FLUX.2 klein step-distilled (as FLUX.2-klein-4B): no guidance input and no CFG, so w is ignored."""
+    pipe = build_tiny_flow_pipeline("flux2_klein", 32)
+    pipe.register_to_config(is_distilled=True)
+    return FLOW_BACKBONES["flux2_klein"](pipe, 32, 64)
+
+
+@pytest.fixture(scope="module")
 def tiny_schnell():
     """FLUX without a guidance input and with a static schedule, as FLUX.1-schnell."""
     return FlowMatchingBackbone(build_tiny_flow_pipeline("flux", 32, guidance_embeds=False), 32, 64)
@@ -98,6 +106,7 @@ def pipeline_images(backbone, x_T, steps, guidance_scale, prompts=PROMPTS):
         ("flux2", 2.5, 3),
         ("flux2_klein", 4.0, 6),
         ("flux2_klein", 0.5, 3),
+        ("klein_distilled", 4.0, 3),
     ],
 )
 def test_eta0_matches_the_diffusers_pipeline(model, guidance_scale, steps, request):

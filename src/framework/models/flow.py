@@ -10,6 +10,9 @@ Guidance differs between the two families, and `predict_branches` follows each p
   w ≤ 1 the conditional branch alone, as the pipeline switches guidance off there.
 - FLUX.1-dev is guidance-distilled: w enters the transformer as its guidance embedding and there is one branch (the
   guided prediction is the conditional one); FLUX.1-schnell has no guidance input at all, so w is ignored.
+
+Qwen-Image (framework.models.qwen_image) and FLUX.2 (framework.models.flux2) subclass FlowMatchingBackbone, replacing
+what their pipelines do differently: prompt encoding, latent layout, schedule shift, guidance, decoding.
 """
 
 import logging
