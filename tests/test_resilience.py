@@ -92,10 +92,10 @@ def test_ctrl_c_stops_an_inference_run_after_its_finished_items_and_a_rerun_resu
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert (
-        stderr.strip().splitlines()[-1].startswith("stopped: SIGINT during items p0002_s000")
-        and "Traceback" not in stderr
-    )
+    # the signal lands in the second batch, or (on a loaded machine) just before it starts: either way it is not run
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(("stopped: SIGINT during items p0002_s000", "stopped: SIGINT: stopped after the finished"))
+    assert "Traceback" not in stderr
     assert json.loads((run_dir / "status.json").read_text())["exit_code"] == 130
     before = mtimes(run_dir)
     assert len(before) == 2 and not list((run_dir / "items").glob(".*"))  # the first batch, nothing half-written

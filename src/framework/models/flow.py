@@ -72,7 +72,7 @@ class FlowMatchingBackbone(Backbone):
                 f"(VAE {vae}× and {patch}×{patch} patches)"
             )
         self.latent_size = size
-        self._position_ids: dict = {}  # image-token ids per (device, dtype[, batch]): the same at every step
+        self._position_ids: dict = {}  # position ids per (device, shapes): the same at every step
         self._encoded: tuple[Cond, dict[str, int]] | None = None  # after `offload_text_encoders`: the run's prompts
 
     def default_max_sequence_length(self) -> int:
