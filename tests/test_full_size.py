@@ -193,3 +193,22 @@ def test_qwen_image_and_flux2_at_full_size_have_the_published_sizes_and_map_shap
     pred, pred_cond = backbone.predict_branches(x, 981.0, cond, guidance_scale=4.0)
     assert pred.shape == pred_cond.shape == x.shape
     assert backbone.decode(x).shape == (2, 3, 1024, 1024)
+
+
+def test_meta_memory_counts_new_storage_and_not_views_of_tensors_that_exist():
+    """The accounting behind bench_full_size's memory tables: a linear layer's forward allocates its output only;
+    the transposed weight it computes with (and saves for backward) is a view of the weight, which already exists."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "meta_device.py"
+    spec = importlib.util.spec_from_file_location("meta_device", path)
+    meta_device = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(meta_device)
+    with torch.device("meta"):
+        layer = torch.nn.Linear(1024, 4096)
+        x = torch.zeros(8, 1024, requires_grad=True)
+    with meta_device.TensorMemory() as memory:
+        y = layer(x)
+        y.view(-1)  # a view of a tensor made inside: counted once
+    assert memory.peak == 8 * 4096 * 4  # float32 output; not the 16 MiB weight
