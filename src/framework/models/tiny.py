@@ -162,7 +162,7 @@ def build_tiny_flow_pipeline(kind: str, resolution: int = 32, guidance_embeds: b
     pooled, T5; `guidance_embeds` as FLUX.1-dev, off as schnell) with tiny seeded weights, as their pipelines; the
     newer families by their own builders below."""
     if kind == "qwen_image":
-        return build_tiny_qwen_image_pipeline(resolution)
+        return build_tiny_qwen_image_pipeline()
     if kind in ("flux2", "flux2_klein"):
         return build_tiny_flux2_pipeline(resolution, klein=kind == "flux2_klein")
     with torch.random.fork_rng(devices=[]):
@@ -223,22 +223,17 @@ def build_tiny_flow_pipeline(kind: str, resolution: int = 32, guidance_embeds: b
         )
 
 
-# Qwen-Image's scheduler (image-size shift with an exponential time shift, σ stretched to end at 0.02) and FLUX.2's
-# (its pipeline computes μ from the image size and step count).
-QWEN_IMAGE_SCHEDULER = dict(
-    shift=1.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=0.9,
-    base_image_seq_len=256,
-    max_image_seq_len=8192,
-    shift_terminal=0.02,
-    time_shift_type="exponential",
-)
-FLUX2_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+def published_scheduler(name: str) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler of a full-size architecture (models/architectures/<name>/scheduler): Qwen-Image's image-size
+    shift with an exponential time shift and σ stretched to end at 0.02, FLUX.2's (whose pipeline computes μ from
+    image size and step count)."""
+    from framework.models.full_size import ARCHITECTURES
+
+    config = FlowMatchEulerDiscreteScheduler.load_config(ARCHITECTURES / name / "scheduler")
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
-def build_tiny_qwen_image_pipeline(resolution: int = 32):
+def build_tiny_qwen_image_pipeline():
     """Qwen-Image: the MMDiT over 2×2-packed latents, a Qwen2.5-VL text encoder (language model and vision tower;
     the pipeline reads its last hidden state), the causal 3-D VAE (2× here; its per-channel latent statistics are the
     published ones), tiny and seeded."""
@@ -259,8 +254,9 @@ def build_tiny_qwen_image_pipeline(resolution: int = 32):
         vae = AutoencoderKLQwenImage(
             base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
-        pipe = QwenImagePipeline(scheduler, vae, text_encoder=None, tokenizer=None, transformer=transformer)
+        pipe = QwenImagePipeline(
+            published_scheduler("qwen_image"), vae, text_encoder=None, tokenizer=None, transformer=transformer
+        )
         tokenizer = build_qwen_tokenizer(words=pipe.prompt_template_encode)  # the template is the pipeline's
         text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
         text |= dict(num_key_value_heads=1, vocab_size=len(tokenizer))
@@ -318,7 +314,7 @@ def build_tiny_flux2_pipeline(resolution: int = 32, klein: bool = False):
             guidance_embeds=not klein,
         )
         components = dict(
-            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
+            scheduler=published_scheduler("flux2"),
             vae=vae,
             text_encoder=encoder,
             tokenizer=tokenizer,
