@@ -23,29 +23,34 @@ from framework.sampling import kl_weights, num_noises, sample, sampler_steps
 PROMPTS = ["a cat", "a red circle and a blue square"]
 
 
+def tiny(kind: str) -> FlowMatchingBackbone:
+    """A fresh tiny flow model of `kind` at 32 px, reading 64 text tokens."""
+    return load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    return load_backbone(ModelConfig(kind="sd3", tiny=True, resolution=32, max_sequence_length=64))
+    return tiny("sd3")
 
 
 @pytest.fixture(scope="module")
 def tiny_flux():
-    return load_backbone(ModelConfig(kind="flux", tiny=True, resolution=32, max_sequence_length=64))
+    return tiny("flux")
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen_image():
-    return load_backbone(ModelConfig(kind="qwen_image", tiny=True, resolution=32, max_sequence_length=64))
+    return tiny("qwen_image")
 
 
 @pytest.fixture(scope="module")
 def tiny_flux2():
-    return load_backbone(ModelConfig(kind="flux2", tiny=True, resolution=32, max_sequence_length=64))
+    return tiny("flux2")
 
 
 @pytest.fixture(scope="module")
 def tiny_flux2_klein():
-    return load_backbone(ModelConfig(kind="flux2_klein", tiny=True, resolution=32, max_sequence_length=64))
+    return tiny("flux2_klein")
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +322,7 @@ def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_
     Flux2KleinPipeline reads; the pipeline then samples as we do."""
     from framework.models.lora import WEIGHT_NAME, add_lora, save_lora
 
-    ours = load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
+    ours = tiny(kind)
     with torch.no_grad():
         for parameter in add_lora(ours.denoiser, rank=2, seed=1):
             parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(parameter.numel()))
@@ -362,7 +367,7 @@ def test_offloading_the_text_encoders_encodes_once_and_changes_nothing(kind):
     """`offload_text_encoders` keeps the run's prompts' encodings and drops the encoders: any batch of those prompts
     (repeats, any order) is encoded as the encoders would (to the rounding of another batch shape; Qwen-Image's
     prompts of different lengths padded, their masks marking the padding), an unknown prompt is one clear error."""
-    backbone = load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, max_sequence_length=64))
+    backbone = tiny(kind)
     batch = [PROMPTS[1], PROMPTS[0], PROMPTS[1]]
     expected = backbone.encode(batch)
     x, t = noise(backbone, n=1), backbone.schedule(4)[1][0]
