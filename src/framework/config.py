@@ -48,8 +48,9 @@ class ModelConfig:
     kind: str = valid(MISSING, OneOf(tuple(MODEL_KINDS)))  # SD1.x | SDXL | SD3.x | FLUX.1 | Qwen-Image | FLUX.2
     source: str | None = valid(None, Text())  # hub id or local directory (save_pretrained layout); None if built
     tiny: bool = False  # random-weight tiny architecture built in-process (tests, smoke runs)
-    # the published full-size architecture of `kind` (SD1.5 or SDXL base) with seeded random weights, built
-    # in-process from configurations shipped with the package: speed and memory as the real model's, images noise
+    # the published full-size architecture of `kind` (SD1.5, SDXL base, SD3.5 medium, Qwen-Image, FLUX.2-dev) with
+    # seeded random weights, built in-process from configurations shipped with the package: speed and memory as the
+    # real model's, images noise
     random_weights: bool = False
     revision: str | None = valid(None, Text())
     variant: str | None = valid(None, Text())  # e.g. fp16 (which weight files to read)

@@ -14,7 +14,15 @@ from framework.models.qwen_image import QwenImageBackbone
 from framework.models.tiny import build_tiny_flow_pipeline, build_tiny_pipeline
 from framework.weights import load_pretrained
 
-__all__ = ["DTYPES", "Backbone", "Cond", "FlowMatchingBackbone", "StableDiffusionBackbone", "load_backbone"]
+__all__ = [
+    "DTYPES",
+    "FLOW_BACKBONES",
+    "Backbone",
+    "Cond",
+    "FlowMatchingBackbone",
+    "StableDiffusionBackbone",
+    "load_backbone",
+]
 
 FLOW_BACKBONES = {"qwen_image": QwenImageBackbone, "flux2": Flux2Backbone, "flux2_klein": Flux2Backbone}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

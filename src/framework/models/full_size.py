@@ -8,6 +8,9 @@ stable-diffusion-v1-5 (which SD1.4 shares), stable-diffusion-xl-base-1.0 and sta
 CLIP-L and CLIP-G with projections, the T5-XXL encoder, the 16-channel VAE); the tokenizers are the CLIP tokenizer
 built offline (SDXL's and SD3's second one pads with "!", as OpenCLIP's does) and, for T5, the small-vocabulary T5
 tokenizer: its ids lie within T5's vocabulary and it pads to the same sequence length, which is what cost depends on.
+Qwen-Image (the 20 B MMDiT, Qwen2.5-VL-7B with its vision tower, the 3-D VAE) and FLUX.2-dev (the 32 B transformer,
+Mistral-Small-3.1 24 B with its vision tower, the batch-normalised VAE) read prompts through the tiny models' offline
+byte-level tokenizers, which know their pipelines' templates: ids within the real vocabularies.
 """
 
 import json
