@@ -38,6 +38,35 @@ def test_eta0_matches_diffusers_pipeline(tiny_backbone, guidance_scale):
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_non_square_images_match_diffusers_pipeline(kind):
+    """model.height × model.width = 64 × 96: the latent shape and SDXL's size conditioning (time ids) of a
+    non-square image, against the pipeline asked for the same size."""
+    from framework.config import ModelConfig
+    from framework.models import load_backbone
+
+    backbone = load_backbone(ModelConfig(kind=kind, tiny=True, height=64, width=96))
+    x_T = noise_like((2, *backbone.latent_shape()))
+    pipe = copy.copy(backbone.pipe)
+    pipe.scheduler = backbone.scheduler
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        traj = sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=4, guidance_scale=5.0)
+        ours = backbone.postprocess(backbone.decode(traj.latents))
+        reference = pipe(
+            PROMPTS,
+            latents=x_T.clone(),
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            eta=0.0,
+            output_type="pt",
+            height=64,
+            width=96,
+        ).images
+    assert ours.shape == reference.shape == (2, 3, 64, 96)
+    assert (ours - reference).abs().max().item() <= 1e-4  # as the square comparison above
+
+
 @pytest.mark.parametrize("final_step_noise", [True, False])
 def test_eta_positive_matches_diffusers_scheduler_steps(tiny_sd, final_step_noise):
     """η > 0 with explicit ξ: against DDIMScheduler.step(..., eta, variance_noise=ξ) on the same ε̂; without final

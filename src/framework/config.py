@@ -58,6 +58,9 @@ class ModelConfig:
     # null: dtype, except float32 under float16 for a VAE that overflows there (SDXL's), as diffusers does
     vae_dtype: str | None = valid(None, OneOf(DTYPES))
     resolution: int = valid(512, Range(8, multiple_of=8))  # image side in pixels (the SD VAEs downsample 8×)
+    # non-square images: either or both sides in pixels (null: resolution)
+    height: int | None = valid(None, Range(8, multiple_of=8))
+    width: int | None = valid(None, Range(8, multiple_of=8))
     # text tokens of a flow model's prompt (T5's for SD3 and FLUX.1, ≤ 512; the LLM encoder's for Qwen-Image, ≤ 1024,
     # and FLUX.2); null: its pipeline's default (256 SD3, 512 the others; FLUX.1-schnell takes ≤ 256)
     max_sequence_length: int | None = valid(None, Range(1, 1024))

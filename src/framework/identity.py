@@ -27,6 +27,9 @@ def run_identity(cfg) -> dict:
         identity.pop("monitor")
     for key in RUNTIME_OPTIONS:
         identity["model"].pop(key)
+    for side in ("height", "width"):  # unset: the square model.resolution, as before these keys existed
+        if identity["model"][side] is None:
+            identity["model"].pop(side)
     return identity
 
 

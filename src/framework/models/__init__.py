@@ -31,8 +31,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def load_backbone(cfg: ModelConfig) -> Backbone:
     """The backbone of a validated model config (see framework.config.validate)."""
     kind, dtype = cfg.kind, DTYPES[cfg.dtype]
+    size = (cfg.height or cfg.resolution, cfg.width or cfg.resolution)
     if cfg.tiny:
-        pipe = (build_tiny_flow_pipeline if kind in FLOW_KINDS else build_tiny_pipeline)(kind, cfg.resolution)
+        pipe = (build_tiny_flow_pipeline if kind in FLOW_KINDS else build_tiny_pipeline)(kind, size[0])
     elif cfg.random_weights:
         pipe = build_full_size_pipeline(kind)
     else:
@@ -57,8 +58,8 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         pipe.vae.to(dtype=vae_dtype)
     configure_networks(pipe, cfg)
     if kind in FLOW_KINDS:
-        return FLOW_BACKBONES.get(kind, FlowMatchingBackbone)(pipe, cfg.resolution, cfg.max_sequence_length)
-    return StableDiffusionBackbone(pipe, cfg.resolution)
+        return FLOW_BACKBONES.get(kind, FlowMatchingBackbone)(pipe, size, cfg.max_sequence_length)
+    return StableDiffusionBackbone(pipe, size)
 
 
 def denoiser(pipe) -> torch.nn.Module:

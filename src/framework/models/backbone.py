@@ -124,13 +124,14 @@ class Backbone(nn.Module):
 
 
 class StableDiffusionBackbone(Backbone):
-    """SD1.x (`StableDiffusionPipeline`) or SDXL (`StableDiffusionXLPipeline`) components at a fixed resolution."""
+    """SD1.x (`StableDiffusionPipeline`) or SDXL (`StableDiffusionXLPipeline`) components at a fixed image size:
+    `size` (height, width) in pixels, or one side of a square."""
 
-    def __init__(self, pipe: DiffusionPipeline, resolution: int):
+    def __init__(self, pipe: DiffusionPipeline, size: int | tuple[int, int]):
         super().__init__()
         self.pipe = pipe
         self.is_sdxl = hasattr(pipe, "text_encoder_2")
-        self.resolution = resolution
+        self.height, self.width = (size, size) if isinstance(size, int) else size
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
@@ -143,8 +144,8 @@ class StableDiffusionBackbone(Backbone):
         self._checked: set[str] = set()  # prompts whose length was checked
 
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.resolution // self.pipe.vae_scale_factor
-        return (self.unet.config.in_channels, size, size)
+        scale = self.pipe.vae_scale_factor
+        return (self.unet.config.in_channels, self.height // scale, self.width // scale)
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         """CLIP reads 77 tokens; a longer prompt is cut (as the diffusers pipelines do): say so once per prompt."""
@@ -167,7 +168,7 @@ class StableDiffusionBackbone(Backbone):
             embeds, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True)
             return Cond(embeds, uncond)
         embeds, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(prompts, device=self.device)
-        size = (self.resolution, self.resolution)
+        size = (self.height, self.width)
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype, int(pooled.shape[-1]))
         return Cond(embeds, uncond, pooled, uncond_pooled, time_ids.to(self.device).repeat(len(prompts), 1))
 

@@ -41,18 +41,19 @@ def image_size_shift(image_tokens: int, config, max_shift: float = 1.15) -> floa
 
 
 class FlowMatchingBackbone(Backbone):
-    """`StableDiffusion3Pipeline` or `FluxPipeline` components at a fixed resolution; latents are kept unpacked
-    ([16, h, w]) so noises, metrics and methods see the same shapes as for the SD backbones."""
+    """`StableDiffusion3Pipeline` or `FluxPipeline` components at a fixed image size (`size`: (height, width) in
+    pixels, or one side of a square); latents are kept unpacked ([16, h, w]) so noises, metrics and methods see the
+    same shapes as for the SD backbones."""
 
     flow_matching = True
 
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-    def __init__(self, pipe, resolution: int, max_sequence_length: int | None = None):
+    def __init__(self, pipe, size: int | tuple[int, int], max_sequence_length: int | None = None):
         super().__init__()
         self.pipe = pipe
         self.is_flux = isinstance(pipe, FluxPipeline)
-        self.resolution = resolution
+        self.height, self.width = (size, size) if isinstance(size, int) else size
         self.transformer, self.vae = pipe.transformer, pipe.vae
         self.text_encoders = nn.ModuleList(
             m for name in self.TEXT_ENCODERS if (m := getattr(pipe, name, None)) is not None
@@ -64,14 +65,15 @@ class FlowMatchingBackbone(Backbone):
         self.guidance_embeds = bool(self.transformer.config.get("guidance_embeds", False))
         self._ignored_guidance_said = False
         self.patch = patch = self.patch_size()
-        size = resolution // pipe.vae_scale_factor
-        if resolution % pipe.vae_scale_factor or size % patch:
-            multiple, vae = pipe.vae_scale_factor * patch, pipe.vae_scale_factor
-            raise FrameworkError(
-                f"model.resolution={resolution} is not valid; it must be a multiple of {multiple} for this model "
-                f"(VAE {vae}× and {patch}×{patch} patches)"
-            )
-        self.latent_size = size
+        multiple, vae = pipe.vae_scale_factor * patch, pipe.vae_scale_factor
+        keys = ("resolution", "resolution") if self.height == self.width else ("height", "width")
+        for key, side in zip(keys, (self.height, self.width)):
+            if side % multiple:
+                raise FrameworkError(
+                    f"model.{key}={side} is not valid; it must be a multiple of {multiple} for this model "
+                    f"(VAE {vae}× and {patch}×{patch} patches)"
+                )
+        self.latent_height, self.latent_width = self.height // vae, self.width // vae
         self._position_ids: dict = {}  # position ids per (device, shapes): the same at every step
         self._encoded: tuple[Cond, dict[str, int]] | None = None  # after `offload_text_encoders`: the run's prompts
 
@@ -87,10 +89,10 @@ class FlowMatchingBackbone(Backbone):
 
     def latent_shape(self) -> tuple[int, int, int]:
         channels = self.transformer.config.in_channels // (4 if self.is_flux else 1)
-        return (channels, self.latent_size, self.latent_size)
+        return (channels, self.latent_height, self.latent_width)
 
     def _image_tokens(self) -> int:
-        return (self.latent_size // self.patch) ** 2
+        return (self.latent_height // self.patch) * (self.latent_width // self.patch)
 
     def schedule(self, num_steps: int) -> list[tuple[float, float, float]]:
         """(t, σ_t, σ_next) for each Euler step, noisiest first, exactly as the pipeline sets its scheduler: FLUX from

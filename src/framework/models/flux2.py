@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class Flux2Backbone(FlowMatchingBackbone):
-    def __init__(self, pipe, resolution: int, max_sequence_length: int | None = None):
-        super().__init__(pipe, resolution, max_sequence_length)
+    def __init__(self, pipe, size: int | tuple[int, int], max_sequence_length: int | None = None):
+        super().__init__(pipe, size, max_sequence_length)
         self.klein = isinstance(pipe, Flux2KleinPipeline)
         self.true_cfg = self.klein and not pipe.config.get("is_distilled", False)
 
@@ -38,8 +38,7 @@ class Flux2Backbone(FlowMatchingBackbone):
         return 2
 
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.latent_size // 2
-        return (self.transformer.config.in_channels, side, side)
+        return (self.transformer.config.in_channels, self.latent_height // 2, self.latent_width // 2)
 
     def pipeline_sigmas(self) -> bool:
         return not self.scheduler.config.get("use_flow_sigmas")

@@ -27,7 +27,7 @@ class QwenImageBackbone(FlowMatchingBackbone):
         return 2
 
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
+        return (self.transformer.config.in_channels // 4, self.latent_height, self.latent_width)
 
     def pipeline_sigmas(self) -> bool:
         return True
@@ -48,26 +48,28 @@ class QwenImageBackbone(FlowMatchingBackbone):
         self.num_evals += len(x)
         batch, channels, height, width = x.shape
         packed = self.pipe._pack_latents(x.to(self.transformer.dtype), batch, channels, height, width)
-        text = self._velocity(packed, t, cond.embeds, cond.mask)
+        shapes = [[(1, height // 2, width // 2)]] * batch  # the packed token grid, as the pipeline's img_shapes
+        text = self._velocity(packed, t, shapes, cond.embeds, cond.mask)
         guided = text
         if guidance_scale > 1.0:  # the pipeline's do_true_cfg
-            negative = self._velocity(packed, t, cond.uncond_embeds, cond.uncond_mask)
+            negative = self._velocity(packed, t, shapes, cond.uncond_embeds, cond.uncond_mask)
             combined = negative + guidance_scale * (text - negative)
             guided = combined * (text.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
         scale = self.pipe.vae_scale_factor
         unpack = lambda v: self.pipe._unpack_latents(v, height * scale, width * scale, scale)[:, :, 0]  # noqa: E731
         return unpack(guided), unpack(text)
 
-    def _velocity(self, packed: Tensor, t: float, embeds: Tensor, mask: Tensor | None) -> Tensor:
+    def _velocity(self, packed: Tensor, t: float, shapes: list, embeds: Tensor, mask: Tensor | None) -> Tensor:
+        """One transformer call on the packed tokens; `shapes` is the pipeline's img_shapes (frames, rows, columns of
+        each image's token grid), which places the rotary positions."""
         batch = len(packed)
-        side = self.latent_size // 2
         return self.transformer(
             hidden_states=packed,
             timestep=torch.full((batch,), t, device=packed.device, dtype=packed.dtype) / 1000,
             encoder_hidden_states=embeds,
             # the pipeline passes no mask when every token is the prompt's
             encoder_hidden_states_mask=None if mask is None or bool(mask.all()) else mask,
-            img_shapes=[[(1, side, side)]] * batch,
+            img_shapes=shapes,
             return_dict=False,
         )[0].float()
 
