@@ -9,31 +9,33 @@ from framework.sampling import sample
 PROMPTS = ["a cat", "a red circle and a blue square"]
 
 
-@pytest.mark.parametrize("guidance_scale", [5.0, 0.5, 0.0])
-def test_eta0_matches_diffusers_pipeline(tiny_backbone, guidance_scale):
-    """Same components, noise and steps: our sampler + decode against diffusers' own pipeline call; below w = 1,
-    where the pipeline drops the negative branch (SD-Turbo samples at guidance_scale=0), too."""
-    backbone = tiny_backbone
+def ours_and_pipelines(backbone, num_steps: int, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our sampler + decode, and diffusers' own pipeline call, from the same noise and steps at the backbone's size."""
     x_T = noise_like((2, *backbone.latent_shape()))
     pipe = copy.copy(backbone.pipe)
     pipe.scheduler = backbone.scheduler
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        ours = backbone.postprocess(
-            backbone.decode(
-                sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=8, guidance_scale=guidance_scale).latents
-            )
-        )
+        traj = sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=num_steps, guidance_scale=guidance_scale)
+        ours = backbone.postprocess(backbone.decode(traj.latents))
         reference = pipe(
             PROMPTS,
             latents=x_T.clone(),
-            num_inference_steps=8,
+            num_inference_steps=num_steps,
             guidance_scale=guidance_scale,
             eta=0.0,
             output_type="pt",
-            height=64,
-            width=64,
+            height=backbone.height,
+            width=backbone.width,
         ).images
+    return ours, reference
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 0.5, 0.0])
+def test_eta0_matches_diffusers_pipeline(tiny_backbone, guidance_scale):
+    """Same components, noise and steps: our sampler + decode against diffusers' own pipeline call; below w = 1,
+    where the pipeline drops the negative branch (SD-Turbo samples at guidance_scale=0), too."""
+    ours, reference = ours_and_pipelines(tiny_backbone, 8, guidance_scale)
     # the pipeline also normalises and denormalises the image: float32 rounding of 8 steps, CFG and a decode
     assert (ours - reference).abs().max().item() <= 1e-4
 
@@ -46,23 +48,7 @@ def test_non_square_images_match_diffusers_pipeline(kind):
     from framework.models import load_backbone
 
     backbone = load_backbone(ModelConfig(kind=kind, tiny=True, height=64, width=96))
-    x_T = noise_like((2, *backbone.latent_shape()))
-    pipe = copy.copy(backbone.pipe)
-    pipe.scheduler = backbone.scheduler
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        traj = sample(backbone, backbone.encode(PROMPTS), x_T, num_steps=4, guidance_scale=5.0)
-        ours = backbone.postprocess(backbone.decode(traj.latents))
-        reference = pipe(
-            PROMPTS,
-            latents=x_T.clone(),
-            num_inference_steps=4,
-            guidance_scale=5.0,
-            eta=0.0,
-            output_type="pt",
-            height=64,
-            width=96,
-        ).images
+    ours, reference = ours_and_pipelines(backbone, 4, 5.0)
     assert ours.shape == reference.shape == (2, 3, 64, 96)
     assert (ours - reference).abs().max().item() <= 1e-4  # as the square comparison above
 

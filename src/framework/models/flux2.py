@@ -62,9 +62,9 @@ class Flux2Backbone(FlowMatchingBackbone):
             self._ignored_guidance_said = True
             log.warning("this FLUX.2 model is step-distilled (no guidance input, no CFG): guidance_scale is ignored")
         pick = (lambda u, c: torch.cat([u, c])) if guided else (lambda u, c: c)
-        tokens = pick(x, x).to(dtype).flatten(2).transpose(1, 2)  # [B, h·w, C], the pipeline's _pack_latents
-        embeds = pick(cond.uncond_embeds, cond.embeds)
-        image_ids, text_ids = self._ids(tokens, pick(x, x), embeds)
+        latents, embeds = pick(x, x), pick(cond.uncond_embeds, cond.embeds)
+        tokens = latents.to(dtype).flatten(2).transpose(1, 2)  # [B, h·w, C], the pipeline's _pack_latents
+        image_ids, text_ids = self._ids(tokens, latents, embeds)
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((len(tokens),), guidance_scale, device=x.device, dtype=torch.float32)
