@@ -36,6 +36,8 @@ def test_every_model_reward_method_pair_composes():
             overrides = [f"model={model}", f"reward={reward}", f"method={method}"]
             if reward == "callable":
                 overrides.append("reward.target=math:fsum")
+            if reward == "remote":
+                overrides.append("reward.url=http://127.0.0.1:8000")
             if method in ("lora_scale", "aig"):
                 overrides.append("method.adapter=some/adapter")
             check_composed(hydra_compose("config", overrides=overrides), reward, method)
@@ -46,7 +48,7 @@ def check_composed(cfg, reward: str, method: str) -> None:
     assert OmegaConf.get_type(cfg.reward) is RewardConfig
     assert OmegaConf.get_type(cfg.method) is METHODS[method]
     assert cfg.method.name == method
-    if reward in ("jpeg", "callable") and METHODS[method].follows_reward_gradients:
+    if reward in ("jpeg", "callable", "remote") and METHODS[method].follows_reward_gradients:
         with pytest.raises(FrameworkError, match=f"reward {reward} is not differentiable"):
             validate(cfg)
     else:
@@ -70,6 +72,10 @@ def test_groups_have_their_documented_options():
         "tiny_hps",
         "tiny_pickscore",
         "tiny_clipscore",
+        "imagereward",
+        "tiny_imagereward",
+        "imagereward_arch",
+        "remote",
     } <= set(options("reward"))
     assert {"inline", "file", "animal_animal", "simple_animals"} <= set(options("prompts"))
     assert {"cpu", "gpu", "ddp"} <= set(options("trainer")) and {"wandb", "none"} <= set(options("logger"))

@@ -29,12 +29,21 @@ PUBLISHED_LLM_CONDITIONED = {
 SIDE = {"sd": 512, "sdxl": 1024, "sd3": 1024}
 CLIP_L, CLIP_L_TEXT = 427_616_513, 123_060_480  # openai/clip-vit-large-patch14, and its text tower
 AESTHETIC_HEAD = (768 + 1) * 1024 + (1024 + 1) * 128 + (128 + 1) * 64 + (64 + 1) * 16 + (16 + 1)  # LAION's MLP
+VIT_L16 = 304_326_632 - (1024 * 1000 + 1000)  # timm's vit_large_patch16_224 less its 1000-class head
+BERT_BASE = 109_482_240 - (768 * 768 + 768) - 2 * 768  # bert-base-uncased less its pooler and token-type embeddings
 PUBLISHED_REWARDS = {
     "hps": 986.11e6,  # open_clip's ViT-H-14 (its model table: 986.11 M)
     "pickscore": 986.11e6,  # the same ViT-H/14 as a transformers CLIPModel
     "clipscore": CLIP_L,
     # the vision tower with projection: CLIP ViT-L/14 less its text tower, text projection and logit scale
     "aesthetic": CLIP_L - CLIP_L_TEXT - 768 * 768 - 1 + AESTHETIC_HEAD,
+    # BLIP's ViT-L/16 and BERT-base (2 added tokens), with a cross-attention block per layer from the 1024-wide image
+    # tokens, and LAION's head on 768
+    "imagereward": VIT_L16
+    + BERT_BASE
+    + 2 * 768
+    + 12 * (2 * (768 * 768 + 768) + 2 * (1024 * 768 + 768) + 2 * 768)
+    + AESTHETIC_HEAD,
 }
 
 

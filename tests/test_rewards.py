@@ -84,7 +84,134 @@ def test_hps_loads_state_dict_checkpoint_through_open_clip(tmp_path, images):
     assert_differentiable(scores, images)
 
 
-@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clipscore"])
+def _imagereward_reference(state, images, tokens, heads):
+    """ImageReward's score computed from its published key layout by hand: BLIP's pre-norm ViT (LayerNorm ε 1e-6,
+    exact GELU), BERT's post-norm layers (ε 1e-12) each attending to the prompt under its padding mask and then to
+    every image token, the [CLS] state through the five affine maps, normalised by (0.16717…, 1.03334…)."""
+
+    def attention(x, context, weights, n_heads, mask=None):
+        (wq, bq), (wk, bk), (wv, bv) = weights
+        split = lambda t: t.unflatten(-1, (n_heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(F.linear(x, wq, bq)), split(F.linear(context, wk, bk)), split(F.linear(context, wv, bv))
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+        return (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    w = lambda prefix: (state[f"{prefix}.weight"], state[f"{prefix}.bias"])  # noqa: E731
+    norm = lambda x, prefix, eps: F.layer_norm(x, x.shape[-1:], *w(prefix), eps=eps)  # noqa: E731
+    v = "blip.visual_encoder"
+    x = F.conv2d(clip_preprocess(images, 32), *w(f"{v}.patch_embed.proj"), stride=8).flatten(2).transpose(1, 2)
+    x = torch.cat([state[f"{v}.cls_token"].expand(len(x), -1, -1), x], 1) + state[f"{v}.pos_embed"]
+    for i in range(2):
+        b = f"{v}.blocks.{i}"
+        h = norm(x, f"{b}.norm1", 1e-6)
+        qkv = w(f"{b}.attn.qkv")
+        x = x + F.linear(attention(h, h, [(qkv[0].chunk(3)[j], qkv[1].chunk(3)[j]) for j in range(3)], heads[0]),
+                         *w(f"{b}.attn.proj"))  # fmt: skip
+        x = x + F.linear(F.gelu(F.linear(norm(x, f"{b}.norm2", 1e-6), *w(f"{b}.mlp.fc1"))), *w(f"{b}.mlp.fc2"))
+    image_tokens = norm(x, f"{v}.norm", 1e-6)
+    t = "blip.text_encoder"
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    e = (
+        state[f"{t}.embeddings.word_embeddings.weight"][ids]
+        + state[f"{t}.embeddings.position_embeddings.weight"][: ids.shape[1]]
+    )
+    x = norm(e, f"{t}.embeddings.LayerNorm", 1e-12)
+    for i in range(2):
+        b = f"{t}.encoder.layer.{i}"
+        for part, context, m in (("attention", None, mask), ("crossattention", image_tokens, None)):
+            qkv = [w(f"{b}.{part}.self.{n}") for n in ("query", "key", "value")]
+            out = F.linear(
+                attention(x, x if context is None else context, qkv, heads[1], m), *w(f"{b}.{part}.output.dense")
+            )
+            x = norm(out + x, f"{b}.{part}.output.LayerNorm", 1e-12)
+        out = F.linear(F.gelu(F.linear(x, *w(f"{b}.intermediate.dense"))), *w(f"{b}.output.dense"))
+        x = norm(out + x, f"{b}.output.LayerNorm", 1e-12)
+    h = x[:, 0]
+    for i in (0, 2, 4, 6, 7):
+        h = F.linear(h, *w(f"mlp.layers.{i}"))
+    return (h.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+
+
+def _imagereward_layout(vocab: int) -> dict[str, tuple]:
+    """The tensor shapes of ImageReward.pt's keys for the tiny architecture (vision width 48, text width 32)."""
+    v, t = "blip.visual_encoder", "blip.text_encoder"
+    shapes = {
+        f"{v}.cls_token": (1, 1, 48),
+        f"{v}.pos_embed": (1, 17, 48),
+        f"{v}.patch_embed.proj.weight": (48, 3, 8, 8),
+    }
+    shapes |= {
+        f"{t}.embeddings.word_embeddings.weight": (vocab, 32),
+        f"{t}.embeddings.position_embeddings.weight": (64, 32),
+    }
+    shapes |= {"blip.vision_proj.weight": (256, 48), "blip.text_proj.weight": (256, 32)}  # unused by the score
+    layers = {f"{v}.patch_embed.proj": (48, None), f"{v}.norm": (48, 0), f"{t}.embeddings.LayerNorm": (32, 0)}
+    vision = {"norm1": (48, 0), "norm2": (48, 0), "attn.qkv": (144, 48), "attn.proj": (48, 48), "mlp.fc1": (64, 48)}
+    vision["mlp.fc2"] = (48, 64)
+    text = {
+        f"{part}.{name}": (32, 32)
+        for part in ("attention", "crossattention")
+        for name in ("self.query", "output.dense")
+    }
+    text |= {"attention.self.key": (32, 32), "attention.self.value": (32, 32), "crossattention.self.key": (32, 48)}
+    text |= {"crossattention.self.value": (32, 48), "attention.output.LayerNorm": (32, 0), "output.LayerNorm": (32, 0)}
+    text |= {"crossattention.output.LayerNorm": (32, 0), "intermediate.dense": (37, 32), "output.dense": (32, 37)}
+    for i in range(2):
+        layers |= {f"{v}.blocks.{i}.{name}": shape for name, shape in vision.items()}
+        layers |= {f"{t}.encoder.layer.{i}.{name}": shape for name, shape in text.items()}
+    head = {0: (1024, 32), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
+    layers |= {f"mlp.layers.{i}": shape for i, shape in head.items()}
+    for name, (out, inp) in layers.items():  # weight and bias of a linear layer, or of a LayerNorm (inp 0)
+        shapes[f"{name}.bias"] = (out,)
+        if inp is not None:  # the convolution's weight is set above
+            shapes[f"{name}.weight"] = (out, inp) if inp else (out,)
+    return shapes
+
+
+@pytest.mark.parametrize("file_format", [".pt", ".safetensors"])
+def test_imagereward_loads_the_published_checkpoint_layout(tmp_path, images, file_format):
+    """A checkpoint in ImageReward.pt's key layout (BLIP's timm-style ViT, BLIP's BERT, `mlp.layers.*`, plus the
+    unused contrastive projections and position-id buffer) at toy size; the score equals the hand computation, for
+    the .pt read with weights_only and for the safetensors file the conversion command writes."""
+    from framework.models.tokenizer import build_bert_tokenizer
+    from framework.rewards.imagereward import convert, tiny_config
+
+    tokenizer = build_bert_tokenizer("a cat red circle")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    config = tiny_config(len(tokenizer))
+    config.to_json_file(tmp_path / "blip.json")
+    g = torch.Generator().manual_seed(6)
+    shapes = _imagereward_layout(len(tokenizer))
+    state = {
+        k: torch.randn(shape, generator=g) / (shape[-1] ** 0.5 if len(shape) > 1 else 3) for k, shape in shapes.items()
+    }
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(64)[None]  # BLIP saved the buffer
+    torch.save(state, tmp_path / "ImageReward.pt")
+    checkpoint = tmp_path / f"ImageReward{file_format}"
+    if file_format == ".safetensors":
+        convert(tmp_path / "ImageReward.pt", checkpoint)
+    reward = build_reward(
+        RewardConfig(name="imagereward", checkpoint=str(checkpoint), arch=str(tmp_path / "blip.json"),
+                     processor=str(tmp_path / "bert"))
+    )  # fmt: skip
+    prompts = ["a cat", "a red circle with a long name"]  # the second one padded less: the mask matters
+    scores = reward(images, prompts)
+    tokens = tokenizer(prompts, padding="max_length", max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        expected = _imagereward_reference(state, images, tokens, heads=(4, 4))
+    torch.testing.assert_close(scores.detach(), expected, rtol=1e-4, atol=1e-5)
+    assert (expected[0] - expected[1]).abs() > 1e-3  # the images and prompts matter at this scale
+    assert_differentiable(scores, images)
+    del state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(FrameworkError, match=r"not an ImageReward state dict \(text: 1 weights missing, e\.g\. enc"):
+        build_reward(RewardConfig(name="imagereward", checkpoint=str(tmp_path / "broken.pt"),
+                                  arch=str(tmp_path / "blip.json"), processor=str(tmp_path / "bert")))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clipscore", "imagereward"])
 def test_tiny_rewards_are_finite_and_differentiable(name, images):
     reward = build_reward(RewardConfig(name=name, tiny=True))
     scores = reward(images, PROMPTS)

@@ -144,6 +144,12 @@ class EvalConfig:
     # "tiny", or "none" (no CMMD). With features=judge CMMD is computed on the judge's features (sets.cmmd_judge).
     cmmd_clip: str = valid("openai/clip-vit-large-patch14-336", Text())
     rewards: list[str] = valid([], OneOf(reward_options))  # held-out rewards by conf/reward name: eval_<name>
+    remote_url: str | None = valid(None, Text())  # the reward server of eval.rewards=[remote] (framework.serve)
+
+    @staticmethod
+    def relations(c, run) -> Iterator[tuple[str, str]]:
+        if ("remote" in c.rewards) != bool(c.remote_url):
+            yield "eval.remote_url", "eval.rewards=[remote] needs eval.remote_url (its server), and only it reads one"
 
 
 @dataclass

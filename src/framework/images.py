@@ -1,6 +1,7 @@
-"""Images on disk: tensors on the [0, 1] scale as 8-bit RGB PNG files, and back."""
+"""Images on disk (or in memory, for a remote reward): tensors on the [0, 1] scale as 8-bit RGB PNG files, and back."""
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -8,10 +9,10 @@ from PIL import Image
 from torch import Tensor
 
 
-def save_png(image: Tensor, path: Path) -> None:
+def save_png(image: Tensor, path: Path | BinaryIO) -> None:
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array).save(path, format="PNG")  # by content, not by the name's suffix
 
 
-def load_png(path: Path) -> Tensor:
+def load_png(path: Path | BinaryIO) -> Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255

@@ -161,5 +161,6 @@ def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
         clip = clip_model(eval_cfg.clip, "eval.clip", "eval.features=none")
         if eval_cfg.cmmd_clip != "none":
             cmmd_clip = clip_model(eval_cfg.cmmd_clip, "eval.cmmd_clip", "eval.cmmd_clip=none")
-    rewards = {name: load_named_reward(name) for name in eval_cfg.rewards}
+    remote = {"url": eval_cfg.remote_url}  # eval.rewards=[remote]
+    rewards = {name: load_named_reward(name, **(remote if name == "remote" else {})) for name in eval_cfg.rewards}
     return ImageMetrics(judge, None if features == "none" else features, clip, rewards, cmmd_clip)

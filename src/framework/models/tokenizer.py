@@ -1,4 +1,5 @@
-"""Tokenizers built offline: the real CLIP BPE tokenizer, and small stand-ins for the tiny models' T5 and LLM encoders.
+"""Tokenizers built offline: the real CLIP BPE tokenizer, and small stand-ins for the tiny models' T5, LLM and BERT
+encoders.
 
 Tiny test models and the embedded testbed need a CLIP tokenizer, and none can be downloaded here. The open-clip-torch
 wheel ships OpenAI's BPE merge list (`bpe_simple_vocab_16e6.txt.gz`); the 49,408-token CLIP vocabulary is a fixed
@@ -11,7 +12,7 @@ import gzip
 import importlib.util
 from pathlib import Path
 
-from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CLIP_VOCAB_SIZE = 49408
@@ -103,3 +104,12 @@ def build_qwen_tokenizer(words: str = "") -> Qwen2Tokenizer:
 def build_mistral_tokenizer(words: str = "") -> Qwen2Tokenizer:
     specials = ["<pad>", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
     return build_byte_tokenizer(specials, MISTRAL_CHAT, "<pad>", "</s>", words)
+
+
+def build_bert_tokenizer(words: str = "") -> BertTokenizer:
+    """A lower-casing WordPiece tokenizer (BERT's, which ImageReward's BLIP reads) whose vocabulary is BERT's five
+    special tokens at BERT's roles, letters and digits (alone and as word pieces), and the words of `words`."""
+    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = dict.fromkeys([*specials, *symbols, *(f"##{c}" for c in symbols), *words.lower().split()])
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})

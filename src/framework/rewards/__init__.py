@@ -22,11 +22,13 @@ def build_reward(cfg: RewardConfig) -> Reward:
     return reward.requires_grad_(False).eval()
 
 
-def load_named_reward(name: str) -> Reward:
-    """The reward of conf/reward/<name>.yaml (a held-out evaluation reward)."""
+def load_named_reward(name: str, **overrides) -> Reward:
+    """The reward of conf/reward/<name>.yaml (a held-out evaluation reward), with `overrides` of its keys."""
+    from dataclasses import replace
+
     from framework.config import reward_config
 
     try:
-        return build_reward(reward_config(name))
+        return build_reward(replace(reward_config(name), **overrides))
     except FrameworkError as e:
         raise FrameworkError(f"eval.rewards={name} (conf/reward/{name}.yaml): {e}") from None

@@ -3,7 +3,7 @@ paths or the Hugging Face cache (never downloaded), or a tiny or full-size netwo
 
 from framework.errors import FrameworkError, first_line
 from framework.rewards.base import Reward
-from framework.rewards.registry import RewardConfig, hps_checkpoint
+from framework.rewards.registry import IMAGEREWARD_CHECKPOINT, IMAGEREWARD_TOKENIZER, RewardConfig, hps_checkpoint
 
 
 def _weight_file(cfg: RewardConfig, default: str | None = None):
@@ -84,6 +84,34 @@ def hps(cfg: RewardConfig, dtype) -> Reward:
     return _load_checkpoint(path, lambda p: load_hps(cfg.arch or "ViT-H-14", p, dtype))
 
 
+def imagereward(cfg: RewardConfig, dtype) -> Reward:
+    import torch
+    from transformers import AutoTokenizer, BlipConfig
+
+    from framework.models.tokenizer import build_bert_tokenizer
+    from framework.rewards.imagereward import PUBLISHED_ARCHITECTURE, ImageReward, tiny_config
+    from framework.weights import load_pretrained
+
+    if cfg.tiny or cfg.random_weights:
+        tokenizer = build_bert_tokenizer("a photo of the cat dog red blue green circle square")
+        config = tiny_config(len(tokenizer)) if cfg.tiny else BlipConfig.from_json_file(PUBLISHED_ARCHITECTURE)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            reward = ImageReward(config, tokenizer)
+            for layer in reward.head:  # variance-preserving, so scores differ visibly between images and prompts
+                if isinstance(layer, torch.nn.Linear):
+                    torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+        return reward.to(dtype)
+    # The weight file first: it is the part users most often lack.
+    state = _load_checkpoint(_weight_file(cfg, default=IMAGEREWARD_CHECKPOINT), _state_dict)
+    tokenizer = load_pretrained(AutoTokenizer, cfg.processor or IMAGEREWARD_TOKENIZER, key="reward.processor")
+    try:
+        config = BlipConfig.from_json_file(cfg.arch or PUBLISHED_ARCHITECTURE)
+    except (OSError, ValueError) as e:
+        raise FrameworkError(f"reward.arch: cannot read a BlipConfig JSON file from '{cfg.arch}': {first_line(e)}")
+    return ImageReward(config, tokenizer).load_published(state).to(dtype)
+
+
 def jpeg(cfg: RewardConfig, dtype) -> Reward:
     from framework.rewards.simple import JpegCompressibility
 
@@ -108,6 +136,12 @@ def proxy(cfg: RewardConfig, dtype) -> Reward:
     from framework.testbed.proxy import load_proxy
 
     return load_proxy(_weight_file(cfg) if cfg.checkpoint else proxy_file(cfg.comparisons)).to(dtype)
+
+
+def remote(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.remote import RemoteReward
+
+    return RemoteReward(cfg.url, cfg.timeout, cfg.retries, cfg.image_format, cfg.request_batch)
 
 
 def user_callable(cfg: RewardConfig, dtype) -> Reward:

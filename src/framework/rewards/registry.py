@@ -13,6 +13,7 @@ from framework.testbed import PROXY_SIZES
 from framework.validation import POSITIVE, OneOf, Range, Text, valid
 
 DTYPES = ("float32", "float16", "bfloat16")
+IMAGE_FORMATS = ("png", "tensor")  # how a remote reward's images travel
 Weights = list[tuple[str, str, str]]  # (kind "file" | "pretrained", hub id or path, config key) of each weight
 
 
@@ -32,9 +33,11 @@ class RewardEntry:
 class RewardConfig:
     name: str = valid(MISSING, OneOf(lambda: tuple(REWARDS)))
     source: str | None = valid(None, Text())  # CLIP model: hub id or local directory (aesthetic, pickscore, clipscore)
-    processor: str | None = valid(None, Text())  # tokenizer source when it differs from `source` (pickscore)
-    checkpoint: str | None = valid(None, Text())  # weight file: local path or owner/repo/file (aesthetic MLP, HPS)
-    arch: str | None = valid(None, Text())  # open_clip architecture (hps)
+    processor: str | None = valid(None, Text())  # tokenizer: pickscore's when not `source`'s, imagereward's BERT
+    # weight file: local path or owner/repo/file (aesthetic MLP, HPS, ImageReward)
+    checkpoint: str | None = valid(None, Text())
+    # hps: open_clip architecture; imagereward: a BlipConfig JSON file (default: ImageReward's, shipped)
+    arch: str | None = valid(None, Text())
     version: str = valid("v2.1", OneOf(("v2.0", "v2.1")))  # hps
     tiny: bool = False  # random tiny version of the same architecture, built in-process
     # the reward's published full-size network (CLIP ViT-L/14, ViT-H/14) with seeded random weights, built
@@ -44,6 +47,14 @@ class RewardConfig:
     jpeg_quality: int = valid(95, Range(1, 100))  # PIL's JPEG quality
     target: str | None = valid(None, Text())  # callable: "package.module:function" taking (images, prompts)
     differentiable: bool = False  # callable: whether gradients flow through `target`
+    # remote: a reward server (`python -m framework.serve`), e.g. http://gpu-box:8000; the seconds a request may take,
+    # how often a failed one is retried, how images travel (png: 8-bit as saved | tensor: float32, exact) and at most
+    # how many go in one request (0: the whole batch)
+    url: str | None = valid(None, Text())
+    timeout: float = valid(60.0, POSITIVE)
+    retries: int = valid(2, Range(0, 10))
+    image_format: str = valid("png", OneOf(IMAGE_FORMATS))
+    request_batch: int = valid(0, Range(0))
     # proxy: the shipped testbed proxy trained on this many comparisons (reward.checkpoint: one you trained)
     comparisons: int = valid(PROXY_SIZES[0], OneOf(PROXY_SIZES))
     # Score the images clamped to [0, 1] (true) or as decoded (false); null = the reward's own default: the toy
@@ -58,6 +69,8 @@ class RewardConfig:
         networks = [name for name, entry in REWARDS.items() if entry.network]
         if c.name == "callable" and (not c.target or c.target.count(":") != 1):
             yield "reward.target", "reward=callable needs reward.target='package.module:function'"
+        if (c.name == "remote") != bool(c.url):
+            yield "reward.url", "reward=remote needs reward.url (its server's address), and only it reads one"
         if c.random_weights and c.name not in networks:
             yield "reward.random_weights", f"only the network rewards ({', '.join(networks)}) have weights"
         elif c.random_weights and c.tiny:
@@ -78,6 +91,17 @@ def is_differentiable(cfg) -> bool:
 
 def hps_checkpoint(cfg) -> str:
     return cfg.checkpoint or f"xswu/HPSv2/HPS_{cfg.version}_compressed.pt"
+
+
+IMAGEREWARD_CHECKPOINT = "THUDM/ImageReward/ImageReward.pt"
+IMAGEREWARD_TOKENIZER = "bert-base-uncased"  # the tokenizer ImageReward's BLIP loads
+
+
+def _imagereward_weights(cfg, prefix: str) -> Weights:
+    return [
+        ("file", cfg.checkpoint or IMAGEREWARD_CHECKPOINT, f"{prefix}.checkpoint"),
+        ("pretrained", cfg.processor or IMAGEREWARD_TOKENIZER, f"{prefix}.processor"),
+    ]
 
 
 def _pretrained(cfg, prefix: str) -> Weights:
@@ -103,11 +127,13 @@ REWARDS: dict[str, RewardEntry] = {
     "hps": RewardEntry(f"{BUILDERS}:hps", weights=_hps_weights, network=True),
     "pickscore": RewardEntry(f"{BUILDERS}:pickscore", weights=_pretrained, network=True),
     "clipscore": RewardEntry(f"{BUILDERS}:clipscore", weights=_pretrained, network=True),
+    "imagereward": RewardEntry(f"{BUILDERS}:imagereward", weights=_imagereward_weights, network=True),
     "jpeg": RewardEntry(f"{BUILDERS}:jpeg", differentiable=False),
     **{name: RewardEntry(f"{BUILDERS}:statistic") for name in ("brightness", "darkness", "contrast", "saturation")},
     "judge": RewardEntry(f"{BUILDERS}:judge"),
     "proxy": RewardEntry(f"{BUILDERS}:proxy", weights=_checkpoint_if_set),
     "callable": RewardEntry(f"{BUILDERS}:user_callable", differentiable=None),
+    "remote": RewardEntry(f"{BUILDERS}:remote", differentiable=False),
 }
 
 
