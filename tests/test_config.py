@@ -75,6 +75,9 @@ def test_groups_have_their_documented_options():
         "imagereward",
         "tiny_imagereward",
         "imagereward_arch",
+        "hpsv3",
+        "tiny_hpsv3",
+        "hpsv3_arch",
         "remote",
     } <= set(options("reward"))
     assert {"inline", "file", "animal_animal", "simple_animals"} <= set(options("prompts"))

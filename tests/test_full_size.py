@@ -44,6 +44,8 @@ PUBLISHED_REWARDS = {
     + 2 * 768
     + 12 * (2 * (768 * 768 + 768) + 2 * (1024 * 768 + 768) + 2 * 768)
     + AESTHETIC_HEAD,
+    # Qwen2-VL-7B-Instruct (the hub's 8,291,375,616) without its LM head, and HPSv3's 3584 → 1024 → 16 → 2 head
+    "hpsv3": 8_291_375_616 - 152_064 * 3584 + (3584 + 1) * 1024 + (1024 + 1) * 16 + (16 + 1) * 2,
 }
 
 

@@ -198,7 +198,7 @@ def test_at_real_scale_composed_on_tiny_models(tmp_path):
         "model=tiny_sd",
         "model.resolution=32",
         "reward=tiny_hps",
-        "eval.rewards=[tiny_pickscore,tiny_aesthetic]",
+        "eval.rewards=[tiny_pickscore,tiny_aesthetic,tiny_imagereward,tiny_hpsv3]",
         "method=draft",
         "method.num_steps=3",
         "method.train_steps=2",
@@ -215,7 +215,11 @@ def test_at_real_scale_composed_on_tiny_models(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     rows = probe_rows(run_dir)
-    assert sorted(rows) == [0, 1, 2] and {"eval_tiny_pickscore", "eval_tiny_aesthetic", "drift_rmse"} <= rows[0].keys()
+    assert (
+        sorted(rows) == [0, 1, 2]
+        and {"eval_tiny_pickscore", "eval_tiny_aesthetic", "eval_tiny_imagereward", "eval_tiny_hpsv3", "drift_rmse"}
+        <= rows[0].keys()
+    )
     assert "diversity_vendi" not in rows[0]
     best = max(rows, key=lambda step: rows[step]["eval_tiny_pickscore"])  # the first held-out reward selects
     assert json.loads((run_dir / "monitor.json").read_text())["best_held_out_step"] == best

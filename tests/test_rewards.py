@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import noise_like
+from conftest import noise_like, run_cli
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
@@ -211,7 +211,7 @@ def test_imagereward_loads_the_published_checkpoint_layout(tmp_path, images, fil
                                   arch=str(tmp_path / "blip.json"), processor=str(tmp_path / "bert")))  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clipscore", "imagereward"])
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "clipscore", "imagereward", "hpsv3"])
 def test_tiny_rewards_are_finite_and_differentiable(name, images):
     reward = build_reward(RewardConfig(name=name, tiny=True))
     scores = reward(images, PROMPTS)
@@ -226,6 +226,10 @@ def test_missing_weight_files_are_named_with_how_to_provide_them(clip_dir):
         )
     with pytest.raises(FrameworkError, match=r"'HPS_v2\.0_compressed\.pt' of 'xswu/HPSv2' is not available offline"):
         build_reward(RewardConfig(name="hps", version="v2.0"))
+    with pytest.raises(FrameworkError, match=r"'ImageReward\.pt' of 'THUDM/ImageReward' is not available offline"):
+        build_reward(RewardConfig(name="imagereward"))
+    with pytest.raises(FrameworkError, match=r"'HPSv3\.safetensors' of 'MizzenAI/HPSv3' is not available offline"):
+        build_reward(RewardConfig(name="hpsv3"))
     with pytest.raises(FrameworkError, match=r"reward\.source: weights for 'yuvalkirstain/PickScore_v1' are not in"):
         build_reward(RewardConfig(name="pickscore", source="yuvalkirstain/PickScore_v1", processor=str(clip_dir)))
 
@@ -302,3 +306,80 @@ def test_missing_tokenizer_names_the_key_that_was_used(tmp_path):
     """Without reward.processor the tokenizer comes from reward.source, and the error says so."""
     with pytest.raises(FrameworkError, match=r"^reward\.source: directory"):
         build_reward(RewardConfig(name="clipscore", source=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("layout", ["transformers>=4.52", "transformers<4.52"])
+def test_hpsv3_loads_the_published_checkpoint_layout(tmp_path, layout):
+    """A reward-model state dict as HPSv3 saves it (Qwen2-VL with the <|Reward|> row added, `rm_head.*`, an unused
+    `lm_head`), under either transformers layout; the score equals transformers' own Qwen2-VL pipeline: its
+    processor (patches, image-token expansion, right padding), Qwen2VLModel's forward at HPSv3's sequential
+    positions, μ of the head at <|Reward|>."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import Qwen2VLVideoProcessor
+
+    from framework.rewards.hpsv3 import ASK, CHAT, INSTRUCTION, hpsv3_tokenizer, reward_head, tiny_config
+
+    tokenizer = hpsv3_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "qwen2-vl")
+    config = tiny_config(tokenizer)
+    config.to_json_file(tmp_path / "qwen2-vl.json")
+    torch.manual_seed(7)
+    model, head = Qwen2VLForConditionalGeneration(config).eval(), reward_head(32).eval()
+    state = {k: v for k, v in model.state_dict().items()} | {f"rm_head.{k}": v for k, v in head.state_dict().items()}
+    if layout == "transformers<4.52":  # model.layers / visual, as saved before the language model had its own prefix
+        state = {
+            k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+            for k, v in state.items()
+        }
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "HPSv3.safetensors")
+    reward = build_reward(
+        RewardConfig(name="hpsv3", checkpoint=str(tmp_path / "HPSv3.safetensors"), arch=str(tmp_path / "qwen2-vl.json"),
+                     processor=str(tmp_path / "qwen2-vl"))
+    )  # fmt: skip
+    images = torch.rand(2, 3, 448, 448, generator=torch.Generator().manual_seed(1)).requires_grad_()  # 256 tokens
+    prompts = ["a cat", "a red circle on a long table"]
+    scores = reward(images, prompts)
+
+    pixels = 448 * 448
+    processor = Qwen2VLProcessor(
+        Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels), tokenizer, Qwen2VLVideoProcessor()
+    )
+    texts = [CHAT.format(image="<|image_pad|>", text=INSTRUCTION.format(text_prompt=p) + ASK) for p in prompts]
+    batch = processor(text=texts, images=list(images.detach()), padding=True, padding_side="right",
+                      do_rescale=False, return_tensors="pt")  # fmt: skip
+    mask = batch.attention_mask
+    positions = ((mask.cumsum(-1) - 1).clamp(min=0))[None].expand(3, -1, -1)
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=batch.input_ids, attention_mask=mask, pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw, position_ids=positions,
+        ).last_hidden_state  # fmt: skip
+        expected = head(hidden[batch.input_ids == tokenizer.convert_tokens_to_ids("<|Reward|>")])[:, 0]
+    assert (mask == 0).any()  # the shorter prompt is padded
+    torch.testing.assert_close(scores.detach(), expected, rtol=1e-4, atol=1e-5)
+    assert_differentiable(scores, images)
+
+
+def test_hpsv3_resizes_as_qwen2_vl_does_with_its_pixel_budget():
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from framework.rewards.hpsv3 import PIXELS, resized_size
+
+    for size in [(512, 512), (1024, 768), (64, 64), (448, 448), (300, 1000), (1344, 768)]:
+        assert resized_size(*size) == smart_resize(*size, factor=28, min_pixels=PIXELS, max_pixels=PIXELS), size
+
+
+@pytest.mark.parametrize("reward", ["tiny_imagereward", "tiny_hpsv3"])
+def test_imagereward_and_hpsv3_drive_a_gradient_method_from_the_cli(reward, tmp_path):
+    """DNO follows their gradients through the sampler; the noise moves and the score is recorded per step."""
+    import json
+
+    run_dir = tmp_path / "run"
+    args = ["model=tiny_sd", "model.resolution=32", "method=dno", "method.num_steps=2", "method.opt_steps=2"]
+    args += [f"reward={reward}", "method.lr=0.1", "logger=none", "prompts=inline", "prompts.prompts=[a red circle]"]
+    result = run_cli(*args, run_dir=run_dir)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run_dir / "items" / "p0000_s000" / "record.json").read_text())
+    assert record["status"] == "ok" and len(record["steps"]) == 2
+    assert record["final_reward"] != record["base_reward"]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from framework.errors import item_work
+from framework.errors import FrameworkError, item_work
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -48,3 +48,15 @@ def clip_preprocess(images: Tensor, size: int) -> Tensor:
     mean = torch.tensor(OPENAI_CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
+
+
+def load_parts(owner: nn.Module, parts: dict[str, dict[str, Tensor]], checkpoint: str) -> None:
+    """Load each submodule of `owner` that `parts` names with its weights (renamed from a published checkpoint):
+    every weight it has, and nothing else, or one error line saying the file is not such a `checkpoint`."""
+    for part, weights in parts.items():
+        missing, unexpected = getattr(owner, part).load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise FrameworkError(
+                f"reward.checkpoint: not an {checkpoint} state dict ({part}: {len(missing)} weights missing, e.g. "
+                f"{(missing or [None])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or [None])[0]})"
+            )

@@ -3,7 +3,14 @@ paths or the Hugging Face cache (never downloaded), or a tiny or full-size netwo
 
 from framework.errors import FrameworkError, first_line
 from framework.rewards.base import Reward
-from framework.rewards.registry import IMAGEREWARD_CHECKPOINT, IMAGEREWARD_TOKENIZER, RewardConfig, hps_checkpoint
+from framework.rewards.registry import (
+    HPSV3_CHECKPOINT,
+    HPSV3_TOKENIZER,
+    IMAGEREWARD_CHECKPOINT,
+    IMAGEREWARD_TOKENIZER,
+    RewardConfig,
+    hps_checkpoint,
+)
 
 
 def _weight_file(cfg: RewardConfig, default: str | None = None):
@@ -110,6 +117,37 @@ def imagereward(cfg: RewardConfig, dtype) -> Reward:
     except (OSError, ValueError) as e:
         raise FrameworkError(f"reward.arch: cannot read a BlipConfig JSON file from '{cfg.arch}': {first_line(e)}")
     return ImageReward(config, tokenizer).load_published(state).to(dtype)
+
+
+def hpsv3(cfg: RewardConfig, dtype) -> Reward:
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLConfig
+    from transformers.initialization import no_init_weights
+
+    from framework.rewards import hpsv3 as h
+    from framework.weights import load_pretrained
+
+    if cfg.tiny or cfg.random_weights:
+        tokenizer = h.hpsv3_tokenizer()
+        config = h.tiny_config(tokenizer) if cfg.tiny else Qwen2VLConfig.from_json_file(h.PUBLISHED_ARCHITECTURE)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            reward = h.HPSv3Reward(config, tokenizer)
+        return reward.to(dtype).requires_grad_(False)
+    state = _load_checkpoint(_weight_file(cfg, default=HPSV3_CHECKPOINT), _state_dict)
+    tokenizer = load_pretrained(AutoTokenizer, cfg.processor or HPSV3_TOKENIZER, key="reward.processor")
+    if h.REWARD_TOKEN not in tokenizer.get_vocab():  # HPSv3 added it to Qwen2-VL's tokenizer
+        tokenizer.add_special_tokens({"additional_special_tokens": [h.REWARD_TOKEN]})
+    try:
+        config = Qwen2VLConfig.from_json_file(cfg.arch or h.PUBLISHED_ARCHITECTURE)
+    except (OSError, ValueError) as e:
+        raise FrameworkError(f"reward.arch: cannot read a Qwen2VLConfig JSON file from '{cfg.arch}': {first_line(e)}")
+    config.text_config.vocab_size = h.vocabulary_size(state)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise FrameworkError(f"reward.processor: its {len(tokenizer)} tokens do not fit HPSv3's embedding")
+    with no_init_weights():  # every weight comes from the checkpoint (7 B parameters: no random draw to pay for)
+        reward = h.HPSv3Reward(config, tokenizer)
+    return reward.load_published(state).to(dtype)
 
 
 def jpeg(cfg: RewardConfig, dtype) -> Reward:

@@ -21,8 +21,7 @@ from torch import Tensor
 from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from framework.errors import FrameworkError
-from framework.rewards.base import Reward, clip_preprocess
+from framework.rewards.base import Reward, clip_preprocess, load_parts
 from framework.rewards.clip import ARCHITECTURES, aesthetic_mlp
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's normalisation of the head's output
@@ -104,13 +103,7 @@ class ImageReward(Reward):
                 parts["text"][key.removeprefix("blip.text_encoder.")] = value
             elif key.startswith("mlp.layers."):
                 parts["head"][key.removeprefix("mlp.layers.")] = value
-        for part, weights in parts.items():
-            missing, unexpected = getattr(self, part).load_state_dict(weights, strict=False)
-            if missing or unexpected:
-                raise FrameworkError(
-                    f"reward.checkpoint: not an ImageReward state dict ({part}: {len(missing)} weights missing, e.g. "
-                    f"{(missing or [None])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or [None])[0]})"
-                )
+        load_parts(self, parts, "ImageReward")
         return self
 
 

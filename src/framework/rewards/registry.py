@@ -33,10 +33,13 @@ class RewardEntry:
 class RewardConfig:
     name: str = valid(MISSING, OneOf(lambda: tuple(REWARDS)))
     source: str | None = valid(None, Text())  # CLIP model: hub id or local directory (aesthetic, pickscore, clipscore)
-    processor: str | None = valid(None, Text())  # tokenizer: pickscore's when not `source`'s, imagereward's BERT
+    processor: str | None = valid(
+        None, Text()
+    )  # tokenizer: pickscore's when not `source`'s; imagereward's BERT, hpsv3's Qwen2-VL
     # weight file: local path or owner/repo/file (aesthetic MLP, HPS, ImageReward)
     checkpoint: str | None = valid(None, Text())
-    # hps: open_clip architecture; imagereward: a BlipConfig JSON file (default: ImageReward's, shipped)
+    # hps: open_clip architecture; imagereward / hpsv3: a BlipConfig / Qwen2VLConfig JSON file (default: the
+    # published architecture, shipped)
     arch: str | None = valid(None, Text())
     version: str = valid("v2.1", OneOf(("v2.0", "v2.1")))  # hps
     tiny: bool = False  # random tiny version of the same architecture, built in-process
@@ -97,11 +100,18 @@ IMAGEREWARD_CHECKPOINT = "THUDM/ImageReward/ImageReward.pt"
 IMAGEREWARD_TOKENIZER = "bert-base-uncased"  # the tokenizer ImageReward's BLIP loads
 
 
-def _imagereward_weights(cfg, prefix: str) -> Weights:
-    return [
-        ("file", cfg.checkpoint or IMAGEREWARD_CHECKPOINT, f"{prefix}.checkpoint"),
-        ("pretrained", cfg.processor or IMAGEREWARD_TOKENIZER, f"{prefix}.processor"),
-    ]
+HPSV3_CHECKPOINT = "MizzenAI/HPSv3/HPSv3.safetensors"
+HPSV3_TOKENIZER = "Qwen/Qwen2-VL-7B-Instruct"  # HPSv3 adds <|Reward|> to it
+
+
+def _checkpoint_and_tokenizer(checkpoint: str, tokenizer: str):
+    def weights(cfg, prefix: str) -> Weights:
+        return [
+            ("file", cfg.checkpoint or checkpoint, f"{prefix}.checkpoint"),
+            ("pretrained", cfg.processor or tokenizer, f"{prefix}.processor"),
+        ]
+
+    return weights
 
 
 def _pretrained(cfg, prefix: str) -> Weights:
@@ -127,7 +137,14 @@ REWARDS: dict[str, RewardEntry] = {
     "hps": RewardEntry(f"{BUILDERS}:hps", weights=_hps_weights, network=True),
     "pickscore": RewardEntry(f"{BUILDERS}:pickscore", weights=_pretrained, network=True),
     "clipscore": RewardEntry(f"{BUILDERS}:clipscore", weights=_pretrained, network=True),
-    "imagereward": RewardEntry(f"{BUILDERS}:imagereward", weights=_imagereward_weights, network=True),
+    "imagereward": RewardEntry(
+        f"{BUILDERS}:imagereward",
+        weights=_checkpoint_and_tokenizer(IMAGEREWARD_CHECKPOINT, IMAGEREWARD_TOKENIZER),
+        network=True,
+    ),  # fmt: skip
+    "hpsv3": RewardEntry(
+        f"{BUILDERS}:hpsv3", weights=_checkpoint_and_tokenizer(HPSV3_CHECKPOINT, HPSV3_TOKENIZER), network=True
+    ),
     "jpeg": RewardEntry(f"{BUILDERS}:jpeg", differentiable=False),
     **{name: RewardEntry(f"{BUILDERS}:statistic") for name in ("brightness", "darkness", "contrast", "saturation")},
     "judge": RewardEntry(f"{BUILDERS}:judge"),
