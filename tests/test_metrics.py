@@ -132,8 +132,8 @@ def test_feature_choice_follows_the_model_and_missing_clip_is_one_clear_error():
     assert build_metrics(EvalConfig(), ModelConfig(kind="sd", tiny=True)).features is None
     with pytest.raises(FrameworkError, match="eval.clip: weights for .openai/clip-vit-large-patch14. are not in"):
         build_metrics(EvalConfig(), ModelConfig(kind="sd"))
-    with pytest.raises(FrameworkError, match="no reward config 'hpsv3'; choose from: aesthetic"):
-        load_named_reward("hpsv3")
+    with pytest.raises(FrameworkError, match="no reward config 'hpsv9'; choose from: aesthetic"):
+        load_named_reward("hpsv9")
 
 
 def test_set_metrics_of_a_run(testbed_images):

@@ -208,6 +208,26 @@ def test_the_serve_command_refuses_bad_input_with_one_line():
     assert compose_config(["reward=tiny_hps", "serve.port=9000"]).serve.port == 9000
 
 
+def test_a_reward_the_server_cannot_build_ends_it_with_one_line(tmp_path):
+    """The weights are there (the check before serving passes) but unreadable: the worker says why; exit 2."""
+    from framework.models.tokenizer import build_bert_tokenizer
+
+    (tmp_path / "ImageReward.pt").write_bytes(b"not a checkpoint")
+    build_bert_tokenizer().save_pretrained(tmp_path / "bert")
+    args = [
+        "reward=imagereward",
+        f"reward.checkpoint={tmp_path / 'ImageReward.pt'}",
+        f"reward.processor={tmp_path / 'bert'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "framework.serve", *args, f"serve.port={free_port()}", "serve.device=cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: reward.checkpoint: cannot load '{tmp_path / 'ImageReward.pt'}'")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_a_run_survives_its_reward_server_dying_and_a_rerun_resumes(tmp_path, monkeypatch):
     """Best-of-N scoring through a real server that is killed (its whole process group) as the second item is about
@@ -245,3 +265,35 @@ def test_a_run_survives_its_reward_server_dying_and_a_rerun_resumes(tmp_path, mo
     written = {p.parent.name: json.loads(p.read_text()) for p in (run_dir / "items").glob("*/record.json")}
     assert {r["status"] for r in written.values()} == {"ok"}
     assert (run_dir / "items" / "p0000_s000" / "record.json").stat().st_mtime_ns == kept
+
+
+def test_the_server_merges_requests_by_image_size_and_reports_a_failing_reward(tmp_path, monkeypatch):
+    """The LitAPI in this process: requests of two sizes merged into two forward passes, each request getting its
+    own scores; a reward that raises answers 500 with the reason."""
+    from fastapi import HTTPException
+
+    from framework.serve import RewardAPI, ServeSettings
+
+    (tmp_path / "picky.py").write_text(
+        "def score(images, prompts):\n"
+        "    if 'bad' in prompts:\n"
+        "        raise ValueError('cannot score a bad prompt')\n"
+        "    return images.mean((1, 2, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    api = RewardAPI(RewardConfig(name="callable", target="picky:score"), ServeSettings(max_batch_size=4))
+    api.setup("cpu")
+    calls, score = [], api.reward.score
+    monkeypatch.setattr(
+        api.reward, "score", lambda images, prompts: calls.append(len(images)) or score(images, prompts)
+    )
+    small, large = torch.rand(3, 3, 8, 8), torch.rand(2, 3, 16, 16)
+    requests_ = [(small[:2], ["a", "b"]), (large, ["c", "d"]), (small[2:], ["e"])]
+    scores = api.predict(api.batch(requests_))
+    assert sorted(calls) == [2, 3]  # one pass per image size
+    for (images, _), got in zip(requests_, api.unbatch(scores)):
+        torch.testing.assert_close(torch.tensor(got), images.mean((1, 2, 3)))
+    with pytest.raises(HTTPException) as failure:
+        api.predict(api.batch([(small[:1], ["bad"])]))
+    assert failure.value.status_code == 500
+    assert failure.value.detail == "reward callable raised ValueError: cannot score a bad prompt"

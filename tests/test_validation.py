@@ -190,7 +190,7 @@ BAD_VALUES = {  # what a user types -> the start of the one error line
     "reward.scale=0": "reward.scale=0.0 is not valid; it must be > 0",
     "prompts.limit=0": "prompts.limit=0 is not valid",
     "eval.features=pixels": "eval.features='pixels' is not valid",
-    "eval.rewards=[hpsv3]": "eval.rewards=['hpsv3'] is not valid; choose from: aesthetic",
+    "eval.rewards=[hpsv9]": "eval.rewards=['hpsv9'] is not valid; choose from: aesthetic",
     "logger.mode=sometimes": "logger.mode='sometimes' is not valid",
     "trainer.strategy=fsdp": "trainer.strategy='fsdp' is not valid",
     "seed=-1": "seed=-1 is not valid",

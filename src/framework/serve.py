@@ -7,10 +7,12 @@ requests, waiting at most `serve.batch_timeout` s for them). GET /health answers
 GET /info names the reward; POST /predict scores (the wire format: framework.rewards.remote). A malformed request
 gets 400 and a reward that fails on a request 500, with the reason; the server keeps serving.
 
-Exit codes as `framework.run`'s: 2 for bad input (an unknown option, a missing weight file: one line on stderr).
+Exit codes as `framework.run`'s: 2 for bad input (an unknown option, a missing or unreadable weight file: one line
+on stderr, before serving or from the worker that could not build the reward).
 """
 
 import binascii
+import logging
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import torch
 from fastapi import HTTPException
 from omegaconf import MISSING
 
-from framework.errors import FrameworkError, first_line
+from framework.errors import FrameworkError, described, first_line
 from framework.rewards.registry import RewardConfig
 from framework.rewards.remote import API_PATH, decode_images
 from framework.validation import COUNT, NON_NEGATIVE, POSITIVE, OneOf, Range, Text, valid
@@ -56,7 +58,12 @@ class RewardAPI(ls.LitAPI):
         from framework.rewards import build_reward
 
         self.reward_device = torch.device(device)
-        self.reward = build_reward(self.reward_cfg).to(self.reward_device)
+        try:
+            self.reward = build_reward(self.reward_cfg).to(self.reward_device)
+        except Exception as e:  # one line says why (e.g. a corrupt weight file); LitServe then shuts down
+            print(f"error: {e if isinstance(e, FrameworkError) else described(e)}", file=sys.stderr, flush=True)
+            logging.getLogger("litserve.loops.loops").setLevel(logging.CRITICAL)  # not its traceback as well
+            raise
 
     def decode_request(self, request: dict):
         try:
@@ -87,7 +94,7 @@ class RewardAPI(ls.LitAPI):
                 with torch.no_grad():
                     merged = self.reward(images, prompts).float().cpu()
             except Exception as e:  # the reward failed on these images: tell the client why, keep serving
-                raise HTTPException(500, f"reward {self.reward_cfg.name}: {first_line(e)}") from None
+                raise HTTPException(500, first_line(e)) from None  # "reward <name> raised ..."
             for i, part in zip(indices, merged.split([len(requests[i][0]) for i in indices])):
                 scores[i] = part.tolist()
         return scores if self.max_batch_size > 1 else scores[0]
@@ -145,8 +152,14 @@ def main(argv: list[str] | None = None) -> None:
         timeout=s.timeout,
         model_metadata={"reward": cfg.reward.name},
     )
-    print(f"serving reward={cfg.reward.name} at http://{s.host}:{s.port} (POST /predict; GET /health, /info)")
-    server.run(host=s.host, port=s.port, generate_client_file=False, log_level="warning")
+    url = f"http://{s.host}:{s.port}"
+    print(f"serving reward={cfg.reward.name} at {url}: POST /predict; GET /info; GET /health (ok once ready)")
+    try:
+        server.run(host=s.host, port=s.port, generate_client_file=False, log_level="warning")
+    except RuntimeError as e:
+        if "failed to start" not in str(e):
+            raise
+        sys.exit(2)  # a worker could not build the reward: it said why
 
 
 if __name__ == "__main__":
