@@ -2,9 +2,9 @@
 
     python benchmarks/bench_remote.py [--reward tiny_imagereward] [--sizes 512 1024] [--batch 4] [--repeats 5]
 
-Starts `python -m framework.serve` on localhost (CPU), then scores the same batches of random images in-process and
-through the server with each image format (random pixels: the worst case for PNG, which real images compress
-several times better). Prints, per image size and format, the median time per batch and its
+Starts `python -m framework.serve` on localhost (CPU), then scores the same batches of smooth random images
+(bicubic upsampling of 1/16-size noise: compressible as generated images are; per-pixel noise is PNG's worst case)
+in-process and through the server with each image format. Prints, per image size and format, the median time per batch and its
 ratio to the in-process time: the transport's overhead (encoding, HTTP, decoding), which a server on another GPU
 pays once per scoring call. Over a network, add the bytes per batch it prints divided by the link's bandwidth.
 """
@@ -73,7 +73,8 @@ def main() -> None:
         print("| size | in-process | png | × | MB/batch | tensor | × | MB/batch |")
         print("|---|---|---|---|---|---|---|---|")
         for size in args.sizes:
-            images = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+            noise = torch.rand(args.batch, 3, size // 16, size // 16, generator=torch.Generator().manual_seed(0))
+            images = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic").clamp(0, 1)
             prompts = ["a photo of a cat"] * args.batch
             with torch.no_grad():
                 base = median_seconds(local, images, prompts, args.repeats)
