@@ -4,9 +4,10 @@
 
 Starts `python -m framework.serve` on localhost (CPU), then scores the same batches of smooth random images
 (bicubic upsampling of 1/16-size noise: compressible as generated images are; per-pixel noise is PNG's worst case)
-in-process and through the server with each image format. Prints, per image size and format, the median time per batch and its
-ratio to the in-process time: the transport's overhead (encoding, HTTP, decoding), which a server on another GPU
-pays once per scoring call. Over a network, add the bytes per batch it prints divided by the link's bandwidth.
+in-process and through the server with each image format. Prints, per image size and format, the median time per
+batch and its ratio to the in-process time: the transport's overhead (encoding, HTTP, decoding), which a server on
+another GPU pays once per scoring call. Over a network, add the bytes per batch it prints divided by the link's
+bandwidth.
 """
 
 import argparse

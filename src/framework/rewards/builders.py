@@ -133,7 +133,7 @@ def hpsv3(cfg: RewardConfig, dtype) -> Reward:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             reward = h.HPSv3Reward(config, tokenizer)
-        return reward.to(dtype).requires_grad_(False)
+        return h.cast(reward, dtype)
     state = _load_checkpoint(_weight_file(cfg, default=HPSV3_CHECKPOINT), _state_dict)
     tokenizer = load_pretrained(AutoTokenizer, cfg.processor or HPSV3_TOKENIZER, key="reward.processor")
     if h.REWARD_TOKEN not in tokenizer.get_vocab():  # HPSv3 added it to Qwen2-VL's tokenizer
@@ -147,7 +147,7 @@ def hpsv3(cfg: RewardConfig, dtype) -> Reward:
         raise FrameworkError(f"reward.processor: its {len(tokenizer)} tokens do not fit HPSv3's embedding")
     with no_init_weights():  # every weight comes from the checkpoint (7 B parameters: no random draw to pay for)
         reward = h.HPSv3Reward(config, tokenizer)
-    return reward.load_published(state).to(dtype)
+    return h.cast(reward.load_published(state), dtype)
 
 
 def jpeg(cfg: RewardConfig, dtype) -> Reward:

@@ -163,6 +163,12 @@ def tiny_config(tokenizer) -> Qwen2VLConfig:
     )  # fmt: skip
 
 
+def cast(reward: HPSv3Reward, dtype: torch.dtype) -> HPSv3Reward:
+    """The network in `dtype`, the head in float32 (as HPSv3 keeps it, in training and inference)."""
+    reward.to(dtype).head.float()
+    return reward
+
+
 def vocabulary_size(state: dict[str, Tensor]) -> int:
     """The rows of the checkpoint's token embedding (HPSv3 resized it to its tokenizer with <|Reward|>)."""
     for key in ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight"):

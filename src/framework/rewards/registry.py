@@ -33,18 +33,17 @@ class RewardEntry:
 class RewardConfig:
     name: str = valid(MISSING, OneOf(lambda: tuple(REWARDS)))
     source: str | None = valid(None, Text())  # CLIP model: hub id or local directory (aesthetic, pickscore, clipscore)
-    processor: str | None = valid(
-        None, Text()
-    )  # tokenizer: pickscore's when not `source`'s; imagereward's BERT, hpsv3's Qwen2-VL
-    # weight file: local path or owner/repo/file (aesthetic MLP, HPS, ImageReward)
+    # tokenizer: pickscore's when not `source`'s; imagereward's BERT, hpsv3's Qwen2-VL
+    processor: str | None = valid(None, Text())
+    # weight file: local path or owner/repo/file (aesthetic MLP, HPS, ImageReward, HPSv3)
     checkpoint: str | None = valid(None, Text())
     # hps: open_clip architecture; imagereward / hpsv3: a BlipConfig / Qwen2VLConfig JSON file (default: the
     # published architecture, shipped)
     arch: str | None = valid(None, Text())
     version: str = valid("v2.1", OneOf(("v2.0", "v2.1")))  # hps
     tiny: bool = False  # random tiny version of the same architecture, built in-process
-    # the reward's published full-size network (CLIP ViT-L/14, ViT-H/14) with seeded random weights, built
-    # in-process: speed and memory as the real reward's, scores meaningless
+    # the reward's published full-size network (CLIP ViT-L/14, ViT-H/14, BLIP, Qwen2-VL) with seeded random weights,
+    # built in-process: speed and memory as the real reward's, scores meaningless
     random_weights: bool = False
     dtype: str = valid("float32", OneOf(DTYPES))
     jpeg_quality: int = valid(95, Range(1, 100))  # PIL's JPEG quality
@@ -141,7 +140,7 @@ REWARDS: dict[str, RewardEntry] = {
         f"{BUILDERS}:imagereward",
         weights=_checkpoint_and_tokenizer(IMAGEREWARD_CHECKPOINT, IMAGEREWARD_TOKENIZER),
         network=True,
-    ),  # fmt: skip
+    ),
     "hpsv3": RewardEntry(
         f"{BUILDERS}:hpsv3", weights=_checkpoint_and_tokenizer(HPSV3_CHECKPOINT, HPSV3_TOKENIZER), network=True
     ),
