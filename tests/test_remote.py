@@ -129,6 +129,16 @@ def test_a_remote_reward_scores_as_a_held_out_reward(server, tmp_path):
         assert record["metrics"]["final"]["eval_remote"] == pytest.approx(record["final_reward"], abs=1e-3)
 
 
+@pytest.mark.parametrize("method", ["dno_zo", "mira_dpo"])
+def test_the_zeroth_order_noise_methods_optimise_through_a_served_reward(server, tmp_path, method):
+    run_dir = tmp_path / method
+    args = [*FAST, f"method={method}", "method.opt_steps=2", "reward=remote", f"reward.url={server}"]
+    result = run_cli(*args, "prompts=inline", "prompts.prompts=[a cat]", run_dir=run_dir)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run_dir / "items" / "p0000_s000" / "record.json").read_text())
+    assert record["status"] == "ok" and len(record["steps"]) == 2 and record["compute"]["evals"] > 0
+
+
 class FakeServer(BaseHTTPRequestHandler):
     """A server that claims to serve a reward and then misbehaves: `mode` slow | wrong_shape | error."""
 
