@@ -50,9 +50,10 @@ def hps(hps_version):
     def score(paths, prompts, device):
         import hpsv2
 
+        scores = [hpsv2.score([str(p)], prompt, hps_version=hps_version)[0] for p, prompt in zip(paths, prompts)]
         return [
-            hpsv2.score([p], prompt, hps_version=hps_version)[0].item() * 100 for p, prompt in zip(paths, prompts)
-        ], (f"hpsv2=={version('hpsv2')} hpsv2.score(hps_version={hps_version!r}) × 100")
+            100 * float(s) for s in scores
+        ], f"hpsv2=={version('hpsv2')} hpsv2.score(hps_version={hps_version!r}) × 100"
 
     return score
 
@@ -95,7 +96,7 @@ def imagereward(paths, prompts, device):
 
     model = RM.load("ImageReward-v1.0", device=device)
     with torch.no_grad():
-        return [model.score(prompt, path) for path, prompt in zip(paths, prompts)], (
+        return [float(model.score(prompt, str(path))) for path, prompt in zip(paths, prompts)], (
             f"image-reward=={version('image-reward')} ImageReward.load('ImageReward-v1.0').score"
         )
 
