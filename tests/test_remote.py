@@ -173,7 +173,7 @@ class FakeServer(BaseHTTPRequestHandler):
     [
         ("slow", r"raised ConnectionError: reward server http://127\.0\.0\.1:\d+: no answer within reward\.timeout"),
         ("wrong_shape", r"raised ValueError: reward server .* returned \[0\.0, 0\.0, 0\.0\] for 2 images"),
-        ("error", r"raised RuntimeError: reward server .* answered 500: .*out of memory"),
+        ("error", r"raised RuntimeError: reward server .* answered 500: reward fake: out of memory$"),
     ],
 )  # fmt: skip
 def test_slow_wrong_and_failing_servers_fail_the_request_with_one_line(mode, message):

@@ -105,7 +105,12 @@ class RemoteReward(Reward):
                     raise ConnectionError(f"reward server {self.url}: {self._why(e)}") from e
             time.sleep(RETRY_DELAY * 2**attempt)
         if not response.ok:
-            raise RuntimeError(f"reward server {self.url} answered {response.status_code}: {response.text[:200]}")
+            try:  # the server's reason (framework.serve and FastAPI send {"detail": ...})
+                reason = str(response.json()["detail"])
+            except (ValueError, KeyError, TypeError):
+                reason = response.text
+            reason = (reason.strip().splitlines() or ["no reason given"])[0][:200]
+            raise RuntimeError(f"reward server {self.url} answered {response.status_code}: {reason}")
         scores = response.json().get("scores")
         if not isinstance(scores, list) or len(scores) != len(images):
             raise ValueError(f"reward server {self.url} returned {scores!r:.80} for {len(images)} images")
