@@ -367,6 +367,7 @@ def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):
         "yuvalkirstain/PickScore_v1",
         "weights/hpdv2/photo.json",
         "weights/sac+logos+ava1-l14-linearMSE.pth",
+        "THUDM/ImageReward/ImageReward.pt",
     ):
         assert f"'{weight}'" in message
     assert "hf download" in message and "HF_HOME" in message
