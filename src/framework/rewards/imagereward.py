@@ -107,10 +107,6 @@ class ImageReward(Reward):
         return self
 
 
-def published_config() -> BlipConfig:
-    return BlipConfig.from_json_file(PUBLISHED_ARCHITECTURE)
-
-
 def convert(source: Path, target: Path) -> None:
     """Write ImageReward.pt's tensors to a safetensors file (same keys), reading it without unpickling code."""
     from safetensors.torch import save_file
