@@ -278,6 +278,25 @@ def test_the_fingerprint_covers_metrics_prompts_samples_and_the_adapter_content(
     assert identity_hash(compose(*base, "seed=1")) != identity_hash(compose(*base))
 
 
+def test_a_testbed_run_is_the_same_run_wherever_the_package_is_installed(monkeypatch, tmp_path):
+    """The shipped testbed model's path (another checkout, another virtualenv) is not part of a run's identity."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from framework import identity
+    from framework.testbed import MODEL_DIR
+
+    here = identity.identity_hash(compose("model=shapes"))
+    assert "${testbed_model:}" in json.dumps(identity.run_identity(compose("model=shapes")))
+    moved = tmp_path / "elsewhere" / "model"
+    monkeypatch.setattr(identity, "MODEL_DIR", moved)
+    OmegaConf.register_new_resolver("testbed_model", lambda: str(moved), replace=True)
+    try:
+        assert identity.identity_hash(compose("model=shapes")) == here
+    finally:
+        OmegaConf.register_new_resolver("testbed_model", lambda: str(MODEL_DIR), replace=True)
+
+
 def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_with_one_line(tmp_path):
     import torch
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from framework.config import RUNTIME_OPTIONS
+from framework.testbed import MODEL_DIR
 
 EXECUTION_GROUPS = ("logger", "trainer", "output_dir")
 
@@ -30,6 +31,8 @@ def run_identity(cfg) -> dict:
     for side in ("height", "width"):  # unset: the square model.resolution, as before these keys existed
         if identity["model"][side] is None:
             identity["model"].pop(side)
+    if identity["model"]["source"] == str(MODEL_DIR):  # the shipped testbed: the same run wherever the package lies
+        identity["model"]["source"] = "${testbed_model:}"
     return identity
 
 
