@@ -104,7 +104,8 @@ def test_nan_loss_marks_the_item_failed_and_keeps_the_others(tmp_path):
         pythonpath=tmp_path,
     )
     assert result.returncode == 3 and "Traceback" not in result.stderr
-    assert "1 of 3 items failed" in result.stderr
+    # the error on a line of its own (no progress bar drawn into a log before it): `grep ^error:` finds it
+    assert result.stderr.startswith("error: 1 of 3 items failed") and result.stderr.count("\n") == 1
     written = records(run_dir)
     assert written["p0001_s000"]["status"] == "failed" and "non-finite loss" in written["p0001_s000"]["error"]
     assert written["p0000_s000"]["status"] == written["p0002_s000"]["status"] == "ok"
@@ -147,3 +148,18 @@ def test_two_processes_and_two_nodes_equal_one_process(tmp_path):
             assert one[item]["final_reward"] == pytest.approx(sharded[item]["final_reward"], abs=REBATCHED)
             steps = [s["reward"] for s in sharded[item]["steps"]]
             assert [s["reward"] for s in one[item]["steps"]] == pytest.approx(steps, abs=REBATCHED)
+
+
+def test_a_testbed_run_mixing_captions_and_free_text_finishes_and_logs(tmp_path):
+    """Adherence and gold exist for the testbed's captions only: the free-text item has none, and the console
+    summary, summary.json and W&B take the run as it is."""
+    run_dir = tmp_path / "run"
+    result = run_cli("method=base", "prompts=inline", "prompts.prompts=[a red circle,hello world]", run_dir=run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "2/2 items ok" in result.stdout
+    [free_text] = [line for line in result.stdout.splitlines() if "hello world" in line]
+    assert "—" in free_text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_adherence_mean"] == 1.0  # over the one caption
+    assert "adherence" not in records(run_dir)["p0001_s000"]["metrics"]["final"]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

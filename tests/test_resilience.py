@@ -2,6 +2,7 @@
 into a directory of another configuration, and legal but unusual input."""
 
 import json
+import math
 import os
 import signal
 
@@ -177,6 +178,42 @@ def test_a_reward_that_raises_on_one_prompt_fails_that_item_and_the_others_finis
     assert {k: v for k, v in mtimes(run_dir).items() if k != "p0001_s000"} == {
         k: v for k, v in before.items() if k != "p0001_s000"
     }
+
+
+@pytest.mark.parametrize("method", ["base", "best_of_n"])
+def test_a_reward_that_answers_nan_fails_that_item_and_the_others_finish(tmp_path, method):
+    """A black-box reward whose score is NaN for one prompt: that item fails with the reason, the others are
+    written, exit 3; no NaN is stored as a result."""
+    (tmp_path / "nan_score.py").write_text(
+        "import torch\n"
+        "def score(images, prompts):\n"
+        "    bad = torch.tensor([p == 'bad' for p in prompts])\n"
+        "    return torch.where(bad, torch.nan, images.mean((1, 2, 3)))\n"
+    )
+    run_dir = tmp_path / "run"
+    args = [*FAST, f"method={method}", "reward=callable", "reward.target=nan_score:score", "method.batch_size=3"]
+    result = run_cli(*args, "prompts=inline", "prompts.prompts=[a cat,bad,a dog]", run_dir=run_dir, pythonpath=tmp_path)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: 1 of 3 items failed: p0001_s000 (the reward returned a non-finite score")
+    written = records(run_dir)
+    assert written["p0001_s000"]["status"] == "failed" and "nan" in written["p0001_s000"]["error"]
+    assert [written[i]["status"] for i in ("p0000_s000", "p0002_s000")] == ["ok"] * 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_failed"] == 1 and math.isfinite(summary["final_reward_mean"])
+
+
+def test_a_non_finite_candidate_score_fails_its_item():
+    """Best-of-N's NaN candidate is never chosen (NaN > r is false), but its item is not a valid result either."""
+    from framework.items import ItemResult
+
+    steps = [{"step": 0, "reward": 0.5}, {"step": 1, "reward": math.nan}, {"step": 2, "reward": 0.7}]
+    assert ItemResult(None, None, 0.5, 0.7, steps).non_finite_score() == (
+        "the reward returned a non-finite score (nan) for step 1"
+    )
+    assert ItemResult(None, None, 0.5, math.inf).non_finite_score() == (
+        "the reward returned a non-finite score (inf) for the final image"
+    )
+    assert ItemResult(None, None, 0.5, 0.7, steps[:1]).non_finite_score() is None
 
 
 def test_a_metric_that_raises_fails_the_items_it_concerns(tmp_path, monkeypatch):

@@ -221,13 +221,36 @@ def test_tiny_rewards_are_finite_and_differentiable(name, images):
     assert_differentiable(scores, images)
 
 
+def test_hps_versions_resolve_to_the_files_hpsv2_names(tmp_path, monkeypatch):
+    """A Hugging Face cache holding hpsv2's real v2.0 file (HPS_v2_compressed.pt, hpsv2's version map) serves
+    reward.version=v2.0; v2.1's file is another."""
+    from huggingface_hub import constants
+
+    from framework.rewards.registry import required_weights
+    from framework.weights import resolve_file, unavailable
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--xswu--HPSv2" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--xswu--HPSv2" / "refs").mkdir()
+    (tmp_path / "models--xswu--HPSv2" / "refs" / "main").write_text("a" * 40)
+    (snapshot / "HPS_v2_compressed.pt").write_bytes(b"x")
+    [(kind, spec, key)] = required_weights(RewardConfig(name="hps", version="v2.0"), "reward")
+    assert unavailable(kind, spec) is None and resolve_file(spec, key=key) == snapshot / "HPS_v2_compressed.pt"
+    [(kind, spec, key)] = required_weights(RewardConfig(name="hps", version="v2.1"), "reward")
+    assert spec == "xswu/HPSv2/HPS_v2.1_compressed.pt" and unavailable(kind, spec) == "not in the Hugging Face cache"
+
+
 def test_missing_weight_files_are_named_with_how_to_provide_them(clip_dir):
     with pytest.raises(FrameworkError, match=r"reward\.checkpoint: weight file 'weights/sac\+logos.*' not found"):
         build_reward(
             RewardConfig(name="aesthetic", source=str(clip_dir), checkpoint="weights/sac+logos+ava1-l14-linearMSE.pth")
         )
-    with pytest.raises(FrameworkError, match=r"'HPS_v2\.0_compressed\.pt' of 'xswu/HPSv2' is not available offline"):
+    # hpsv2's own file names: v2.0 is HPS_v2_compressed.pt (no ".0"), v2.1 HPS_v2.1_compressed.pt
+    with pytest.raises(FrameworkError, match=r"'HPS_v2_compressed\.pt' of 'xswu/HPSv2' is not available offline"):
         build_reward(RewardConfig(name="hps", version="v2.0"))
+    with pytest.raises(FrameworkError, match=r"'HPS_v2\.1_compressed\.pt' of 'xswu/HPSv2' is not available offline"):
+        build_reward(RewardConfig(name="hps", version="v2.1"))
     with pytest.raises(FrameworkError, match=r"'ImageReward\.pt' of 'THUDM/ImageReward' is not available offline"):
         build_reward(RewardConfig(name="imagereward"))
     with pytest.raises(FrameworkError, match=r"'HPSv3\.safetensors' of 'MizzenAI/HPSv3' is not available offline"):
@@ -244,6 +267,26 @@ def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
     for name in ("pickled.pt", "corrupt.pt"):
         with pytest.raises(FrameworkError, match=rf"reward\.checkpoint: cannot load '.*{name}'.*weights_only=True"):
             build_reward(RewardConfig(name="hps", arch=TINY_ARCH, checkpoint=str(tmp_path / name)))
+
+
+def test_corrupt_or_foreign_proxy_checkpoints_are_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from framework.testbed.proxy import ProxyNet
+
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a checkpoint")
+    save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    state = ProxyNet().state_dict() | {"text.weight": torch.zeros(3, 3)}
+    save_file(state, tmp_path / "reshaped.safetensors")
+    whys = {
+        "corrupt": "not a safetensors file",
+        "foreign": r"14 of its weights missing \(e\.g\. \['image\.0\.weight'\]\), 1 unexpected",
+        "reshaped": r"size mismatch for text\.weight",
+    }
+    for name, why in whys.items():
+        path = tmp_path / f"{name}.safetensors"
+        with pytest.raises(FrameworkError, match=rf"^'{path}' is not a proxy reward written by .*train_proxy: {why}"):
+            build_reward(RewardConfig(name="proxy", checkpoint=str(path)))
 
 
 def test_jpeg_prefers_a_flat_image_and_is_not_differentiable():

@@ -3,6 +3,7 @@
 They sit below both the methods that produce results and the store that writes them.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,3 +37,13 @@ class ItemResult:
     final_reward: float
     steps: list[dict] = field(default_factory=list)  # one record per optimisation step / candidate
     info: dict = field(default_factory=dict)  # method-specific values worth keeping
+
+    def non_finite_score(self) -> str | None:
+        """What is wrong when a reward this result records is not a finite number (a served reward answering NaN, a
+        callable dividing by zero): such a score can be neither ranked nor averaged, so its item fails."""
+        scores = {"the base image": self.base_reward, "the final image": self.final_reward}
+        scores |= {f"step {s['step']}": s["reward"] for s in self.steps if isinstance(s.get("reward"), float)}
+        for where, score in scores.items():
+            if not math.isfinite(score):
+                return f"the reward returned a non-finite score ({score}) for {where}"
+        return None

@@ -62,10 +62,15 @@ def print_summary(summary: dict, label: str) -> None:
     print(f"  {'item':<12} {'prompt':<{width}}  {'reward base → final':>19}{header}")
 
     def columns(row_metrics: dict, base_key, final_key) -> str:
+        """Each metric's cell; "—" where an item has no value (adherence of a prompt that is not a caption of the
+        testbed's world)."""
         text = ""
         for m in metrics:
             base, final = row_metrics.get(base_key(m)), row_metrics.get(final_key(m))
-            text += f"  {final:>15.3f}" if m == "drift_rmse" else f"  {base:>6.2f} → {final:<6.2f}"
+            if final is None:
+                text += f"  {'—':>15}"
+            else:
+                text += f"  {final:>15.3f}" if m == "drift_rmse" else f"  {base:>6.2f} → {final:<6.2f}"
         return text
 
     for row in summary["items"]:

@@ -127,10 +127,13 @@ class InferenceTimeAlignment(L.LightningModule):
         )
         with torch.enable_grad() if self.method.needs_gradients else nullcontext():
             results = self.method.run(problem)
-        done = [j for j, result in enumerate(results) if isinstance(result, ItemResult)]
-        for item, result in zip(items, results):
-            if not isinstance(result, ItemResult):
-                self._fail(item, str(result))
+        done = []
+        for j, (item, result) in enumerate(zip(items, results)):
+            error = result.non_finite_score() if isinstance(result, ItemResult) else str(result)
+            if error:
+                self._fail(item, error)
+            else:
+                done.append(j)
         if not done:
             return
         base, final = (torch.stack([getattr(results[j], kind) for j in done]) for kind in ("base_image", "final_image"))

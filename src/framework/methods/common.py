@@ -122,10 +122,10 @@ class Problem:
         return self.metrics(shown(images.detach()), prompts, None if base is None else shown(base.detach()))
 
     def progress(self, iterable, total: int, desc: str):
-        """`iterable` with a progress bar; a stop signal stops the batch (unwritten, so a rerun redoes it)."""
-        for value in tqdm(
-            iterable, total=total, desc=desc, leave=False, disable=not self.show_progress, dynamic_ncols=True
-        ):
+        """`iterable` with a progress bar, drawn on a terminal only (in a log its carriage returns would share a line
+        with the next message); a stop signal stops the batch (unwritten, so a rerun redoes it)."""
+        disable = None if self.show_progress else True  # None: tqdm draws only when stderr is a terminal
+        for value in tqdm(iterable, total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True):
             if self.interrupted():
                 raise Interrupted(
                     f" during items {self.describe()}: stopped after the finished items; rerun "

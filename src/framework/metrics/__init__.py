@@ -81,6 +81,8 @@ class ImageMetrics(nn.Module):
             columns["clipscore"] = self.clip(on_device, prompts).clamp_min(0)
         for name, reward in self.eval_rewards.items():
             columns[f"eval_{name}"] = reward(on_device, prompts)
+            if not torch.isfinite(columns[f"eval_{name}"]).all():  # cannot be averaged or ranked: the items fail
+                raise ValueError(f"held-out reward {name} returned a non-finite score")
         columns = {key: column.tolist() for key, column in columns.items()}  # one device sync per metric
         records = [{key: column[i] for key, column in columns.items()} for i in range(len(images))]
         captions = [i for i, prompt in enumerate(prompts) if self.judge is not None and is_caption(prompt)]

@@ -91,8 +91,11 @@ def is_differentiable(cfg) -> bool:
     return cfg.differentiable if declared is None else declared
 
 
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hpsv2's own version map
+
+
 def hps_checkpoint(cfg) -> str:
-    return cfg.checkpoint or f"xswu/HPSv2/HPS_{cfg.version}_compressed.pt"
+    return cfg.checkpoint or f"xswu/HPSv2/{HPS_FILES[cfg.version]}"
 
 
 IMAGEREWARD_CHECKPOINT = "THUDM/ImageReward/ImageReward.pt"

@@ -76,13 +76,24 @@ class ProxyReward(Reward):
 
 
 def load_proxy(path) -> ProxyReward:
-    """The proxy reward of a file `train_proxy` wrote; a missing file is one clear error."""
-    from framework.errors import FrameworkError
+    """The proxy reward of a file `train_proxy` wrote; a missing, corrupt or foreign file is one clear error."""
+    from safetensors import SafetensorError
+
+    from framework.errors import FrameworkError, first_line
 
     if not path.is_file():
         raise FrameworkError(
             f"proxy reward '{path}' not found; rebuild the shipped ones with `python -m framework.testbed.train_proxy`"
         )
-    net = ProxyNet()
-    net.load_state_dict(load_file(path))
+    net, why = ProxyNet(), None
+    try:
+        missing, unexpected = net.load_state_dict(load_file(path), strict=False)
+        if missing or unexpected:
+            why = f"{len(missing)} of its weights missing (e.g. {missing[:1]}), {len(unexpected)} unexpected"
+    except (SafetensorError, OSError) as e:
+        why = f"not a safetensors file ({first_line(e)})"
+    except RuntimeError as e:  # the keys are a proxy's, a shape is not
+        why = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
+    if why:
+        raise FrameworkError(f"'{path}' is not a proxy reward written by framework.testbed.train_proxy: {why}")
     return ProxyReward(net, TextFeatures())
