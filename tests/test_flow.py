@@ -442,3 +442,48 @@ def test_channels_last_converts_each_of_qwen_images_3d_and_2d_convolutions_and_c
             b.decode(sample(b, b.encode(["a cat"]), x_T, num_steps=2).latents) for b in (backbone, tiny_qwen_image)
         ]
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-5)  # other kernels, the same maths
+
+
+def test_qwen_image_conditions_on_the_prompt_after_the_templates_34_tokens(tiny_qwen_image):
+    """Qwen-Image drops its template's first 34 tokens (the system turn and "<|im_start|>user\\n") by index. The tiny
+    tokenizer knows the template's words whole, as Qwen2.5's vocabulary does, so that prefix is 34 tokens here too
+    and the conditioning starts at the prompt's first token: the encoder's last hidden state from there, computed
+    from the template's text. A drop of 33 or 35 would keep a template token or lose a prompt token."""
+    pipe, prompt = tiny_qwen_image.pipe, "a red circle"
+    prefix, suffix = pipe.prompt_template_encode.split("{}")
+    start = len(pipe.tokenizer(prefix).input_ids)
+    ids = pipe.tokenizer(prefix + prompt + suffix, return_tensors="pt").input_ids
+    assert start == 34 and pipe.tokenizer.decode(ids[0, start:]) == prompt + suffix
+    with torch.no_grad():
+        reference = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, start:]
+        embeds = tiny_qwen_image.encode([prompt]).embeds[0]
+        assert embeds.shape == reference.shape
+        torch.testing.assert_close(embeds, reference, rtol=1e-5, atol=1e-6)
+        for wrong in (33, 35):  # the comparison sees an index off by one
+            pipe.prompt_template_encode_start_idx = wrong
+            try:
+                assert tiny_qwen_image.encode([prompt]).embeds.shape[1] != len(reference)
+            finally:
+                pipe.prompt_template_encode_start_idx = start
+
+
+@pytest.mark.parametrize("kind, layers", [("flux2", (10, 20, 30)), ("flux2_klein", (9, 18, 27))])
+def test_flux2_conditions_on_three_intermediate_layers_of_a_deeper_encoder(kind, layers, request):
+    """FLUX.2-dev reads its Mistral-3 encoder at hidden layers 10, 20, 30 and klein its Qwen3 encoder at 9, 18, 27,
+    concatenated along the features. The tiny encoders are deeper than that, so the last layer is not one of them:
+    the conditioning equals those layers of the encoder run on the same tokens, and not the last layer's."""
+    backbone = request.getfixturevalue(f"tiny_{kind}")
+    encoder, calls = backbone.pipe.text_encoder, []  # the prompt's call, then klein's negative prompt's
+    hook = encoder.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            embeds = backbone.encode(["a red circle"]).embeds
+    finally:
+        hook.remove()
+    assert encoder.config.get_text_config().num_hidden_layers > layers[-1]
+    with torch.no_grad():
+        tokens = {key: calls[0][key] for key in ("input_ids", "attention_mask")}
+        hidden = encoder(**tokens, output_hidden_states=True)
+    concat = lambda ks: torch.cat([hidden.hidden_states[k] for k in ks], dim=-1)  # noqa: E731
+    torch.testing.assert_close(embeds, concat(layers), rtol=1e-5, atol=1e-6)
+    assert (embeds - concat((*layers[:2], -1))).abs().max() > 1e-3

@@ -1,6 +1,8 @@
 """Each real loader on a tiny checkpoint written in the real file format, checked against an independent score."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -16,6 +18,8 @@ from framework.models.tokenizer import build_clip_tokenizer
 from framework.rewards import build_reward, clip_preprocess
 from framework.rewards.hps import TINY_ARCH
 from framework.rewards.registry import RewardConfig
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
 
 PROMPTS = ["a cat", "a red circle"]
 
@@ -363,7 +367,7 @@ def test_hpsv3_loads_the_published_checkpoint_layout(tmp_path, layout):
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers import Qwen2VLVideoProcessor
 
-    from framework.rewards.hpsv3 import ASK, CHAT, INSTRUCTION, hpsv3_tokenizer, reward_head, tiny_config
+    from framework.rewards.hpsv3 import hpsv3_tokenizer, reward_head, tiny_config
 
     tokenizer = hpsv3_tokenizer()
     tokenizer.save_pretrained(tmp_path / "qwen2-vl")
@@ -383,14 +387,15 @@ def test_hpsv3_loads_the_published_checkpoint_layout(tmp_path, layout):
                      processor=str(tmp_path / "qwen2-vl"))
     )  # fmt: skip
     images = torch.rand(2, 3, 448, 448, generator=torch.Generator().manual_seed(1)).requires_grad_()  # 256 tokens
-    prompts = ["a cat", "a red circle on a long table"]
+    official = json.loads((GOLDEN_DIR / "hpsv3_prompt.json").read_text())["texts"]  # HPSv3's own code's texts
+    prompts = sorted(official, key=len)[:2]  # of two lengths
     scores = reward(images, prompts)
 
     pixels = 448 * 448
     processor = Qwen2VLProcessor(
         Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels), tokenizer, Qwen2VLVideoProcessor()
     )
-    texts = [CHAT.format(image="<|image_pad|>", text=INSTRUCTION.format(text_prompt=p) + ASK) for p in prompts]
+    texts = [official[p] for p in prompts]
     batch = processor(text=texts, images=list(images.detach()), padding=True, padding_side="right",
                       do_rescale=False, return_tensors="pt")  # fmt: skip
     mask = batch.attention_mask
@@ -404,6 +409,18 @@ def test_hpsv3_loads_the_published_checkpoint_layout(tmp_path, layout):
     assert (mask == 0).any()  # the shorter prompt is padded
     torch.testing.assert_close(scores.detach(), expected, rtol=1e-4, atol=1e-5)
     assert_differentiable(scores, images)
+
+
+def test_hpsv3_scores_the_text_of_hpsv3s_own_code_byte_for_byte():
+    """tests/golden/hpsv3_prompt.json: the official collator's message rendered by Qwen2-VL's chat template
+    (tests/golden/hpsv3_prompt.py), for the golden images' prompts; with the Text Alignment criteria."""
+    from framework.rewards.hpsv3 import chat_text
+
+    official = json.loads((GOLDEN_DIR / "hpsv3_prompt.json").read_text())
+    assert official["source"].startswith("hpsv3==1.0.0 QWen2VLDataCollator")
+    for prompt, text in official["texts"].items():
+        assert chat_text(prompt) == text
+        assert "**Text Alignment:**" in text and text.count("<|Reward|>") == 1
 
 
 def test_hpsv3_resizes_as_qwen2_vl_does_with_its_pixel_budget():

@@ -273,14 +273,15 @@ def build_tiny_flux2_pipeline(resolution: int = 32, klein: bool = False):
     """FLUX.2-dev (guidance-distilled; a Mistral-3 encoder read at hidden layers 10, 20, 30) or, with `klein`, FLUX.2
     klein base (true CFG; a Qwen3 encoder read at layers 9, 18, 27): the double- and single-stream transformer on
     2×2-patchified latents, the 32-channel VAE with its batch-norm statistics (seeded, not the identity, so decoding
-    exercises them); tiny and seeded. Encoders are as deep as the layers their pipelines read, and narrow."""
+    exercises them); tiny and seeded. Encoders are two layers deeper than the last layer their pipelines read (so
+    reading the wrong layers, the last one included, changes the conditioning), and narrow."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        width, layers = 16, (27 if klein else 30)
+        width, layers = 16, (29 if klein else 32)
         tokenizer = build_qwen_tokenizer() if klein else build_mistral_tokenizer(words=SYSTEM_MESSAGE)
         text = dict(hidden_size=width, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2)
         text |= dict(num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer))

@@ -62,6 +62,8 @@ def build_byte_tokenizer(
     whole, as the real vocabularies do, keeps the template's token count real: Qwen-Image's pipeline drops the first
     34 tokens by index, and a prompt must not fall beyond `max_sequence_length` behind a long system message."""
     vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    for special in specials:  # a special token ends a word as a line break does ("<|im_start|>user": "user")
+        words = words.replace(special, "\n")
     roles = dict(unk_token=None, bos_token=None, eos_token=eos_token, pad_token=pad_token)
     split = Qwen2Tokenizer(vocab=dict(vocab), merges=[], **roles).backend_tokenizer.pre_tokenizer.pre_tokenize_str
     merges: list[tuple[str, str]] = []
@@ -96,8 +98,6 @@ MISTRAL_CHAT = (
 
 def build_qwen_tokenizer(words: str = "") -> Qwen2Tokenizer:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    for special in specials:
-        words = words.replace(special, " ")
     return build_byte_tokenizer(specials, QWEN_CHAT, "<|endoftext|>", "<|im_end|>", words)
 
 

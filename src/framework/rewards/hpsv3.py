@@ -1,8 +1,10 @@
 """HPSv3 (Ma et al., 2025) on transformers' Qwen2-VL classes, differentiable in the image.
 
-Qwen2-VL-7B-Instruct reads the image and HPSv3's instruction (the prompt inside it, then "<|Reward|>", a token HPSv3
-added), in Qwen2-VL's chat format; a head (3584 → 1024 → 16 → 2, ReLUs) maps the last hidden state at the
-<|Reward|> token to (μ, σ) of its uncertainty-aware ranking loss, and the score is μ. As in HPSv3's own forward, the
+Qwen2-VL-7B-Instruct reads the image and HPSv3's instruction (the official text of the hpsv3 package 1.0.0: its
+Visual Quality and Text Alignment criteria, the prompt inside, then "<|Reward|>", a token HPSv3 added) in Qwen2-VL's
+chat format, byte for byte the text HPSv3's own code builds (tests/golden/hpsv3_prompt.json). A head (3584 → 1024
+→ 16 → 2, ReLUs) maps the last hidden state at the <|Reward|> token to (μ, σ) of its uncertainty-aware ranking
+loss, and the score is μ. As in HPSv3's own forward, the
 language model gets sequential positions (not M-RoPE's 3-D image positions). Images are resized so that they hold
 256 · 28² pixels (448 × 448 for a square; HPSv3's min_pixels = max_pixels), normalised with CLIP's statistics and
 cut into Qwen2-VL's 14-px patches (each frame twice: its temporal patch of 2) with torch ops, so that gradients
@@ -39,16 +41,31 @@ Evaluate the overall visual quality of the image. The following sub-dimensions s
 - **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
 - **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
 - **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. 
+
+**Text Alignment:**  
+Assess how well the image matches the textual prompt across the following sub-dimensions:
+- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.
+- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the image adheres to this style.
+- **Contextual Consistency**: Assess whether the background, setting, and surrounding elements in the image logically fit the scenario described in the prompt. The environment should support and enhance the subject without contradictions.
+- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., colors, clothing, accessories, expressions, actions) are faithfully represented in the image. Minor deviations may be acceptable, but critical attributes should be preserved.
+- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are captured in the image. The generated content should not introduce elements that conflict with or distort the original description.
 Textual prompt - {text_prompt}
 
 
-"""  # noqa: E501, W291 (HPSv3's text, trailing spaces included)
+"""  # noqa: E501, W291 (hpsv3 1.0.0, dataset/data_collator_qwen.py; trailing spaces included)
 ASK = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
 # Qwen2-VL-Instruct's chat template for one user turn of an image and a text, with the generation prompt
 CHAT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<|vision_start|>{image}<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
 )
+
+
+def chat_text(prompt: str, image_tokens: int = 1) -> str:
+    """The text HPSv3 scores `prompt` with: its instruction around the prompt, then the question ending in
+    <|Reward|>, in Qwen2-VL's chat format, with the image's `image_tokens` placeholder tokens (1: as the chat template
+    renders it, before the processor expands it to one per merged patch)."""
+    return CHAT.format(image="<|image_pad|>" * image_tokens, text=INSTRUCTION.format(text_prompt=prompt) + ASK)
 
 
 def resized_size(height: int, width: int, factor: int = 28, pixels: int = PIXELS) -> tuple[int, int]:
@@ -114,8 +131,7 @@ class HPSv3Reward(Reward):
     def tokens(self, prompts: list[str], image_tokens: int) -> tuple[Tensor, Tensor]:
         """Token ids [B, L], right-padded: the chat text of each prompt with the image's tokens in place; and the
         position of each one's <|Reward|> token."""
-        texts = [CHAT.format(image="<|image_pad|>" * image_tokens, text=INSTRUCTION.format(text_prompt=p) + ASK)
-                 for p in prompts]  # fmt: skip
+        texts = [chat_text(p, image_tokens) for p in prompts]
         ids = torch.tensor(self.tokenizer(texts, padding=True, padding_side="right").input_ids, device="cpu")
         if ((ids == self.reward_token).sum(1) != 1).any():
             raise FrameworkError(f"a prompt must not contain {REWARD_TOKEN} (HPSv3 scores at that token)")
@@ -145,8 +161,6 @@ def hpsv3_tokenizer():
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
     words = CHAT.format(image="", text=INSTRUCTION + ASK)
-    for special in [*specials, REWARD_TOKEN]:
-        words = words.replace(special, " ")
     return build_byte_tokenizer([*specials, REWARD_TOKEN], QWEN_CHAT, "<|endoftext|>", "<|im_end|>", words)
 
 
