@@ -24,6 +24,7 @@ def run_identity(cfg) -> dict:
         OmegaConf.masked_copy(cfg, [k for k in cfg if k not in EXECUTION_GROUPS]), resolve=True
     )
     identity["method"].pop("batch_size")
+    identity["reward"].pop("api_key_env")  # which variable holds a served reward's key: access, not the reward
     if not identity["monitor"]["every"]:  # no probe set: the monitor changes nothing a run computes
         identity.pop("monitor")
     for key in RUNTIME_OPTIONS:

@@ -15,5 +15,6 @@ def save_png(image: Tensor, path: Path | BinaryIO, compress_level: int = 6) -> N
     Image.fromarray(array).save(path, format="PNG", compress_level=compress_level)  # by content, not the suffix
 
 
-def load_png(path: Path | BinaryIO) -> Tensor:
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+def load_png(path: Path | BinaryIO | Image.Image) -> Tensor:
+    image = path if isinstance(path, Image.Image) else Image.open(path)
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255

@@ -4,39 +4,72 @@ HTTP, for runs elsewhere to score with (`reward=remote reward.url=http://<host>:
 LitServe (the Lightning ecosystem's model server) runs it: `serve.workers` inference processes per device, each
 building the reward once; requests arriving together are merged into one forward pass (`serve.max_batch_size`
 requests, waiting at most `serve.batch_timeout` s for them). GET /health answers "ok" once the workers are ready;
-GET /info names the reward; POST /predict scores (the wire format: framework.rewards.remote). A malformed request
-gets 400 and a reward that fails on a request 500, with the reason; the server keeps serving.
+GET /info names the reward; POST /predict scores (the wire format: framework.rewards.remote).
 
-Exit codes as `framework.run`'s: 2 for bad input (an unknown option, a missing or unreadable weight file: one line
-on stderr, before serving or from the worker that could not build the reward).
+Each request stands alone: a malformed one gets 400 with the reason, one over a limit (body size, images, pixels per
+image) 413 naming the limit, and a reward that fails on a request 500 with the reason; a merged pass that fails is
+split until the failing request is alone, so its neighbours are still scored. With an API key (the environment
+variable `serve.api_key_env` names) every endpoint but /health needs `Authorization: Bearer <key>` (401 otherwise,
+before the body is read); without one only 127.0.0.1 is served.
+
+Stopping the server (SIGTERM, Ctrl-C, or its process killed outright) ends every process it started and frees the
+port. Exit codes as `framework.run`'s: 2 for bad input (one line on stderr, before serving: an unknown option, a
+missing or unreadable weight file, a port in use, a device this machine lacks), 143 / 130 when stopped.
 """
 
-import binascii
+import ctypes
 import logging
+import os
+import secrets
+import signal
+import socket
 import sys
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import litserve as ls
 import torch
-from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from omegaconf import MISSING
 
-from framework.errors import FrameworkError, described, first_line
-from framework.rewards.registry import RewardConfig
-from framework.rewards.remote import API_PATH, decode_images
+from framework.errors import STOPPED, FrameworkError, described, first_line
+from framework.rewards.registry import API_KEY_ENV, RewardConfig
+from framework.rewards.remote import API_PATH, TooLarge, decode_images
 from framework.validation import COUNT, NON_NEGATIVE, POSITIVE, OneOf, Range, Text, valid
+
+LOOPBACK = "127.0.0.1"
+GRACE = 5.0  # seconds the HTTP processes get to finish their requests when the server stops
 
 
 @dataclass
 class ServeSettings:
-    host: str = valid("127.0.0.1", Text())  # 0.0.0.0 to accept other machines
-    port: int = valid(8000, Range(1, 65535))
+    host: str = valid(LOOPBACK, OneOf((LOOPBACK, "0.0.0.0", "::")))  # 0.0.0.0 / ::: other machines (needs a key)
+    port: int = valid(8000, Range(1024, 65535))
     device: str = valid("auto", OneOf(("auto", "cpu", "cuda")))  # auto: every GPU if there are any, else the CPU
     workers: int = valid(1, COUNT)  # inference processes per device
     max_batch_size: int = valid(4, COUNT)  # requests merged into one forward pass
     batch_timeout: float = valid(0.01, NON_NEGATIVE)  # seconds to wait for requests to merge
     timeout: float = valid(600.0, POSITIVE)  # seconds a request may take on the server before it answers 504
+    # the environment variable holding the API key clients must send (unset or empty: none, and loopback only)
+    api_key_env: str = valid(API_KEY_ENV, Text())
+    # limits of one request (413 beyond them): its body, its images, the pixels of each image (2048²)
+    max_request_mb: float = valid(64.0, POSITIVE)
+    max_images: int = valid(16, COUNT)
+    max_pixels: int = valid(2048 * 2048, COUNT)
+
+    @staticmethod
+    def relations(c, run):
+        if c.host != LOOPBACK and not os.environ.get(c.api_key_env):
+            yield (
+                "serve.host",
+                f"serving other machines needs an API key: set the environment variable {c.api_key_env} (clients "
+                "send theirs from the same variable; put TLS in front across networks, see docs/configuration.md)",
+            )
+        if c.device == "cuda" and not torch.cuda.is_available():
+            yield "serve.device", "this machine has no CUDA device (serve.device=cpu or auto)"
 
 
 @dataclass
@@ -45,18 +78,30 @@ class ServeConfig:
     serve: ServeSettings = field(default_factory=ServeSettings)
 
 
-class RewardAPI(ls.LitAPI):
-    """Scores requests with `reward_cfg`'s reward, built once per inference worker on its device."""
+@dataclass(frozen=True)
+class Refusal:
+    """A request that gets an error answer of its own, while the others of its merged pass are scored."""
 
-    def __init__(self, reward_cfg: RewardConfig, settings: ServeSettings):
+    status: int
+    detail: str
+
+
+class RewardAPI(ls.LitAPI):
+    """Scores requests with `reward_cfg`'s reward, built once per inference worker on its device. `parent`: the
+    server's process, whose end ends the worker too."""
+
+    def __init__(self, reward_cfg: RewardConfig, settings: ServeSettings, parent: int | None = None):
         super().__init__(
             max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout, api_path=API_PATH
         )
-        self.reward_cfg = reward_cfg
+        self.reward_cfg, self.settings, self.parent = reward_cfg, settings, parent
 
     def setup(self, device):
         from framework.rewards import build_reward
 
+        if self.parent is not None:
+            die_with_parent(self.parent)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
         self.reward_device = torch.device(device)
         try:
             self.reward = build_reward(self.reward_cfg).to(self.reward_device)
@@ -66,16 +111,21 @@ class RewardAPI(ls.LitAPI):
             raise
 
     def decode_request(self, request: dict):
+        """(images, prompts), or the Refusal of this request alone (raising would fail its whole merged pass)."""
         try:
             if missing := {"images", "prompts"} - set(request):
                 raise ValueError(f"the request has no {' or '.join(sorted(missing))}")
-            images, prompts = decode_images(request["images"]), request["prompts"]
+            s = self.settings
+            images = decode_images(request["images"], s.max_images, s.max_pixels)
+            prompts = request["prompts"]
             if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompts must be a list of strings")
             if len(prompts) != len(images):
                 raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        except (KeyError, TypeError, ValueError, binascii.Error) as e:
-            raise HTTPException(400, f"malformed request: {first_line(e)}") from None
+        except TooLarge as e:
+            return Refusal(413, f"request too large: {e}")
+        except ValueError as e:
+            return Refusal(400, f"malformed request: {first_line(e)}")
         return images, prompts
 
     def batch(self, requests):  # merged in predict, by image size
@@ -83,27 +133,122 @@ class RewardAPI(ls.LitAPI):
 
     def predict(self, x):
         requests = x if self.max_batch_size > 1 else [x]
-        scores = [None] * len(requests)
+        answers = list(requests)  # Refusals stay as they are
         by_size = defaultdict(list)
-        for i, (images, _) in enumerate(requests):
-            by_size[tuple(images.shape[1:])].append(i)
+        for i, request in enumerate(requests):
+            if not isinstance(request, Refusal):
+                by_size[tuple(request[0].shape[1:])].append(i)
         for indices in by_size.values():
-            images = torch.cat([requests[i][0] for i in indices]).to(self.reward_device)
-            prompts = [p for i in indices for p in requests[i][1]]
-            try:
-                with torch.no_grad():
-                    merged = self.reward(images, prompts).float().cpu()
-            except Exception as e:  # the reward failed on these images: tell the client why, keep serving
-                raise HTTPException(500, first_line(e)) from None  # "reward <name> raised ..."
-            for i, part in zip(indices, merged.split([len(requests[i][0]) for i in indices])):
-                scores[i] = part.tolist()
-        return scores if self.max_batch_size > 1 else scores[0]
+            for i, answer in zip(indices, self._score([requests[i] for i in indices])):
+                answers[i] = answer
+        return answers if self.max_batch_size > 1 else answers[0]
+
+    def _score(self, requests: list) -> list:
+        """Each request's scores from one forward pass; if the pass fails, each half alone, until the request that
+        fails is alone and gets its 500 with the reason."""
+        try:
+            with torch.no_grad():
+                images = torch.cat([images for images, _ in requests]).to(self.reward_device)
+                merged = self.reward(images, [p for _, prompts in requests for p in prompts]).float().cpu()
+        except Exception as e:  # the reward failed on these images: say why, keep serving
+            if len(requests) == 1:
+                return [Refusal(500, first_line(e))]  # "reward <name> raised ..."
+            half = len(requests) // 2
+            return self._score(requests[:half]) + self._score(requests[half:])
+        parts = merged.split([len(images) for images, _ in requests])
+        return [
+            part.tolist() if torch.isfinite(part).all() else Refusal(500, f"reward {self.reward.name} returned a "
+                                                                          "non-finite score for these images")
+            for part in parts
+        ]  # fmt: skip
 
     def unbatch(self, output):
         return output
 
     def encode_response(self, scores):
+        if isinstance(scores, Refusal):
+            return JSONResponse({"detail": scores.detail}, status_code=scores.status)
         return {"scores": scores}
+
+
+class Guard:
+    """ASGI middleware in front of every endpoint: the API key (401, checked before the body is read; /health needs
+    none, so health probes and a client's readiness check work without it) and the size of the body (413)."""
+
+    def __init__(self, app, key: str | None, max_bytes: int):
+        self.app, self.key, self.max_bytes = app, key, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key and scope["path"] != "/health":
+            if not secrets.compare_digest(headers.get(b"authorization", b""), b"Bearer " + self.key.encode()):
+                detail = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                return await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
+        too_large = f"request too large: the body exceeds serve.max_request_mb={self.max_bytes / 2**20:g}"
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited():  # a body sent without a length, counted as it arrives
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                from fastapi import HTTPException
+
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def malformed_body(request, e: RequestValidationError):
+    """FastAPI's 422 for a body that is not a JSON object, as the 400 with one line the docs promise."""
+    kind = (e.errors() or [{}])[0].get("type")
+    why = {"json_invalid": "not valid JSON", "missing": "empty"}.get(kind, "not a JSON object")
+    detail = f'malformed request: the body is {why}; send {{"prompts": [...], "images": {{...}}}}'
+    return JSONResponse({"detail": detail}, status_code=400)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` ends, however it ends (SIGKILL included), so that a stopped server leaves no
+    worker behind: Linux's parent-death signal, elsewhere a thread watching the parent."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    else:
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it ended before the signal was armed
+        os._exit(1)
+
+
+def forked_child() -> None:
+    """In each process the server forks: end with the server, and take signals as Python does by default (not the
+    server's handlers: the HTTP processes re-raise the signal that stopped them)."""
+    die_with_parent(os.getppid())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def check_port(host: str, port: int) -> None:
+    """One error line, before anything starts, if the port cannot be listened on (as uvicorn will bind it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise FrameworkError(
+                f"serve.port={port}: cannot listen on {host}:{port} ({e.strerror}); another process uses it, or "
+                "choose another serve.port"
+            ) from None
 
 
 def compose_config(overrides: list[str]) -> ServeConfig:
@@ -141,25 +286,53 @@ def compose_config(overrides: list[str]) -> ServeConfig:
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose_config(sys.argv[1:] if argv is None else argv)
+        check_port(cfg.serve.host, cfg.serve.port)
     except FrameworkError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = cfg.serve
     server = ls.LitServer(
-        RewardAPI(cfg.reward, s),
+        RewardAPI(cfg.reward, s, parent=os.getpid()),
         accelerator=s.device,
         workers_per_device=s.workers,
         timeout=s.timeout,
         model_metadata={"reward": cfg.reward.name},
+        middlewares=[
+            (Guard, {"key": os.environ.get(s.api_key_env) or None, "max_bytes": int(s.max_request_mb * 2**20)})
+        ],
     )
+    server.app.add_exception_handler(RequestValidationError, malformed_body)
+    server.uvicorn_graceful_timeout = GRACE
+    os.register_at_fork(after_in_child=forked_child)  # LitServe's HTTP and manager processes
+    received = []
+
+    def stop(signum, frame):  # LitServe shuts its processes down on KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second signal ends at once (the workers die with it)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     url = f"http://{s.host}:{s.port}"
-    print(f"serving reward={cfg.reward.name} at {url}: POST /predict; GET /info; GET /health (ok once ready)")
+    print(
+        f"serving reward={cfg.reward.name} at {url}: POST /predict; GET /info; GET /health (ok once ready)", flush=True
+    )
     try:
         server.run(host=s.host, port=s.port, generate_client_file=False, log_level="warning")
     except RuntimeError as e:
         if "failed to start" not in str(e):
             raise
         sys.exit(2)  # a worker could not build the reward: it said why
+    except KeyboardInterrupt:  # stopped while starting: end now, and the workers with this process (not joined
+        stopped(received, os._exit)  # as multiprocessing would at exit, waiting for them to build the reward)
+    stopped(received, sys.exit)
+
+
+def stopped(signals: list[str], exit) -> None:
+    if signals:
+        print(f"stopped: {signals[0]}; the server and its workers have ended", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        exit(STOPPED[signals[0]])
 
 
 if __name__ == "__main__":

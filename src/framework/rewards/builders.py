@@ -179,7 +179,7 @@ def proxy(cfg: RewardConfig, dtype) -> Reward:
 def remote(cfg: RewardConfig, dtype) -> Reward:
     from framework.rewards.remote import RemoteReward
 
-    return RemoteReward(cfg.url, cfg.timeout, cfg.retries, cfg.image_format, cfg.request_batch)
+    return RemoteReward(cfg.url, cfg.timeout, cfg.retries, cfg.image_format, cfg.request_batch, cfg.api_key_env)
 
 
 def user_callable(cfg: RewardConfig, dtype) -> Reward:

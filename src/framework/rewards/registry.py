@@ -14,6 +14,7 @@ from framework.validation import POSITIVE, OneOf, Range, Text, valid
 
 DTYPES = ("float32", "float16", "bfloat16")
 IMAGE_FORMATS = ("png", "tensor")  # how a remote reward's images travel
+API_KEY_ENV = "REWARD_SERVER_KEY"  # the environment variable of a reward server's API key, on both sides
 Weights = list[tuple[str, str, str]]  # (kind "file" | "pretrained", hub id or path, config key) of each weight
 
 
@@ -50,13 +51,15 @@ class RewardConfig:
     target: str | None = valid(None, Text())  # callable: "package.module:function" taking (images, prompts)
     differentiable: bool = False  # callable: whether gradients flow through `target`
     # remote: a reward server (`python -m framework.serve`), e.g. http://gpu-box:8000; the seconds a request may take,
-    # how often a failed one is retried, how images travel (png: 8-bit as saved | tensor: float32, exact) and at most
-    # how many go in one request (0: the whole batch)
+    # how often a failed one is retried, how images travel (png: 8-bit as saved | tensor: float32, exact), at most
+    # how many go in one request (0: the whole batch), and the environment variable holding the server's API key
+    # (sent if set; the key itself never enters a config, run.json or W&B)
     url: str | None = valid(None, Text())
     timeout: float = valid(60.0, POSITIVE)
     retries: int = valid(2, Range(0, 10))
     image_format: str = valid("png", OneOf(IMAGE_FORMATS))
     request_batch: int = valid(0, Range(0))
+    api_key_env: str = valid(API_KEY_ENV, Text())
     # proxy: the shipped testbed proxy trained on this many comparisons (reward.checkpoint: one you trained)
     comparisons: int = valid(PROXY_SIZES[0], OneOf(PROXY_SIZES))
     # Score the images clamped to [0, 1] (true) or as decoded (false); null = the reward's own default: the toy
