@@ -123,7 +123,7 @@ def run_cli(*overrides: str, run_dir: Path | None = None, pythonpath: Path | Non
 
 
 def launch_in_process(overrides: list[str]) -> tuple[int, str]:
-    """The launcher of experiment runs in tests: each run in this process (framework.experiments.launch_process
+    """The launcher of experiment runs in tests: each run in this process (framework.launch.launch_process
     starts a fresh interpreter per run)."""
     result = run_cli(*overrides)
     return result.returncode, result.stderr

@@ -3,17 +3,23 @@ Hydra multirun sweeps with their aggregated table; the paper scale's weight chec
 
 import csv
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, call_main, launch_in_process, run_cli
+from conftest import REPO, call_main, launch_in_process, run_cli, wait_for
 
 from framework.errors import STOPPED, FrameworkError, Interrupted
-from framework.experiments import Run, prepare, reproduce, reproduce_all, run_missing, slug
+from framework.experiments import Run, prepare, reproduce, reproduce_all, slug
+from framework.launch import run_missing
 from framework.records import read_records
 from framework.report import step_curve
 from framework.specs import EXPERIMENTS_DIR, load_experiment
@@ -521,3 +527,119 @@ def test_runs_go_in_parallel_after_the_runs_they_read(tmp_path):
     with pytest.raises(Interrupted):
         run_missing(runs, lambda o: launch(o, {"a": (STOPPED["SIGINT"], "")}), jobs=2)
     assert ("start", "c") not in events and ("end", "b") in events
+
+
+def test_bad_arguments_are_one_error_line(tmp_path):
+    from framework.experiments import main
+
+    for args, line in [
+        (
+            ["--scale", "nope"],
+            f"error: --scale nope: no experiment in {EXPERIMENTS_DIR} has it; scales: paper, testbed",
+        ),
+        (["--jobs", "-1"], "error: --jobs -1: runs at a time must be at least 1 (see --help)"),
+        (["--jobs", "two"], "error: argument --jobs: invalid int value: 'two' (see --help)"),
+        (
+            ["--specs", str(tmp_path / "none")],
+            f"error: --specs {tmp_path / 'none'}: not a directory of experiment specs",
+        ),
+    ]:
+        result = call_main(main, *args, "--out", str(tmp_path / "out"))
+        assert (result.returncode, result.stderr) == (2, line + "\n")
+    assert not (tmp_path / "out" / "runs").exists()
+    (tmp_path / "a file").write_text("")
+    result = call_main(main, "--out", str(tmp_path / "a file" / "out"))
+    assert (result.returncode, result.stderr) == (
+        2, f"error: --out {tmp_path / 'a file' / 'out'}: cannot create or write it (Not a directory); give a writable "
+        "directory\n",
+    )  # fmt: skip
+
+
+QUICK_SPEC = {
+    "title": "quick",
+    "kind": "table",
+    "metrics": ["reward"],
+    "scales": {"testbed": ["model=shapes", "prompts=shapes", "prompts.limit=2", "method.num_steps=3", "logger=none"]},
+}
+
+
+def start_experiments(specs: Path, out: Path) -> subprocess.Popen:
+    """`python -m framework.experiments` on the specs of `specs`, one run at a time, in its own session (as a
+    terminal's foreground job: Ctrl-C reaches its whole group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "framework.experiments", "--specs", str(specs), "--out", str(out), "--jobs", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_what_is_missing(tmp_path):
+    """Ctrl-C while the second of three runs computes: it stops after its finished items, the third never starts,
+    nothing is marked failed or half-written, exit 130 within seconds; the rerun finishes the second and third run
+    and leaves the first as it was."""
+    spec = QUICK_SPEC | {
+        "runs": {
+            "A": ["method=base"],
+            "B": ["method=dno", "method.opt_steps=5"],
+            "C": ["method=base", "seed=1"],
+        },
+    }
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    process = start_experiments(tmp_path, out)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("running B"):
+            break
+    run_dirs = {path.name.split("-")[0]: path for path in (out / "runs" / "testbed").iterdir()}
+    wait_for(lambda: (run_dirs["B"] / "run.json").exists(), process, timeout=120)  # B is loading or computing
+    stopped_at = time.monotonic()
+    os.kill(process.pid, signal.SIGINT)  # as `kill -INT`; a terminal's Ctrl-C reaches the same process (its runs
+    # have sessions of their own, so that they get the stop once, from it)
+    assert process.wait(timeout=60) == 130
+    assert time.monotonic() - stopped_at < 30
+    lines += process.stdout.read().splitlines(keepends=True)
+    assert "  stopped B\n" in lines and not any(line.startswith(("running C", "  failed")) for line in lines)
+    assert process.stderr.read().startswith("stopped: SIGINT during experiments: the runs in progress stopped")
+    first = run_dirs["A"] / "summary.json"
+    assert json.loads((run_dirs["A"] / "status.json").read_text())["exit_code"] == 0
+    assert json.loads((run_dirs["B"] / "status.json").read_text())["exit_code"] == 130
+    assert not (run_dirs["B"] / "summary.json").exists() and "C" not in run_dirs
+    assert not (out / "tables").exists() and not list(out.rglob("*.tmp"))
+    before = first.stat().st_mtime_ns
+
+    written = reproduce_all(["quick"], "testbed", out, experiments_dir=tmp_path, launch=launch_in_process)
+    rows = read_csv(written[0])
+    assert set(rows) == {"A", "B", "C"} and all(row.get("status", "ok") == "ok" for row in rows.values())
+    assert first.stat().st_mtime_ns == before  # A was not run again
+
+
+def test_two_experiments_processes_on_the_same_outputs_compute_each_run_once(tmp_path):
+    spec = QUICK_SPEC | {"runs": {"A": ["method=base"], "B": ["method=base", "seed=1"]}}
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    processes = [start_experiments(tmp_path, out) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    started = [
+        line.split(" in ")[0] for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("running")
+    ]
+    assert sorted(started) == ["running A", "running B"]  # each run by one of the two
+    for stdout, _ in outputs:
+        assert f"{out / 'tables' / 'testbed' / 'quick.md'}" in stdout
+    assert set(read_csv(out / "tables" / "testbed" / "quick.csv")) == {"A", "B"}
+
+
+def test_a_table_is_replaced_whole_or_not_at_all(tmp_path):
+    from framework.atomic import atomic_open, write_text
+
+    table = tmp_path / "t.csv"
+    write_text(table, "old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(table) as f:
+            f.write("half of a new ")
+            raise KeyboardInterrupt  # Ctrl-C while writing
+    assert table.read_text() == "old\n" and list(tmp_path.iterdir()) == [table]
+    write_text(table, "new\n")
+    assert table.read_text() == "new\n"

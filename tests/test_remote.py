@@ -169,6 +169,24 @@ BAD_REQUESTS = {  # body -> (status, the reason's start)
 }  # fmt: skip
 
 
+def test_the_client_splits_its_requests_to_fit_the_servers_limits(server):
+    """/info tells the limits; a batch of 6 goes to a server taking 4 images per request as 4 + 2, scored as in
+    process. A body limit splits by the images' encoded size (float32 tensors: 4 bytes per value, base64)."""
+    reward = build_reward(RewardConfig(name="remote", url=server, image_format="tensor"))
+    assert reward.limits == {"max_bytes": 2**20, "max_images": 4, "max_pixels": 4096}
+    sent, post = [], reward.session.post
+    reward.session.post = lambda url, json, **kw: sent.append(len(json["prompts"])) or post(url, json=json, **kw)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    local = build_reward(RewardConfig(name="imagereward", tiny=True))
+    with torch.no_grad():
+        torch.testing.assert_close(reward(images, ["a cat"] * 6), local(images, ["a cat"] * 6), rtol=0, atol=1e-6)
+    assert sent == [4, 2]
+    reward.limits = {"max_bytes": 2**20, "max_images": 100}
+    assert reward._fitting(torch.rand(10, 3, 64, 64)) == 14  # ⌊0.9 · 2²⁰ / (4/3 · 4 · 12288 + 1024)⌋
+    reward.image_format = "png"  # 8-bit: a quarter of the bytes
+    assert reward._fitting(torch.rand(10, 3, 64, 64)) == 54
+
+
 def test_malformed_or_oversized_requests_are_refused_with_the_reason_and_the_server_keeps_serving(server):
     post = lambda body, **kw: requests.post(f"{server}/predict", json=body, headers=AUTH, timeout=30, **kw)  # noqa: E731
     for case, (body, status, reason) in BAD_REQUESTS.items():
@@ -410,10 +428,11 @@ def group_members(pgid: int) -> list[int]:
      ("the server killed outright", signal.SIGKILL, False, -9)],
 )  # fmt: skip
 def test_stopping_the_server_ends_every_process_it_started_and_frees_the_port(how, signal_, whole_group, code):
-    """The server, LitServe's manager, its HTTP process and two inference workers, in the server's own session: after
-    the stop none is left (by the process group) and the port can be bound again, within seconds."""
+    """The server, LitServe's manager, its HTTP process, its inference worker and multiprocessing's resource tracker,
+    in the server's own session: after the stop none is left (by the process group) and the port can be bound again,
+    within seconds."""
     port = free_port()
-    process, _ = start_server("reward=brightness", "serve.workers=2", port=port)
+    process, _ = start_server("reward=brightness", port=port)
     assert len(group_members(process.pid)) >= 5
     (os.killpg if whole_group else os.kill)(process.pid, signal_)
     assert process.wait(timeout=30) == code

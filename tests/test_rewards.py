@@ -423,6 +423,13 @@ def test_hpsv3_scores_the_text_of_hpsv3s_own_code_byte_for_byte():
         assert "**Text Alignment:**" in text and text.count("<|Reward|>") == 1
 
 
+def test_a_prompt_holding_hpsv3s_special_tokens_is_one_line():
+    reward = build_reward(RewardConfig(name="hpsv3", tiny=True))
+    for prompt in ("a cat <|Reward|>", "a cat <|image_pad|>"):
+        with pytest.raises(FrameworkError, match=r"^a prompt must not contain <\|Reward\|> or <\|image_pad\|>"):
+            reward(torch.rand(1, 3, 32, 32), [prompt])
+
+
 def test_hpsv3_resizes_as_qwen2_vl_does_with_its_pixel_budget():
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 

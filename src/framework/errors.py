@@ -11,6 +11,7 @@
 Every problem prints exactly one line on stderr, never a traceback wall.
 """
 
+import argparse
 import errno
 import os
 import sys
@@ -32,6 +33,15 @@ def first_line(e: BaseException) -> str:
 def described(e: BaseException) -> str:
     """ "Type: first line of the message" (the type alone when there is no message)."""
     return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse under this policy: a bad argument is one `error:` line and exit 2 (argparse's own prints its usage
+    first, so the error is not the line a log's reader or `grep ^error:` finds)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(BAD_INPUT)
 
 
 class FrameworkError(Exception):

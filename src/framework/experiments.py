@@ -15,21 +15,16 @@ import hashlib
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from framework.errors import STOPPED, Failure, FrameworkError, Interrupted, guarded
+from framework.errors import ArgumentParser, Failure, FrameworkError, guarded
 from framework.identity import identity_hash
+from framework.launch import launch_process, run_missing
 from framework.specs import EXPERIMENTS_DIR, load_experiment, run_overrides
 from framework.tables import aggregate
 
@@ -145,73 +140,6 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     return runs
 
 
-def launch_process(overrides: list[str], threads: int | None = None) -> tuple[int, str]:
-    """`framework.run` with these overrides in a fresh process (memory and failures stay with that run), on `threads`
-    CPU threads (OMP_NUM_THREADS, unless the environment sets it): its exit code and stderr."""
-    env = dict(os.environ)
-    if threads:
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-    command = [sys.executable, "-m", "framework.run", *overrides]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    return result.returncode, result.stderr
-
-
-def ensure_run(run: Run, group: str, launch: Callable[[list[str]], tuple[int, str]] = launch_process) -> str | None:
-    """Run (or resume) one configuration through `launch` (overrides -> exit code, stderr); a run whose summary
-    reports every item finished is left alone. Returns None, or the run's one-line error when it did not finish (its
-    finished items are kept)."""
-    summary = run.dir / "summary.json"
-    if summary.exists():
-        counts = json.loads(summary.read_text())
-        if counts["num_ok"] == counts["num_items"]:
-            return None
-    print(f"running {run.name} in {run.dir}", flush=True)
-    start = time.monotonic()
-    code, stderr = launch([*run.overrides, f"logger.group={group}", f"hydra.run.dir={run.dir}"])
-    if code == 0:
-        print(f"  finished {run.name} in {time.monotonic() - start:.0f} s", flush=True)
-        return None
-    stopped_by = {exit_code: name for name, exit_code in STOPPED.items()}
-    if code in stopped_by:
-        raise Interrupted(f" during run {run.dir}; rerun the same command to resume", stopped_by[code])
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    error = (lines or [f"exit code {code}"])[-1].removeprefix("error: ")
-    print(f"  failed {run.name}: {error}", flush=True)
-    return error
-
-
-def run_missing(runs: list[tuple[Run, str]], launch: Callable, jobs: int = 1) -> dict[Path, str]:
-    """Run or resume each distinct run (with its W&B group; see `ensure_run`), `jobs` at a time, a run that reads
-    another's directory starting after it. Returns the failures: directory -> one-line error. Ctrl-C reaches the
-    runs from the terminal (they share the process group): this process waits for them to stop cleanly instead of
-    killing them, then raises Interrupted; nothing new starts meanwhile."""
-    distinct: dict[Path, tuple[Run, str]] = {}
-    for run, group in runs:
-        distinct.setdefault(run.dir, (run, group))
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-    try:
-        if jobs == 1:  # in this thread: a launcher that runs in-process (the tests') keeps the main thread
-            return {run.dir: error for run, group in distinct.values() if (error := ensure_run(run, group, launch))}
-        stop, futures = threading.Event(), {}
-
-        def task(run: Run, group: str) -> str | None:
-            wait([futures[need] for need in run.needs])  # submitted earlier, so already started: no deadlock
-            if stop.is_set():
-                return None
-            try:
-                return ensure_run(run, group, launch)
-            except Interrupted:
-                stop.set()
-                raise
-
-        with ThreadPoolExecutor(jobs) as pool:
-            for run, group in distinct.values():
-                futures[run.dir] = pool.submit(task, run, group)
-        return {directory: error for directory, future in futures.items() if (error := future.result())}
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def prepare(name: str, scale: str, out: Path, experiments_dir: Path, claimed: dict) -> tuple[dict, list[Run]]:
     path = experiments_dir / f"{name}.yaml"
     if not path.is_file():
@@ -280,9 +208,9 @@ def reproduce(name: str, scale: str, out: Path, experiments_dir: Path = EXPERIME
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="testbed")
-    parser.add_argument("--experiment", nargs="*", help="names in experiments/ (default: all that have the scale)")
+    parser.add_argument("--experiment", nargs="*", help="names in --specs (default: all that have the scale)")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     parser.add_argument(
         "--jobs",
@@ -290,10 +218,12 @@ def main() -> None:
         help="runs at a time, the CPU threads shared among them (default: one per CPU core on the testbed, whose "
         "small runs use several threads poorly; one at other scales, whose runs each take the whole GPU)",
     )
+    parser.add_argument("--specs", type=Path, default=EXPERIMENTS_DIR, help="the directory of the experiment specs "
+                        "(default: the shipped ones, experiments/)")  # fmt: skip
     args = parser.parse_args()
     jobs = args.jobs if args.jobs is not None else ((os.cpu_count() or 1) if args.scale == "testbed" else 1)
     if jobs < 1:
-        parser.error("--jobs must be at least 1")
+        parser.error(f"--jobs {jobs}: runs at a time must be at least 1")
     launch = functools.partial(launch_process, threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
 
     def show(written: list[Path]) -> None:
@@ -309,17 +239,36 @@ def main() -> None:
         )
 
     def work() -> None:
-        # default: every experiment that has the scale (the over-optimisation one needs the testbed's gold)
-        every = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
-        names = args.experiment or [p.stem for p in every if args.scale in load_experiment(p)["scales"]]
+        probe = args.out / f".write-check.{os.getpid()}"
         try:
-            show(reproduce_all(names, args.scale, args.out, launch=launch, jobs=jobs))
+            args.out.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            why = f"cannot create or write it ({e.strerror}); give a writable directory"
+            raise FrameworkError(f"--out {args.out}: {why}") from None
+        # default: every experiment that has the scale (the over-optimisation one needs the testbed's gold)
+        names = args.experiment or experiments_of(args.scale, args.specs)
+        try:
+            show(reproduce_all(names, args.scale, args.out, args.specs, launch=launch, jobs=jobs))
         except RunsFailed as e:  # the tables of what finished, then the failure
             show(e.written)
             raise
 
     code, _ = guarded(work, args.out / "error.log")
     sys.exit(code)
+
+
+def experiments_of(scale: str, specs: Path) -> list[str]:
+    """The experiments that have `scale`; none is bad input, naming the scales there are."""
+    if not specs.is_dir():
+        raise FrameworkError(f"--specs {specs}: not a directory of experiment specs")
+    loaded = {path.stem: load_experiment(path) for path in sorted(specs.glob("*.yaml"))}
+    names = [name for name, spec in loaded.items() if scale in spec["scales"]]
+    if not names:
+        scales = sorted({s for spec in loaded.values() for s in spec["scales"]})
+        raise FrameworkError(f"--scale {scale}: no experiment in {specs} has it; scales: {', '.join(scales) or 'none'}")
+    return names
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ def pyplot():
 
 
 def save(fig, title: str, path: Path, fontsize: int = 9) -> None:
+    """The figure, titled, to `path` whole (written aside, then renamed into place), and closed."""
+    from framework.atomic import replaced
+
     fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip("."))
     pyplot().close(fig)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from framework.atomic import atomic_open, write_text
 from framework.config import held_out_rewards
 from framework.figures import pyplot, save
 from framework.items import derive_seed
@@ -228,15 +229,15 @@ class ProbeMonitor(L.Callback):
             trainer.should_stop = True
         if not trainer.is_global_zero:
             return
-        (self.out_dir / ROWS).write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        write_text(self.out_dir / ROWS, "".join(json.dumps(row) + "\n" for row in self.rows))
         table = [{"step": row["step"]} | row["means"] | row["cost"] for row in self.rows]
-        with open(self.out_dir / "monitor.csv", "w", newline="") as f:
+        with atomic_open(self.out_dir / "monitor.csv", newline="") as f:
             writer = csv.DictWriter(f, list(dict.fromkeys(k for row in table for k in row)))
             writer.writeheader()
             writer.writerows(table)
         best = self.best()
         chosen = decision(self.flag) | {"best_held_out_step": None if best is None else best["step"]}
-        (self.out_dir / "monitor.json").write_text(json.dumps(chosen, indent=1))
+        write_text(self.out_dir / "monitor.json", json.dumps(chosen, indent=1))
 
     def best(self) -> dict | None:
         """The evaluation the first held-out reward scores best (None without a held-out reward)."""

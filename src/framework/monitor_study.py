@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.atomic import atomic_open, write_text
 from framework.config import held_out_rewards
 from framework.monitor import ROWS, Signal, detect, paired_gap, probe_signals, probe_table, record_signals, record_table
 from framework.records import read_records
@@ -141,13 +142,13 @@ def write_outputs(tuned: dict, rows: list[dict], summaries: list[dict], title: s
         ),
     ):
         keys = list(table[0]) if table else []
-        with open(path.with_suffix(".csv"), "w", newline="") as f:
+        with atomic_open(path.with_suffix(".csv"), newline="") as f:
             writer = csv.DictWriter(f, keys)
             writer.writeheader()
             writer.writerows(table)
         lines = [f"**{heading}**", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_text(row[k]) for k in keys) + " |" for row in table]
-        path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
         written += [path.with_suffix(".csv"), path.with_suffix(".md")]
     return written
 

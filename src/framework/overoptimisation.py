@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.atomic import atomic_open, write_text
 from framework.figures import pyplot, save
 from framework.records import ItemRecord, read_records
 
@@ -172,16 +173,16 @@ def write_outputs(paths: list[RunPath], peaks: list[dict], fits: list[dict], tit
             continue
         columns = list(rows[0])
         path = stem.with_name(f"{stem.name}_{name}.csv")
-        with open(path, "w", newline="") as f:
+        with atomic_open(path, newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             writer.writerows([_text(row[c]) for c in columns] for row in rows)
         md = [f"**{title}: {name}**", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
         md += ["| " + " | ".join(_text(row[c], 3) for c in columns) + " |" for row in rows]
-        path.with_suffix(".md").write_text("\n".join(md) + "\n")
+        write_text(path.with_suffix(".md"), "\n".join(md) + "\n")
         written += [path, path.with_suffix(".md")]
     curves = stem.with_name(f"{stem.name}_curves.csv")
-    with open(curves, "w", newline="") as f:
+    with atomic_open(curves, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "family", "x_kind", "x", "d", "items", *KEYS])
         for p in paths:

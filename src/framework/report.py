@@ -172,15 +172,15 @@ def main() -> None:
     """Exit codes as framework.run's (see framework.errors): 2 bad input, 1 internal error."""
     import sys
 
-    from framework.errors import guarded, process_error_log
+    from framework.errors import ArgumentParser, guarded, process_error_log
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--at", default="0,25,50,100", help="optimisation steps, comma-separated")
     parser.add_argument("--keys", default="reward,adherence,drift_rmse")
     parser.add_argument("--versus", type=Path, help="another run: print the win rate of RUN_DIR over it")
     parser.add_argument("--judge", default="reward", help="reward (the optimised one) or eval_<name>")
-    args = parser.parse_args()  # argparse's own errors exit 2 as well
+    args = parser.parse_args()  # a bad argument: one error line, exit 2
     code, _ = guarded(lambda: report(args), process_error_log())
     sys.exit(code)
 

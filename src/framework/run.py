@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from framework import signals
+from framework.atomic import write_text
 from framework.config import held_out_reward, register_configs
 from framework.errors import STOPPED, Failure, FrameworkError, first_line, guarded, process_error_log, unwritable, worst
 from framework.hydra_errors import compose_error
@@ -147,7 +148,7 @@ def job(cfg: DictConfig) -> int:
         code, line = guarded(lambda: run(cfg), run_dir / "error.log")
     if _is_global_rank_zero():  # DDP processes started by Lightning leave the job's status to rank 0
         try:
-            (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code, "error": line}))
+            write_text(run_dir / STATUS_FILE, json.dumps({"exit_code": code, "error": line}))
         except OSError:  # an unwritable directory has already been reported by the run itself
             pass
     job_codes.append(code)

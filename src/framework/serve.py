@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import litserve as ls
@@ -230,6 +231,25 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def announce_when_serving(app, line: str) -> None:
+    """Print `line` when the first HTTP process starts (LitServe starts them once a worker has built the reward)."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async with inner(app) as state:
+            if os.environ.get("LITSERVE_WORKER_ID") == "0":
+                print(line, flush=True)
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def limits(s: ServeSettings) -> dict:
+    """The limits of one request, which /info tells clients (reward=remote splits its requests to fit them)."""
+    return {"max_bytes": int(s.max_request_mb * 2**20), "max_images": s.max_images, "max_pixels": s.max_pixels}
+
+
 def forked_child() -> None:
     """In each process the server forks: end with the server, and take signals as Python does by default (not the
     server's handlers: the HTTP processes re-raise the signal that stopped them)."""
@@ -296,10 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         accelerator=s.device,
         workers_per_device=s.workers,
         timeout=s.timeout,
-        model_metadata={"reward": cfg.reward.name},
-        middlewares=[
-            (Guard, {"key": os.environ.get(s.api_key_env) or None, "max_bytes": int(s.max_request_mb * 2**20)})
-        ],
+        model_metadata={"reward": cfg.reward.name, "limits": limits(s)},
+        middlewares=[(Guard, {"key": os.environ.get(s.api_key_env) or None, "max_bytes": limits(s)["max_bytes"]})],
     )
     server.app.add_exception_handler(RequestValidationError, malformed_body)
     server.uvicorn_graceful_timeout = GRACE
@@ -307,15 +325,18 @@ def main(argv: list[str] | None = None) -> None:
     received = []
 
     def stop(signum, frame):  # LitServe shuts its processes down on KeyboardInterrupt
-        received.append(signal.Signals(signum).name)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second signal ends at once (the workers die with it)
-        raise KeyboardInterrupt
+        if not received:
+            received.append(signal.Signals(signum).name)
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:  # a second Ctrl-C ends at once (the workers end with this process); a repeated
+            os._exit(STOPPED["SIGINT"])  # SIGTERM (`timeout` sends one to the process and one to its group) waits
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    url = f"http://{s.host}:{s.port}"
-    print(
-        f"serving reward={cfg.reward.name} at {url}: POST /predict; GET /info; GET /health (ok once ready)", flush=True
+    print(f"starting reward={cfg.reward.name} on {s.host}:{s.port} (the workers build the reward first)", flush=True)
+    url = f"http://{f'[{s.host}]' if ':' in s.host else s.host}:{s.port}"
+    announce_when_serving(
+        server.app, f"serving reward={cfg.reward.name} at {url}: POST /predict; GET /info; GET /health"
     )
     try:
         server.run(host=s.host, port=s.port, generate_client_file=False, log_level="warning")

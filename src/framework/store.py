@@ -196,8 +196,8 @@ class ItemStore:
             for r in records
             if r
         ]
-        self._write_json(self.run_dir / "summary.json", summary)
         self._write_grid(ok[:GRID_ITEMS])
+        self._write_json(self.run_dir / "summary.json", summary)  # last: a run with a summary has all its files
         return summary
 
     def _write_grid(self, records: list[ItemRecord]) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.atomic import atomic_open, write_text
 from framework.figures import pyplot, save
 from framework.records import read_records
 from framework.report import step_curve
@@ -30,7 +31,7 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
     status column when some run did not finish (rows' "status" other than "ok")."""
     status = any(row.get("status", "ok") != "ok" for row in rows)
     extra = lambda row: [row.get("status", "ok")] if status else []  # noqa: E731
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    with atomic_open(stem.with_suffix(".csv"), newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
             ["run", *axes, "items"]
@@ -60,7 +61,7 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
     md += [
         f"| {r['run']} | {r['items']} | " + " | ".join([cell(r[m]) for m in metrics] + extra(r)) + " |" for r in rows
     ]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     tex = lambda text: text.replace("_", r"\_").replace("%", r"\%")  # noqa: E731
     lines = [
         r"\begin{tabular}{l r " + "c " * len(metrics) + ("l " if status else "") + "}",
@@ -75,7 +76,7 @@ def write_tables(rows: list[dict], metrics: list[str], title: str, stem: Path, a
         for r in rows
     ]
     lines += [r"\bottomrule", r"\end{tabular}"]
-    stem.with_suffix(".tex").write_text("\n".join(lines) + "\n")
+    write_text(stem.with_suffix(".tex"), "\n".join(lines) + "\n")
 
 
 def by_cell(runs: list) -> list[tuple[str, list[int]]]:
@@ -94,7 +95,7 @@ def draw_curves(runs: list, metrics: list[str], title: str, path: Path) -> Path:
     cells = by_cell(runs)
     fig, axes = plt.subplots(len(cells), len(metrics), figsize=(4 * len(metrics), 3.2 * len(cells)), squeeze=False)
     data = path.with_name(f"{path.stem}_curves.csv")
-    with open(data, "w", newline="") as f:
+    with atomic_open(data, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "items", *metrics])
         for panels, (cell, members) in zip(axes, cells):
@@ -142,7 +143,7 @@ def draw_tradeoff(runs: list, rows: list[dict], y: str, xs: list[str], title: st
     cells = by_cell(runs)
     fig, axes = plt.subplots(len(cells), len(xs), figsize=(5 * len(xs), 4 * len(cells)), squeeze=False)
     data = path.with_name(f"{path.stem}_trajectories.csv")
-    with open(data, "w", newline="") as f:
+    with atomic_open(data, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "items", y, *xs])
         for panels, (cell, members) in zip(axes, cells):

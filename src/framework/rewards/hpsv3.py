@@ -133,8 +133,11 @@ class HPSv3Reward(Reward):
         position of each one's <|Reward|> token."""
         texts = [chat_text(p, image_tokens) for p in prompts]
         ids = torch.tensor(self.tokenizer(texts, padding=True, padding_side="right").input_ids, device="cpu")
-        if ((ids == self.reward_token).sum(1) != 1).any():
-            raise FrameworkError(f"a prompt must not contain {REWARD_TOKEN} (HPSv3 scores at that token)")
+        if ((ids == self.reward_token).sum(1) != 1).any() or ((ids == self.image_token).sum(1) != image_tokens).any():
+            raise FrameworkError(
+                f"a prompt must not contain {REWARD_TOKEN} or <|image_pad|> (HPSv3 scores at the one, places the "
+                "image at the other)"
+            )
         device = self.head[0].weight.device
         return ids.to(device), (ids == self.reward_token).int().argmax(1).to(device)
 

@@ -129,11 +129,11 @@ class RemoteReward(Reward):
         self.session = requests.Session()
         if key := os.environ.get(api_key_env):
             self.session.headers["Authorization"] = f"Bearer {key}"
-        self.served = self._check_server()
+        self.served, self.limits = self._check_server()
 
-    def _check_server(self) -> str:
-        """The served reward's name, from the server's /info; one error line if nothing (or something else)
-        answers, or if the server refuses this client's key."""
+    def _check_server(self) -> tuple[str, dict]:
+        """The served reward's name and the server's limits of a request, from its /info; one error line if nothing
+        (or something else) answers, or if the server refuses this client's key."""
         how = "start one with `python -m framework.serve reward=<name> serve.port=<port>` or set reward.url"
         try:
             self.session.get(f"{self.url}/health", timeout=self.timeout).raise_for_status()
@@ -143,10 +143,10 @@ class RemoteReward(Reward):
             info = response.json()
         except (requests.RequestException, ValueError) as e:
             raise FrameworkError(f"reward.url={self.url!r}: no reward server answers ({self._why(e)}); {how}") from None
-        served = (info.get("model") or {}).get("reward") if isinstance(info, dict) else None
-        if not served:
+        model = (info.get("model") or {}) if isinstance(info, dict) else {}
+        if not model.get("reward"):
             raise FrameworkError(f"reward.url={self.url!r}: the server there is not a framework reward server; {how}")
-        return served
+        return model["reward"], model.get("limits") or {}
 
     def _refused(self) -> str:
         if "Authorization" not in self.session.headers:
@@ -161,9 +161,18 @@ class RemoteReward(Reward):
         return first_line(e)
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        step = self.request_batch or len(images)
+        step = min(self.request_batch or len(images), self._fitting(images))
         scores = [self._request(images[i : i + step], prompts[i : i + step]) for i in range(0, len(images), step)]
         return torch.cat(scores).to(images.device)
+
+    def _fitting(self, images: Tensor) -> int:
+        """How many of these images one request may carry under the server's limits: its images per request, and its
+        body size with room for the prompts (an 8-bit PNG is taken at its raw size, which noise reaches)."""
+        fits = self.limits.get("max_images", len(images))
+        if "max_bytes" in self.limits:
+            per_image = 4 / 3 * images[0].numel() * (4 if self.image_format == "tensor" else 1) + 1024  # base64
+            fits = min(fits, int(0.9 * self.limits["max_bytes"] / per_image))
+        return max(1, fits)
 
     def _request(self, images: Tensor, prompts: list[str]) -> Tensor:
         """One request, retried after connection errors, timeouts and answers that a retry can change (502, 503,
