@@ -345,6 +345,17 @@ def test_no_server_or_a_foreign_one_is_one_error_line_at_start():
         other.shutdown()
 
 
+def test_a_held_out_remote_reward_without_a_server_names_eval_remote_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    args = [*FAST, "method=base", "eval.rewards=[remote]", f"eval.remote_url={url}", "prompts=inline"]
+    result = run_cli(*args, "prompts.prompts=[a cat]", run_dir=tmp_path / "run")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"error: eval.rewards=remote (conf/reward/remote.yaml): eval.remote_url='{url}': no"
+    )
+    assert result.stderr.strip().endswith("or set eval.remote_url")
+
+
 def test_the_serve_command_refuses_bad_input_with_one_line(monkeypatch):
     from framework.serve import compose_config
 

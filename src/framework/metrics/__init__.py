@@ -163,6 +163,13 @@ def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
         clip = clip_model(eval_cfg.clip, "eval.clip", "eval.features=none")
         if eval_cfg.cmmd_clip != "none":
             cmmd_clip = clip_model(eval_cfg.cmmd_clip, "eval.cmmd_clip", "eval.cmmd_clip=none")
-    remote = {"url": eval_cfg.remote_url}  # eval.rewards=[remote]
-    rewards = {name: load_named_reward(name, **(remote if name == "remote" else {})) for name in eval_cfg.rewards}
+    def held_out(name: str):
+        if name != "remote":
+            return load_named_reward(name)
+        try:  # eval.rewards=[remote]: its server is eval.remote_url's
+            return load_named_reward(name, url=eval_cfg.remote_url)
+        except FrameworkError as e:
+            raise FrameworkError(str(e).replace("reward.url", "eval.remote_url")) from None
+
+    rewards = {name: held_out(name) for name in eval_cfg.rewards}
     return ImageMetrics(judge, None if features == "none" else features, clip, rewards, cmmd_clip)
