@@ -163,6 +163,7 @@ def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
         clip = clip_model(eval_cfg.clip, "eval.clip", "eval.features=none")
         if eval_cfg.cmmd_clip != "none":
             cmmd_clip = clip_model(eval_cfg.cmmd_clip, "eval.cmmd_clip", "eval.cmmd_clip=none")
+
     def held_out(name: str):
         if name != "remote":
             return load_named_reward(name)
