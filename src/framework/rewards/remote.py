@@ -5,8 +5,10 @@ images either as 8-bit PNG files (base64; what a run saves, so the score is the 
 float32 tensor (exactly the in-process score); the answer is {"scores": [...]}, one per image. A black box:
 no gradients cross the network, so the gradient methods refuse it and Best-of-N, DNO-ZO and MIRA-DPO use it.
 
-Start-up checks that a framework reward server answers (one error line if not); during a run, a request that
-fails after its retries (server down, slow past the timeout, a wrong answer) fails the items of that request only.
+Start-up checks that a framework reward server answers and takes this client's API key (sent, if set, from the
+environment variable `reward.api_key_env` names), one error line if not, and reads the server's limits of a request,
+which batches are split to fit. During a run, a request that fails after its retries (server down, slow past the
+timeout, refused, a wrong answer) fails the items of that request only.
 """
 
 import base64
