@@ -293,6 +293,29 @@ def test_corrupt_or_foreign_proxy_checkpoints_are_one_line(tmp_path):
             build_reward(RewardConfig(name="proxy", checkpoint=str(path)))
 
 
+def test_the_imagereward_conversion_command_refuses_bad_files_with_one_line(tmp_path):
+    from pathlib import PurePosixPath
+
+    from conftest import call_main
+
+    from framework.rewards.imagereward import main
+
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weight": torch.zeros(2), "blip.note": "no tensor"}, tmp_path / "foreign.pt")
+    torch.save({"blip.x": PurePosixPath("a")}, tmp_path / "pickled.pt")  # needs full unpickling
+    out = str(tmp_path / "out.safetensors")
+    cases = {
+        ("corrupt.pt", out): f"error: cannot read '{tmp_path / 'corrupt.pt'}' with torch.load(weights_only=True): ",
+        ("pickled.pt", out): f"error: cannot read '{tmp_path / 'pickled.pt'}' with torch.load(weights_only=True): ",
+        ("foreign.pt", out): f"error: '{tmp_path / 'foreign.pt'}' is not ImageReward.pt: it holds no blip.* weights",
+        ("foreign.pt",): "error: the following arguments are required: target (see --help)",
+    }
+    for args, line in cases.items():
+        result = call_main(main, *[str(tmp_path / args[0]), *args[1:]])
+        assert result.returncode == 2 and result.stderr.startswith(line) and result.stderr.count("\n") == 1, args
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_jpeg_prefers_a_flat_image_and_is_not_differentiable():
     flat = torch.full((1, 3, 64, 64), 0.5)
     noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

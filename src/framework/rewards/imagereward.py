@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from framework.errors import FrameworkError, first_line
 from framework.rewards.base import Reward, clip_preprocess, load_parts
 from framework.rewards.clip import ARCHITECTURES, aesthetic_mlp
 
@@ -108,15 +109,40 @@ class ImageReward(Reward):
 
 
 def convert(source: Path, target: Path) -> None:
-    """Write ImageReward.pt's tensors to a safetensors file (same keys), reading it without unpickling code."""
+    """Write ImageReward.pt's tensors to a safetensors file (same keys), reading it without unpickling code; a file
+    that is not ImageReward.pt, or a target that cannot be written, is one error line."""
+    import pickle
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    state = torch.load(source, weights_only=True, map_location="cpu")
-    save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, Tensor)}, target)
+    from framework.atomic import replaced
+
+    try:
+        state = torch.load(source, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        raise FrameworkError(f"cannot read '{source}' with torch.load(weights_only=True): {first_line(e)}") from None
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
+    if not any(str(key).startswith("blip.") for key in tensors):
+        raise FrameworkError(f"'{source}' is not ImageReward.pt: it holds no blip.* weights")
+    if not target.parent.is_dir():
+        raise FrameworkError(f"cannot write '{target}': its directory does not exist")
+    with replaced(target) as tmp:
+        save_file(tensors, tmp)
+
+
+def main() -> None:
+    from framework.errors import ArgumentParser, guarded, process_error_log
+
+    parser = ArgumentParser(prog="python -m framework.rewards.imagereward", description=convert.__doc__.split(";")[0])
+    parser.add_argument("source", type=Path, help="ImageReward.pt")
+    parser.add_argument("target", type=Path, help="the safetensors file to write, e.g. ImageReward.safetensors")
+    args = parser.parse_args()
+    code, _ = guarded(lambda: convert(args.source, args.target), process_error_log())
+    if code == 0:
+        print(f"wrote {args.target}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m framework.rewards.imagereward ImageReward.pt ImageReward.safetensors")
-    convert(Path(sys.argv[1]), Path(sys.argv[2]))
-    print(f"wrote {sys.argv[2]}")
+    main()
