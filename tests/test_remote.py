@@ -384,15 +384,16 @@ def test_the_serve_command_refuses_bad_input_with_one_line(monkeypatch):
 
 
 def test_a_port_in_use_is_one_line_before_anything_starts():
+    from conftest import call_main
+
+    from framework.serve import main
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "framework.serve", "reward=brightness", f"serve.port={port}"],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    assert result.returncode == 2 and result.stdout == ""  # nothing says "serving"
+        result = call_main(main, "reward=brightness", f"serve.port={port}")
+    assert result.returncode == 2 and result.stdout == ""  # nothing says "starting"
     assert result.stderr == (
         f"error: serve.port={port}: cannot listen on 127.0.0.1:{port} (Address already in use); another process uses "
         "it, or choose another serve.port\n"
