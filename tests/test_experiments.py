@@ -574,9 +574,9 @@ def start_experiments(specs: Path, out: Path) -> subprocess.Popen:
 
 
 def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_what_is_missing(tmp_path):
-    """Ctrl-C while the second of three runs computes: it stops after its finished items, the third never starts,
-    nothing is marked failed or half-written, exit 130 within seconds; the rerun finishes the second and third run
-    and leaves the first as it was."""
+    """Ctrl-C while the second of three runs computes (the first finished earlier): it stops after its finished
+    items, the third never starts, nothing is marked failed or half-written, exit 130 within seconds; the rerun
+    finishes the second and third run and leaves the first as it was."""
     spec = QUICK_SPEC | {
         "runs": {
             "A": ["method=base"],
@@ -586,6 +586,8 @@ def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_
     }
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     out = tmp_path / "out"
+    _, (a, _, _) = prepare("quick", "testbed", out, tmp_path, {})
+    assert run_missing([(a, "quick-testbed")], launch_in_process) == {}
     process = start_experiments(tmp_path, out)
     lines = []
     for line in process.stdout:
@@ -600,7 +602,9 @@ def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_
     assert process.wait(timeout=60) == 130
     assert time.monotonic() - stopped_at < 30
     lines += process.stdout.read().splitlines(keepends=True)
-    assert "  stopped B\n" in lines and not any(line.startswith(("running C", "  failed")) for line in lines)
+    assert "  stopped B\n" in lines and not any(
+        line.startswith(("running A", "running C", "  failed")) for line in lines
+    )
     assert process.stderr.read().startswith("stopped: SIGINT during experiments: the runs in progress stopped")
     first = run_dirs["A"] / "summary.json"
     assert json.loads((run_dirs["A"] / "status.json").read_text())["exit_code"] == 0
