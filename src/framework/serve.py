@@ -154,11 +154,8 @@ class RewardAPI(ls.LitAPI):
             half = len(requests) // 2
             return self._score(requests[:half]) + self._score(requests[half:])
         parts = merged.split([len(images) for images, _ in requests])
-        return [
-            part.tolist() if torch.isfinite(part).all() else Refusal(500, f"reward {self.reward.name} returned a "
-                                                                          "non-finite score for these images")
-            for part in parts
-        ]  # fmt: skip
+        non_finite = Refusal(500, f"reward {self.reward.name} returned a non-finite score for these images")
+        return [part.tolist() if torch.isfinite(part).all() else non_finite for part in parts]
 
     def unbatch(self, output):
         return output
