@@ -2,16 +2,16 @@
 new one, never half of one (tables and figures that two `framework.experiments` processes may both write)."""
 
 import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
 def replaced(path: Path):
-    """A temporary path beside `path` to write; it replaces `path` when the block ends without an error, and is
-    removed otherwise (Ctrl-C included)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    """A temporary path beside `path` to write (`.<name>.<pid>.tmp`, which a run directory's next start removes if
+    this process was killed); it replaces `path` when the block ends without an error, and is removed otherwise
+    (Ctrl-C included)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -18,6 +18,7 @@ import numpy as np
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from framework.atomic import replaced
 from framework.errors import FrameworkError, StorageError, unwritable
 from framework.images import load_png, save_png
 from framework.items import Item, ItemResult
@@ -48,15 +49,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def storing(what: str, tmp: Path):
-    """An OSError while writing `what` through the temporary `tmp` removes `tmp` and becomes a StorageError."""
+def storing(what: str, tmp: Path | None = None):
+    """An OSError while writing `what` becomes a StorageError; the temporary folder `tmp` it was written through, if
+    any, is removed (a file written through `replaced` removes itself)."""
     try:
         yield
     except OSError as e:
-        if tmp.is_dir():
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
         raise StorageError(
             f"cannot write {what} ({e.strerror or e}); the run stopped, every finished item is kept: free space or "
             "fix permissions, then rerun the same command to resume"
@@ -108,10 +108,8 @@ class ItemStore:
 
     @staticmethod
     def _write_json(path: Path, data) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with storing(path.name, tmp):
+        with storing(path.name), replaced(path) as tmp:
             tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
 
     def record(self, item: Item) -> ItemRecord | None:
         """The item's record, or None if it has none or an unreadable one (then the item is redone)."""
@@ -207,7 +205,5 @@ class ItemStore:
         tiles = [self.load_image(r, kind) for kind in ("base", "final") for r in records]
         grid = make_grid(tiles, nrow=len(records), padding=2, pad_value=1.0)
         scale = max(1, 256 // tiles[0].shape[-1])  # small testbed images are enlarged (nearest) to be seen
-        tmp = self.run_dir / f".grid.png.{os.getpid()}.tmp"
-        with storing("grid.png", tmp):
+        with storing("grid.png"), replaced(self.run_dir / "grid.png") as tmp:
             save_png(grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2), tmp)
-            os.replace(tmp, self.run_dir / "grid.png")

@@ -65,7 +65,7 @@ def decode_images(payload, max_images: int | None = None, max_pixels: int | None
         files = payload.get("data")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError("images.data must be a list of base64 PNG files")
-        _check_size(len(files), None, max_images, max_pixels)
+        _check_count(len(files), max_images)
         images = [_png(_base64(f), max_pixels) for f in files]
         if len({image.shape for image in images}) > 1:
             raise ValueError("the PNG images of one request must share one size")
@@ -73,7 +73,8 @@ def decode_images(payload, max_images: int | None = None, max_pixels: int | None
     shape = payload.get("shape")
     if not isinstance(shape, list) or len(shape) != 4 or shape[1] != 3 or not all(_count(d) for d in shape):
         raise ValueError(f"tensor images must have shape [B, 3, H, W] of positive integers, not {shape!r:.60}")
-    _check_size(shape[0], shape[2] * shape[3], max_images, max_pixels)
+    _check_count(shape[0], max_images)
+    _check_pixels(shape[2] * shape[3], max_pixels)
     if not isinstance(payload.get("data"), str):
         raise ValueError("images.data must be the base64 text of the float32 images")
     raw = _base64(payload["data"])
@@ -98,12 +99,15 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_size(images: int, pixels: int | None, max_images: int | None, max_pixels: int | None) -> None:
+def _check_count(images: int, max_images: int | None) -> None:
     if images == 0:
         raise ValueError("the request holds no images")
     if max_images is not None and images > max_images:
         raise TooLarge(f"{images} images in one request; the server takes at most serve.max_images={max_images}")
-    if pixels is not None and max_pixels is not None and pixels > max_pixels:
+
+
+def _check_pixels(pixels: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and pixels > max_pixels:
         raise TooLarge(f"an image of {pixels} pixels; the server takes at most serve.max_pixels={max_pixels}")
 
 
@@ -113,7 +117,7 @@ def _png(data: bytes, max_pixels: int | None) -> Tensor:
         raise ValueError("an image is not a PNG file")
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            _check_size(1, image.width * image.height, None, max_pixels)
+            _check_pixels(image.width * image.height, max_pixels)
             return load_png(image)
     except UnidentifiedImageError:
         raise ValueError("an image is not a readable PNG file") from None
