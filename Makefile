@@ -44,7 +44,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce-tables: install
-	$(PY) -m framework.experiments --scale $(SCALE) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(JOBS),--jobs $(JOBS))
+	$(PY) -m framework.analysis.experiments --scale $(SCALE) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(JOBS),--jobs $(JOBS))
 
 bench: install
 	$(PY) benchmarks/bench_sampler.py

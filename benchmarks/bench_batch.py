@@ -18,13 +18,13 @@ from bench_sampler import in_fresh_process, peak_of  # benchmarks/ is the script
 
 import framework  # noqa: F401  (torchvision workaround)
 from framework.config import ModelConfig
+from framework.config.methods import DNOConfig, MIRAConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Problem, build_method
-from framework.methods.schemas import DNOConfig, MIRAConfig
 from framework.metrics import ImageMetrics
 from framework.models import load_backbone
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
-from framework.runner import make_items
+from framework.runner.alignment import make_items
 from framework.testbed import MODEL_DIR
 from framework.testbed.judge import load_judge
 from framework.testbed.shapes import all_captions

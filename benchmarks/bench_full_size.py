@@ -90,11 +90,11 @@ def flop_table(num_steps: int, models: list[str]) -> None:
 
 def _proxy_child(num_steps: int, resolution: int, queue) -> None:
     from framework.config import ModelConfig
+    from framework.config.methods import MIRAConfig
+    from framework.config.rewards import RewardConfig
     from framework.methods import Item, Problem, build_method
-    from framework.methods.schemas import MIRAConfig
     from framework.models import load_backbone
     from framework.rewards import build_reward
-    from framework.rewards.registry import RewardConfig
 
     backbone = load_backbone(ModelConfig(kind="sd", random_weights=True, resolution=resolution))
     reward = build_reward(RewardConfig(name="hps", random_weights=True))

@@ -31,11 +31,11 @@ from diffusers.models.attention_processor import AttnProcessor
 from meta_device import PROMPT, GiB, sample_and_step_flops  # benchmarks/ is the script's directory
 
 from framework.config import ModelConfig
+from framework.config.methods import DNOConfig, MIRAConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem, build_method
-from framework.methods.schemas import DNOConfig, MIRAConfig
 from framework.models import load_backbone
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
 
 MODELS = {
     "sd15": ("sd", 512),

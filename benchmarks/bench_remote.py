@@ -61,8 +61,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from framework.config import reward_config
+    from framework.config.rewards import RewardConfig
     from framework.rewards import build_reward
-    from framework.rewards.registry import RewardConfig
     from framework.rewards.remote import encode_images
 
     torch.set_num_threads(1)

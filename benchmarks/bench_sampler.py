@@ -20,11 +20,11 @@ import torch
 
 import framework  # noqa: F401  (torchvision workaround)
 from framework.config import ModelConfig
+from framework.config.methods import DNOConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem
-from framework.methods.schemas import DNOConfig
 from framework.models import load_backbone
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
 
 
 def _seconds(fn) -> float:
@@ -102,8 +102,8 @@ def step_vs_sample(device: str, num_steps: int, repeats: int) -> tuple[float, fl
 
 def mira_vs_dno(device: str, repeats: int) -> tuple[float, float, float]:
     """A whole MIRA item (β > 0, 5 optimisation steps) vs the same DNO item: the surrogate reuses ε̂."""
+    from framework.config.methods import MIRAConfig
     from framework.methods import build_method
-    from framework.methods.schemas import MIRAConfig
 
     backbone, problem = setup(device, 10)
     common = dict(num_steps=10, opt_steps=5, optimize="x_T")

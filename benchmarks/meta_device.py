@@ -17,13 +17,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import framework  # noqa: F401  (torchvision workaround)
 from framework.config import ModelConfig
+from framework.config.methods import MIRAConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem
-from framework.methods.schemas import MIRAConfig
 from framework.models import Cond, load_backbone
 from framework.models.qwen_image import QwenImageBackbone
+from framework.models.sampling import trajectory_divergence
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
-from framework.sampling import trajectory_divergence
 
 GiB = 2**30
 PROMPT = "a photograph of an astronaut riding a horse"

@@ -59,7 +59,7 @@ def clip_dir(tmp_path_factory):
     """A CLIP model directory as on the hub (config + safetensors + tokenizer), tiny."""
     from transformers import CLIPModel
 
-    from framework.models.tokenizer import build_clip_tokenizer
+    from framework.core.tokenizer import build_clip_tokenizer
     from framework.rewards.clip import tiny_clip_config
 
     path = tmp_path_factory.mktemp("clip")
@@ -123,7 +123,7 @@ def run_cli(*overrides: str, run_dir: Path | None = None, pythonpath: Path | Non
 
 
 def launch_in_process(overrides: list[str]) -> tuple[int, str]:
-    """The launcher of experiment runs in tests: each run in this process (framework.launch.launch_process
+    """The launcher of experiment runs in tests: each run in this process (framework.analysis.launch.launch_process
     starts a fresh interpreter per run)."""
     result = run_cli(*overrides)
     return result.returncode, result.stderr

@@ -15,10 +15,8 @@ import pytest
 import torch
 
 from framework.config import ModelConfig
-from framework.errors import NonFiniteLoss
-from framework.items import ItemResult
-from framework.methods import Problem, build_method
-from framework.methods.schemas import (
+from framework.config.families import UNET_LORA
+from framework.config.methods import (
     AIGConfig,
     BaseConfig,
     BestOfNConfig,
@@ -28,11 +26,14 @@ from framework.methods.schemas import (
     MIRAConfig,
     MIRADPOConfig,
 )
+from framework.config.rewards import RewardConfig
+from framework.core.errors import NonFiniteLoss
+from framework.core.items import ItemResult
+from framework.methods import Problem, build_method
 from framework.models import load_backbone
 from framework.models.lora import add_lora
 from framework.rewards import Reward, build_reward
-from framework.rewards.registry import RewardConfig
-from framework.runner import make_items
+from framework.runner.alignment import make_items
 
 ITEMS = make_items(["a cat", "a dog", "a red circle", "a photo of a bird"], seed=3, samples_per_prompt=2)
 COMMON = dict(num_steps=3, eta=1.0)
@@ -45,7 +46,7 @@ def backbone():
     same network either way."""
     backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=16)).to(torch.float64)
     generator = torch.Generator().manual_seed(0)
-    for p in add_lora(backbone.unet, rank=4):
+    for p in add_lora(backbone.unet, UNET_LORA, rank=4):
         p.data = 0.3 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
     return backbone
 

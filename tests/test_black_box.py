@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from framework.config import ModelConfig
-from framework.errors import FrameworkError
+from framework.config.methods import DNOZeroOrderConfig, MIRAConfig, MIRADPOConfig
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError
 from framework.methods import Item, Problem, build_method
 from framework.methods.common import Start
 from framework.methods.dno_zo import perturbed_candidates
-from framework.methods.schemas import DNOZeroOrderConfig, MIRAConfig, MIRADPOConfig
 from framework.rewards import Reward, build_reward
-from framework.rewards.registry import RewardConfig
 
 ITEM = Item(0, 0, "a red circle", 5)
 

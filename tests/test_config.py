@@ -7,10 +7,10 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from framework.config import ModelConfig
-from framework.errors import FrameworkError
-from framework.methods.schemas import METHODS
-from framework.rewards.registry import RewardConfig
-from framework.validation import validate
+from framework.config.methods import METHODS
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError
+from framework.core.validation import validate
 
 
 def options(group):

@@ -63,13 +63,14 @@ def fenced_after(text: str, heading: str) -> str:
 
 @pytest.fixture
 def registries():
-    """The reward and method registries as they were: recipes add to them."""
-    from framework.methods.schemas import METHODS
-    from framework.rewards.registry import REWARDS
+    """The reward, method and model-family tables as they were: recipes add to them."""
+    from framework.config.families import FAMILIES
+    from framework.config.methods import METHODS
+    from framework.config.rewards import REWARDS
 
-    saved = dict(REWARDS), dict(METHODS)
+    saved = dict(REWARDS), dict(METHODS), dict(FAMILIES)
     yield
-    for registry, before in zip((REWARDS, METHODS), saved):
+    for registry, before in zip((REWARDS, METHODS, FAMILIES), saved):
         registry.clear()
         registry.update(before)
 
@@ -83,7 +84,7 @@ def test_the_extending_recipes_run_as_written(tmp_path, registries, tiny_sd):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(body.replace("/data/my-sd15-finetune", str(finetune)))
     commands = [body.strip().replace("\\\n", " ") for body in fenced(doc, "bash")]
-    assert len(commands) == 3
+    assert len(commands) == 4
     for i, command in enumerate(commands):
         args = shlex.split(command.replace("$PWD", str(tmp_path)))
         run_dir = tmp_path / "runs" / str(i)
@@ -110,3 +111,11 @@ def test_the_extending_recipes_run_as_written(tmp_path, registries, tiny_sd):
     )
     assert refused.returncode == 2
     assert refused.stderr.strip() == "error: method.scale=2.0 is not valid; it must be in (0, 1]"
+
+
+def test_the_docs_list_every_model_family_of_the_table():
+    from framework.config.families import FAMILIES
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    listed = re.search(r"Model keys: `kind` \(([^:]*):", text).group(1)
+    assert re.findall(r"`(\w+)`", listed) == list(FAMILIES)

@@ -17,13 +17,13 @@ import pytest
 import yaml
 from conftest import REPO, call_main, launch_in_process, run_cli, wait_for
 
-from framework.errors import STOPPED, FrameworkError, Interrupted
-from framework.experiments import Run, prepare, reproduce, reproduce_all, slug
-from framework.launch import run_missing
-from framework.records import read_records
-from framework.report import step_curve
-from framework.specs import EXPERIMENTS_DIR, load_experiment
-from framework.statistics import mean_ci
+from framework.analysis.experiments import Run, prepare, reproduce, reproduce_all, slug
+from framework.analysis.launch import run_missing
+from framework.analysis.report import step_curve
+from framework.analysis.specs import EXPERIMENTS_DIR, load_experiment
+from framework.analysis.statistics import mean_ci
+from framework.core.errors import STOPPED, FrameworkError, Interrupted
+from framework.core.records import read_records
 
 
 def read_csv(path):
@@ -238,7 +238,7 @@ def test_grid_experiment_cells_equal_the_run_summaries_and_identical_runs_are_sh
 
 
 def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
-    from framework.experiments import plan
+    from framework.analysis.experiments import plan
 
     spec = {
         "title": "s",
@@ -264,7 +264,7 @@ def test_runs_given_per_scale_exist_only_at_the_scales_they_name(tmp_path):
 
 
 def test_a_run_directory_named_by_the_legacy_hash_is_renamed_once_with_its_items(tmp_path):
-    from framework.experiments import legacy_hash, plan
+    from framework.analysis.experiments import legacy_hash, plan
 
     spec = {"title": "s", "kind": "table", "metrics": ["reward"], "scales": {"testbed": TESTBED}, "runs": {"M": []}}
     [run] = plan(spec, "testbed", tmp_path, "s", {})
@@ -325,7 +325,7 @@ def test_experiment_specs_are_checked_before_anything_runs_naming_the_file_and_k
 
 
 def test_a_failing_run_is_marked_in_its_table_and_the_others_still_run(tmp_path, monkeypatch):
-    from framework.experiments import RunsFailed
+    from framework.analysis.experiments import RunsFailed
 
     (tmp_path / "buggy.py").write_text("def score(images, prompts):\n    return 1 / 0\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # this test runs each run in its own process, as by default
@@ -357,7 +357,7 @@ def test_a_failing_run_is_marked_in_its_table_and_the_others_still_run(tmp_path,
 
 
 def test_paper_scale_without_weights_fails_fast_with_one_message(tmp_path):
-    from framework.experiments import main
+    from framework.analysis.experiments import main
 
     result = call_main(main, "--scale", "paper", "--out", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -384,7 +384,7 @@ def test_weight_check_finds_local_paths_and_hub_cache_entries(tmp_path):
     """`unavailable` against an independent layout: a Hugging Face cache entry written by hand, local paths."""
     from huggingface_hub import constants
 
-    from framework.weights import unavailable
+    from framework.core.weights import unavailable
 
     repo = tmp_path / "absent"
     assert unavailable("pretrained", str(repo)) == "not found"
@@ -471,7 +471,7 @@ def test_multirun_jobs_are_one_wandb_group():
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from framework.tracking import wandb_group
+    from framework.runner.tracking import wandb_group
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
@@ -530,7 +530,7 @@ def test_runs_go_in_parallel_after_the_runs_they_read(tmp_path):
 
 
 def test_bad_arguments_are_one_error_line(tmp_path):
-    from framework.experiments import main
+    from framework.analysis.experiments import main
 
     for args, line in [
         (
@@ -564,10 +564,11 @@ QUICK_SPEC = {
 
 
 def start_experiments(specs: Path, out: Path) -> subprocess.Popen:
-    """`python -m framework.experiments` on the specs of `specs`, one run at a time, in its own session (as a
+    """`python -m framework.analysis.experiments` on the specs of `specs`, one run at a time, in its own session (as a
     terminal's foreground job: Ctrl-C reaches its whole group)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "framework.experiments", "--specs", str(specs), "--out", str(out), "--jobs", "1"],
+        [sys.executable, "-m", "framework.analysis.experiments", "--specs", str(specs), "--out", str(out)]
+        + ["--jobs", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -636,7 +637,7 @@ def test_two_experiments_processes_on_the_same_outputs_compute_each_run_once(tmp
 
 
 def test_a_table_is_replaced_whole_or_not_at_all(tmp_path):
-    from framework.atomic import atomic_open, write_text
+    from framework.core.atomic import atomic_open, write_text
 
     table = tmp_path / "t.csv"
     write_text(table, "old\n")

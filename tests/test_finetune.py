@@ -10,14 +10,15 @@ import torch
 from conftest import REBATCHED, run_cli, run_nodes
 
 from framework.config import ModelConfig
+from framework.config.families import UNET_LORA
+from framework.config.methods import AIGConfig, DRaFTConfig, LoRAScaleConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem, build_method
 from framework.methods.aig import aig_gamma
 from framework.methods.draft import DRaFT
-from framework.methods.schemas import AIGConfig, DRaFTConfig, LoRAScaleConfig
 from framework.models import load_backbone
 from framework.models.lora import adapters_disabled, add_lora, load_lora, save_lora
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
 
 ITEM = Item(0, 0, "a cat", 11)
 
@@ -30,7 +31,7 @@ def brightness():
 def fresh_backbone(trained: bool):
     """A tiny SD with an adapter: zero B as initialised, or random B as if trained."""
     backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
-    params = add_lora(backbone.unet, rank=4)
+    params = add_lora(backbone.unet, UNET_LORA, rank=4)
     if trained:
         generator = torch.Generator().manual_seed(0)
         for p in params:
@@ -72,8 +73,8 @@ def test_lora_scale_and_aig_endpoints_are_exact(tuned, brightness):
 def test_path_kl_of_adapted_sampling_is_the_sum_of_its_gaussian_step_kls(tuned, brightness):
     """Independent of the c²/(2 std²) weights: each step's two Gaussian means from `Step.update`, same std."""
     from framework.methods.common import draw_noise, sampler_options
-    from framework.sampling import sample as run_sampler
-    from framework.sampling import sampler_steps
+    from framework.models.sampling import sample as run_sampler
+    from framework.models.sampling import sampler_steps
 
     cfg = LoRAScaleConfig(num_steps=3, eta=1.0, adapter="-")
     kl = sample(tuned, brightness, cfg).info["kl"]
@@ -146,11 +147,11 @@ def test_our_adapter_loads_with_the_diffusers_pipeline_and_changes_its_samples_a
     """StableDiffusionPipeline.load_lora_weights reads our adapter file; the pipeline's own sample with it equals our
     sampler's (η = 0, same latents) and differs from the pipeline's sample without it."""
     from framework.models.lora import WEIGHT_NAME
-    from framework.models.tiny import build_tiny_pipeline
-    from framework.sampling import sample as run_sampler
+    from framework.models.sampling import sample as run_sampler
+    from framework.models.tiny import tiny_sd
 
     save_lora(tuned, tmp_path)
-    pipe = build_tiny_pipeline("sd", 32)  # the same seeded weights as `tuned` without its adapter
+    pipe = tiny_sd(32)  # the same seeded weights as `tuned` without its adapter
     pipe.scheduler = tuned.scheduler
     pipe.set_progress_bar_config(disable=True)
     x_T = torch.randn((1, *tuned.latent_shape()), generator=torch.Generator().manual_seed(5))
@@ -174,9 +175,9 @@ def test_a_lora_saved_by_a_diffusers_training_script_loads_as_the_pipeline_loads
     from peft.utils import get_peft_model_state_dict
 
     from framework.models.lora import WEIGHT_NAME
-    from framework.models.tiny import build_tiny_pipeline
+    from framework.models.tiny import tiny_sd
 
-    trained = build_tiny_pipeline("sd", 32).unet
+    trained = tiny_sd(32).unet
     trained.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
     layers = get_peft_model_state_dict(trained)
     layers = {
@@ -184,7 +185,7 @@ def test_a_lora_saved_by_a_diffusers_training_script_loads_as_the_pipeline_loads
         for i, (k, v) in enumerate(sorted(layers.items()))
     }
     StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=layers, weight_name=WEIGHT_NAME)
-    pipe = build_tiny_pipeline("sd", 32)
+    pipe = tiny_sd(32)
     pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
     ours = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
     load_lora(ours.unet, tmp_path)

@@ -13,12 +13,13 @@ from conftest import REBATCHED, run_cli
 from torch.distributions import Normal, kl_divergence
 
 from framework.config import ModelConfig
-from framework.errors import FrameworkError
-from framework.models import FLOW_BACKBONES, Backbone, Cond, load_backbone
+from framework.config.families import FAMILIES, resolve
+from framework.core.errors import FrameworkError
+from framework.models import Backbone, Cond, build_tiny, load_backbone
+from framework.models import tiny as tiny_builders
 from framework.models.flow import FlowMatchingBackbone
 from framework.models.qwen_image import QwenImageBackbone
-from framework.models.tiny import build_tiny_flow_pipeline
-from framework.sampling import kl_weights, num_noises, sample, sampler_steps
+from framework.models.sampling import kl_weights, num_noises, sample, sampler_steps
 
 PROMPTS = ["a cat", "a red circle and a blue square"]
 
@@ -56,15 +57,15 @@ def tiny_flux2_klein():
 @pytest.fixture(scope="module")
 def tiny_klein_distilled():
     """FLUX.2 klein step-distilled (as FLUX.2-klein-4B): no guidance input and no CFG, so w is ignored."""
-    pipe = build_tiny_flow_pipeline("flux2_klein", 32)
+    pipe = build_tiny("flux2_klein", 32)
     pipe.register_to_config(is_distilled=True)
-    return FLOW_BACKBONES["flux2_klein"](pipe, 32, 64)
+    return resolve(FAMILIES["flux2_klein"].backbone)(pipe, 32, 64)
 
 
 @pytest.fixture(scope="module")
 def tiny_schnell():
     """FLUX without a guidance input and with a static schedule, as FLUX.1-schnell."""
-    return FlowMatchingBackbone(build_tiny_flow_pipeline("flux", 32, guidance_embeds=False), 32, 64)
+    return FlowMatchingBackbone(tiny_builders.tiny_flux(32, guidance_embeds=False), 32, 64)
 
 
 def noise(backbone, n=2, seed=0):
@@ -336,11 +337,12 @@ def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_
     """Our adapter file (attention and MLP projections of every block, the text stream's too) is what
     `load_lora_weights` of StableDiffusion3Pipeline / FluxPipeline / QwenImagePipeline / Flux2Pipeline /
     Flux2KleinPipeline reads; the pipeline then samples as we do."""
+    from framework.config.families import TRANSFORMER_LORA
     from framework.models.lora import WEIGHT_NAME, add_lora, save_lora
 
     ours = tiny(kind)
     with torch.no_grad():
-        for parameter in add_lora(ours.denoiser, rank=2, seed=1):
+        for parameter in add_lora(ours.denoiser, TRANSFORMER_LORA, rank=2, seed=1):
             parameter.normal_(std=0.2, generator=torch.Generator().manual_seed(parameter.numel()))
     adapted = {name.rsplit(".lora_", 1)[0] for name, _ in ours.denoiser.named_parameters() if "lora_" in name}
     text_mlp = "txt_mlp" if kind == "qwen_image" else "ff_context"
@@ -350,9 +352,9 @@ def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_
     for layer in single or []:  # FLUX's fused single-stream layers
         assert f"single_transformer_blocks.0.{layer}" in adapted
     save_lora(ours, tmp_path)
-    pipe = build_tiny_flow_pipeline(kind, 32)
+    pipe = build_tiny(kind, 32)
     pipe.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
-    theirs = FLOW_BACKBONES.get(kind, FlowMatchingBackbone)(pipe, 32, 64)
+    theirs = resolve(FAMILIES[kind].backbone)(pipe, 32, 64)
     x_T = noise(ours)
     with torch.no_grad():
         cond = ours.encode(PROMPTS)
@@ -366,10 +368,10 @@ def test_a_transformer_lora_loads_in_the_pipeline_and_samples_as_ours(kind, tmp_
 
 def test_mira_with_girsanov_weights_on_a_flow_model_climbs_and_starts_at_zero_drift(tiny_flux):
     """MIRA's velocity surrogate with the per-step KL weights of the stochastic Euler sampler (η = 0.7)."""
+    from framework.config.methods import MIRAConfig
+    from framework.config.rewards import RewardConfig
     from framework.methods import Item, Problem, build_method
-    from framework.methods.schemas import MIRAConfig
     from framework.rewards import build_reward
-    from framework.rewards.registry import RewardConfig
 
     reward = build_reward(RewardConfig(name="brightness"))
     cfg = MIRAConfig(num_steps=3, eta=0.7, opt_steps=4, lr=0.05, beta=1.0, weighting="girsanov")

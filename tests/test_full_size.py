@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from framework.config import ModelConfig
+from framework.config.rewards import RewardConfig
 from framework.models import Cond, load_backbone
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
 
 # Parameters of the released checkpoints (diffusers / transformers / open_clip counts of the published weights).
 PUBLISHED_MODELS = {
@@ -99,8 +99,8 @@ def test_full_size_rewards_have_the_published_parameter_counts_and_score_images(
 
 def _image_and_gradient(**options):
     """A tiny SD sample through the checkpointed sampler and the gradient of its brightness w.r.t. x_T."""
+    from framework.config.methods import DNOConfig
     from framework.methods import Item, Problem
-    from framework.methods.schemas import DNOConfig
 
     backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32, **options))
     reward = build_reward(RewardConfig(name="brightness"))
@@ -178,8 +178,8 @@ def test_cpu_proxy_runs_a_mira_step_on_sd15_arch_with_the_hps_arch_reward(tmp_pa
 def test_random_weight_configs_that_contradict_themselves_are_refused(overrides, message):
     from conftest import compose
 
-    from framework.errors import FrameworkError
-    from framework.validation import validate
+    from framework.core.errors import FrameworkError
+    from framework.core.validation import validate
 
     with pytest.raises(FrameworkError, match=message.replace("(", r"\(")):
         validate(compose(*overrides))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from framework.models.gmm import GaussianMixtureBackbone
-from framework.sampling import sample
+from framework.models.sampling import sample
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,10 @@ def test_unknown_class_is_refused(gmm):
 
 def test_dno_runs_on_the_mixture_and_its_drift_has_an_exact_likelihood(gmm):
     """Pushing the mean coordinate up (toy 'brightness') moves samples off the class: exact log p falls."""
+    from framework.config.methods import DNOConfig
+    from framework.config.rewards import RewardConfig
     from framework.methods import Item, Problem, build_method
-    from framework.methods.schemas import DNOConfig
     from framework.rewards import build_reward
-    from framework.rewards.registry import RewardConfig
 
     reward, cfg = build_reward(RewardConfig(name="brightness")), DNOConfig(num_steps=20, opt_steps=30, lr=0.1)
     result = build_method(cfg, reward).run(Problem(gmm, reward, Item(0, 0, "left", 3), cfg))[0]
@@ -108,14 +108,14 @@ def solve(gaussian, cfg, reward, seed=3):
 
 @pytest.fixture(scope="module")
 def brightness():
+    from framework.config.rewards import RewardConfig
     from framework.rewards import build_reward
-    from framework.rewards.registry import RewardConfig
 
     return build_reward(RewardConfig(name="brightness"))
 
 
 def test_base_and_best_of_n_sample_the_closed_form(gaussian, brightness):
-    from framework.methods.schemas import BaseConfig, BestOfNConfig
+    from framework.config.methods import BaseConfig, BestOfNConfig
 
     _, sampler = step_gains(gaussian)
     result, problem = solve(gaussian, BaseConfig(**COMMON), brightness)
@@ -132,7 +132,7 @@ def test_dno_and_mira_steps_follow_adam_through_the_linear_sampler(gaussian, bri
     """Step 0's gradient of −mean(x_0) is the same negative number on every coordinate, so AdamW's first step is
     z·(1 − lr·wd) + lr. MIRA's surrogate has zero gradient at z0, so its first step is the same; after it, R_MIRA has
     the closed form (1/S) Σ_t (a_t k_t)² · mean((z1 − z0)²)."""
-    from framework.methods.schemas import DNOConfig, MIRAConfig
+    from framework.config.methods import DNOConfig, MIRAConfig
 
     gains, sampler = step_gains(gaussian)
     lr, wd = 0.1, 0.01
@@ -168,7 +168,7 @@ def reward_term_gradient(gaussian, cfg, reward):
 def test_zeroth_order_direction_on_vectors(gaussian, brightness):
     """ĝ = Σ_k (r_0 − r_k)(x_k − x_0), normalised, on [K, d] samples (the per-candidate weight must not broadcast
     across coordinates)."""
-    from framework.methods.schemas import DNOZeroOrderConfig
+    from framework.config.methods import DNOZeroOrderConfig
 
     grad, x0, candidates, rewards = reward_term_gradient(
         gaussian, DNOZeroOrderConfig(num_candidates=5, mu=0.3, **COMMON), brightness
@@ -180,7 +180,7 @@ def test_zeroth_order_direction_on_vectors(gaussian, brightness):
 
 def test_preference_gradient_on_vectors(gaussian, brightness):
     """MIRA-DPO at z0: −½·β_dpo·(x_w − x_l)/(τ²·d) on vector samples."""
-    from framework.methods.schemas import MIRADPOConfig
+    from framework.config.methods import MIRADPOConfig
 
     cfg = MIRADPOConfig(num_candidates=5, mu=0.3, beta_dpo=2.0, tau=0.1, **COMMON)
     grad, _, candidates, rewards = reward_term_gradient(gaussian, cfg, brightness)

@@ -40,10 +40,10 @@ def test_the_golden_images_are_the_ones_the_values_describe_and_every_reward_has
 @pytest.mark.parametrize("name", sorted(OURS))
 def test_our_scores_equal_the_official_implementations(name):
     from framework.config import reward_config
-    from framework.images import load_png
+    from framework.config.rewards import required_weights
+    from framework.core.images import load_png
+    from framework.core.weights import unavailable
     from framework.rewards import build_reward
-    from framework.rewards.registry import required_weights
-    from framework.weights import unavailable
 
     option, overrides, tolerance = OURS[name]
     cfg = replace(reward_config(option), **overrides)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from framework.config import ModelConfig
+from framework.config.methods import DNOConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem, build_method
-from framework.methods.schemas import DNOConfig
 from framework.models import load_backbone
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 from conftest import REBATCHED
 
-from framework.errors import FrameworkError, NonFiniteLoss
+from framework.config.methods import BaseConfig, BestOfNConfig, DNOConfig
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError, NonFiniteLoss
 from framework.methods import Item, Problem, build_method, derive_seed
 from framework.methods.best_of_n import num_candidates
 from framework.methods.dno import prob_regulariser
-from framework.methods.schemas import BaseConfig, BestOfNConfig, DNOConfig
 from framework.rewards import Reward, build_reward
-from framework.rewards.registry import RewardConfig
-from framework.runner import make_items
+from framework.runner.alignment import make_items
 
 ITEM = Item(0, 0, "a photo of a cat", 1234)
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from framework.config import EvalConfig, ModelConfig
-from framework.errors import FrameworkError
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError
+from framework.core.records import ItemRecord
 from framework.metrics import ImageMetrics, build_metrics
 from framework.metrics.sets import (
     cmmd,
@@ -16,9 +18,7 @@ from framework.metrics.sets import (
     vendi_score,
     win_rate,
 )
-from framework.records import ItemRecord
 from framework.rewards import build_reward, load_named_reward
-from framework.rewards.registry import RewardConfig
 from framework.testbed.judge import load_judge
 
 
@@ -107,7 +107,7 @@ def test_image_metrics_with_judge_features_and_held_out_rewards(testbed_images):
 def test_clip_features_and_clipscore_from_a_local_clip_directory(clip_dir):
     from transformers import CLIPModel
 
-    from framework.models.tokenizer import build_clip_tokenizer
+    from framework.core.tokenizer import build_clip_tokenizer
     from framework.rewards import clip_preprocess
 
     metrics = build_metrics(EvalConfig(features="clip", clip=str(clip_dir), cmmd_clip="none"), ModelConfig(kind="sd"))

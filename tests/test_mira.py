@@ -8,12 +8,12 @@ import torch
 from conftest import REBATCHED, REBATCHED_PIXELS
 from torch.distributions import Normal, kl_divergence
 
+from framework.config.methods import DNOConfig, MIRAConfig
+from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem, build_method
 from framework.methods.common import Start
-from framework.methods.schemas import DNOConfig, MIRAConfig
+from framework.models.sampling import ddim_coefficients, kl_weights, sampler_steps
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
-from framework.sampling import ddim_coefficients, kl_weights, sampler_steps
 
 ITEM = Item(0, 0, "a red circle", 77)
 
@@ -49,7 +49,7 @@ def hand_written_mira(backbone, cfg, beta: float) -> tuple[list[float], list[flo
     """MIRA on x_T written out from its definition, sharing only the sampler and the decoder: AdamW on
     −mean pixel + β·(1/S)·Σ_t mean((ε̂_t − ε̂_t^(z0))²), gradient-norm clipping. Per step its reward and regulariser,
     and the final image."""
-    from framework.sampling import sample
+    from framework.models.sampling import sample
 
     problem = Problem(backbone, None, ITEM, cfg)
     x_T, noises = problem.noise()

@@ -3,10 +3,10 @@ import torch
 from conftest import noise_like
 
 from framework.config import ModelConfig
-from framework.errors import FrameworkError
+from framework.core.errors import FrameworkError
+from framework.core.tokenizer import build_clip_tokenizer
 from framework.models import load_backbone
-from framework.models.tokenizer import build_clip_tokenizer
-from framework.sampling import sample
+from framework.models.sampling import sample
 
 
 def images_of(backbone, seed=0):
@@ -72,3 +72,33 @@ def test_rebuilt_tokenizer_gives_real_clip_token_ids():
     for text in ["a red circle and a blue square", "An astronaut, riding a horse! 42"]:
         ids = tokenizer(text).input_ids
         assert reference([text])[0][: len(ids)].tolist() == ids
+
+
+def test_every_family_row_names_what_exists_and_its_adapter_layers_match_the_denoiser():
+    """The families' table is the one place of their facts: each row's pipeline is a diffusers class, its backbone
+    and tiny builder import, its full-size architecture ships exactly when it names one, and its LoRA targets match
+    layers of the denoiser its tiny pipeline builds (the flow families' regex and the UNet's names alike)."""
+    import re
+
+    import diffusers
+
+    from framework.config.families import FAMILIES, resolve
+    from framework.models import Backbone, build_tiny
+    from framework.models.full_size import ARCHITECTURES
+
+    shipped = {p.name for p in ARCHITECTURES.iterdir() if p.is_dir()}
+    assert shipped == {f.architecture for f in FAMILIES.values() if f.architecture}
+    for kind, family in FAMILIES.items():
+        assert hasattr(diffusers, family.pipeline), kind
+        assert issubclass(resolve(family.backbone), Backbone), kind
+        assert (family.full_size is None) == (family.architecture is None), kind
+        assert family.flow_matching == (family.max_text_tokens is not None), kind
+        if kind in ("sd", "sd3", "qwen_image"):  # one of each kind of target list (the others share them)
+            pipe = build_tiny(kind, 32)
+            names = [n for n, m in (pipe.unet if kind == "sd" else pipe.transformer).named_modules()]
+            targets = family.lora_targets
+            if isinstance(targets, str):
+                hits = [n for n in names if re.fullmatch(targets, n)]
+            else:
+                hits = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+            assert len(hits) >= 6, (kind, hits)

@@ -1,5 +1,6 @@
-"""The hacking monitor (framework.monitor): the rule on curves whose answer is known, the probe set of a DRaFT run
-(curves, figure, resume, stop at the flag, best-held-out selection) and the rule over a noise method's records."""
+"""The hacking monitor (framework.core.hacking, framework.methods.probe): the rule on curves whose answer is known,
+the probe set of a DRaFT run (curves, figure, resume, stop at the flag, best-held-out selection) and the rule over a
+noise method's records."""
 
 import csv
 import json
@@ -11,9 +12,9 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from framework.monitor import Signal, detect, velocity
-from framework.monitor_study import DEFAULT, Trajectory, outcome, summarise
-from framework.records import read_records
+from framework.analysis.monitor_study import DEFAULT, Trajectory, outcome, summarise
+from framework.core.hacking import Signal, detect, velocity
+from framework.core.records import read_records
 
 STEPS = [0, 5, 10, 15, 20, 25, 30, 35]
 

@@ -11,7 +11,7 @@ import torch
 from conftest import REBATCHED
 from safetensors.torch import load_file
 
-from framework.overoptimisation import best_of_n_d, best_of_n_weights, fit, peak
+from framework.analysis.overoptimisation import best_of_n_d, best_of_n_weights, fit, peak
 
 
 def test_best_of_n_estimator_equals_enumerating_every_subset():
@@ -44,8 +44,8 @@ def test_peak_finds_the_top_of_the_mean_curve_with_an_interval():
 
 
 def test_a_proxy_rebuilt_on_a_tiny_budget_is_a_differentiable_reward_and_deterministic(tmp_path):
-    from framework.testbed.proxy import load_proxy
-    from framework.testbed.train_proxy import main
+    from framework.rewards.proxy import load_proxy
+    from framework.tools.train_proxy import main
 
     args = ["--images", "48", "--eval-images", "24", "--eval-pairs", "50", "--steps", "3"]
     main(["--comparisons", "40", "60", *args, "--out", str(tmp_path / "a")])
@@ -57,7 +57,7 @@ def test_a_proxy_rebuilt_on_a_tiny_budget_is_a_differentiable_reward_and_determi
         k: v for k, v in alone["40"].items() if k != "train_minutes"
     }
     assert 0 <= report["40"]["accuracy_vs_gold"] <= 1 and 0.5 <= report["40"]["noise_ceiling"] <= 1
-    assert alone["data"]["command"].startswith("python -m framework.testbed.train_proxy --comparisons 40 --images")
+    assert alone["data"]["command"].startswith("python -m framework.tools.train_proxy --comparisons 40 --images")
     reward = load_proxy(tmp_path / "a" / "proxy_40.safetensors")
     images = torch.rand(2, 3, 32, 32, requires_grad=True)
     scores = reward(images, ["a red circle", "a blue square"])
@@ -82,8 +82,8 @@ def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp
     import yaml
     from conftest import launch_in_process
 
-    from framework.experiments import reproduce
-    from framework.records import read_records
+    from framework.analysis.experiments import reproduce
+    from framework.core.records import read_records
 
     adapter = "method.adapter={run:DRaFT}/adapter"
     spec = {

@@ -1,8 +1,8 @@
 import pytest
 
 from framework.config import PromptsConfig
-from framework.errors import FrameworkError
-from framework.prompts import load_prompts
+from framework.config.prompts import load_prompts
+from framework.core.errors import FrameworkError
 
 
 def test_builtin_sets():

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import requests
@@ -22,9 +22,9 @@ import torch
 from conftest import REPO, run_cli
 from PIL import Image
 
-from framework.errors import FrameworkError, ItemError
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError, ItemError
 from framework.rewards import build_reward
-from framework.rewards.registry import RewardConfig
 from framework.rewards.remote import RemoteReward, decode_images, encode_images
 
 PROMPTS = ["a cat", "a red circle", "a dog"]
@@ -227,7 +227,7 @@ def test_the_api_key_is_required_everywhere_but_health_and_sent_by_the_client(se
 def test_a_remote_reward_scores_as_a_held_out_reward(server, tmp_path):
     """eval.rewards=[remote]: the held-out score is the served reward's score of the saved image (and close to the
     in-process score of the float image, which the run optimised)."""
-    from framework.images import load_png
+    from framework.core.images import load_png
 
     run_dir = tmp_path / "run"
     args = [*FAST, "method=base", "reward=tiny_imagereward", "eval.rewards=[remote]", f"eval.remote_url={server}"]
@@ -402,7 +402,7 @@ def test_a_port_in_use_is_one_line_before_anything_starts():
 
 def test_a_reward_the_server_cannot_build_ends_it_with_one_line(tmp_path):
     """The weights are there (the check before serving passes) but unreadable: the worker says why; exit 2."""
-    from framework.models.tokenizer import build_bert_tokenizer
+    from framework.core.tokenizer import build_bert_tokenizer
 
     (tmp_path / "ImageReward.pt").write_bytes(b"not a checkpoint")
     build_bert_tokenizer().save_pretrained(tmp_path / "bert")

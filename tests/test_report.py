@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from framework.errors import FrameworkError
-from framework.records import ItemRecord
-from framework.report import step_curve, versus
-from framework.tracking import _log_step_curves
+from framework.analysis.report import step_curve, versus
+from framework.core.errors import FrameworkError
+from framework.core.records import ItemRecord
+from framework.runner.tracking import _log_step_curves
 
 
 def write_run(run_dir, finals, steps=((0.1, 0.0), (0.2, 0.5))):
@@ -61,7 +61,7 @@ def test_win_rate_between_runs_and_against_itself(tmp_path):
 
 
 def test_held_out_metrics_read_the_step_the_stopping_rule_chose(tmp_path):
-    from framework.statistics import final_values
+    from framework.analysis.statistics import final_values
 
     run_dir = write_run(tmp_path / "run", [1.0, 2.0, 3.0])
     for item, step in zip(sorted((run_dir / "items").iterdir()), (0, 1, 2)):  # step 2 = opt_steps: the final image

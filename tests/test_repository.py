@@ -106,20 +106,49 @@ def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_p
     assert report.returncode == 2 and "has no finished item" in report.stderr
 
 
+# The house, lowest layer first: a module imports only from its own package or from a lower layer, and packages of
+# one layer (models and rewards; analysis and tools) never import each other. `framework.run` and `framework.serve`,
+# the package's top-level modules, are its applications.
+LAYERS = (
+    ("framework.core",),  # with the package's root, which every import runs
+    ("framework.testbed",),  # the testbed's world: scenes and their renderer, the judge, gold
+    ("framework.config",),  # schemas: the run, model families, rewards, methods; prompts
+    ("framework.models", "framework.rewards"),
+    ("framework.metrics",),
+    ("framework.methods",),
+    ("framework.runner",),
+    ("framework.analysis", "framework.tools"),
+    ("framework.run", "framework.serve"),
+)
+
+
+def package_of(module: str) -> tuple[int, str]:
+    """(layer, package) of a framework module: the longest entry of LAYERS it lies in."""
+    if module == "framework":
+        return 0, "framework.core"
+    found = [(len(p), i, p) for i, layer in enumerate(LAYERS) for p in layer if f"{module}.".startswith(f"{p}.")]
+    assert found, f"{module} lies in no layer of LAYERS: place it"
+    _, layer, package = max(found)
+    return layer, package
+
+
 def framework_imports() -> dict[str, set[str]]:
-    """module -> the framework modules it imports, anywhere in its body (imports inside functions count)."""
+    """module -> the framework modules importing it runs, anywhere in its body (imports inside functions count), the
+    package `__init__` modules Python runs on the way included (`import a.b.c` runs a, a.b and a.b.c)."""
     import ast
 
     root = REPO / "src"
     modules = {
         ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
         for p in (root / "framework").rglob("*.py")
+        if "testbed/model" not in str(p)
     }
 
-    def module_of(name: str) -> str | None:
-        while name and name not in modules:
+    def with_packages(name: str) -> set[str]:
+        while name and name not in modules:  # `from a.b import name`: name may be an attribute, not a module
             name = name.rpartition(".")[0]
-        return name or None
+        parts = name.split(".")
+        return {".".join(parts[: i + 1]) for i in range(len(parts))} if name else set()
 
     graph = {}
     for name, path in modules.items():
@@ -129,13 +158,23 @@ def framework_imports() -> dict[str, set[str]]:
                 targets |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        graph[name] = {m for t in targets if t.startswith("framework") and (m := module_of(t)) and m != name}
+        imported = set().union(*(with_packages(t) for t in targets if t.startswith("framework")))
+        graph[name] = imported - {name} - with_packages(name)  # a module's own packages run before it
     return graph
 
 
-def test_no_import_cycles_and_the_floor_imports_nothing_above_it():
+def test_imports_point_down_the_layers_without_cycles():
     graph = framework_imports()
-    assert len(graph) > 40 and "framework.preflight" in graph["framework.experiments"]
+    assert len(graph) > 60 and "framework.core.errors" in graph["framework.run"]
+    assert "framework.methods" in graph["framework.runner.alignment"]  # a parent package counts as imported
+    wrong = []
+    for module, targets in sorted(graph.items()):
+        layer, package = package_of(module)
+        for target in sorted(targets):
+            their_layer, their_package = package_of(target)
+            if their_layer > layer or (their_layer == layer and their_package != package):
+                wrong.append(f"{module} -> {target}")
+    assert wrong == [], "imports against the layers: " + "; ".join(wrong)
     state: dict[str, str] = {}
 
     def visit(module: str, path: list[str]) -> None:  # depth-first search; a grey module reached again is a cycle
@@ -149,19 +188,29 @@ def test_no_import_cycles_and_the_floor_imports_nothing_above_it():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
-    floor = {"framework.errors", "framework.signals", "framework.options", "framework.validation", "framework.weights"}
-    floor |= {"framework.testbed"}  # its paths
-    for module in floor - {"framework.testbed"}:
-        assert graph[module] <= floor, (module, graph[module] - floor)
-    schemas = floor | {"framework.rewards.registry", "framework.methods.schemas", "framework.config"}
-    for module in ("framework.rewards.registry", "framework.methods.schemas", "framework.config"):
-        assert graph[module] <= schemas, (module, graph[module] - schemas)  # a typo is reported before models load
-    assert graph["framework.testbed"] == set()
-    world = {"framework.errors", "framework.testbed", "framework.testbed.shapes"}  # the testbed's world, below rewards
-    for module in ("framework.testbed.shapes", "framework.testbed.judge"):
-        assert graph[module] <= world, (module, graph[module] - world)
-    assert "framework.methods" not in graph["framework.store"]  # items and images have their own modules
-    assert "framework.store" not in graph["framework.methods.draft"]
+
+
+def test_the_lower_layers_load_no_diffusion_model_and_nothing_above_them():
+    """An independent count, by Python itself: importing every module of the layers up to the rewards loads neither
+    diffusers nor any module of a higher layer (so a reward, e.g. framework.rewards.clip, or a config check is
+    cheap)."""
+    import sys
+
+    code = (
+        "import importlib, pathlib, sys\n"
+        "root = pathlib.Path(sys.argv[1])\n"
+        "names = sorted('.'.join(p.relative_to(root).with_suffix('').parts).removesuffix('.__init__')\n"
+        "    for p in (root / 'framework').rglob('*.py') if 'testbed/model' not in str(p))\n"
+        "low = ('core', 'testbed', 'config', 'rewards')\n"
+        "for name in names:\n"
+        "    if name.count('.') and name.split('.')[1] in low:\n"
+        "        importlib.import_module(name)\n"
+        "above = sorted(m for m in sys.modules if m.startswith('framework.') and m.split('.')[1] not in low)\n"
+        "print('diffusers' in sys.modules, above)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(REPO / "src")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False []"
 
 
 def test_every_module_reads_in_one_sitting():

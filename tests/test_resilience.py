@@ -204,7 +204,7 @@ def test_a_reward_that_answers_nan_fails_that_item_and_the_others_finish(tmp_pat
 
 def test_a_non_finite_candidate_score_fails_its_item():
     """Best-of-N's NaN candidate is never chosen (NaN > r is false), but its item is not a valid result either."""
-    from framework.items import ItemResult
+    from framework.core.items import ItemResult
 
     steps = [{"step": 0, "reward": 0.5}, {"step": 1, "reward": math.nan}, {"step": 2, "reward": 0.7}]
     assert ItemResult(None, None, 0.5, 0.7, steps).non_finite_score() == (
@@ -287,7 +287,7 @@ def test_out_of_memory_fails_that_item_with_a_hint_and_the_run_goes_on(tmp_path)
 def test_the_fingerprint_covers_metrics_prompts_samples_and_the_adapter_content(tmp_path):
     from conftest import compose
 
-    from framework.identity import fingerprint, identity_hash
+    from framework.runner.identity import fingerprint, identity_hash
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -320,7 +320,7 @@ def test_a_testbed_run_is_the_same_run_wherever_the_package_is_installed(monkeyp
     from conftest import compose
     from omegaconf import OmegaConf
 
-    from framework import identity
+    from framework.runner import identity
     from framework.testbed import MODEL_DIR
 
     here = identity.identity_hash(compose("model=shapes"))
@@ -338,12 +338,13 @@ def test_a_rerun_with_another_adapter_or_eval_into_a_finished_run_is_refused_wit
     import torch
 
     from framework.config import ModelConfig
+    from framework.config.families import UNET_LORA
     from framework.models import load_backbone
     from framework.models.lora import add_lora, save_lora
 
     def adapter(value):
         backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
-        for p in add_lora(backbone.unet, rank=2):
+        for p in add_lora(backbone.unet, UNET_LORA, rank=2):
             p.data = torch.full_like(p, value)
         save_lora(backbone, tmp_path / "adapter")
 
@@ -386,7 +387,9 @@ def test_report_on_a_directory_without_results_says_so(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "framework.report", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "framework.analysis.report", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert (
         result.stderr == f"error: {tmp_path} has no finished item (items/*/record.json): give the directory of a "
@@ -400,6 +403,7 @@ def bad_adapters(directory):
     from safetensors.torch import load_file, save_file
 
     from framework.config import ModelConfig
+    from framework.config.families import TRANSFORMER_LORA, UNET_LORA
     from framework.models import load_backbone
     from framework.models.lora import WEIGHT_NAME, add_lora, save_lora
 
@@ -408,10 +412,10 @@ def bad_adapters(directory):
         return load_backbone(ModelConfig(kind=kind, tiny=True, resolution=32, **options))
 
     sd = model("sd")
-    add_lora(sd.unet, rank=2)
+    add_lora(sd.unet, UNET_LORA, rank=2)
     good = save_lora(sd, directory / "good")
     sd3 = model("sd3")
-    add_lora(sd3.denoiser, rank=2)
+    add_lora(sd3.denoiser, TRANSFORMER_LORA, rank=2)
     save_lora(sd3, directory / "sd3")
     weights = load_file(good)
     cases = {
@@ -475,16 +479,16 @@ def test_an_output_directory_that_cannot_be_written_is_one_line_before_models_lo
 def test_a_write_that_fails_mid_run_keeps_finished_items_and_a_rerun_resumes(tmp_path, monkeypatch):
     import errno
 
-    import framework.store
+    import framework.runner.store
 
-    save_png = framework.store.save_png
+    save_png = framework.runner.store.save_png
 
     def disk_fills(image, path):
         if "p0001_s000" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         save_png(image, path)
 
-    monkeypatch.setattr(framework.store, "save_png", disk_fills)
+    monkeypatch.setattr(framework.runner.store, "save_png", disk_fills)
     run_dir = tmp_path / "run"
     args = [*FAST, "method=base", "prompts=inline", "prompts.prompts=[a cat,a dog,a bird]"]
     result = run_cli(*args, run_dir=run_dir)
@@ -493,7 +497,7 @@ def test_a_write_that_fails_mid_run_keeps_finished_items_and_a_rerun_resumes(tmp
     assert last_line.startswith("error: cannot write item p0001_s000 (No space left on device); the run stopped")
     assert sorted(p.name for p in (run_dir / "items").iterdir()) == ["p0000_s000"]  # nothing half-written
     before = mtimes(run_dir)
-    monkeypatch.setattr(framework.store, "save_png", save_png)  # space freed
+    monkeypatch.setattr(framework.runner.store, "save_png", save_png)  # space freed
     resumed = run_cli(*args, run_dir=run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert len(records(run_dir)) == 3 and mtimes(run_dir)["p0000_s000"] == before["p0000_s000"]
@@ -520,7 +524,7 @@ def test_a_full_disk_anywhere_is_failed_work_not_a_bug(tmp_path, capsys):
     """E.g. DRaFT's checkpoint or a table hitting a full disk: exit 3 with one line, no error.log."""
     import errno
 
-    from framework.errors import guarded
+    from framework.core.errors import guarded
 
     def fill(path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -13,11 +13,11 @@ from conftest import noise_like, run_cli
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
-from framework.errors import FrameworkError
-from framework.models.tokenizer import build_clip_tokenizer
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError
+from framework.core.tokenizer import build_clip_tokenizer
 from framework.rewards import build_reward, clip_preprocess
 from framework.rewards.hps import TINY_ARCH
-from framework.rewards.registry import RewardConfig
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
@@ -181,7 +181,7 @@ def test_imagereward_loads_the_published_checkpoint_layout(tmp_path, images, fil
     """A checkpoint in ImageReward.pt's key layout (BLIP's timm-style ViT, BLIP's BERT, `mlp.layers.*`, plus the
     unused contrastive projections and position-id buffer) at toy size; the score equals the hand computation, for
     the .pt read with weights_only and for the safetensors file the conversion command writes."""
-    from framework.models.tokenizer import build_bert_tokenizer
+    from framework.core.tokenizer import build_bert_tokenizer
     from framework.rewards.imagereward import convert, tiny_config
 
     tokenizer = build_bert_tokenizer("a cat red circle")
@@ -230,8 +230,8 @@ def test_hps_versions_resolve_to_the_files_hpsv2_names(tmp_path, monkeypatch):
     reward.version=v2.0; v2.1's file is another."""
     from huggingface_hub import constants
 
-    from framework.rewards.registry import required_weights
-    from framework.weights import resolve_file, unavailable
+    from framework.config.rewards import required_weights
+    from framework.core.weights import resolve_file, unavailable
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     snapshot = tmp_path / "models--xswu--HPSv2" / "snapshots" / ("a" * 40)
@@ -276,7 +276,7 @@ def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
 def test_corrupt_or_foreign_proxy_checkpoints_are_one_line(tmp_path):
     from safetensors.torch import save_file
 
-    from framework.testbed.proxy import ProxyNet
+    from framework.rewards.proxy import ProxyNet
 
     (tmp_path / "corrupt.safetensors").write_bytes(b"not a checkpoint")
     save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors")
@@ -387,8 +387,12 @@ def test_hpsv3_loads_the_published_checkpoint_layout(tmp_path, layout):
     processor (patches, image-token expansion, right padding), Qwen2VLModel's forward at HPSv3's sequential
     positions, μ of the head at <|Reward|>."""
     from safetensors.torch import save_file
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers import Qwen2VLVideoProcessor
+    from transformers import (
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     from framework.rewards.hpsv3 import hpsv3_tokenizer, reward_head, tiny_config
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import noise_like
 
-from framework.sampling import sample
+from framework.models.sampling import sample
 
 PROMPTS = ["a cat", "a red circle and a blue square"]
 

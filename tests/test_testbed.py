@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import compose, run_cli
 
-from framework.errors import FrameworkError
+from framework.core.errors import FrameworkError
 from framework.models import load_backbone
 from framework.rewards.judge import JudgeReward
 from framework.testbed import JUDGE_FILE, MODEL_DIR, shapes
-from framework.testbed.evaluate import evaluate_adherence, shape_geometry
 from framework.testbed.judge import load_judge
+from framework.tools.evaluate_testbed import evaluate_adherence, shape_geometry
 
 
 def test_captions_cover_every_colour_and_shape_and_parse_back():
@@ -74,7 +74,7 @@ def test_judge_reward_prefers_the_prompted_attributes_and_is_differentiable():
 
 
 def test_training_command_smoke(tmp_path, monkeypatch):
-    from framework.testbed import train
+    from framework.tools import train_testbed as train
 
     out, judge_out = tmp_path / "model", tmp_path / "judge.safetensors"
     monkeypatch.setattr(
@@ -127,7 +127,7 @@ def test_default_run_reports_ground_truth_adherence_drift_and_a_grid(tmp_path):
     assert {"reward", "adherence", "judge_log_prob", "gold", "drift_rmse"} <= set(record["steps"][1])
     assert (run_dir / "grid.png").stat().st_size > 0
     # What experiment specs may name (checked before anything runs) is what runs record.
-    from framework.specs import ITEM_METRICS, SET_METRICS, STEP_KEYS
+    from framework.analysis.specs import ITEM_METRICS, SET_METRICS, STEP_KEYS
 
     assert set(record["metrics"]["final"]) | {"reward"} | set(record["compute"]) - {"peak_memory_kind"} <= set(
         ITEM_METRICS

@@ -20,10 +20,10 @@ from framework.config import (
     PromptsConfig,
     TrainerConfig,
 )
-from framework.errors import FrameworkError
-from framework.methods.schemas import METHODS
-from framework.rewards.registry import RewardConfig
-from framework.validation import OneOf, Range, Text, validate
+from framework.config.methods import METHODS
+from framework.config.rewards import RewardConfig
+from framework.core.errors import FrameworkError
+from framework.core.validation import OneOf, Range, Text, validate
 
 ADAPTER = ["method.adapter=some/adapter"]  # lora_scale and aig need one to compose a complete config
 SCHEMAS = [
@@ -246,8 +246,8 @@ def test_the_registry_says_truly_which_rewards_gradients_reach_the_images_throug
     remote reward, which needs a server: test_remote)."""
     import torch
 
+    from framework.config.rewards import REWARDS, is_differentiable
     from framework.rewards import build_reward
-    from framework.rewards.registry import REWARDS, is_differentiable
 
     configs = [
         RewardConfig(name=name)

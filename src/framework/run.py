@@ -1,7 +1,7 @@
 """`python -m framework.run [group=option ...] [key=value ...]`: one alignment run, configured by Hydra (conf/).
 
 Every value is validated before anything is loaded. Whatever goes wrong ends in one line on stderr and an exit code
-(see framework.errors): 2 bad input, 3 some items failed (the others are written), 1 internal error (traceback in
+(see framework.core.errors): 2 bad input, 3 some items failed (the others are written), 1 internal error (traceback in
 <run dir>/error.log), 143 or 130 stopped by SIGTERM or Ctrl-C (finished items kept). A job never raises into Hydra,
 so one failing job of a `--multirun` sweep leaves the others running; each job's outcome is <run dir>/status.json,
 and the process exits with the worst of them.
@@ -15,16 +15,27 @@ import warnings
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from framework import signals
-from framework.atomic import write_text
 from framework.config import held_out_reward, register_configs
-from framework.errors import STOPPED, Failure, FrameworkError, first_line, guarded, process_error_log, unwritable, worst
-from framework.hydra_errors import compose_error
-from framework.identity import fingerprint
-from framework.options import CONF_DIR
-from framework.validation import validate
+from framework.config.methods import method_kind
+from framework.core import signals
+from framework.core.atomic import write_text
+from framework.core.errors import (
+    STOPPED,
+    Failure,
+    FrameworkError,
+    first_line,
+    guarded,
+    process_error_log,
+    unwritable,
+    worst,
+)
+from framework.core.hydra_errors import compose_error
+from framework.core.options import CONF_DIR
+from framework.core.validation import validate
+from framework.runner.identity import fingerprint
 
 STATUS_FILE = "status.json"
 job_codes: list[int] = []  # exit codes of the jobs this process ran (a sweep runs several)
@@ -56,20 +67,21 @@ def _label(cfg) -> str:
         return f"method={cfg.method.name} reward={cfg.reward.name}"
 
 
-def run(cfg: DictConfig) -> dict | None:
-    """Run every pending item of `cfg`; returns the summary on rank 0 (None on other ranks)."""
+def run(cfg: DictConfig):
+    """Run every pending item of `cfg`; returns its RunSummary on rank 0 (None on other ranks)."""
     validate(cfg)
     _quiet_libraries()
+    from framework.analysis.figures import draw_probe_curves
+    from framework.config.prompts import load_prompts
+    from framework.core.hacking import ROWS, read_probe_rows
     from framework.methods import build_method
     from framework.metrics import build_metrics
     from framework.models import load_backbone
-    from framework.monitor import run_decision
-    from framework.prompts import load_prompts
-    from framework.report import print_summary
     from framework.rewards import build_reward
-    from framework.runner import InferenceTimeAlignment, ItemsDataModule, make_items
-    from framework.store import ItemStore
-    from framework.tracking import log_to_wandb
+    from framework.runner.alignment import InferenceTimeAlignment, ItemsDataModule, make_items
+    from framework.runner.store import ItemStore
+    from framework.runner.summary import failure_line, print_summary, run_decision
+    from framework.runner.tracking import log_to_wandb
 
     prompts = load_prompts(cfg.prompts)
     items = make_items(prompts, cfg.seed, cfg.samples_per_prompt)
@@ -92,7 +104,9 @@ def run(cfg: DictConfig) -> dict | None:
     wandb_dir = log_to_wandb(cfg, summary, name=f"{Path(cfg.output_dir).name}")
     if wandb_dir:
         print(f"wandb:   {wandb_dir} ({cfg.logger.mode}; `wandb sync` uploads offline runs)")
-    if summary["num_failed"] or summary["num_missing"]:
+    if (Path(cfg.output_dir) / ROWS).exists():  # a fine-tuning run's probe curves, with the monitor's flag
+        draw_probe_curves(read_probe_rows(cfg.output_dir), summary.monitor, Path(cfg.output_dir) / "monitor.png")
+    if summary.num_failed or summary.num_missing:
         raise Failure(failure_line(summary))
     return summary
 
@@ -102,6 +116,11 @@ def make_trainer(cfg: DictConfig, method):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    options = method.trainer_options(cfg)
+    if method_kind(cfg.method) == "fine_tunes":  # its training curves: CSV, and W&B unless logging is off
+        from framework.runner.tracking import training_loggers
+
+        options["logger"] = training_loggers(cfg)
     try:
         return L.Trainer(
             accelerator=cfg.trainer.accelerator,
@@ -112,7 +131,7 @@ def make_trainer(cfg: DictConfig, method):
             enable_model_summary=False,
             use_distributed_sampler=False,
             default_root_dir=cfg.output_dir,
-            **method.trainer_options(cfg),
+            **options,
         )
     except MisconfigurationException as e:
         raise FrameworkError(
@@ -120,16 +139,14 @@ def make_trainer(cfg: DictConfig, method):
         ) from None
 
 
-def failure_line(summary: dict, named: int = 3) -> str:
-    """One line naming the failed items (the first `named`, with their errors) and where the rest is."""
-    failed = [f"{row['id']} ({row['error']})" for row in summary["items"] if row["status"] == "failed"]
-    shown = "; ".join(failed[:named]) + (f"; and {len(failed) - named} more" if len(failed) > named else "")
-    count = summary["num_failed"] + summary["num_missing"]
-    return (
-        f"{count} of {summary['num_items']} items failed"
-        + (f": {shown}" if shown else "")
-        + f" (see {summary['run_dir']}/summary.json); a rerun retries them"
-    )
+class SweepTable(Callback):
+    """At the end of a `--multirun` sweep (conf/config.yaml): its table (framework.analysis.sweep), whose jobs' exit
+    codes count towards the process's."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from framework.analysis.sweep import write_sweep_table
+
+        job_codes.extend(write_sweep_table(Path(config.hydra.sweep.dir)))
 
 
 def _is_global_rank_zero() -> bool:

@@ -32,11 +32,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from omegaconf import MISSING
 
-from framework.errors import STOPPED, FrameworkError, described, first_line
-from framework.guard import Guard, die_with_parent, forked_child, malformed_body
-from framework.rewards.registry import API_KEY_ENV, RewardConfig
+from framework.config.rewards import API_KEY_ENV, RewardConfig
+from framework.core.errors import STOPPED, FrameworkError, described, first_line
+from framework.core.guard import Guard, die_with_parent, forked_child, malformed_body
+from framework.core.validation import COUNT, NON_NEGATIVE, POSITIVE, OneOf, Range, Text, valid
 from framework.rewards.remote import API_PATH, TooLarge, decode_images
-from framework.validation import COUNT, NON_NEGATIVE, POSITIVE, OneOf, Range, Text, valid
 
 LOOPBACK = "127.0.0.1"
 GRACE = 5.0  # seconds the HTTP processes get to finish their requests when the server stops
@@ -208,11 +208,11 @@ def compose_config(overrides: list[str]) -> ServeConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     from framework.config import register_configs
-    from framework.hydra_errors import compose_error
-    from framework.options import CONF_DIR
-    from framework.rewards.registry import required_weights
-    from framework.validation import validate
-    from framework.weights import unavailable
+    from framework.config.rewards import required_weights
+    from framework.core.hydra_errors import compose_error
+    from framework.core.options import CONF_DIR
+    from framework.core.validation import validate
+    from framework.core.weights import unavailable
 
     register_configs()
     ConfigStore.instance().store(name="serve_schema", node=ServeConfig)

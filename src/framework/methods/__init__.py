@@ -1,12 +1,12 @@
-"""Methods, one module each, registered with their schemas in framework.methods.schemas. Importing this package
+"""Methods, one module each, registered with their schemas in framework.config.methods. Importing this package
 loads no network: `build_method` imports a method's module when it builds it, and `Method`/`Problem` (the contract
 and a batch's world, framework.methods.common) load on first use."""
 
 from importlib import import_module
 
-from framework.errors import FrameworkError
-from framework.items import Item, ItemResult, derive_seed
-from framework.methods.schemas import METHODS, gradient_problem
+from framework.config.methods import METHODS, gradient_problem
+from framework.core.errors import FrameworkError
+from framework.core.items import Item, ItemResult, derive_seed
 
 __all__ = ["METHODS", "Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 

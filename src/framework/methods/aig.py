@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from framework.items import ItemResult
+from framework.core.items import ItemResult
 from framework.methods.common import Method, Problem, paired_results
 from framework.models.lora import load_lora
 

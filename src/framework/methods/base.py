@@ -2,7 +2,7 @@
 
 import torch
 
-from framework.items import ItemResult
+from framework.core.items import ItemResult
 from framework.methods.common import Method, Problem
 
 

@@ -7,7 +7,7 @@ recompute) plus their final sample: the compute-matched baseline, equal in the b
 
 import torch
 
-from framework.items import ItemResult, derive_seed
+from framework.core.items import ItemResult, derive_seed
 from framework.methods.common import Method, Problem
 
 

@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from framework.errors import Interrupted, NonFiniteLoss
-from framework.items import Item, ItemResult
-from framework.methods.schemas import SamplingConfig
+from framework.config.methods import SamplingConfig
+from framework.core.errors import Interrupted, NonFiniteLoss
+from framework.core.items import Item, ItemResult
 from framework.metrics import ImageMetrics
 from framework.models import Backbone
+from framework.models.sampling import Trajectory, num_noises, path_kl, sample, sampler_steps
 from framework.rewards import Reward
-from framework.sampling import Trajectory, num_noises, path_kl, sample, sampler_steps
 
 
 def sampler_options(sampling: SamplingConfig) -> dict:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from framework.errors import FrameworkError, NonFiniteLoss
-from framework.items import Item, ItemResult, derive_seed
+from framework.core.errors import FrameworkError, NonFiniteLoss
+from framework.core.items import Item, ItemResult, derive_seed
 from framework.methods.common import Method, Problem, Start
-from framework.sampling import Trajectory, trajectory_divergence
+from framework.models.sampling import Trajectory, trajectory_divergence
 
 PERMUTED_ENTRIES = 1 << 24  # at most this many permuted noise entries at once (R_prob's batched permutations)
 

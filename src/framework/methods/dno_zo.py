@@ -9,10 +9,10 @@ carries exactly ĝ into the noise. The reward is only ever called without gradie
 import torch
 from torch import Tensor
 
-from framework.items import derive_seed
+from framework.core.items import derive_seed
 from framework.methods.common import Problem
 from framework.methods.dno import DNO
-from framework.sampling import Trajectory
+from framework.models.sampling import Trajectory
 
 
 @torch.no_grad()

@@ -21,16 +21,12 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid
 
-from framework.errors import NonFiniteLoss
-from framework.images import save_png
-from framework.items import derive_seed
+from framework.core.errors import NonFiniteLoss
+from framework.core.items import derive_seed
 from framework.methods.common import draw_noise, sampler_options
 from framework.models.lora import add_lora, save_lora
-from framework.sampling import sample, sampler_steps
-
-SAMPLE_PROMPTS = 4  # images in each periodic sample grid
+from framework.models.sampling import sample, sampler_steps
 
 
 class DRaFT(L.LightningModule):
@@ -38,7 +34,9 @@ class DRaFT(L.LightningModule):
         super().__init__()
         self.backbone, self.reward = backbone, reward
         self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
-        self.trainable = add_lora(backbone.denoiser, cfg.lora_rank, seed=derive_seed(seed, 1 << 25))
+        self.trainable = add_lora(
+            backbone.denoiser, backbone.lora_targets, cfg.lora_rank, seed=derive_seed(seed, 1 << 25)
+        )
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
 
     def rows(self, step: int) -> tuple[list[int], list[int]]:
@@ -97,28 +95,7 @@ class DRaFT(L.LightningModule):
         self.log_dict(
             {"train/loss": loss, "train/reward": reward, "train/eps_mse": eps_mse}, sync_dist=True, prog_bar=True
         )
-        if self.cfg.sample_every and step % self.cfg.sample_every == 0:
-            self.log_samples(step)
         return loss
-
-    @torch.no_grad()
-    def log_samples(self, step: int) -> None:
-        """A fixed grid (first prompts, fixed seeds) so the same images can be watched across training."""
-        if not self.trainer.is_global_zero:
-            return
-        prompts = self.prompts[:SAMPLE_PROMPTS]
-        seeds = [derive_seed(self.seed, 1 << 24, i) for i in range(len(prompts))]
-        x_T, noises = draw_noise(self.backbone, self.cfg, seeds)
-        traj = sample(self.backbone, self.backbone.encode(prompts), x_T, noises, **sampler_options(self.cfg))
-        images = self.backbone.decode(traj.latents)
-        reward = self.reward(images, prompts).mean().item()
-        path = self.out_dir / "samples" / f"step{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(make_grid(images.cpu(), nrow=len(prompts)), path)
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image("samples", [str(path)], step=step, caption=[f"step {step}, reward {reward:.4f}"])
-            logger.log_metrics({"samples/reward": reward}, step=step)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

@@ -8,12 +8,12 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from framework.config import held_out_rewards
-from framework.errors import Interrupted
+from framework.config.methods import LoRAScaleConfig, SamplingConfig
+from framework.core.errors import Interrupted
 from framework.methods.common import Method
 from framework.methods.draft import DRaFT
 from framework.methods.lora_scale import LoRAScale
-from framework.methods.schemas import LoRAScaleConfig, SamplingConfig
-from framework.monitor import BEST_ADAPTER, ProbeMonitor
+from framework.methods.probe import BEST_ADAPTER, ProbeMonitor
 from framework.models.lora import WEIGHT_NAME, load_lora, restore_lora, save_lora
 
 INTERRUPTED_CKPT = "interrupted.ckpt"
@@ -25,10 +25,8 @@ class FineTuneThenSample(Method):
 
     def trainer_options(self, cfg) -> dict:
         """Step budget, gradient clipping, resumable checkpoints every `save_every` steps and at a stop signal or an
-        error, training curves (framework.tracking)."""
+        error, training curves (framework.runner.tracking)."""
         from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-
-        from framework.tracking import training_loggers
 
         directory = Path(cfg.output_dir) / "checkpoints"
         checkpoints = ModelCheckpoint(
@@ -41,18 +39,19 @@ class FineTuneThenSample(Method):
         )
         # a stop signal (Lightning raises at the end of the current step) or an error: save where training stopped
         on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
-        probe = [ProbeMonitor(cfg.monitor, held_out_rewards(cfg), Path(cfg.output_dir))] if cfg.monitor.every else []
+        probe = []
+        if cfg.monitor.every or cfg.method.sample_every:
+            probe = [ProbeMonitor(cfg.monitor, held_out_rewards(cfg), Path(cfg.output_dir), cfg.method.sample_every)]
         return {
             "max_steps": cfg.method.train_steps,
             "gradient_clip_val": cfg.method.grad_clip,
-            "logger": training_loggers(cfg),
             "callbacks": [checkpoints, on_stop, *probe],
             "enable_checkpointing": True,
             "log_every_n_steps": 1,
         }
 
     def prepare(self, cfg, trainer: L.Trainer, backbone, reward, metrics) -> Method:
-        from framework.prompts import load_prompts
+        from framework.config.prompts import load_prompts
 
         adapter = Path(cfg.output_dir) / "adapter"
         if (adapter / WEIGHT_NAME).exists():
@@ -70,7 +69,7 @@ def train(trainer: L.Trainer, module: DRaFT, select_best: bool = False) -> Path:
     """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
     `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory, which
     holds the last adapter or, with `select_best`, the one of the probe evaluation the held-out reward scored best
-    (framework.monitor; the last one stays in checkpoints/)."""
+    (framework.methods.probe; the last one stays in checkpoints/)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     directory = module.out_dir / "checkpoints"

@@ -3,7 +3,7 @@ The item's base image is the adapter-free sample of the same seed."""
 
 import torch
 
-from framework.items import ItemResult
+from framework.core.items import ItemResult
 from framework.methods.common import Method, Problem, paired_results
 from framework.models.lora import load_lora, set_lora_scale
 

@@ -9,8 +9,8 @@ The reference p̂(x_t^(z0)) is what the first optimisation step's forward pass c
 the problem keeps (`problem.start`): no extra model evaluation, ever. At z = z0 the surrogate and its gradient are 0.
 
 Weights w_t: 1 (`uniform`) or `girsanov`: c_t²/(2 std_t²), which turns the prediction difference into the exact
-Gaussian KL of one sampler step (DDIM, or the stochastic Euler step of a flow model; framework.sampling), c_t being
-the coefficient of the prediction in the step's mean. Summed over steps it is the discrete Girsanov KL of the two
+Gaussian KL of one sampler step (DDIM, or the stochastic Euler step of a flow model; framework.models.sampling), c_t
+being the coefficient of the prediction in the step's mean. Summed over steps it is the discrete Girsanov KL of the two
 trajectories' steps taken from the same x_t; their means also differ by a_t·(x_t − x_t^(z0)), which this weighting
 (like the surrogate) leaves out. The compared prediction is the CFG-guided one that drives the sampler
 (`surrogate_guidance=cfg`) or its conditional branch (`cond`), which the same model evaluation returns.
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from framework.methods.common import Problem
 from framework.methods.dno import DNO
-from framework.sampling import Trajectory, kl_weights, sampler_steps, trajectory_divergence
+from framework.models.sampling import Trajectory, kl_weights, sampler_steps, trajectory_divergence
 
 
 class MIRA(DNO):

@@ -18,7 +18,7 @@ from torch import Tensor
 from framework.methods.common import Problem
 from framework.methods.dno_zo import perturbed_candidates
 from framework.methods.mira import MIRA
-from framework.sampling import Trajectory
+from framework.models.sampling import Trajectory
 
 
 class MIRADPO(MIRA):

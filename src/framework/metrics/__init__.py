@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from framework.errors import item_work
+from framework.core.errors import item_work
+from framework.core.records import ItemRecord
 from framework.metrics.sets import (
     cmmd,
     log_spectral_distance,
@@ -23,7 +24,6 @@ from framework.metrics.sets import (
     vendi_score,
     win_rate,
 )
-from framework.records import ItemRecord
 from framework.testbed.gold import gold
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
@@ -143,9 +143,9 @@ def resolve_features(eval_cfg, model_cfg) -> str:
 
 def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
     """The metrics `eval` asks for."""
-    from framework.errors import FrameworkError
+    from framework.config.rewards import RewardConfig
+    from framework.core.errors import FrameworkError
     from framework.rewards import build_reward, load_named_reward
-    from framework.rewards.registry import RewardConfig
     from framework.testbed.judge import load_judge
 
     features = resolve_features(eval_cfg, model_cfg)

@@ -1,45 +1,44 @@
-"""Backbones: loading SD1.x / SDXL / SD3 / FLUX.1 / Qwen-Image / FLUX.2 from a hub id or local directory, or building
-them in-process (tiny, or full-size with random weights), and setting how their networks run (checkpointing, memory
-format, compilation)."""
+"""Backbones: loading a model family (framework.config.families) from a hub id or local directory, or building it
+in-process (tiny, or full-size with random weights), and setting how its networks run (checkpointing, memory format,
+compilation)."""
 
-import diffusers
 import torch
 
-from framework.config import FLOW_KINDS, MODEL_KINDS, ModelConfig
+from framework.config import ModelConfig
+from framework.config.families import FAMILIES, resolve
+from framework.core.weights import load_pretrained
 from framework.models.backbone import Backbone, Cond, StableDiffusionBackbone
 from framework.models.flow import FlowMatchingBackbone
-from framework.models.flux2 import Flux2Backbone
-from framework.models.full_size import build_full_size_pipeline
-from framework.models.qwen_image import QwenImageBackbone
-from framework.models.tiny import build_tiny_flow_pipeline, build_tiny_pipeline
-from framework.weights import load_pretrained
 
 __all__ = [
     "DTYPES",
-    "FLOW_BACKBONES",
     "Backbone",
     "Cond",
     "FlowMatchingBackbone",
     "StableDiffusionBackbone",
+    "build_tiny",
     "load_backbone",
 ]
 
-FLOW_BACKBONES = {"qwen_image": QwenImageBackbone, "flux2": Flux2Backbone, "flux2_klein": Flux2Backbone}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_backbone(cfg: ModelConfig) -> Backbone:
     """The backbone of a validated model config (see framework.config.validate)."""
-    kind, dtype = cfg.kind, DTYPES[cfg.dtype]
+    family, dtype = FAMILIES[cfg.kind], DTYPES[cfg.dtype]
     size = (cfg.height or cfg.resolution, cfg.width or cfg.resolution)
     if cfg.tiny:
-        pipe = (build_tiny_flow_pipeline if kind in FLOW_KINDS else build_tiny_pipeline)(kind, size[0])
+        pipe = build_tiny(cfg.kind, size[0])
     elif cfg.random_weights:
-        pipe = build_full_size_pipeline(kind)
+        from framework.models.full_size import build_full_size_pipeline
+
+        pipe = build_full_size_pipeline(cfg.kind)
     else:
-        extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
+        import diffusers
+
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family.safety_checker else {}
         pipe = load_pretrained(
-            getattr(diffusers, MODEL_KINDS[kind].pipeline),
+            getattr(diffusers, family.pipeline),
             cfg.source,
             key="model.source",
             revision=cfg.revision,
@@ -52,14 +51,20 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
         pipe.to(dtype=dtype)
     # Unset vae_dtype: the model's, except float32 for an SDXL VAE that overflows in float16 (force_upcast), as
     # diffusers' SDXL pipeline does; bfloat16 has the range, and the SD1.x pipeline never upcasts.
-    upcast = kind == "sdxl" and cfg.dtype == "float16" and pipe.vae.config.get("force_upcast", False)
+    upcast = family.vae_upcast and cfg.dtype == "float16" and pipe.vae.config.get("force_upcast", False)
     vae_dtype = DTYPES[cfg.vae_dtype or ("float32" if upcast else cfg.dtype)]
     if pipe.vae.dtype != vae_dtype:
         pipe.vae.to(dtype=vae_dtype)
     configure_networks(pipe, cfg)
-    if kind in FLOW_KINDS:
-        return FLOW_BACKBONES.get(kind, FlowMatchingBackbone)(pipe, size, cfg.max_sequence_length)
-    return StableDiffusionBackbone(pipe, size)
+    options = (cfg.max_sequence_length,) if family.flow_matching else ()
+    backbone = resolve(family.backbone)(pipe, size, *options)
+    backbone.lora_targets = family.lora_targets  # what DRaFT's adapter attaches to
+    return backbone
+
+
+def build_tiny(kind: str, resolution: int):
+    """The tiny seeded pipeline of family `kind` (its row's builder)."""
+    return resolve(FAMILIES[kind].tiny)(resolution)
 
 
 def denoiser(pipe) -> torch.nn.Module:

@@ -1,7 +1,8 @@
 """Flow-matching backbones: Stable Diffusion 3 / 3.5 (MMDiT) and FLUX.1 (dev, schnell), through diffusers' pipelines.
 
 These models predict the velocity v = ε − x0 of the straight path x_σ = (1 − σ)·x0 + σ·ε, and are sampled by Euler
-steps on σ from 1 to 0 with the model's own timestep shift (framework.sampling holds the update and its SDE form).
+steps on σ from 1 to 0 with the model's own timestep shift (framework.models.sampling holds the update and its SDE
+form).
 We keep the pipeline object to reuse its prompt encoding, latent packing and schedule, so conditioning and steps are
 diffusers' own.
 
@@ -23,7 +24,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 
-from framework.errors import FrameworkError
+from framework.core.errors import FrameworkError
 from framework.models.backbone import Backbone, Cond
 
 log = logging.getLogger(__name__)

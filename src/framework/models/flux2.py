@@ -13,14 +13,18 @@ What differs from FLUX.1, each as the pipelines do it:
 """
 
 import logging
+from pathlib import Path
 
 import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import Tensor
 
+from framework.core.tokenizer import build_mistral_tokenizer, build_qwen_tokenizer
 from framework.models.backbone import Cond
 from framework.models.flow import FlowMatchingBackbone
+from framework.models.full_size import llm_conditioned
+from framework.models.tiny import TINY_SEED, published_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +105,69 @@ class Flux2Backbone(FlowMatchingBackbone):
         z = self.pipe._unpatchify_latents(latents * std.to(latents) + bn.running_mean.view(1, -1, 1, 1).to(latents))
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
         return images / 2 + 0.5
+
+
+def build_tiny(resolution: int = 32, klein: bool = False):
+    """FLUX.2-dev (guidance-distilled; a Mistral-3 encoder read at hidden layers 10, 20, 30) or, with `klein`, FLUX.2
+    klein base (true CFG; a Qwen3 encoder read at layers 9, 18, 27): the double- and single-stream transformer on
+    2×2-patchified latents, the 32-channel VAE with its batch-norm statistics (seeded, not the identity, so decoding
+    exercises them); tiny and seeded. Encoders are two layers deeper than the last layer their pipelines read (so
+    reading the wrong layers, the last one included, changes the conditioning), and narrow."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        width, layers = 16, (29 if klein else 32)
+        tokenizer = build_qwen_tokenizer() if klein else build_mistral_tokenizer(words=SYSTEM_MESSAGE)
+        text = dict(hidden_size=width, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2)
+        text |= dict(num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer))
+        if klein:
+            encoder = Qwen3ForCausalLM(Qwen3Config(**text))
+        else:
+            vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1)
+            vision |= dict(num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
+            encoder = Mistral3ForConditionalGeneration(
+                Mistral3Config(text_config=text | {"model_type": "mistral"}, vision_config=vision)
+            )
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=8,
+            layers_per_block=1,
+            sample_size=resolution,
+        )
+        vae.bn.running_mean.normal_(std=0.3)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+        transformer = Flux2Transformer2DModel(
+            in_channels=32,  # 8 latent channels × a 2×2 patch
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=3 * width,  # three hidden layers, concatenated
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=not klein,
+        )
+        components = dict(
+            scheduler=published_scheduler("flux2"),
+            vae=vae,
+            text_encoder=encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+        return Flux2KleinPipeline(**components, is_distilled=False) if klein else Flux2Pipeline(**components)
+
+
+def build_tiny_klein(resolution: int = 32):
+    return build_tiny(resolution, klein=True)
+
+
+def build_full_size(root: Path):
+    from diffusers import Flux2Pipeline
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    return llm_conditioned(root, Flux2Pipeline, lambda pipe: build_mistral_tokenizer(SYSTEM_MESSAGE))

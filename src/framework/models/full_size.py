@@ -29,15 +29,10 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from framework.models.tokenizer import (
-    build_clip_tokenizer,
-    build_mistral_tokenizer,
-    build_qwen_tokenizer,
-    build_t5_tokenizer,
-)
+from framework.config.families import FAMILIES, resolve
+from framework.core.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
-ARCHITECTURE_OF_KIND = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd35", "qwen_image": "qwen_image", "flux2": "flux2"}
 SEED = 0
 
 
@@ -46,52 +41,56 @@ def _diffusers(cls, folder: Path):
 
 
 def build_full_size_pipeline(kind: str):
-    """The pipeline of `kind` (one of ARCHITECTURE_OF_KIND) at full size with seeded random weights (the libraries' own
-    initialisation). Built on the default device: `with torch.device("meta"):` counts parameters without memory,
-    `with torch.device("cuda"):` initialises on the GPU (seconds instead of a minute)."""
-    root = ARCHITECTURES / ARCHITECTURE_OF_KIND[kind]
+    """The pipeline of family `kind` (a row of framework.config.families with an architecture) at full size with
+    seeded random weights (the libraries' own initialisation). Built on the default device: `with
+    torch.device("meta"):` counts parameters without memory, `with torch.device("cuda"):` initialises on the GPU
+    (seconds instead of a minute)."""
+    family = FAMILIES[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        if kind in ("qwen_image", "flux2"):
-            return _llm_conditioned(kind, root)
-        if kind == "sd3":
-            clip = lambda name: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / name))  # noqa: E731
-            return StableDiffusion3Pipeline(
-                transformer=_diffusers(SD3Transformer2DModel, root / "transformer"),
-                scheduler=_diffusers(FlowMatchEulerDiscreteScheduler, root / "scheduler"),
-                vae=_diffusers(AutoencoderKL, root / "vae"),
-                text_encoder=clip("text_encoder"),
-                tokenizer=build_clip_tokenizer(),
-                text_encoder_2=clip("text_encoder_2"),
-                tokenizer_2=build_clip_tokenizer(pad_token="!"),
-                text_encoder_3=T5EncoderModel(T5Config.from_pretrained(root / "text_encoder_3")),
-                tokenizer_3=build_t5_tokenizer(),
-            )
-        components = dict(
-            unet=_diffusers(UNet2DConditionModel, root / "unet"),
-            vae=_diffusers(AutoencoderKL, root / "vae"),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")),
-            tokenizer=build_clip_tokenizer(),
-            scheduler=_diffusers(DDIMScheduler, root / "scheduler"),
-        )
-        if kind == "sd":
-            return StableDiffusionPipeline(
-                **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-            )
-        encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
-        return StableDiffusionXLPipeline(
-            **components, text_encoder_2=encoder_2, tokenizer_2=build_clip_tokenizer(pad_token="!")
-        )
+        return resolve(family.full_size)(ARCHITECTURES / family.architecture)
 
 
-def _llm_conditioned(kind: str, root: Path):
+def sd3_pipeline(root: Path) -> StableDiffusion3Pipeline:
+    clip = lambda name: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / name))  # noqa: E731
+    return StableDiffusion3Pipeline(
+        transformer=_diffusers(SD3Transformer2DModel, root / "transformer"),
+        scheduler=_diffusers(FlowMatchEulerDiscreteScheduler, root / "scheduler"),
+        vae=_diffusers(AutoencoderKL, root / "vae"),
+        text_encoder=clip("text_encoder"),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=clip("text_encoder_2"),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        text_encoder_3=T5EncoderModel(T5Config.from_pretrained(root / "text_encoder_3")),
+        tokenizer_3=build_t5_tokenizer(),
+    )
+
+
+def unet_pipeline(root: Path):
+    """SD1.5, or SDXL where the architecture has a second text encoder."""
+    components = dict(
+        unet=_diffusers(UNet2DConditionModel, root / "unet"),
+        vae=_diffusers(AutoencoderKL, root / "vae"),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")),
+        tokenizer=build_clip_tokenizer(),
+        scheduler=_diffusers(DDIMScheduler, root / "scheduler"),
+    )
+    if not (root / "text_encoder_2").is_dir():
+        return StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+    return StableDiffusionXLPipeline(
+        **components, text_encoder_2=encoder_2, tokenizer_2=build_clip_tokenizer(pad_token="!")
+    )
+
+
+def llm_conditioned(root: Path, pipeline, tokenizer):
     """Qwen-Image or FLUX.2-dev: transformer, VAE and scheduler from their diffusers configurations, the text encoder
-    from its transformers configuration."""
+    from its transformers configuration; `tokenizer(pipe)` builds the tokenizer that knows the pipeline's template."""
     import diffusers
     import transformers
-    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    pipeline = {"qwen_image": diffusers.QwenImagePipeline, "flux2": diffusers.Flux2Pipeline}[kind]
     components = {
         name: _diffusers(getattr(diffusers, json.loads((root / name / file).read_text())["_class_name"]), root / name)
         for name, file in (
@@ -103,6 +102,5 @@ def _llm_conditioned(kind: str, root: Path):
     config = transformers.AutoConfig.from_pretrained(root / "text_encoder")
     encoder = getattr(transformers, config.architectures[0])(config)
     pipe = pipeline(**components, text_encoder=encoder, tokenizer=None)
-    words = pipe.prompt_template_encode if kind == "qwen_image" else SYSTEM_MESSAGE
-    pipe.register_modules(tokenizer=(build_qwen_tokenizer if kind == "qwen_image" else build_mistral_tokenizer)(words))
+    pipe.register_modules(tokenizer=tokenizer(pipe))
     return pipe

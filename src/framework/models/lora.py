@@ -13,28 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Attention projections and feed-forward linears of every transformer block (SD1.x and SDXL share the names).
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-# SD3's and FLUX's joint blocks add the text stream's projections and MLP (Qwen-Image names its two MLPs img_mlp and
-# txt_mlp, FLUX.2 its feed-forwards linear_in/linear_out); FLUX.1's single-stream blocks fuse their MLP into
-# proj_mlp/proj_out, FLUX.2's fuse attention and MLP into attn.to_qkv_mlp_proj/attn.to_out (single-block regexes, so
-# that the transformer's final proj_out is left alone).
-TRANSFORMER_TARGETS = (
-    r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
-    r"|(ff|ff_context|img_mlp|txt_mlp)\.net\.0\.proj|(ff|ff_context|img_mlp|txt_mlp)\.net\.2"
-    r"|(ff|ff_context)\.linear_(in|out))"
-    r"|.*single_transformer_blocks\.\d+\.(proj_mlp|proj_out|attn\.to_qkv_mlp_proj|attn\.to_out)"
-)
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from framework.config.methods import WEIGHT_NAME
 
 
-def add_lora(denoiser: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> list[nn.Parameter]:
-    """Attach a fresh adapter (B = 0, so the model is unchanged; A random from `seed`, so every process and every
-    rerun starts from the same adapter) and return its trainable parameters."""
-    from diffusers import UNet2DConditionModel
+def add_lora(denoiser: nn.Module, targets, rank: int, alpha: float | None = None, seed: int = 0) -> list[nn.Parameter]:
+    """Attach a fresh adapter on `targets` (peft's target_modules: the family's `lora_targets`, B = 0, so the model
+    is unchanged; A random from `seed`, so every process and every rerun starts from the same adapter) and return
+    its trainable parameters."""
     from peft import LoraConfig
 
-    targets = UNET_TARGETS if isinstance(denoiser, UNet2DConditionModel) else TRANSFORMER_TARGETS
+    targets = list(targets) if isinstance(targets, tuple) else targets
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         denoiser.add_adapter(
@@ -87,7 +75,7 @@ def load_lora(denoiser: nn.Module, directory: str | Path) -> None:
     """Load an adapter in the pipelines' format (`save_lora`, or a LoRA trained elsewhere and saved with diffusers'
     `save_lora_weights`) or in the bare UNet format of `unet.save_lora_adapter`; safetensors only. The file is checked
     against the denoiser first (`check_adapter`), so a wrong file is one line naming it, before any sampling."""
-    from framework.errors import FrameworkError, first_line
+    from framework.core.errors import FrameworkError, first_line
 
     path, prefixed = check_adapter(denoiser, directory)
     try:
@@ -111,7 +99,7 @@ def check_adapter(denoiser: nn.Module, directory: str | Path) -> tuple[Path, boo
     FrameworkError naming the file and what is wrong (missing, truncated, another format, another model)."""
     from safetensors import SafetensorError, safe_open
 
-    from framework.errors import FrameworkError, first_line
+    from framework.core.errors import FrameworkError, first_line
 
     path = Path(directory).expanduser() / WEIGHT_NAME
 

@@ -10,11 +10,16 @@ What differs from SD3 and FLUX.1, each as the pipeline does it:
 - latents are normalised per channel by the VAE's published mean and std and carry a frame axis for the VAE.
 """
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from framework.core.tokenizer import build_qwen_tokenizer
 from framework.models.backbone import Cond
 from framework.models.flow import FlowMatchingBackbone, image_size_shift
+from framework.models.full_size import llm_conditioned
+from framework.models.tiny import TINY_SEED, published_scheduler
 
 
 class QwenImageBackbone(FlowMatchingBackbone):
@@ -83,3 +88,45 @@ class QwenImageBackbone(FlowMatchingBackbone):
         z = latents.unsqueeze(2) * std + mean
         images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0][:, :, 0].float()
         return images / 2 + 0.5
+
+
+def build_tiny(resolution: int = 32):
+    """Qwen-Image: the MMDiT over 2×2-packed latents, a Qwen2.5-VL text encoder (language model and vision tower;
+    the pipeline reads its last hidden state), the causal 3-D VAE (2× here; its per-channel latent statistics are the
+    published ones), tiny and seeded."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = QwenImageTransformer2DModel(
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage(
+            base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]
+        )
+        pipe = QwenImagePipeline(
+            published_scheduler("qwen_image"), vae, text_encoder=None, tokenizer=None, transformer=transformer
+        )
+        tokenizer = build_qwen_tokenizer(words=pipe.prompt_template_encode)  # the template is the pipeline's
+        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+        text |= dict(num_key_value_heads=1, vocab_size=len(tokenizer))
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sections sum to half the head size
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
+        encoder = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=text, vision_config=vision | {"fullatt_block_indexes": [0]})
+        )
+        pipe.register_modules(text_encoder=encoder, tokenizer=tokenizer)
+        return pipe
+
+
+def build_full_size(root: Path):
+    from diffusers import QwenImagePipeline
+
+    return llm_conditioned(root, QwenImagePipeline, lambda pipe: build_qwen_tokenizer(pipe.prompt_template_encode))

@@ -1,4 +1,5 @@
-"""Tiny random-weight SD1.x, SDXL, SD3, FLUX.1, Qwen-Image and FLUX.2 pipelines, built in-process in milliseconds.
+"""Tiny random-weight SD1.x, SDXL, SD3 and FLUX.1 pipelines, built in-process in milliseconds (Qwen-Image's and
+FLUX.2's are built in their own modules from the parts here).
 
 They have the real architectures' structure (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
 encoders, SDXL's second encoder with pooled embeds and time ids; SD3's MMDiT and FLUX's transformer with their CLIP
@@ -22,13 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from framework.models.tokenizer import (
-    CLIP_VOCAB_SIZE,
-    build_clip_tokenizer,
-    build_mistral_tokenizer,
-    build_qwen_tokenizer,
-    build_t5_tokenizer,
-)
+from framework.core.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
 
 TINY_SEED = 0
 
@@ -75,31 +70,38 @@ def tiny_vae(sample_size: int, latent_channels: int = 4, **config) -> Autoencode
     )
 
 
-def build_tiny_pipeline(kind: str, resolution: int = 64):
+def unet_common(resolution: int) -> dict:
+    return dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def tiny_sd(resolution: int = 64) -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        unet_common = dict(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=resolution // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        unet = UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=4, **unet_common(resolution))
+        return StableDiffusionPipeline(
+            vae=tiny_vae(resolution),
+            text_encoder=tiny_text_encoder(),
+            tokenizer=build_clip_tokenizer(),
+            unet=unet,
+            scheduler=sd_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
+
+
+def tiny_sdxl(resolution: int = 64) -> StableDiffusionXLPipeline:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
         tokenizer = build_clip_tokenizer()
-        if kind == "sd":
-            unet = UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=4, **unet_common)
-            return StableDiffusionPipeline(
-                vae=tiny_vae(resolution),
-                text_encoder=tiny_text_encoder(),
-                tokenizer=tokenizer,
-                unet=unet,
-                scheduler=sd_scheduler(),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
         # SDXL: hidden states of both encoders are concatenated (32 + 32); the added embedding takes the pooled
         # embeds of encoder 2 (32) plus 6 time ids × addition_time_embed_dim (8).
         unet = UNet2DConditionModel(
@@ -110,7 +112,7 @@ def build_tiny_pipeline(kind: str, resolution: int = 64):
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80,
-            **unet_common,
+            **unet_common(resolution),
         )
         return StableDiffusionXLPipeline(
             vae=tiny_vae(resolution),
@@ -157,47 +159,47 @@ def tiny_t5_encoder(d_model: int = 32) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def build_tiny_flow_pipeline(kind: str, resolution: int = 32, guidance_embeds: bool = True):
-    """SD3 (MMDiT, CLIP-L and CLIP-G with projections, T5) or FLUX.1 (double- and single-stream blocks, CLIP-L
-    pooled, T5; `guidance_embeds` as FLUX.1-dev, off as schnell) with tiny seeded weights, as their pipelines; the
-    newer families by their own builders below."""
-    if kind == "qwen_image":
-        return build_tiny_qwen_image_pipeline()
-    if kind in ("flux2", "flux2_klein"):
-        return build_tiny_flux2_pipeline(resolution, klein=kind == "flux2_klein")
+def tiny_sd3(resolution: int = 32) -> StableDiffusion3Pipeline:
+    """SD3 (MMDiT, CLIP-L and CLIP-G with projections, T5) with tiny seeded weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+        clip_tokenizer = build_clip_tokenizer()
         latent = resolution // 2  # the tiny VAE downsamples 2×
-        if kind == "sd3":
-            # hidden states: both CLIPs' (32 + 32) padded to T5's width (64) and joined with T5's along the
-            # sequence; pooled: both CLIPs' projections (32 + 32)
-            transformer = SD3Transformer2DModel(
-                sample_size=latent,
-                patch_size=2,
-                in_channels=16,
-                out_channels=16,
-                num_layers=2,
-                attention_head_dim=8,
-                num_attention_heads=4,
-                joint_attention_dim=64,
-                caption_projection_dim=32,
-                pooled_projection_dim=64,
-                pos_embed_max_size=latent,
-                dual_attention_layers=(0,),  # SD3.5's MMDiT-X self-attention in the first block
-                qk_norm="rms_norm",
-            )
-            return StableDiffusion3Pipeline(
-                transformer=transformer,
-                scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-                vae=tiny_flow_vae(resolution, scaling_factor=1.5305, shift_factor=0.0609),
-                text_encoder=tiny_text_encoder(projection=True),
-                tokenizer=clip_tokenizer,
-                text_encoder_2=tiny_text_encoder(projection=True),
-                tokenizer_2=clip_tokenizer,
-                text_encoder_3=tiny_t5_encoder(d_model=64),
-                tokenizer_3=t5_tokenizer,
-            )
+        # hidden states: both CLIPs' (32 + 32) padded to T5's width (64) and joined with T5's along the
+        # sequence; pooled: both CLIPs' projections (32 + 32)
+        transformer = SD3Transformer2DModel(
+            sample_size=latent,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            pos_embed_max_size=latent,
+            dual_attention_layers=(0,),  # SD3.5's MMDiT-X self-attention in the first block
+            qk_norm="rms_norm",
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+            vae=tiny_flow_vae(resolution, scaling_factor=1.5305, shift_factor=0.0609),
+            text_encoder=tiny_text_encoder(projection=True),
+            tokenizer=clip_tokenizer,
+            text_encoder_2=tiny_text_encoder(projection=True),
+            tokenizer_2=clip_tokenizer,
+            text_encoder_3=tiny_t5_encoder(d_model=64),
+            tokenizer_3=build_t5_tokenizer(),
+        )
+
+
+def tiny_flux(resolution: int = 32, guidance_embeds: bool = True) -> FluxPipeline:
+    """FLUX.1 (double- and single-stream blocks, CLIP-L pooled, T5; `guidance_embeds` as FLUX.1-dev, off as
+    schnell) with tiny seeded weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
         # FLUX packs 2×2 latent patches into tokens (16 × 4 = 64 channels); rotary axes sum to the head dim
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -217,9 +219,9 @@ def build_tiny_flow_pipeline(kind: str, resolution: int = 32, guidance_embeds: b
             scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
             vae=tiny_flow_vae(resolution, scaling_factor=0.3611, shift_factor=0.1159),
             text_encoder=tiny_text_encoder(),
-            tokenizer=clip_tokenizer,
+            tokenizer=build_clip_tokenizer(),
             text_encoder_2=tiny_t5_encoder(),
-            tokenizer_2=t5_tokenizer,
+            tokenizer_2=build_t5_tokenizer(),
         )
 
 
@@ -231,94 +233,3 @@ def published_scheduler(name: str) -> FlowMatchEulerDiscreteScheduler:
 
     config = FlowMatchEulerDiscreteScheduler.load_config(ARCHITECTURES / name / "scheduler")
     return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-
-def build_tiny_qwen_image_pipeline():
-    """Qwen-Image: the MMDiT over 2×2-packed latents, a Qwen2.5-VL text encoder (language model and vision tower;
-    the pipeline reads its last hidden state), the causal 3-D VAE (2× here; its per-channel latent statistics are the
-    published ones), tiny and seeded."""
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        transformer = QwenImageTransformer2DModel(
-            in_channels=64,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            axes_dims_rope=(4, 6, 6),
-        )
-        vae = AutoencoderKLQwenImage(
-            base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]
-        )
-        pipe = QwenImagePipeline(
-            published_scheduler("qwen_image"), vae, text_encoder=None, tokenizer=None, transformer=transformer
-        )
-        tokenizer = build_qwen_tokenizer(words=pipe.prompt_template_encode)  # the template is the pipeline's
-        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
-        text |= dict(num_key_value_heads=1, vocab_size=len(tokenizer))
-        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sections sum to half the head size
-        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
-        encoder = Qwen2_5_VLForConditionalGeneration(
-            Qwen2_5_VLConfig(text_config=text, vision_config=vision | {"fullatt_block_indexes": [0]})
-        )
-        pipe.register_modules(text_encoder=encoder, tokenizer=tokenizer)
-        return pipe
-
-
-def build_tiny_flux2_pipeline(resolution: int = 32, klein: bool = False):
-    """FLUX.2-dev (guidance-distilled; a Mistral-3 encoder read at hidden layers 10, 20, 30) or, with `klein`, FLUX.2
-    klein base (true CFG; a Qwen3 encoder read at layers 9, 18, 27): the double- and single-stream transformer on
-    2×2-patchified latents, the 32-channel VAE with its batch-norm statistics (seeded, not the identity, so decoding
-    exercises them); tiny and seeded. Encoders are two layers deeper than the last layer their pipelines read (so
-    reading the wrong layers, the last one included, changes the conditioning), and narrow."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
-    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        width, layers = 16, (29 if klein else 32)
-        tokenizer = build_qwen_tokenizer() if klein else build_mistral_tokenizer(words=SYSTEM_MESSAGE)
-        text = dict(hidden_size=width, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2)
-        text |= dict(num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer))
-        if klein:
-            encoder = Qwen3ForCausalLM(Qwen3Config(**text))
-        else:
-            vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1)
-            vision |= dict(num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
-            encoder = Mistral3ForConditionalGeneration(
-                Mistral3Config(text_config=text | {"model_type": "mistral"}, vision_config=vision)
-            )
-        vae = AutoencoderKLFlux2(
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=8,
-            layers_per_block=1,
-            sample_size=resolution,
-        )
-        vae.bn.running_mean.normal_(std=0.3)
-        vae.bn.running_var.uniform_(0.5, 2.0)
-        transformer = Flux2Transformer2DModel(
-            in_channels=32,  # 8 latent channels × a 2×2 patch
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=3 * width,  # three hidden layers, concatenated
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-            guidance_embeds=not klein,
-        )
-        components = dict(
-            scheduler=published_scheduler("flux2"),
-            vae=vae,
-            text_encoder=encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-        )
-        return Flux2KleinPipeline(**components, is_distilled=False) if klein else Flux2Pipeline(**components)

@@ -1,10 +1,10 @@
-"""Reward zoo: every reward of the registry (framework.rewards.registry) built from its config."""
+"""Reward zoo: every reward of the registry (framework.config.rewards) built from its config."""
 
 from importlib import import_module
 
-from framework.errors import FrameworkError
+from framework.config.rewards import REWARDS, RewardConfig, is_differentiable
+from framework.core.errors import FrameworkError
 from framework.rewards.base import Reward, clip_preprocess
-from framework.rewards.registry import REWARDS, RewardConfig, is_differentiable
 
 __all__ = ["Reward", "build_reward", "clip_preprocess", "load_named_reward"]
 

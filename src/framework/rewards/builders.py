@@ -1,9 +1,7 @@
-"""How each reward of the registry (framework.rewards.registry) is built from its config: real weights from local
+"""How each reward of the registry (framework.config.rewards) is built from its config: real weights from local
 paths or the Hugging Face cache (never downloaded), or a tiny or full-size network with random weights."""
 
-from framework.errors import FrameworkError, first_line
-from framework.rewards.base import Reward
-from framework.rewards.registry import (
+from framework.config.rewards import (
     HPSV3_CHECKPOINT,
     HPSV3_TOKENIZER,
     IMAGEREWARD_CHECKPOINT,
@@ -11,10 +9,12 @@ from framework.rewards.registry import (
     RewardConfig,
     hps_checkpoint,
 )
+from framework.core.errors import FrameworkError, first_line
+from framework.rewards.base import Reward
 
 
 def _weight_file(cfg: RewardConfig, default: str | None = None):
-    from framework.weights import resolve_file
+    from framework.core.weights import resolve_file
 
     spec = cfg.checkpoint or default
     if spec is None:
@@ -95,9 +95,9 @@ def imagereward(cfg: RewardConfig, dtype) -> Reward:
     import torch
     from transformers import AutoTokenizer, BlipConfig
 
-    from framework.models.tokenizer import build_bert_tokenizer
+    from framework.core.tokenizer import build_bert_tokenizer
+    from framework.core.weights import load_pretrained
     from framework.rewards.imagereward import PUBLISHED_ARCHITECTURE, ImageReward, tiny_config
-    from framework.weights import load_pretrained
 
     if cfg.tiny or cfg.random_weights:
         tokenizer = build_bert_tokenizer("a photo of the cat dog red blue green circle square")
@@ -124,8 +124,8 @@ def hpsv3(cfg: RewardConfig, dtype) -> Reward:
     from transformers import AutoTokenizer, Qwen2VLConfig
     from transformers.initialization import no_init_weights
 
+    from framework.core.weights import load_pretrained
     from framework.rewards import hpsv3 as h
-    from framework.weights import load_pretrained
 
     if cfg.tiny or cfg.random_weights:
         tokenizer = h.hpsv3_tokenizer()
@@ -170,8 +170,8 @@ def judge(cfg: RewardConfig, dtype) -> Reward:
 
 
 def proxy(cfg: RewardConfig, dtype) -> Reward:
+    from framework.rewards.proxy import load_proxy
     from framework.testbed import proxy_file
-    from framework.testbed.proxy import load_proxy
 
     return load_proxy(_weight_file(cfg) if cfg.checkpoint else proxy_file(cfg.comparisons)).to(dtype)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
-from framework.models.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from framework.core.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer
 from framework.rewards.base import Reward, clip_preprocess
 
 TINY_CLIP = dict(
@@ -119,7 +119,7 @@ def load_clip(source: str | None, dtype: torch.dtype, vision_only: bool = False,
     instead of `source`'s. The projection width lives in the top-level CLIPConfig; the vision sub-config's own
     `projection_dim` is a default (512) that would silently re-initialise the projection of ViT-L/14 (768), so it
     is copied over before loading."""
-    from framework.weights import load_pretrained
+    from framework.core.weights import load_pretrained
 
     config = random or load_pretrained(CLIPConfig, source, key="reward.source")
     config.vision_config.projection_dim = config.projection_dim
@@ -138,6 +138,6 @@ def random_clip_config(name: str, tiny: bool) -> CLIPConfig | None:
 
 def load_tokenizer(source: str | None, built: bool, key: str):
     """The tokenizer of `source`, or (`built`: a random-weight reward) the CLIP tokenizer built offline."""
-    from framework.weights import load_pretrained
+    from framework.core.weights import load_pretrained
 
     return build_clip_tokenizer() if built else load_pretrained(AutoTokenizer, source, key=key)

@@ -25,7 +25,7 @@ from transformers import Qwen2VLConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
-from framework.errors import FrameworkError
+from framework.core.errors import FrameworkError
 from framework.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Reward, load_parts
 
 PUBLISHED_ARCHITECTURE = Path(__file__).parent / "architectures" / "qwen2-vl-7b-instruct.json"
@@ -160,7 +160,7 @@ class HPSv3Reward(Reward):
 def hpsv3_tokenizer():
     """A byte-level stand-in for Qwen2-VL's tokenizer (tiny and random-weight HPSv3): Qwen's chat and vision tokens
     and <|Reward|>, and the words of HPSv3's fixed text whole, so the token count of its instruction is realistic."""
-    from framework.models.tokenizer import QWEN_CHAT, build_byte_tokenizer
+    from framework.core.tokenizer import QWEN_CHAT, build_byte_tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
     words = CHAT.format(image="", text=INSTRUCTION + ASK)

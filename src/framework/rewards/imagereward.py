@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from framework.errors import FrameworkError, first_line
+from framework.core.errors import FrameworkError, first_line
 from framework.rewards.base import Reward, clip_preprocess, load_parts
 from framework.rewards.clip import ARCHITECTURES, aesthetic_mlp
 
@@ -116,7 +116,7 @@ def convert(source: Path, target: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from framework.atomic import replaced
+    from framework.core.atomic import replaced
 
     try:
         state = torch.load(source, weights_only=True, map_location="cpu")
@@ -132,7 +132,7 @@ def convert(source: Path, target: Path) -> None:
 
 
 def main() -> None:
-    from framework.errors import ArgumentParser, guarded, process_error_log
+    from framework.core.errors import ArgumentParser, guarded, process_error_log
 
     parser = ArgumentParser(prog="python -m framework.rewards.imagereward", description=convert.__doc__.split(";")[0])
     parser.add_argument("source", type=Path, help="ImageReward.pt")

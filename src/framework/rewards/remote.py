@@ -24,10 +24,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from framework.errors import FrameworkError, first_line
-from framework.images import load_png, save_png
+from framework.config.rewards import IMAGE_FORMATS
+from framework.core.errors import FrameworkError, first_line
+from framework.core.images import load_png, save_png
 from framework.rewards.base import Reward
-from framework.rewards.registry import IMAGE_FORMATS
 
 API_PATH = "/predict"
 RETRY_DELAY = 0.5  # seconds before the first retry; doubled for each further one

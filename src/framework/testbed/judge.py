@@ -40,10 +40,12 @@ class Judge(nn.Module):
 
 
 def load_judge(path=JUDGE_FILE) -> Judge:
-    from framework.errors import FrameworkError
+    from framework.core.errors import FrameworkError
 
     if not path.is_file():
-        raise FrameworkError(f"testbed judge '{path}' not found; train it with `python -m framework.testbed.train`")
+        raise FrameworkError(
+            f"testbed judge '{path}' not found; train it with `python -m framework.tools.train_testbed`"
+        )
     judge = Judge()
     judge.load_state_dict(load_file(path))
     return judge.requires_grad_(False).eval()
@@ -51,7 +53,7 @@ def load_judge(path=JUDGE_FILE) -> Judge:
 
 def attribute_targets(prompts: list[str]) -> tuple[Tensor, Tensor]:
     """Colour and shape indices named by each prompt; a prompt outside the shapes world is a clear error."""
-    from framework.errors import FrameworkError
+    from framework.core.errors import FrameworkError
     from framework.testbed.shapes import parse_caption
 
     try:

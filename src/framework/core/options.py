@@ -1,0 +1,10 @@
+"""The options of each config group, as the YAML files of conf/ list them (package data: <repo>/conf links here)."""
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> tuple[str, ...]:
+    """The options of a config group, e.g. options("reward") -> ("aesthetic", ..., "tiny_pickscore")."""
+    return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
