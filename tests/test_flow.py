@@ -304,12 +304,16 @@ def sweep(directory, *overrides, models=f"model={','.join(f'tiny_{k}' for k in K
 
 def test_every_method_runs_end_to_end_on_the_tiny_flow_models_from_the_cli(tmp_path):
     """Noise optimisation (DNO, DNO-ZO, MIRA, MIRA-DPO), Best-of-N and base; DRaFT trains a transformer LoRA, which
-    LoRA scaling and AIG then load: every item finishes on SD3, FLUX.1, Qwen-Image and FLUX.2."""
+    LoRA scaling and AIG then load; GRPO trains one on JPEG compressibility: every item finishes on SD3, FLUX.1,
+    Qwen-Image and FLUX.2."""
     # lr: one step must move the 8-bit images of every tiny model (FLUX.2's moves least)
     draft = ["method.train_steps=1", "method.train_batch_size=1", "method.lora_rank=2", "method.kl_weight=0.1"]
     draft += ["method.lr=0.01"]
+    grpo = ["method.train_steps=1", "method.group_size=2", "method.prompts_per_epoch=1", "method.rollout_steps=2"]
+    grpo += ["method.num_steps=2", "method.lora_rank=2", "method.sample_every=0"]
     sweeps = [
         (tmp_path / "draft", ["method=draft", "reward=brightness", *draft]),
+        (tmp_path / "grpo", ["method=grpo", "reward=jpeg", *grpo]),  # online RL on a black-box reward
         (tmp_path / "noise", ["method=dno,dno_zo,mira,mira_dpo", "reward=brightness", *NOISE]),
         (tmp_path / "sampling", ["method=base,best_of_n", "reward=jpeg", "method.eta=0.5"]),
     ]
@@ -321,7 +325,7 @@ def test_every_method_runs_end_to_end_on_the_tiny_flow_models_from_the_cli(tmp_p
         runs |= sweep(
             tmp_path / kind, "method=lora_scale,aig", "reward=brightness", adapter, models=f"model=tiny_{kind}"
         )
-    methods = ("dno", "dno_zo", "mira", "mira_dpo", "base", "best_of_n", "draft", "lora_scale", "aig")
+    methods = ("dno", "dno_zo", "mira", "mira_dpo", "base", "best_of_n", "draft", "grpo", "lora_scale", "aig")
     assert set(runs) == {(kind, method) for kind in KINDS for method in methods}
     for (kind, method), summary in runs.items():
         assert summary["num_ok"] == summary["num_items"] == 1, (kind, method, summary["items"])

@@ -149,7 +149,7 @@ class MonitorConfig:
     @staticmethod
     def relations(c, run) -> Iterator[tuple[str, str]]:
         if c.every and method_kind(run.method) != "fine_tunes":
-            yield "monitor.every", "a probe set is evaluated by fine-tuning methods (method=draft)"
+            yield "monitor.every", "a probe set is evaluated by fine-tuning methods (method=draft, method=grpo)"
         for key in ("stop", "select"):
             if c[key] not in (False, "last") and not c.every:
                 yield f"monitor.{key}", "it acts on the probe set's evaluations: set monitor.every (e.g. 5)"

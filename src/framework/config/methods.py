@@ -173,13 +173,37 @@ class MIRADPOConfig(MIRAConfig):
 
 
 @dataclass
-class DRaFTConfig(SamplingConfig):
-    """DRaFT-K / DRaFT-LV LoRA fine-tuning (+ KL to the adapter-free UNet); then the items are sampled with the
-    trained adapter and measured like any method (base = adapters off, same seed)."""
+class AdapterTrainingConfig(SamplingConfig):
+    """What the fine-tuning methods share: a LoRA adapter trained for `train_steps` optimiser steps, resumable,
+    then the items are sampled with it and measured like any method (base = adapters off, same seed)."""
 
-    name: str = valid("draft", OneOf(("draft",)))
+    lora_rank: int = valid(32, COUNT)
+    lr: float = valid(2.5e-4, POSITIVE)
+    weight_decay: float = valid(5e-3, NON_NEGATIVE)
+    grad_clip: float = valid(10.0, POSITIVE)  # max gradient norm
+    train_steps: int = valid(200, COUNT)  # optimiser steps
+    save_every: int = valid(50, COUNT)  # adapter + resumable training state every N steps
+    sample_every: int = valid(50, Range(0))  # a grid of probe images, with their reward, every N steps (0 = never)
     implementation: ClassVar[str] = "framework.methods.fine_tune:FineTuneThenSample"
     kind: ClassVar[str] = "fine_tunes"
+    trainer: ClassVar[str]  # "module:Class" of its Lightning module (framework.methods.fine_tune.AdapterTraining)
+
+    @staticmethod
+    def relations(c, run) -> Iterator[tuple[str, str]]:
+        if "float16" in (run.model.dtype, run.model.vae_dtype):
+            yield (
+                "model.dtype",
+                f"method={c.name} does not train in float16 (the LoRA fit has no loss scaling, so small gradients "
+                "underflow to zero); use bfloat16 or float32",
+            )
+
+
+@dataclass
+class DRaFTConfig(AdapterTrainingConfig):
+    """DRaFT-K / DRaFT-LV LoRA fine-tuning (+ KL to the adapter-free UNet)."""
+
+    name: str = valid("draft", OneOf(("draft",)))
+    trainer: ClassVar[str] = "framework.methods.draft:DRaFT"
     num_steps: int = valid(25, Range(1, 1000))
     eta: float = valid(0.0, UNIT)
     guidance_scale: float = valid(7.5, NON_NEGATIVE)  # 7.5 for SD1.x; use 5.0 for SDXL
@@ -188,15 +212,8 @@ class DRaFTConfig(SamplingConfig):
     lv_samples: int = valid(2, COUNT)  # n re-noised copies of DRaFT-LV
     # λ of DRaFT+KL: λ·mean over the differentiated steps of mean((ε̃_ft − sg ε̃_base)²)
     kl_weight: float = valid(0.0, NON_NEGATIVE)
-    lora_rank: int = valid(32, COUNT)
-    lr: float = valid(2.5e-4, POSITIVE)
-    weight_decay: float = valid(5e-3, NON_NEGATIVE)
-    grad_clip: float = valid(10.0, POSITIVE)
-    train_steps: int = valid(200, COUNT)
     train_batch_size: int = valid(4, COUNT)  # prompts per optimiser step (the global batch, split over processes)
     checkpoint: bool = True  # per-model-call gradient checkpointing
-    save_every: int = valid(50, COUNT)  # adapter + resumable training state every N steps
-    sample_every: int = valid(50, Range(0))  # a grid of probe images, with their reward, every N steps (0 = never)
     follows_reward_gradients: ClassVar[bool] = True
 
     @staticmethod
@@ -210,12 +227,46 @@ class DRaFTConfig(SamplingConfig):
                 f"it must be a multiple of the {processes} processes (trainer.devices × trainer.num_nodes): each takes "
                 "an equal share",
             )
-        if "float16" in (run.model.dtype, run.model.vae_dtype):
+
+
+@dataclass
+class GRPOConfig(AdapterTrainingConfig):
+    """GRPO (Flow-GRPO; DDPO on ε-models): online RL with group-relative advantages; any reward, black box included.
+    Defaults: Flow-GRPO's (framework.methods.grpo)."""
+
+    name: str = valid("grpo", OneOf(("grpo",)))
+    trainer: ClassVar[str] = "framework.methods.grpo:GRPO"
+    # the items' sampler after training: Flow-GRPO evaluates at 40 deterministic steps
+    num_steps: int = valid(40, Range(1, 1000))
+    eta: float = valid(0.0, UNIT)
+    guidance_scale: float = valid(4.5, NON_NEGATIVE)  # CFG of the items, the rollouts and the updates
+    rollout_steps: int = valid(10, Range(1, 1000))  # sampler steps of the rollouts
+    noise_level: float = valid(0.7, Range(0, 1, low_open=True))  # η of the rollouts' stochastic steps (> 0)
+    group_size: int = valid(8, Range(2))  # images per prompt (Flow-GRPO: 24)
+    prompts_per_epoch: int = valid(2, COUNT)  # prompt groups per epoch (the global batch, split over processes)
+    inner_epochs: int = valid(1, COUNT)  # optimiser steps per epoch's rollouts
+    advantage: str = valid("group", OneOf(("group", "batch", "pairwise")))
+    global_std: bool = True  # the std of the advantage over the epoch's rewards, not the group's
+    adv_clip_max: float = valid(5.0, POSITIVE)
+    clip_range: float = valid(1e-4, POSITIVE)  # ε of the clipped ratio
+    kl_weight: float = valid(0.04, NON_NEGATIVE)  # β of the per-step KL to the base model
+    timesteps: str = valid("first", OneOf(("first", "random")))  # which rollout steps are trained ...
+    timestep_fraction: float = valid(0.99, UNIT)  # ... that many of them, at least one
+    lr: float = valid(3e-4, POSITIVE)
+    weight_decay: float = valid(1e-4, NON_NEGATIVE)
+    grad_clip: float = valid(1.0, POSITIVE)
+
+    @staticmethod
+    def relations(c, run) -> Iterator[tuple[str, str]]:
+        processes = run.trainer.devices * run.trainer.num_nodes
+        if c.prompts_per_epoch % processes:
             yield (
-                "model.dtype",
-                "method=draft does not train in float16 (the LoRA fit has no loss scaling, so small gradients "
-                "underflow to zero); use bfloat16 or float32",
+                "method.prompts_per_epoch",
+                f"it must be a multiple of the {processes} processes (trainer.devices × trainer.num_nodes): each "
+                "samples whole groups",
             )
+        if c.train_steps % c.inner_epochs:
+            yield "method.train_steps", f"it counts optimiser steps: a multiple of method.inner_epochs={c.inner_epochs}"
 
 
 @dataclass
@@ -251,6 +302,7 @@ METHODS: dict[str, type[SamplingConfig]] = {
         DNOZeroOrderConfig,
         MIRADPOConfig,
         DRaFTConfig,
+        GRPOConfig,
         LoRAScaleConfig,
         AIGConfig,
     )

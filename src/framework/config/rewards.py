@@ -22,12 +22,15 @@ Weights = list[tuple[str, str, str]]  # (kind "file" | "pretrained", hub id or p
 class RewardEntry:
     """`build`: "module:function", called as function(cfg: RewardConfig, dtype) -> Reward. `differentiable`: whether
     gradients reach the images (None: `reward.differentiable` says, for a callable). `weights`: the weights a config
-    reads, given the key prefix ("reward"). `network`: it has weight files (so `tiny` and `random_weights` apply)."""
+    reads, given the key prefix ("reward"). `network`: it has weight files (so `tiny` and `random_weights` apply).
+    `bradley_terry`: its score is a Bradley–Terry utility, σ(s_A − s_B) the probability that A is preferred (GRPO's
+    pairwise advantages use that probability instead of a hard win)."""
 
     build: str
     differentiable: bool | None = True
     weights: Callable[["RewardConfig", str], Weights] = lambda cfg, prefix: []
     network: bool = False
+    bradley_terry: bool = False
 
 
 @dataclass
@@ -153,7 +156,7 @@ REWARDS: dict[str, RewardEntry] = {
     "jpeg": RewardEntry(f"{BUILDERS}:jpeg", differentiable=False),
     **{name: RewardEntry(f"{BUILDERS}:statistic") for name in ("brightness", "darkness", "contrast", "saturation")},
     "judge": RewardEntry(f"{BUILDERS}:judge"),
-    "proxy": RewardEntry(f"{BUILDERS}:proxy", weights=_checkpoint_if_set),
+    "proxy": RewardEntry(f"{BUILDERS}:proxy", weights=_checkpoint_if_set, bradley_terry=True),
     "callable": RewardEntry(f"{BUILDERS}:user_callable", differentiable=None),
     "remote": RewardEntry(f"{BUILDERS}:remote", differentiable=False),
 }

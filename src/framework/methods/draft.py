@@ -15,9 +15,6 @@ the global batch, so a resumed run, or a DDP run with the same global batch, see
 uninterrupted single-process run.
 """
 
-from pathlib import Path
-
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,20 +22,11 @@ from torch import Tensor
 from framework.core.errors import NonFiniteLoss
 from framework.core.items import derive_seed
 from framework.methods.common import draw_noise, sampler_options
-from framework.models.lora import add_lora, save_lora
+from framework.methods.fine_tune import AdapterTraining
 from framework.models.sampling import sample, sampler_steps
 
 
-class DRaFT(L.LightningModule):
-    def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
-        super().__init__()
-        self.backbone, self.reward = backbone, reward
-        self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
-        self.trainable = add_lora(
-            backbone.denoiser, backbone.lora_targets, cfg.lora_rank, seed=derive_seed(seed, 1 << 25)
-        )
-        self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
-
+class DRaFT(AdapterTraining):
     def rows(self, step: int) -> tuple[list[int], list[int]]:
         """Prompt indices and noise seeds of this process's share of optimiser step `step`'s global batch."""
         batch, world = self.cfg.train_batch_size, self.trainer.world_size
@@ -96,15 +84,6 @@ class DRaFT(L.LightningModule):
             {"train/loss": loss, "train/reward": reward, "train/eps_mse": eps_mse}, sync_dist=True, prog_bar=True
         )
         return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the adapter only (the frozen model is reloaded from its source) and write it in diffusers format."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
-        if self.trainer.is_global_zero:
-            save_lora(self.backbone, self.out_dir / "checkpoints" / f"adapter-step{self.global_step:06d}")
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(range(self.cfg.train_steps), batch_size=None)  # content: see `rows`

@@ -1,22 +1,48 @@
-"""method=draft through the method contract: train the run's LoRA adapter with DRaFT (a Lightning `fit` that resumes
-from the run directory's newest checkpoint), then sample every item with it like `lora_scale` at α = 1."""
+"""The fine-tuning methods (method=draft, method=grpo) through the method contract: train the run's LoRA adapter with
+the method's training module (its schema's `trainer`; a Lightning `fit` that resumes from the run directory's newest
+checkpoint), then sample every item with it like `lora_scale` at α = 1."""
 
 from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import OmegaConf
 
 from framework.config import held_out_rewards
-from framework.config.methods import LoRAScaleConfig, SamplingConfig
+from framework.config.families import resolve
+from framework.config.methods import METHODS, LoRAScaleConfig, SamplingConfig
 from framework.core.errors import Interrupted
+from framework.core.items import derive_seed
 from framework.methods.common import Method
-from framework.methods.draft import DRaFT
 from framework.methods.lora_scale import LoRAScale
 from framework.methods.probe import BEST_ADAPTER, ProbeMonitor
-from framework.models.lora import WEIGHT_NAME, load_lora, restore_lora, save_lora
+from framework.models.lora import WEIGHT_NAME, add_lora, load_lora, restore_lora, save_lora
 
 INTERRUPTED_CKPT = "interrupted.ckpt"
+
+
+class AdapterTraining(L.LightningModule):
+    """What the fine-tuning methods share (DRaFT, GRPO): a fresh LoRA adapter on the denoiser (seeded, so every
+    process and every rerun starts from the same one), AdamW over it, and checkpoints that keep the adapter only (the
+    frozen model is reloaded from its source), each also written in diffusers' format."""
+
+    def __init__(self, backbone, reward, cfg, prompts: list[str], seed: int, out_dir: Path):
+        super().__init__()
+        self.backbone, self.reward = backbone, reward
+        self.cfg, self.prompts, self.seed, self.out_dir = cfg, prompts, seed, Path(out_dir)
+        self.trainable = add_lora(
+            backbone.denoiser, backbone.lora_targets, cfg.lora_rank, seed=derive_seed(seed, 1 << 25)
+        )
+        self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        if self.trainer.is_global_zero:
+            save_lora(self.backbone, self.out_dir / "checkpoints" / f"adapter-step{self.global_step:06d}")
 
 
 class FineTuneThenSample(Method):
@@ -44,11 +70,18 @@ class FineTuneThenSample(Method):
             probe = [ProbeMonitor(cfg.monitor, held_out_rewards(cfg), Path(cfg.output_dir), cfg.method.sample_every)]
         return {
             "max_steps": cfg.method.train_steps,
-            "gradient_clip_val": cfg.method.grad_clip,
+            # a module that makes its own optimiser steps (GRPO) clips its gradients itself
+            "gradient_clip_val": None
+            if getattr(self.trainer_class(cfg), "clips_its_gradients", False)
+            else cfg.method.grad_clip,
             "callbacks": [checkpoints, on_stop, *probe],
             "enable_checkpointing": True,
             "log_every_n_steps": 1,
         }
+
+    @staticmethod
+    def trainer_class(cfg) -> type[AdapterTraining]:
+        return resolve(METHODS[cfg.method.name].trainer)
 
     def prepare(self, cfg, trainer: L.Trainer, backbone, reward, metrics) -> Method:
         from framework.config.prompts import load_prompts
@@ -59,13 +92,14 @@ class FineTuneThenSample(Method):
         else:
             for probe in (c for c in trainer.callbacks if isinstance(c, ProbeMonitor)):
                 probe.metrics = metrics
-            module = DRaFT(backbone, reward, cfg.method, load_prompts(cfg.prompts), cfg.seed, Path(cfg.output_dir))
+            prompts = load_prompts(cfg.prompts)
+            module = self.trainer_class(cfg)(backbone, reward, cfg.method, prompts, cfg.seed, Path(cfg.output_dir))
             adapter = train(trainer, module, select_best=cfg.monitor.select == "best_held_out")
-        sampling = {f.name: cfg.method[f.name] for f in fields(SamplingConfig)}  # DRaFT's own sampler
+        sampling = {f.name: cfg.method[f.name] for f in fields(SamplingConfig)}  # the method's own sampler
         return LoRAScale(OmegaConf.structured(LoRAScaleConfig(**sampling, adapter=str(adapter), alpha=1.0)))
 
 
-def train(trainer: L.Trainer, module: DRaFT, select_best: bool = False) -> Path:
+def train(trainer: L.Trainer, module: AdapterTraining, select_best: bool = False) -> Path:
     """Fit, resuming from the newest checkpoint of the run directory if there is one (the periodic `last.ckpt`, or
     `interrupted.ckpt` written when a stop signal or an error stopped training); returns the adapter directory, which
     holds the last adapter or, with `select_best`, the one of the probe evaluation the held-out reward scored best
