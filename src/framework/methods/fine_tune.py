@@ -36,6 +36,8 @@ class AdapterTraining(L.LightningModule):
         )
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
 
+    clips_its_gradients = False  # True for a module that makes its own optimiser steps (Lightning clips the others')
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
@@ -47,11 +49,11 @@ class AdapterTraining(L.LightningModule):
 
 class FineTuneThenSample(Method):
     """`prepare` trains the run's adapter (or reuses it when an earlier attempt finished) and returns the method that
-    samples the items with it, LoRA scale 1 on DRaFT's own sampler (base image = adapters off, same seed)."""
+    samples the items with it, LoRA scale 1 on the method's own sampler (base image = adapters off, same seed)."""
 
     def trainer_options(self, cfg) -> dict:
         """Step budget, gradient clipping, resumable checkpoints every `save_every` steps and at a stop signal or an
-        error, training curves (framework.runner.tracking)."""
+        error, the probe set; the runner adds the loggers of the training curves (framework.runner.tracking)."""
         from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
         directory = Path(cfg.output_dir) / "checkpoints"
@@ -71,9 +73,7 @@ class FineTuneThenSample(Method):
         return {
             "max_steps": cfg.method.train_steps,
             # a module that makes its own optimiser steps (GRPO) clips its gradients itself
-            "gradient_clip_val": None
-            if getattr(self.trainer_class(cfg), "clips_its_gradients", False)
-            else cfg.method.grad_clip,
+            "gradient_clip_val": None if self.trainer_class(cfg).clips_its_gradients else cfg.method.grad_clip,
             "callbacks": [checkpoints, on_stop, *probe],
             "enable_checkpointing": True,
             "log_every_n_steps": 1,
