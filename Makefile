@@ -50,6 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_monitor.py
+	$(PY) benchmarks/bench_grpo.py
 	$(PY) benchmarks/bench_full_size.py
 
 # The full-size path on a CUDA device (random weights, nothing downloaded): make bench-gpu [BENCH_GPU_ARGS="--model sd15"]

@@ -252,6 +252,24 @@ def test_the_zeroth_order_noise_methods_optimise_through_a_served_reward(server,
     assert record["status"] == "ok" and len(record["steps"]) == 2 and record["compute"]["evals"] > 0
 
 
+def test_grpo_fine_tunes_through_a_served_reward(server, tmp_path):
+    """Online RL needs no reward gradient: a served reward scores GRPO's rollouts, each epoch's group in batches."""
+    args = [*FAST, "method=grpo", "method.train_steps=1", "method.group_size=2", "method.prompts_per_epoch=1"]
+    args += ["method.rollout_steps=2", "method.lora_rank=2", "method.sample_every=0", "method.batch_size=1"]
+    result = run_cli(
+        *args,
+        "reward=remote",
+        f"reward.url={server}",
+        "prompts=inline",
+        "prompts.prompts=[a cat]",
+        run_dir=tmp_path / "run",
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "run" / "train" / "version_0" / "metrics.csv") as f:
+        assert "train/reward" in f.readline()
+    assert (tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
 class FakeServer(BaseHTTPRequestHandler):
     """A server that claims to serve a reward and then misbehaves: `mode` slow | wrong_shape | error (500: the reward
     failed on these images) | busy (503: not ready, overloaded) | nan (NaN scores, as Python's json writes them).

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as checkpointed
 
 from framework.config.methods import SamplingConfig
 from framework.config.rewards import REWARDS
@@ -149,7 +150,11 @@ class GRPO(AdapterTraining):
     def step_loss(self, rollout: Rollout, j: int, step: Step) -> tuple[Tensor, dict]:
         """The clipped policy loss and the KL to the base model at trained step `j` (module docstring)."""
         backbone, cfg = self.backbone, self.cfg
-        pred, _ = backbone.predict_branches(rollout.x[j], step.t, rollout.cond, cfg.guidance_scale)
+        # checkpointed: backward recomputes the step, so one backward over every trained step (as DDP needs) keeps
+        # only each step's input
+        pred, _ = checkpointed(
+            backbone.predict_branches, rollout.x[j], step.t, rollout.cond, cfg.guidance_scale, use_reentrant=False
+        )
         mean = step.update(rollout.x[j], pred)[1]
         ratio = torch.exp(log_prob(rollout.x_next[j], mean, step.std) - rollout.old_log_prob[j])
         a = rollout.advantages.to(ratio.dtype)
@@ -175,17 +180,15 @@ class GRPO(AdapterTraining):
         rollout = self.rollout([self.prompts[i] for i in prompt_indices], seeds, trained)
         steps = self.steps()
         for _ in range(cfg.inner_epochs):
-            totals: dict[str, float] = {}
-            for j, i in enumerate(trained):
-                loss, stats = self.step_loss(rollout, j, steps[i])
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite GRPO loss ({loss.item()}) at step {self.global_step}")
-                self.manual_backward(loss / len(trained))
-                for key, value in {"loss": loss.detach(), **stats}.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) / len(trained)
+            losses, stats = zip(*(self.step_loss(rollout, j, steps[i]) for j, i in enumerate(trained)))
+            loss = torch.stack(losses).mean()
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite GRPO loss ({loss.item()}) at step {self.global_step}")
+            self.manual_backward(loss)
             self.clip_gradients(optimiser, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
             optimiser.step()
             optimiser.zero_grad()
+        totals = {"loss": loss.detach()} | {k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
         groups = rollout.rewards.reshape(-1, cfg.group_size)
         logged = {f"train/{k}": v for k, v in totals.items()} | {
             "train/reward": groups.mean(),
