@@ -140,6 +140,16 @@ def run_process(*overrides: str, run_dir: Path | None = None, env: dict | None =
     )
 
 
+def interrupted_copy(full: Path, resumed: Path, step: int) -> None:
+    """`resumed`: the run directory `full` as a run killed after optimiser step `step` leaves it, its configuration
+    and that step's checkpoint as `last.ckpt` only."""
+    import shutil
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "run.json", resumed / "run.json")
+    shutil.copy(full / "checkpoints" / f"step{step:06d}.ckpt", resumed / "checkpoints" / "last.ckpt")
+
+
 def run_nodes(*overrides: str, run_dir: Path, nodes: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """`framework.run` on `nodes` "nodes" of one process each on this machine, started as a multi-node launch starts
     them (torchrun --nnodes=N --node-rank=i: MASTER_ADDR, MASTER_PORT, NODE_RANK, RANK, WORLD_SIZE in each

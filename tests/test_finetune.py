@@ -3,11 +3,10 @@
 import csv
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import REBATCHED, run_cli, run_nodes
+from conftest import REBATCHED, interrupted_copy, run_cli, run_nodes
 
 from framework.config import ModelConfig
 from framework.config.families import UNET_LORA
@@ -230,9 +229,7 @@ def test_draft_cli_trains_checkpoints_and_resumes_on_the_same_loss_curve(tmp_pat
     assert (tmp_path / "full" / "samples" / "step000002.png").exists()
     # An interrupted run: only the step-2 checkpoint exists. The rerun resumes from it and trains steps 2 and 3.
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "full" / "run.json", resumed / "run.json")
-    shutil.copy(tmp_path / "full" / "checkpoints" / "step000002.ckpt", resumed / "checkpoints" / "last.ckpt")
+    interrupted_copy(tmp_path / "full", resumed, 2)
     result = run_cli(*args, run_dir=resumed)
     assert result.returncode == 0, result.stderr
     before, after = train_log(tmp_path / "full"), train_log(resumed)

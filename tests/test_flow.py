@@ -13,8 +13,9 @@ from conftest import REBATCHED, run_cli
 from torch.distributions import Normal, kl_divergence
 
 from framework.config import ModelConfig
-from framework.config.families import FAMILIES, resolve
+from framework.config.families import FAMILIES
 from framework.core.errors import FrameworkError
+from framework.core.options import resolve
 from framework.models import Backbone, Cond, build_tiny, load_backbone
 from framework.models import tiny as tiny_builders
 from framework.models.flow import FlowMatchingBackbone

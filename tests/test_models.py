@@ -82,7 +82,8 @@ def test_every_family_row_names_what_exists_and_its_adapter_layers_match_the_den
 
     import diffusers
 
-    from framework.config.families import FAMILIES, resolve
+    from framework.config.families import FAMILIES
+    from framework.core.options import resolve
     from framework.models import Backbone, build_tiny
     from framework.models.full_size import ARCHITECTURES
 

@@ -117,11 +117,3 @@ FAMILIES: dict[str, Family] = {
 
 def flow_kinds() -> tuple[str, ...]:
     return tuple(name for name, family in FAMILIES.items() if family.flow_matching)
-
-
-def resolve(reference: str):
-    """The object a "module:name" of the table names."""
-    from importlib import import_module
-
-    module, _, name = reference.partition(":")
-    return getattr(import_module(module), name)

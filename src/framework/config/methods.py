@@ -198,6 +198,16 @@ class AdapterTrainingConfig(SamplingConfig):
             )
 
 
+def split_over_processes(key: str, value: int, run, each: str) -> Iterator[tuple[str, str]]:
+    """A global batch that every process (trainer.devices × trainer.num_nodes) shares equally."""
+    processes = run.trainer.devices * run.trainer.num_nodes
+    if value % processes:
+        yield (
+            f"method.{key}",
+            f"it must be a multiple of the {processes} processes (trainer.devices × trainer.num_nodes): each {each}",
+        )
+
+
 @dataclass
 class DRaFTConfig(AdapterTrainingConfig):
     """DRaFT-K / DRaFT-LV LoRA fine-tuning (+ KL to the adapter-free UNet)."""
@@ -220,13 +230,7 @@ class DRaFTConfig(AdapterTrainingConfig):
     def relations(c, run) -> Iterator[tuple[str, str]]:
         if c.variant == "k" and c.k is not None and c.k > c.num_steps:
             yield "method.k", f"it must be ≤ method.num_steps={c.num_steps}"
-        processes = run.trainer.devices * run.trainer.num_nodes
-        if c.train_batch_size % processes:
-            yield (
-                "method.train_batch_size",
-                f"it must be a multiple of the {processes} processes (trainer.devices × trainer.num_nodes): each takes "
-                "an equal share",
-            )
+        yield from split_over_processes("train_batch_size", c.train_batch_size, run, "takes an equal share")
 
 
 @dataclass
@@ -258,13 +262,7 @@ class GRPOConfig(AdapterTrainingConfig):
 
     @staticmethod
     def relations(c, run) -> Iterator[tuple[str, str]]:
-        processes = run.trainer.devices * run.trainer.num_nodes
-        if c.prompts_per_epoch % processes:
-            yield (
-                "method.prompts_per_epoch",
-                f"it must be a multiple of the {processes} processes (trainer.devices × trainer.num_nodes): each "
-                "samples whole groups",
-            )
+        yield from split_over_processes("prompts_per_epoch", c.prompts_per_epoch, run, "samples whole groups")
         if c.train_steps % c.inner_epochs:
             yield "method.train_steps", f"it counts optimiser steps: a multiple of method.inner_epochs={c.inner_epochs}"
 

@@ -136,10 +136,11 @@ class RunSummary:
         return self.num_ok == self.num_items
 
     def to_json(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("means", "sets", "monitor")}
-        data = {k: v for k, v in data.items() if k != "items"} | self.means
-        data |= {k: getattr(self, k) for k in ("sets", "monitor") if getattr(self, k) is not None}
-        return data | {"items": [asdict(row) for row in self.items]}
+        fixed = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("means", "sets", "monitor", "items")
+        }
+        present = {k: getattr(self, k) for k in ("sets", "monitor") if getattr(self, k) is not None}
+        return fixed | self.means | present | {"items": [asdict(row) for row in self.items]}
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunSummary":

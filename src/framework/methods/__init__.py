@@ -2,11 +2,10 @@
 loads no network: `build_method` imports a method's module when it builds it, and `Method`/`Problem` (the contract
 and a batch's world, framework.methods.common) load on first use."""
 
-from importlib import import_module
-
 from framework.config.methods import METHODS, gradient_problem
 from framework.core.errors import FrameworkError
 from framework.core.items import Item, ItemResult, derive_seed
+from framework.core.options import resolve
 
 __all__ = ["METHODS", "Item", "ItemResult", "Method", "Problem", "build_method", "derive_seed"]
 
@@ -17,8 +16,7 @@ def build_method(cfg, reward):
     schema = METHODS[cfg.name]
     if problem := gradient_problem(schema, reward.name, reward.differentiable):
         raise FrameworkError(problem)
-    module, _, name = schema.implementation.partition(":")
-    return getattr(import_module(module), name)(cfg)
+    return resolve(schema.implementation)(cfg)
 
 
 def __getattr__(name: str):

@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from framework.config import held_out_rewards
-from framework.config.families import resolve
 from framework.config.methods import METHODS, LoRAScaleConfig, SamplingConfig
 from framework.core.errors import Interrupted
 from framework.core.items import derive_seed
+from framework.core.options import resolve
 from framework.methods.common import Method
 from framework.methods.lora_scale import LoRAScale
 from framework.methods.probe import BEST_ADAPTER, ProbeMonitor

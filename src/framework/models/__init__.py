@@ -5,7 +5,8 @@ compilation)."""
 import torch
 
 from framework.config import ModelConfig
-from framework.config.families import FAMILIES, resolve
+from framework.config.families import FAMILIES
+from framework.core.options import resolve
 from framework.core.weights import load_pretrained
 from framework.models.backbone import Backbone, Cond, StableDiffusionBackbone
 from framework.models.flow import FlowMatchingBackbone

@@ -29,7 +29,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from framework.config.families import FAMILIES, resolve
+from framework.config.families import FAMILIES
+from framework.core.options import resolve
 from framework.core.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 ARCHITECTURES = Path(__file__).parent / "architectures"

@@ -1,9 +1,8 @@
 """Reward zoo: every reward of the registry (framework.config.rewards) built from its config."""
 
-from importlib import import_module
-
 from framework.config.rewards import REWARDS, RewardConfig, is_differentiable
 from framework.core.errors import FrameworkError
+from framework.core.options import resolve
 from framework.rewards.base import Reward, clip_preprocess
 
 __all__ = ["Reward", "build_reward", "clip_preprocess", "load_named_reward"]
@@ -14,8 +13,7 @@ def build_reward(cfg: RewardConfig) -> Reward:
     whether it is differentiable."""
     import torch
 
-    module, _, function = REWARDS[cfg.name].build.partition(":")
-    reward = getattr(import_module(module), function)(cfg, getattr(torch, cfg.dtype))
+    reward = resolve(REWARDS[cfg.name].build)(cfg, getattr(torch, cfg.dtype))
     reward.name, reward.scale, reward.differentiable = cfg.name, cfg.scale, is_differentiable(cfg)
     if cfg.clamp is not None:
         reward.clamp = cfg.clamp

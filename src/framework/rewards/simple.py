@@ -1,6 +1,5 @@
 """Rewards without a network: JPEG compressibility (non-differentiable), toy image statistics, any callable."""
 
-import importlib
 import io
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from framework.core.options import resolve
 from framework.rewards.base import Reward
 
 
@@ -61,9 +61,9 @@ class CallableReward(Reward):
 
     def __init__(self, target: str):
         super().__init__()
-        module_name, _, attr = target.partition(":")
-        self.fn = getattr(importlib.import_module(module_name), attr)
+        self.fn = resolve(target)
         if not callable(self.fn):
+            module_name, _, attr = target.partition(":")
             raise ValueError(f"{attr} of {module_name} is a {type(self.fn).__name__}, not a function")
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
