@@ -1,16 +1,18 @@
-"""The full-size path (SD1.5, SDXL, SD3.5-medium, Qwen-Image and FLUX.2-dev architectures, HPS's ViT-H-14 reward)
-measured on any machine, no GPU needed.
+"""The full-size path (SD1.5, SDXL, SD3.5-medium, FLUX.1-dev, Qwen-Image and FLUX.2-dev architectures, HPS's
+ViT-H-14 reward) measured on any machine, no GPU needed.
 
-    python benchmarks/bench_full_size.py [--model sd15|sdxl|sd35|qwen_image|flux2|all] [--proxy-only | --no-proxy]
+    python benchmarks/bench_full_size.py [--model sd15|sdxl|sd35|flux|qwen_image|flux2|all] [--proxy-only | --no-proxy]
                                                                                                         (make bench)
 
 7. peak memory of one MIRA step at full size, bfloat16, CFG 5, counted on the meta device (benchmarks/meta_device.py):
-   SD1.5 at 512², SDXL, SD3.5 medium, Qwen-Image and FLUX.2-dev at 1024², with each memory option, at batch 1 and
-   more, 50 vs 10 steps; Qwen-Image's and FLUX.2's text encoders offloaded, and what keeping them adds; and the
+   SD1.5 at 512², SDXL, SD3.5 medium, FLUX.1-dev, Qwen-Image and FLUX.2-dev at 1024², with each memory option, at batch
+   1 and more, 50 vs 10 steps; Qwen-Image's and FLUX.2's text encoders offloaded, and what keeping them adds; and the
    naive loop (autograd through the whole chain, no checkpointing)       targets (GiB): SD1.5 ≤ 10, SDXL ≤ 24
 8. FLOPs of a plain 50-step sample and of a MIRA step (torch's FLOP counter, meta device): the MFU numerator
 9. CPU proxy: SD1.5-arch at 64 px with the HPS-arch reward, one MIRA step end to end at 10 and 50 steps, computed
    for real (fresh process each): seconds and peak RSS growth                                  target ≤ 1.2
+10. peak memory of one GRPO update (the loss over the 9 trained steps of a 10-step rollout and its backward, LoRA
+   rank 8, CFG 5) at 1024², bfloat16, meta device: SD3.5 medium, FLUX.1-dev and Qwen-Image, batch 1 and 4
 """
 
 import argparse
@@ -23,6 +25,7 @@ from meta_device import (
     PROMPT,
     GiB,
     meta_problem,
+    peak_grpo_update_memory,
     peak_step_memory,
     sample_and_step_flops,
     text_encoder_bytes,
@@ -33,6 +36,7 @@ MODELS = {
     "sd15": ("SD1.5-arch 512²", "sd", 512),
     "sdxl": ("SDXL-arch 1024²", "sdxl", 1024),
     "sd35": ("SD3.5-arch 1024²", "sd3", 1024),
+    "flux": ("FLUX.1-dev-arch 1024²", "flux", 1024),
     "qwen_image": ("Qwen-Image-arch 1024²", "qwen_image", 1024),
     "flux2": ("FLUX.2-dev-arch 1024²", "flux2", 1024),
 }
@@ -79,6 +83,23 @@ def memory_table(num_steps: int, models: list[str]) -> None:
             f"{naive[num_steps] / GiB:.0f} GiB at {num_steps}; fits 24 GiB up to {max(fits[24], 0)} steps, "
             f"80 GiB up to {max(fits[80], 0)}, 141 GiB up to {max(fits[141], 0)}"
         )
+
+
+GRPO_MODELS = ("sd35", "flux", "qwen_image")
+
+
+def grpo_memory_table(models: list[str]) -> None:
+    print("\n10. peak memory of a GRPO update (weights + the update's own tensors), bfloat16, meta device")
+    print(f"   {'model':22} {'options':26} {'batch':>5} {'weights':>9} {'update':>9} {'total':>9}")
+    for label, kind, resolution in (MODELS[name] for name in GRPO_MODELS if name in models):
+        for options, batch in (({}, 1), ({"unet_checkpointing": True}, 1), ({"unet_checkpointing": True}, 4)):
+            problem = meta_problem(kind, resolution, batch, 10, **options)
+            weights, update = weight_bytes(problem), peak_grpo_update_memory(problem)
+            shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+            print(
+                f"   {label:22} {shown:26} {batch:5} {weights / GiB:6.1f}GiB {update / GiB:6.1f}GiB "
+                f"{(weights + update) / GiB:6.1f}GiB"
+            )
 
 
 def flop_table(num_steps: int, models: list[str]) -> None:
@@ -131,11 +152,15 @@ def main() -> None:
     parser.add_argument("--proxy-resolution", type=int, default=64)
     parser.add_argument("--proxy-only", action="store_true")
     parser.add_argument("--no-proxy", action="store_true")
+    parser.add_argument("--grpo-only", action="store_true", help="table 10 only")
     args = parser.parse_args()
+    models = list(MODELS) if args.model == "all" else [args.model]
+    if args.grpo_only:
+        return grpo_memory_table(models)
     if not args.proxy_only:
-        models = list(MODELS) if args.model == "all" else [args.model]
         memory_table(args.num_steps, models)
         flop_table(args.num_steps, models)
+        grpo_memory_table(models)
     if not args.no_proxy:
         cpu_proxy(args.proxy_resolution)
 

@@ -66,7 +66,7 @@ def main() -> None:
     state = {}
 
     def rollouts():
-        state["rollout"] = module.rollout(prompts, seeds, trained)
+        state["rollout"] = module.rollout(prompts, seeds, 0)
 
     def scoring():
         with torch.no_grad():
@@ -74,7 +74,7 @@ def main() -> None:
                 reward(state["images"][i : i + cfg.batch_size], prompts[i : i + cfg.batch_size])
 
     def update():
-        steps = module.steps()
+        steps = module.steps(0)
         losses = [module.step_loss(state["rollout"], j, steps[i])[0] for j, i in enumerate(trained)]
         torch.stack(losses).mean().backward()
         optimiser.step()

@@ -17,9 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import framework  # noqa: F401  (torchvision workaround)
 from framework.config import ModelConfig
-from framework.config.methods import MIRAConfig
+from framework.config.methods import GRPOConfig, MIRAConfig
 from framework.config.rewards import RewardConfig
 from framework.methods import Item, Problem
+from framework.methods.grpo import GRPO, Rollout
 from framework.models import Cond, load_backbone
 from framework.models.qwen_image import QwenImageBackbone
 from framework.models.sampling import trajectory_divergence
@@ -141,6 +142,25 @@ def peak_step_memory(problem: Problem, checkpoint: bool = True) -> int:
         reference = [eps.detach() for eps in problem.render(x_T, noises)[1].predictions]
     with fused_attention(), TensorMemory() as memory:
         mira_step(problem, reference, checkpoint)
+    return memory.peak
+
+
+def peak_grpo_update_memory(problem: Problem, rollout_steps: int = 10, lora_rank: int = 8) -> int:
+    """Peak bytes of one GRPO update (framework.methods.grpo, Flow-GRPO's defaults: CFG, the first 9 of 10 rollout
+    steps trained, each checkpointed, the KL's adapter-free forward) of the problem's batch on top of the weights:
+    the loss over every trained step and its one backward. The rollout that recorded x_t and log π_old ran before,
+    without gradients; its latents (a few MiB) and the adapter's AdamW state (two copies of a rank-8 LoRA) are not
+    counted."""
+    cfg = GRPOConfig(rollout_steps=rollout_steps, lora_rank=lora_rank, guidance_scale=5.0)
+    module = GRPO(problem.backbone, problem.reward, cfg, [PROMPT], 0, "unused")
+    x_T, _ = problem.noise()
+    trained, steps, batch = module.trained_steps(0), module.steps(0), len(x_T)
+    zeros = torch.zeros(batch, device=x_T.device)
+    recorded = [x_T] * len(trained)
+    rollout = Rollout(problem.cond, recorded, recorded, [zeros] * len(trained), zeros, zeros + 1)
+    with fused_attention(), TensorMemory() as memory, torch.enable_grad():
+        loss = torch.stack([module.step_loss(rollout, j, steps[i])[0] for j, i in enumerate(trained)]).mean()
+        loss.backward()
     return memory.peak
 
 

@@ -1,6 +1,6 @@
-"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch, sd35_arch, qwen_image_arch, flux2_arch;
-reward=*_arch), checked on the meta device: parameter counts against the published checkpoints' and every tensor
-shape of the sampler's path, without memory or compute."""
+"""The full-size random-weight architectures (model=sd15_arch, sdxl_arch, sd35_arch, flux_arch, qwen_image_arch,
+flux2_arch; reward=*_arch), checked on the meta device: parameter counts against the published checkpoints' and every
+tensor shape of the sampler's path, without memory or compute."""
 
 import pytest
 import torch
@@ -17,6 +17,8 @@ PUBLISHED_MODELS = {
     # SD3.5 medium: MMDiT-X "2.5 B" (Stability's count, which includes the 384² positional-embedding table, a buffer
     # in diffusers), CLIP-L with its 768² projection, SDXL's CLIP-G, the T5 v1.1 XXL encoder "4.7 B"
     "sd3": {"transformer": 2.5e9, "text_encoder": 123_060_480 + 768 * 768, "text_encoder_2": 694_659_840},
+    # FLUX.1-dev: the hub's 11.9 B transformer ("12B" on the model card), CLIP-L's text tower, T5 v1.1 XXL's encoder
+    "flux": {"transformer": 11.9e9, "text_encoder": 123_060_480},
 }
 T5_XXL_ENCODER = 4.7e9
 # (published figure, its precision): the model cards' "20B" MMDiT (Qwen-Image) and "32B" transformer (FLUX.2-dev),
@@ -26,7 +28,7 @@ PUBLISHED_LLM_CONDITIONED = {
     "qwen_image": {"transformer": (20e9, 1e9), "text_encoder": (8.29e9, 0.01e9)},
     "flux2": {"transformer": (32e9, 1e9), "text_encoder": (24.0e9, 0.1e9)},
 }
-SIDE = {"sd": 512, "sdxl": 1024, "sd3": 1024}
+SIDE = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 CLIP_L, CLIP_L_TEXT = 427_616_513, 123_060_480  # openai/clip-vit-large-patch14, and its text tower
 AESTHETIC_HEAD = (768 + 1) * 1024 + (1024 + 1) * 128 + (128 + 1) * 64 + (64 + 1) * 16 + (16 + 1)  # LAION's MLP
 VIT_L16 = 304_326_632 - (1024 * 1000 + 1000)  # timm's vit_large_patch16_224 less its 1000-class head
@@ -53,7 +55,7 @@ def count(module: torch.nn.Module, buffers: bool = False) -> int:
     return sum(p.numel() for p in module.parameters()) + (sum(b.numel() for b in module.buffers()) if buffers else 0)
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
 def meta_backbone(request):
     with torch.device("meta"):
         backbone = load_backbone(ModelConfig(kind=request.param, random_weights=True, resolution=SIDE[request.param]))
@@ -65,21 +67,24 @@ def test_full_size_models_have_the_published_parameter_counts(meta_backbone):
     for name, published in PUBLISHED_MODELS[meta_backbone.kind].items():
         total = count(getattr(meta_backbone.pipe, name), buffers=name == "transformer")
         assert total == pytest.approx(published, rel=0.02 if name == "transformer" else 0.01), name
-    if meta_backbone.kind == "sd3":
-        assert count(meta_backbone.pipe.text_encoder_3) == pytest.approx(T5_XXL_ENCODER, rel=0.02)
+    t5 = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}.get(meta_backbone.kind)
+    if t5:
+        assert count(getattr(meta_backbone.pipe, t5)) == pytest.approx(T5_XXL_ENCODER, rel=0.02)
 
 
 def test_full_size_models_map_shapes_through_the_sampler_path(meta_backbone):
     """Prompt encoding, a CFG-guided prediction at the native latent size and a decode to the native resolution."""
     kind, latent = meta_backbone.kind, meta_backbone.latent_shape()
     side = SIDE[kind]
-    assert latent == (16 if kind == "sd3" else 4, side // 8, side // 8)
+    assert latent == (16 if kind in ("sd3", "flux") else 4, side // 8, side // 8)
     cond = meta_backbone.encode(["a photo of a cat", "a dog"])
-    # SDXL: both encoders' hidden states, concatenated; SD3: both CLIPs' padded to T5's width, then T5's 256 tokens
-    shape = {"sd": (2, 77, 768), "sdxl": (2, 77, 2048), "sd3": (2, 77 + 256, 4096)}[kind]
-    assert cond.embeds.shape == cond.uncond_embeds.shape == shape
+    # SDXL: both encoders' hidden states, concatenated; SD3: both CLIPs' padded to T5's width, then T5's 256 tokens;
+    # FLUX.1-dev: T5's 512 tokens, and no negative branch (guidance is an embedding)
+    shape = {"sd": (2, 77, 768), "sdxl": (2, 77, 2048), "sd3": (2, 77 + 256, 4096), "flux": (2, 512, 4096)}[kind]
+    assert cond.embeds.shape == shape
+    assert cond.uncond_embeds is None if kind == "flux" else cond.uncond_embeds.shape == shape
     if kind != "sd":
-        assert cond.pooled.shape == (2, 1280 if kind == "sdxl" else 2048)
+        assert cond.pooled.shape == (2, {"sdxl": 1280, "sd3": 2048, "flux": 768}[kind])
     if kind == "sdxl":
         assert cond.time_ids.shape == (2, 6)
     x = torch.zeros(2, *latent, device="meta")

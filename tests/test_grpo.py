@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from framework.config import ModelConfig
 from framework.config.methods import GRPOConfig
+from framework.methods.common import draw_noise
 from framework.methods.grpo import GRPO, group_advantages
 from framework.models import load_backbone
 from framework.rewards.base import Reward
@@ -32,7 +33,7 @@ class Constant(Reward):
 
 
 def grpo(backbone, reward, tmp_path, **options) -> GRPO:
-    cfg = GRPOConfig(rollout_steps=3, group_size=3, prompts_per_epoch=2, lora_rank=2, **options)
+    cfg = GRPOConfig(**dict(rollout_steps=3, group_size=3, prompts_per_epoch=2, lora_rank=2) | options)
     module = GRPO(backbone, reward, OmegaConf.structured(cfg), PROMPTS, 0, tmp_path)
     module._trainer = SimpleNamespace(world_size=1, global_rank=0)  # what rollouts read of their trainer
     for name, parameter in backbone.denoiser.named_parameters():  # a non-zero adapter: θ differs from the base
@@ -59,50 +60,56 @@ def published_mean(backbone, x, t_index, pred, eta, num_steps):
     return math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev - sigma**2) * pred, sigma
 
 
-@pytest.fixture(scope="module", params=["sd", "sd3"])
+@pytest.fixture(params=["sd", "sd3"])  # a fresh model per test: each adds its adapter
 def backbone(request):
     return load_backbone(ModelConfig(kind=request.param, tiny=True, resolution=32, max_sequence_length=None))
 
 
-def test_rollout_log_probabilities_and_updates_equal_the_published_formulas(backbone, tmp_path):
+@pytest.mark.parametrize("timesteps", ["first", "window"])
+def test_rollout_log_probabilities_and_updates_equal_the_published_formulas(backbone, timesteps, tmp_path):
     """At the first inner step ρ = 1 exactly (the recorded log π equals the recomputed one); after an update moves θ,
-    ρ ≠ 1 and the clip is active. Both times the loss and its gradient equal the formulas'."""
-    module = grpo(backbone, Brightness(), tmp_path, kl_weight=0.5, clip_range=1e-5, adv_clip_max=0.8)
-    trained = [0, 1, 2]
-    rollout = module.rollout([p for p in PROMPTS for _ in range(3)], list(range(6)), trained)
+    ρ ≠ 1 and the clip is active. Both times the loss and its gradient equal the formulas'. Every step trained, or
+    MixGRPO's window of the last two at epoch 1."""
+    options = dict(timestep_fraction=1.0, timesteps=timesteps, window_size=2, window_shift_every=1)
+    module = grpo(backbone, Brightness(), tmp_path, kl_weight=0.5, clip_range=1e-5, adv_clip_max=0.8, **options)
+    epoch = 1
+    trained = module.trained_steps(epoch)
+    assert trained == ([0, 1, 2] if timesteps == "first" else [1, 2])
+    rollout = module.rollout([p for p in PROMPTS for _ in range(3)], list(range(6)), epoch)
     cfg, eta = module.cfg, module.cfg.noise_level
     assert rollout.advantages.abs().max() <= 0.8 + 1e-6 and rollout.advantages.abs().max() > 0.5  # clipped
 
     def log_density(x_next, mean, std):
         return (-((x_next - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).mean((1, 2, 3))
 
-    def step_terms(j, adapters=True):
-        x, t = rollout.x[j], backbone.schedule(cfg.rollout_steps)[j][0]
+    def step_terms(j, i, adapters=True):
+        """Mean and std of sampler step i from the rollout's j-th recorded x_t."""
+        x, t = rollout.x[j], backbone.schedule(cfg.rollout_steps)[i][0]
         if adapters:
             pred, _ = backbone.predict_branches(x, t, rollout.cond, cfg.guidance_scale)
         else:
             with torch.no_grad(), backbone.adapters_disabled():
                 pred, _ = backbone.predict_branches(x, t, rollout.cond, cfg.guidance_scale)
-        return published_mean(backbone, x, j, pred, eta, cfg.rollout_steps)
+        return published_mean(backbone, x, i, pred, eta, cfg.rollout_steps)
 
     with torch.no_grad():  # log π_old from the formulas, at the rollout's θ
-        old = [log_density(rollout.x_next[j], *step_terms(j)) for j in trained]
+        old = [log_density(rollout.x_next[j], *step_terms(j, i)) for j, i in enumerate(trained)]
 
     def reference_loss():
         """Mean over steps of mean over images of max(−Aρ, −A clip(ρ)) + β KL; log π and the KL are means over the
         latent's entries."""
         total = 0
-        for j in trained:
-            mean, std = step_terms(j)
+        for j, i in enumerate(trained):
+            mean, std = step_terms(j, i)
             ratio = torch.exp(log_density(rollout.x_next[j], mean, std) - old[j])
             a = rollout.advantages
             policy = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)).mean()
-            kl = ((mean - step_terms(j, adapters=False)[0]) ** 2).mean((1, 2, 3)).mean() / (2 * std**2)
+            kl = ((mean - step_terms(j, i, adapters=False)[0]) ** 2).mean((1, 2, 3)).mean() / (2 * std**2)
             total = total + (policy + cfg.kl_weight * kl) / len(trained)
         return total
 
     def compare(first: bool):
-        steps, ours, clipped = module.steps(), 0, 0
+        steps, ours, clipped = module.steps(epoch), 0, 0
         for j, i in enumerate(trained):
             loss, stats = module.step_loss(rollout, j, steps[i])
             if first:
@@ -124,12 +131,29 @@ def test_rollout_log_probabilities_and_updates_equal_the_published_formulas(back
     assert compare(first=False) > 0  # the clip acts
 
 
+def test_the_mixgrpo_window_slides_and_only_its_steps_are_stochastic(tmp_path):
+    """Window of 2 of 4 steps moving 1 step every 2 epochs, up to the last step; at epoch 2 (window 1–2) step 0 is
+    the deterministic step of the formulas (η = 0) from the rollout's x_T, and step 3 is deterministic too."""
+    backbone = load_backbone(ModelConfig(kind="sd3", tiny=True, resolution=32, max_sequence_length=None))
+    options = dict(timesteps="window", window_size=2, window_shift_every=2, rollout_steps=4)
+    module = grpo(backbone, Brightness(), tmp_path, **options)
+    assert [module.window(e) for e in (0, 1, 2, 3, 4, 9)] == [(0, 2), (0, 2), (1, 3), (1, 3), (2, 4), (2, 4)]
+    assert [step.std > 0 for step in module.steps(2)] == [False, True, True, False]
+    prompts, seeds = [p for p in PROMPTS for _ in range(3)], list(range(6))
+    rollout = module.rollout(prompts, seeds, 2)
+    x_T, _ = draw_noise(backbone, module.rollout_sampler, seeds)
+    t = backbone.schedule(4)[0][0]
+    with torch.no_grad():
+        pred, _ = backbone.predict_branches(x_T, t, rollout.cond, module.cfg.guidance_scale)
+    torch.testing.assert_close(rollout.x[0], published_mean(backbone, x_T, 0, pred, 0.0, 4)[0])
+
+
 def test_a_reward_constant_within_every_group_gives_no_policy_gradient(tmp_path):
     backbone = load_backbone(ModelConfig(kind="sd", tiny=True, resolution=32))
     module = grpo(backbone, Constant(), tmp_path, kl_weight=0.0)
-    rollout = module.rollout([p for p in PROMPTS for _ in range(3)], list(range(6)), [0, 1])
+    rollout = module.rollout([p for p in PROMPTS for _ in range(3)], list(range(6)), 0)
     assert torch.equal(rollout.advantages, torch.zeros(6))
-    loss, _ = module.step_loss(rollout, 0, module.steps()[0])
+    loss, _ = module.step_loss(rollout, 0, module.steps(0)[0])
     assert all(g.abs().max() == 0 for g in torch.autograd.grad(loss, module.trainable))
 
 
@@ -165,6 +189,8 @@ def test_grpo_on_the_testbed_from_the_cli_and_a_bad_batch_is_refused(tmp_path):
     assert all(k in header for k in ("train/clip_fraction", "train/kl_base", "train/zero_spread", "train/reward_std"))
     refused = run_cli(*args, "method.prompts_per_epoch=3", "trainer.devices=2", run_dir=tmp_path / "bad")
     assert refused.returncode == 2 and "method.prompts_per_epoch=3 is not valid" in refused.stderr
+    window = run_cli(*args, "method.timesteps=window", "method.window_size=4", run_dir=tmp_path / "bad")
+    assert window.returncode == 2 and "method.window_size=4 is not valid" in window.stderr
 
 
 # the testbed model: its images' rewards spread within a group (a tiny random model's barely do, and Adam turns the
@@ -210,3 +236,22 @@ def test_two_nodes_train_the_same_grpo_adapter_as_one_process(tmp_path):
     trained = torch.cat([a[k].flatten() for k in a if "lora_B" in k]).abs().mean()
     assert trained > 1e-3  # it trained
     assert torch.cat([(a[k] - b[k]).flatten() for k in a]).abs().mean() < 1e-3 * trained
+
+
+def test_grpo_fine_tunes_the_tiny_unets_on_a_black_box_reward_from_the_cli(tmp_path):
+    """SD1.x and SDXL (DDIM at η > 0, DDPO's policy) on JPEG compressibility, which has no gradient: a diffusers-format
+    UNet adapter that moved, then every item sampled with it."""
+    import json
+
+    args = ["--multirun", "model=tiny_sd,tiny_sdxl", "method=grpo", "reward=jpeg", "method.train_steps=1"]
+    args += ["method.group_size=4", "method.prompts_per_epoch=1", "method.rollout_steps=2", "method.num_steps=2"]
+    args += ["method.lora_rank=2", "method.lr=0.01", "prompts=inline", "prompts.prompts=[a cat]", "logger=none"]
+    result = run_cli(*args, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/summary.json"))
+    assert len(runs) == 2
+    for summary in runs:
+        assert json.loads(summary.read_text())["num_ok"] == 1
+        weights = adapter(summary.parent)
+        assert all(k.startswith("unet.") for k in weights)
+        assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 0  # one update moved it

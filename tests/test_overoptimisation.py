@@ -11,7 +11,7 @@ import torch
 from conftest import REBATCHED
 from safetensors.torch import load_file
 
-from framework.analysis.overoptimisation import best_of_n_d, best_of_n_weights, fit, peak
+from framework.analysis.overoptimisation import RunPath, best_of_n_d, best_of_n_weights, fit, fit_path, peak
 
 
 def test_best_of_n_estimator_equals_enumerating_every_subset():
@@ -27,10 +27,29 @@ def test_best_of_n_estimator_equals_enumerating_every_subset():
 
 def test_gao_forms_are_fitted_exactly_on_curves_they_generate():
     d = np.linspace(0.1, 2.5, 9)
-    bon = fit(d, d * (0.4 - 0.15 * d), "bon")
-    rl = fit(d, d * (0.3 - 0.1 * np.log(d)), "rl")
-    assert (bon["alpha"], bon["beta"]) == pytest.approx((0.4, 0.15), rel=1e-9) and bon["rms_residual"] < 1e-12
-    assert (rl["alpha"], rl["beta"]) == pytest.approx((0.3, 0.1), rel=1e-9) and rl["rms_residual"] < 1e-12
+    *bon, bon_residual = fit(d, d * (0.4 - 0.15 * d), "bon")
+    *rl, rl_residual = fit(d, d * (0.3 - 0.1 * np.log(d)), "rl")
+    assert bon == pytest.approx((0.4, 0.15), rel=1e-9) and bon_residual < 1e-12
+    assert rl == pytest.approx((0.3, 0.1), rel=1e-9) and rl_residual < 1e-12
+
+
+def test_the_rl_fit_along_a_policy_recomputes_d_from_its_units_and_covers_the_truth():
+    """A policy's path: per unit and checkpoint a KL and a gold that follows Gao's RL form in d = √(mean KL) plus
+    noise. The bootstrap resamples units, so d moves with them; the intervals must cover the generating (α, β), and
+    an optimum beyond the path's d is not reported."""
+    rng = np.random.default_rng(0)
+    kl = np.linspace(0, 3, 10)[None] * rng.uniform(0.5, 1.5, size=(40, 1))  # [units, checkpoints], kl[:, 0] = 0
+    d = np.sqrt(kl.mean(0))
+    gold = 0.5 + np.where(d > 0, d * (0.3 - 0.2 * np.log(np.maximum(d, 1e-12))), 0) + rng.normal(0, 0.02, kl.shape)
+    units = [str(i) for i in range(40)]
+    path = RunPath("GRPO", "GRPO", "step", list(range(10)), d, {"gold": gold}, units, kl)
+    f = fit_path(path, "rl")
+    assert f["points"] == 9 and f["d_max"] == pytest.approx(d.max())
+    assert f["alpha_ci"][0] < 0.3 < f["alpha_ci"][1] and f["beta_ci"][0] < 0.2 < f["beta_ci"][1]
+    assert f["alpha_ci"][1] - f["alpha_ci"][0] < 0.1  # 40 units pin it down
+    assert f["d_optimum"] == pytest.approx(np.exp(f["alpha"] / f["beta"] - 1))  # e^0.5 = 1.65 < d_max = 1.73
+    rising = RunPath("GRPO", "GRPO", "step", list(range(10)), d, {"gold": 0.5 + 0.1 * d + 0 * kl}, units, kl)
+    assert math.isnan(fit_path(rising, "rl")["d_optimum"])  # no optimum within the data
 
 
 def test_peak_finds_the_top_of_the_mean_curve_with_an_interval():
@@ -75,8 +94,9 @@ def test_the_shipped_proxies_are_small_and_better_with_more_data():
 
 def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp_path):
     """Tiny runs on the proxy: Best-of-n's points equal the estimator computed here from the candidates' records
-    (n = 1: the mean candidate; n = N: the proxy's best), DNO's path starts at the base images, the adapted samplers
-    (DRaFT at η = 1, LoRA scaling, AIG) carry d = √KL and get the RL fit, Best-of-n the Best-of-N fit."""
+    (n = 1: the mean candidate; n = N: the proxy's best), DNO's path starts at the base images, GRPO watched along
+    training (η > 0) is a path of its probe evaluations from d = 0 with the RL fit, and the adapted samplers (LoRA
+    scaling, AIG at η = 1) carry d = √KL; Best-of-n gets the Best-of-N fit."""
     import csv
 
     import yaml
@@ -85,7 +105,7 @@ def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp
     from framework.analysis.experiments import reproduce
     from framework.core.records import read_records
 
-    adapter = "method.adapter={run:DRaFT}/adapter"
+    adapter = "method.adapter={run:GRPO}/adapter"
     spec = {
         "title": "over",
         "kind": "overoptimisation",
@@ -98,8 +118,9 @@ def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp
             "Base": ["method=base"],
             "Best-of-N": ["method=best_of_n", "method.n=4"],
             "DNO": ["method=dno", "method.opt_steps=2", "method.lr=0.05"],
-            "DRaFT": ["method=draft", "method.eta=1", "method.train_steps=2", "method.save_every=2"]
-            + ["method.sample_every=0", "method.train_batch_size=2", "method.lora_rank=4", "method.lr=0.05"],
+            "GRPO": ["method=grpo", "method.eta=0.7", "method.train_steps=2", "method.save_every=2"]
+            + ["method.group_size=2", "method.prompts_per_epoch=1", "method.rollout_steps=3", "method.lora_rank=4"]
+            + ["method.lr=0.05", "monitor.every=1", "monitor.prompts=2", "monitor.seeds=1"],
             "LoRA α=0.5": ["method=lora_scale", adapter, "method.alpha=0.5"],
             "AIG p=2": ["method=aig", adapter, "method.p=2"],
         },
@@ -122,13 +143,21 @@ def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp
     best = np.mean([max(r.steps, key=lambda c: c["reward"])["gold"] for r in records])
     assert float(bon[1]["gold"]) == pytest.approx(mean_candidate, rel=1e-9)
     assert float(bon[4]["gold"]) == pytest.approx(best, rel=1e-9)
-    assert fits["bon"]["points"] == "2" and fits["rl"]["points"] == "3"
+    assert fits["bon"]["points"] == "2" and fits["rl"]["points"] == "2" and fits["rl"]["row"] == "GRPO"
+    [grpo_dir] = (out / "runs" / "testbed").glob("GRPO-*")
+    probe = [json.loads(line) for line in (grpo_dir / "monitor.jsonl").read_text().splitlines()]
+    grpo = [r for r in curves if r["run"] == "GRPO"]
+    assert [int(r["x"]) for r in grpo] == [row["step"] for row in probe] == [0, 1, 2]
+    for row, point in zip(probe, grpo):  # d = √(mean over the probe units of their path KL), 0 before training
+        assert float(point["d"]) == pytest.approx(math.sqrt(np.mean(row["units"]["kl"])), rel=1e-12)
+        assert float(point["gold"]) == pytest.approx(np.mean(row["units"]["gold"]), rel=1e-12)
+    assert float(grpo[0]["d"]) == 0 and float(grpo[-1]["d"]) > 0
 
     dno = [r for r in curves if r["run"] == "DNO"]
     [dno_dir] = (out / "runs" / "testbed").glob("DNO-*")
     # step 0 renders the base image, with gradients on and in another batch layout than the base's own render
     base = np.mean([r.metrics["base"]["gold"] for r in read_records(dno_dir)])
     assert [int(r["x"]) for r in dno] == [0, 1, 2] and float(dno[0]["gold"]) == pytest.approx(base, abs=REBATCHED)
-    for run in ("DRaFT", "LoRA α=0.5", "AIG p=2"):  # sampled at η = 1 (the default): the path KL is defined
+    for run in ("LoRA α=0.5", "AIG p=2"):  # sampled at η = 1 (the default): the path KL is defined
         [row] = [r for r in curves if r["run"] == run]
         assert float(row["d"]) > 0 and math.isfinite(float(row["d"]))

@@ -133,7 +133,7 @@ RELATIONS = {
     "model.source": ["model=sd15", "model.source=null"],
     "model.max_sequence_length": ["model=sd15", "model.max_sequence_length=77"],  # SD reads no T5 tokens
     "model.max_sequence_length ": ["model=tiny_sd3", "model.max_sequence_length=600"],  # T5 ≤ 512; Qwen's LLM 1024
-    "model.random_weights": ["model=tiny_flux", "model.tiny=false", "model.random_weights=true"],  # no FLUX arch
+    "model.random_weights": ["model=tiny_flux2_klein", "model.tiny=false", "model.random_weights=true"],  # no arch
     "model.offload_text_encoder": ["model=sd15", "model.offload_text_encoder=true"],  # flow models only
     "prompts.path": ["prompts=file"],
     "prompts.prompts": ["prompts=inline", "prompts.prompts=[]"],

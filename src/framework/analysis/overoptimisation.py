@@ -8,15 +8,18 @@ drift and, where defined, d = √KL from the base sampler:
 - Best-of-N: one point per n = 1, 2, 4, …, N: for each item the unbiased estimate of the value of the best of n
   of its N candidates by the proxy (the k-th lowest-scored candidate is the best of a random n-subset with
   probability C(k−1, n−1)/C(N, n)), with d = √(log n − (n − 1)/n), the KL of Best-of-n from the base sampler;
+- a fine-tuning run watched along training (`monitor.every`, sampled at η > 0): one point per probe evaluation, its
+  units the probe images, d = √(mean of the units' path KL from the base sampler) (framework.methods.probe);
 - any other run (Base, DRaFT, LoRA scaling, AIG): its final images, d = √(mean of the items' `kl`) when sampled at
   η > 0 (the path KL of the adapted sampler from the base one).
 
 The peak is the highest point of the mean gold curve, with a bootstrap 95 % interval over items (the items are
 resampled and the curve's maximum and its place recomputed); a family (a label's first word on one proxy) peaks at
-the best point of all its runs (the best gold any of its strengths and steps reaches, items paired). Fits of the
-gold gain Δg = gold − gold(d = 0): Gao's Best-of-N form d(α − βd) on Best-of-n, and the RL form d(α − β log d)
-on the adapted samplers (DRaFT at each λ, LoRA scaling, AIG: the policies whose path KL is defined), by least
-squares.
+the best point of all its runs (the best gold any of its strengths and steps reaches, items paired). Gao's forms are
+fitted, by least squares, to the gold gain Δg = gold − gold(d = 0) along one path: d(α − βd) on Best-of-n, and the
+RL form d(α − β log d) along each fine-tuning run watched in training (the policy at each checkpoint), with
+bootstrap 95 % intervals over items on α and β. The two kinds of d are different quantities and get separate axes;
+a fitted optimum is reported only inside the range of d the path covers.
 """
 
 import csv
@@ -29,6 +32,7 @@ import numpy as np
 from framework.analysis.figures import pyplot, save
 from framework.config.methods import method_kind
 from framework.core.atomic import atomic_open, write_text
+from framework.core.hacking import probe_table, read_probe_rows
 from framework.core.records import ItemRecord, read_records
 
 KEYS = ("reward", "gold", "adherence", "drift_rmse", "drift_embedding")
@@ -46,6 +50,11 @@ class RunPath:
     d: np.ndarray
     values: dict[str, np.ndarray]
     items: list[str]
+    kl: np.ndarray | None = None  # [items, points]: a policy's path KL per unit, from which d is recomputed
+
+    def d_of(self, rows: np.ndarray) -> np.ndarray:
+        """d per point over the items `rows` (a bootstrap draw): recomputed from the units' KL where it has them."""
+        return self.d if self.kl is None else np.sqrt(self.kl[rows].mean(0))
 
 
 def best_of_n_weights(num: int, n: int) -> np.ndarray:
@@ -78,6 +87,12 @@ def run_path(run, records: list[ItemRecord]) -> RunPath:
                 column = np.array([_nan(candidates[j].get(key)) for j in order])
                 values[key][i] = [best_of_n_weights(num, n) @ column for n in x]
         return RunPath(run.name, family, "n", x, np.array([best_of_n_d(n) for n in x]), values, ids)
+    rows = read_probe_rows(run.dir)
+    if rows and "kl" in rows[0].units:  # a policy watched along training: its probe set's units
+        kl = probe_table(rows, "kl").T
+        values = {key: probe_table(rows, key).T if key in rows[0].units else np.full(kl.shape, np.nan) for key in KEYS}
+        units = [f"probe {i}" for i in range(len(kl))]
+        return RunPath(run.name, family, "step", [row.step for row in rows], np.sqrt(kl.mean(0)), values, units, kl)
     kls = [r.final("kl") for r in records]
     d = math.sqrt(np.mean(kls)) if kls and None not in kls else (0.0 if run.cfg.method.name == "base" else np.nan)
     values = {key: np.array([[_nan(r.final(key))] for r in records]) for key in KEYS}
@@ -103,12 +118,47 @@ def peak(values: np.ndarray, seed: int = 0) -> dict:
     }
 
 
-def fit(d: np.ndarray, gain: np.ndarray, form: str) -> dict:
+def fit(d: np.ndarray, gain: np.ndarray, form: str) -> tuple[float, float, float]:
     """Least-squares (α, β) of Δg = d(α − βd) ("bon") or d(α − β log d) ("rl"), and the fit's RMS residual."""
     basis = np.stack([d, -d * (d if form == "bon" else np.log(np.maximum(d, 1e-12)))], 1)
     (alpha, beta), *_ = np.linalg.lstsq(basis, gain, rcond=None)
-    residual = float(np.sqrt(np.mean((basis @ [alpha, beta] - gain) ** 2)))
-    return {"form": form, "alpha": float(alpha), "beta": float(beta), "rms_residual": residual, "points": len(d)}
+    return float(alpha), float(beta), float(np.sqrt(np.mean((basis @ [alpha, beta] - gain) ** 2)))
+
+
+def fitted_optimum(alpha: float, beta: float, form: str) -> float:
+    """Where the fitted Δg peaks: α/2β (Best-of-n), e^(α/β − 1) (RL); NaN where the fit has no maximum."""
+    if beta <= 0:
+        return float("nan")
+    return alpha / (2 * beta) if form == "bon" else float(np.exp(min(alpha / beta - 1, 700)))
+
+
+def fit_path(p: RunPath, form: str, seed: int = 0) -> dict:
+    """Gao's `form` fitted along one path to the gold gain over its first point (d = 0), with bootstrap 95 %
+    intervals over items on α and β (items resampled, d and gold recomputed, refitted); the fitted optimum only if
+    it lies within the d the path reaches."""
+
+    def estimate(rows: np.ndarray) -> tuple[float, float, float]:
+        d, gold = p.d_of(rows), np.nanmean(p.values["gold"][rows], 0)
+        keep = d > 0
+        return fit(d[keep], gold[keep] - gold[0], form)
+
+    everyone = np.arange(len(p.items))
+    alpha, beta, residual = estimate(everyone)
+    draws = np.random.default_rng(seed).integers(0, len(everyone), size=(BOOTSTRAP, len(everyone)))
+    alphas, betas, _ = np.array([estimate(rows) for rows in draws]).T
+    d_max, optimum = float(p.d.max()), fitted_optimum(alpha, beta, form)
+    return {
+        "row": p.run,
+        "form": form,
+        "alpha": alpha,
+        "alpha_ci": tuple(np.percentile(alphas, [2.5, 97.5])),
+        "beta": beta,
+        "beta_ci": tuple(np.percentile(betas, [2.5, 97.5])),
+        "rms_residual": residual,
+        "points": int((p.d > 0).sum()),
+        "d_max": d_max,
+        "d_optimum": optimum if optimum <= d_max else float("nan"),
+    }
 
 
 def analyse(runs: list) -> tuple[list[RunPath], list[dict], list[dict]]:
@@ -151,17 +201,10 @@ def analyse(runs: list) -> tuple[list[RunPath], list[dict], list[dict]]:
             }
         )
     fits = []
-    base = next((p for p in paths if p.x_kind == "n"), None)
-    if base is not None and len(base.x) >= 3:
-        gold = np.nanmean(base.values["gold"], 0)
-        fits.append({"row": base.run, **fit(base.d[1:], gold[1:] - gold[0], "bon")})
-    # The adapted samplers (DRaFT at each λ, LoRA α, AIG p): every policy with a path KL, on one gold-vs-d frontier
-    adapted = [p for p in paths if p.x_kind == "final" and np.isfinite(p.d[0]) and p.d[0] > 0]
-    reference = next((p for p in paths if p.run.split()[0] == "Base"), None)
-    if reference is not None and len(adapted) >= 3:
-        d = np.array([p.d[0] for p in adapted])
-        gain = np.array([np.nanmean(p.values["gold"]) for p in adapted]) - np.nanmean(reference.values["gold"])
-        fits.append({"row": "adapted samplers (" + ", ".join(p.run for p in adapted) + ")", **fit(d, gain, "rl")})
+    for p in paths:
+        watched = p.x_kind == "step" and np.isfinite(p.d).all() and p.d[0] == 0  # a policy along its training
+        if len(p.x) >= 3 and (p.x_kind == "n" or watched):
+            fits.append(fit_path(p, "bon" if p.x_kind == "n" else "rl"))
     return paths, peaks, fits
 
 
@@ -212,29 +255,43 @@ def _text(value, digits: int | None = None) -> str:
 
 
 def draw(paths: list[RunPath], fits: list[dict], title: str, path: Path) -> Path:
-    """Gold and proxy against the step; gold against d (with the fits), pixel drift and embedding drift."""
+    """Gold and proxy against the step; gold against Best-of-n's d and against a policy's d (separate axes: not the
+    same quantity), each with its fits; gold against pixel and embedding drift. Bands: ±2 standard errors over items."""
     plt = pyplot()
-    panels = [("step", "gold"), ("step", "reward"), ("d", "gold"), ("drift_rmse", "gold"), ("drift_embedding", "gold")]
+    panels = [
+        ("step", "gold"),
+        ("step", "reward"),
+        ("d of Best-of-n", "gold"),
+        ("d of the policy", "gold"),
+        ("drift_rmse", "gold"),
+        ("drift_embedding", "gold"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (x_key, y_key) in zip(axes, panels):
         for p in paths:
-            y = np.nanmean(p.values[y_key], 0)
             if x_key == "step":
-                if p.x_kind == "step":
-                    ax.plot(p.x, y, lw=1, label=p.run)
+                x = np.array(p.x, float) if p.x_kind == "step" else np.full(1, np.nan)
+            elif x_key.startswith("d "):
+                x = p.d if (p.x_kind == "n") == (x_key == "d of Best-of-n") else np.full(1, np.nan)
+            else:
+                x = np.nanmean(p.values[x_key], 0)
+            if not np.isfinite(x).any():
                 continue
-            x = p.d if x_key == "d" else np.nanmean(p.values[x_key], 0)
-            if np.isfinite(x).any():
-                ax.plot(x, y, "o-" if len(x) > 1 else "o", lw=1, ms=3, label=p.run)
-        if x_key == "d":
-            for f, p in ((f, next((q for q in paths if q.run == f["row"]), None)) for f in fits):
-                if f["form"] == "bon" and p is not None:
-                    grid = np.linspace(0, p.d.max(), 50)
-                    g0 = np.nanmean(p.values["gold"][:, 0])
-                    ax.plot(grid, g0 + grid * (f["alpha"] - f["beta"] * grid), "k--", lw=1, label="Best-of-N fit")
-        ax.set_xlabel("√KL (d)" if x_key == "d" else x_key)
+            y = np.nanmean(p.values[y_key], 0)
+            (line,) = ax.plot(x, y, "o-" if len(x) > 1 else "o", lw=1, ms=2, label=p.run)
+            if len(x) > 1 and x_key in ("step", "d of the policy", "d of Best-of-n"):
+                band = 2 * np.nanstd(p.values[y_key], 0) / np.sqrt(len(p.items))
+                ax.fill_between(x, y - band, y + band, color=line.get_color(), alpha=0.15, lw=0)
+        for f in fits if x_key.startswith("d ") else []:
+            p = next(q for q in paths if q.run == f["row"])
+            if (f["form"] == "bon") == (x_key == "d of Best-of-n"):
+                grid = np.linspace(1e-3, p.d.max(), 50)
+                shape = grid if f["form"] == "bon" else np.log(grid)
+                g0 = np.nanmean(p.values["gold"][:, 0])
+                ax.plot(grid, g0 + grid * (f["alpha"] - f["beta"] * shape), "k--", lw=0.8)
+        ax.set_xlabel("√KL (" + x_key + ")" if x_key.startswith("d ") else x_key)
         ax.set_ylabel("proxy" if y_key == "reward" else y_key)
-    axes[0].legend(fontsize=5)
-    axes[2].legend(fontsize=5)
+    for i in (0, 2, 3):
+        axes[i].legend(fontsize=5)
     save(fig, title, path)
     return path

@@ -80,6 +80,8 @@ FAMILIES: dict[str, Family] = {
         TRANSFORMER_LORA,
         flow_matching=True,
         max_text_tokens=512,  # T5's
+        architecture="flux1",  # dev
+        full_size="framework.models.full_size:flux_pipeline",
     ),
     "qwen_image": Family(
         "Qwen-Image",

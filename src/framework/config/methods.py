@@ -254,8 +254,13 @@ class GRPOConfig(AdapterTrainingConfig):
     adv_clip_max: float = valid(5.0, POSITIVE)
     clip_range: float = valid(1e-4, POSITIVE)  # ε of the clipped ratio
     kl_weight: float = valid(0.04, NON_NEGATIVE)  # β of the per-step KL to the base model
-    timesteps: str = valid("first", OneOf(("first", "random")))  # which rollout steps are trained ...
-    timestep_fraction: float = valid(0.99, UNIT)  # ... that many of them, at least one
+    timesteps: str = valid("first", OneOf(("first", "random", "window")))  # which rollout steps are trained ...
+    timestep_fraction: float = valid(0.99, UNIT)  # ... that many of them, at least one (first, random)
+    # window (MixGRPO): window_size steps, stochastic and trained, the rest deterministic; the window starts at the
+    # noisiest step and moves window_stride steps later every window_shift_every epochs, up to the last step
+    window_size: int = valid(4, COUNT)
+    window_stride: int = valid(1, COUNT)
+    window_shift_every: int = valid(25, COUNT)
     lr: float = valid(3e-4, POSITIVE)
     weight_decay: float = valid(1e-4, NON_NEGATIVE)
     grad_clip: float = valid(1.0, POSITIVE)
@@ -265,6 +270,8 @@ class GRPOConfig(AdapterTrainingConfig):
         yield from split_over_processes("prompts_per_epoch", c.prompts_per_epoch, run, "samples whole groups")
         if c.train_steps % c.inner_epochs:
             yield "method.train_steps", f"it counts optimiser steps: a multiple of method.inner_epochs={c.inner_epochs}"
+        if c.timesteps == "window" and c.window_size > c.rollout_steps:
+            yield "method.window_size", f"a window within the rollout: at most method.rollout_steps={c.rollout_steps}"
 
 
 @dataclass

@@ -10,7 +10,9 @@ flow model, DDIM with η > 0 on an ε-model (framework.models.sampling). One epo
    (`advantage=pairwise`, Pref-GRPO) R_i replaced by i's win rate against the rest of its group first (the
    preference probability with a Bradley–Terry reward, the testbed's proxies); then clipped to ±`adv_clip_max`;
 3. `inner_epochs` optimiser steps, each over the trained steps (the first ⌊`timestep_fraction`·T⌋, or that many at
-   random) with, per step, ρ = exp(log π_θ − log π_old) and
+   random, or MixGRPO's sliding window: `window_size` steps, the only stochastic ones of the rollout, starting at the
+   noisiest step and moving `window_stride` later every `window_shift_every` epochs) with, per step,
+   ρ = exp(log π_θ − log π_old) and
        loss = max(−Aρ, −A·clip(ρ, 1 − ε, 1 + ε)) + β·‖μ_θ − μ_ref‖²/(2 std_t²),
    μ_ref the same denoiser with its adapter off. As Flow-GRPO's code, log π and the KL are means over the latent's
    entries (so its clip range and β apply unchanged); the losses are means over images and trained steps.
@@ -99,7 +101,17 @@ class GRPO(AdapterTraining):
             derive_seed(self.seed, 1 << 28, epoch, g, i) for g in mine for i in size
         ]
 
+    def window(self, epoch: int) -> tuple[int, int] | None:
+        """The stochastic, trained steps (start, stop) of epoch `epoch` with `timesteps=window`; None otherwise."""
+        cfg = self.cfg
+        if cfg.timesteps != "window":
+            return None
+        start = min(cfg.window_stride * (epoch // cfg.window_shift_every), cfg.rollout_steps - cfg.window_size)
+        return start, start + cfg.window_size
+
     def trained_steps(self, epoch: int) -> list[int]:
+        if self.cfg.timesteps == "window":
+            return list(range(*self.window(epoch)))
         count = max(1, int(self.cfg.rollout_steps * self.cfg.timestep_fraction))
         if self.cfg.timesteps == "random":
             rng = np.random.default_rng(derive_seed(self.seed, 1 << 29, epoch))
@@ -107,8 +119,8 @@ class GRPO(AdapterTraining):
         return list(range(count))
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], seeds: list[int], trained: list[int]) -> Rollout:
-        backbone, steps = self.backbone, self.steps()
+    def rollout(self, prompts: list[str], seeds: list[int], epoch: int) -> Rollout:
+        backbone, steps, trained = self.backbone, self.steps(epoch), self.trained_steps(epoch)
         cond = backbone.encode(prompts)
         x_T, noises = draw_noise(backbone, self.rollout_sampler, seeds)
         traj = sample(
@@ -119,6 +131,7 @@ class GRPO(AdapterTraining):
             num_steps=self.cfg.rollout_steps,
             eta=self.cfg.noise_level,
             guidance_scale=self.cfg.guidance_scale,
+            sde_window=self.window(epoch),
         )
         x_next = traj.x[1:] + [traj.latents]
         old = [log_prob(x_next[i], steps[i].update(traj.x[i], traj.predictions[i])[1], steps[i].std) for i in trained]
@@ -144,8 +157,8 @@ class GRPO(AdapterTraining):
             advantages = advantages.reshape(self.trainer.world_size, -1)[self.trainer.global_rank]
         return Rollout(cond, [traj.x[i] for i in trained], [x_next[i] for i in trained], old, rewards, advantages)
 
-    def steps(self) -> list[Step]:
-        return sampler_steps(self.backbone, self.cfg.rollout_steps, self.cfg.noise_level)
+    def steps(self, epoch: int) -> list[Step]:
+        return sampler_steps(self.backbone, self.cfg.rollout_steps, self.cfg.noise_level, sde_window=self.window(epoch))
 
     def step_loss(self, rollout: Rollout, j: int, step: Step) -> tuple[Tensor, dict]:
         """The clipped policy loss and the KL to the base model at trained step `j` (module docstring)."""
@@ -176,9 +189,8 @@ class GRPO(AdapterTraining):
         cfg, optimiser = self.cfg, self.optimizers()
         epoch = self.global_step // cfg.inner_epochs
         prompt_indices, seeds = self.rows(epoch)
-        trained = self.trained_steps(epoch)
-        rollout = self.rollout([self.prompts[i] for i in prompt_indices], seeds, trained)
-        steps = self.steps()
+        rollout = self.rollout([self.prompts[i] for i in prompt_indices], seeds, epoch)
+        trained, steps = self.trained_steps(epoch), self.steps(epoch)
         for _ in range(cfg.inner_epochs):
             losses, stats = zip(*(self.step_loss(rollout, j, steps[i]) for j, i in enumerate(trained)))
             loss = torch.stack(losses).mean()

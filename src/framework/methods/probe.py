@@ -19,7 +19,7 @@ from framework.core.items import derive_seed
 from framework.methods.common import draw_noise, sampler_options
 from framework.metrics.sets import cmmd, mean_pairwise_distance, vendi_score
 from framework.models.lora import save_lora
-from framework.models.sampling import sample
+from framework.models.sampling import path_kl, sample, sampler_steps
 
 BEST_ADAPTER = "adapter-best"
 GRID_PROMPTS = 4  # images in each sample grid: the first seed of the first probe prompts
@@ -27,16 +27,16 @@ GRID_PROMPTS = 4  # images in each sample grid: the first seed of the first prob
 
 class ProbeMonitor(L.Callback):
     """The probe set: the first `monitor.prompts` prompts × `monitor.seeds` fixed seeds and noises, sampled with the
-    current adapter at step 0 and every `every` optimiser steps. Each evaluation records the optimised reward, every
-    held-out reward, drift from the base model's images at the same noises (pixel and embedding), diversity across
-    the seeds of each prompt (Vendi and mean pairwise distance), CMMD against the base images and, on the testbed,
-    adherence and gold: per probe unit in `monitor.jsonl` (what the rule and a resumed run read), as means in
-    `monitor.csv` and to the training loggers (W&B: `probe/<metric>`). After each evaluation the rule
-    (framework.core.hacking) runs over the evaluations so far: its decision goes to `monitor.json` (with
-    `monitor.stop`, training ends at a flag); the adapter of the evaluation the first held-out reward scores best is
-    kept in `checkpoints/adapter-best/` (`monitor.select=best_held_out` makes it the run's adapter). Every
-    `sample_every` steps the first seed of the first prompts is saved as `samples/step<N>.png` and logged with its
-    mean reward (`samples/reward`), so the same images can be watched across training."""
+    current adapter at step 0 and every `every` optimiser steps. Each evaluation records the optimised reward, the
+    policy's KL from the base sampler (`kl`, a sampler with η > 0 only), every held-out reward, drift from the base
+    model's images at the same noises (pixel and embedding), diversity across the seeds of each prompt (Vendi and mean
+    pairwise distance), CMMD against the base images and, on the testbed, adherence and gold: per probe unit in
+    `monitor.jsonl` (what the rule and a resumed run read), as means in `monitor.csv` and to the training loggers (W&B:
+    `probe/<metric>`). After each evaluation the rule (framework.core.hacking) runs over the evaluations so far: its
+    decision goes to `monitor.json` (with `monitor.stop`, training ends at a flag); the adapter of the evaluation the
+    first held-out reward scores best is kept in `checkpoints/adapter-best/` (`monitor.select=best_held_out` makes it
+    the run's adapter). Every `sample_every` steps the first seed of the first prompts is saved as `samples/step<N>.png`
+    and logged with its mean reward (`samples/reward`), so the same images can be watched across training."""
 
     def __init__(self, cfg, held_out: list[str], out_dir: Path, sample_every: int = 0, metrics=None):
         self.cfg, self.metrics, self.held_out, self.out_dir = cfg, metrics, held_out, Path(out_dir)
@@ -53,13 +53,20 @@ class ProbeMonitor(L.Callback):
         )
 
     @torch.no_grad()
-    def images(self, module, units: list[int]) -> Tensor:
-        """The images of probe units `units` (indices into `probe`) with the model as it is now."""
+    def images(self, module, units: list[int], with_kl: bool = False) -> tuple[Tensor, list[float] | None]:
+        """The images of probe units `units` (indices into `probe`) with the model as it is now and, `with_kl` and
+        the sampler stochastic, each one's path KL from the adapter-free sampler (framework.models.sampling.path_kl:
+        the sum over steps of the per-step Gaussian KLs along the sampled trajectory)."""
         prompts, seeds = self.probe(module)
         x_T, noises = draw_noise(module.backbone, module.cfg, [seeds[i] for i in units])
         cond = module.backbone.encode([prompts[i] for i in units])
-        traj = sample(module.backbone, cond, x_T, noises, **sampler_options(module.cfg))
-        return module.backbone.decode(traj.latents)
+        options = sampler_options(module.cfg)
+        traj = sample(module.backbone, cond, x_T, noises, **options)
+        kl = None
+        if with_kl and options["eta"] > 0:
+            steps = sampler_steps(module.backbone, options["num_steps"], options["eta"], options["final_step_noise"])
+            kl = path_kl(module.backbone, traj, cond, options["guidance_scale"], steps).tolist()
+        return module.backbone.decode(traj.latents), kl
 
     def on_train_start(self, trainer, module) -> None:
         """Resume the curves: keep the evaluations up to the step training resumes from (a later one is redone)."""
@@ -68,7 +75,7 @@ class ProbeMonitor(L.Callback):
             self.metrics.to(module.device)
             self.rows = [row for row in read_probe_rows(self.out_dir) if row.step <= trainer.global_step]
             with module.backbone.adapters_disabled():
-                self.base = self.images(module, list(range(len(self.probe(module)[0]))))
+                self.base = self.images(module, list(range(len(self.probe(module)[0]))))[0]
             evaluated = bool(self.rows) and self.rows[-1].step >= trainer.global_step
             if evaluated:
                 self.write(trainer)
@@ -87,19 +94,19 @@ class ProbeMonitor(L.Callback):
         first_seeds = list(range(0, len(self.probe(module)[0]), self.cfg.seeds))[:GRID_PROMPTS]
         if evaluate:
             start, evals = time.perf_counter(), module.backbone.num_evals
-            images = self.images(module, list(range(len(self.probe(module)[0]))))
-            self.evaluate(trainer, module, images, start, evals)
+            images, kl = self.images(module, list(range(len(self.probe(module)[0]))), with_kl=True)
+            self.evaluate(trainer, module, images, kl, start, evals)
             images = images[first_seeds]
         elif grid:
-            images = self.images(module, first_seeds)
+            images = self.images(module, first_seeds)[0]
         if grid:
             self.save_grid(trainer, module, images, [self.probe(module)[0][i] for i in first_seeds])
 
     @torch.no_grad()
-    def evaluate(self, trainer, module, images: Tensor, start: float, evals: int) -> None:
+    def evaluate(self, trainer, module, images: Tensor, kl: list[float] | None, start: float, evals: int) -> None:
         """One evaluation of the probe set at the current step (every process computes it; rank 0 writes)."""
         step, (prompts, _) = trainer.global_step, self.probe(module)
-        units = {"reward": module.reward(images, prompts).tolist()}
+        units = {"reward": module.reward(images, prompts).tolist()} | ({"kl": kl} if kl is not None else {})
         shown, base = module.backbone.postprocess(images), module.backbone.postprocess(self.base)
         records = self.metrics.measure(shown, prompts, base)
         for key in records[0]:

@@ -1,11 +1,12 @@
-"""Full-size SD1.5, SDXL, SD3.5 medium, Qwen-Image and FLUX.2-dev with seeded random weights, built in-process from
-their published configurations.
+"""Full-size SD1.5, SDXL, SD3.5 medium, FLUX.1-dev, Qwen-Image and FLUX.2-dev with seeded random weights, built
+in-process from their published configurations.
 
 Speed and memory do not depend on the weights' values, so these stand in for the real checkpoints where none can be
 downloaded (benchmarks, the CPU proxy of the full-size path): the same modules with the same shapes, whose images are
 noise. The configurations (architectures/<name>/, laid out as a diffusers repository) are those of
 stable-diffusion-v1-5 (which SD1.4 shares), stable-diffusion-xl-base-1.0 and stable-diffusion-3.5-medium (MMDiT-X,
-CLIP-L and CLIP-G with projections, the T5-XXL encoder, the 16-channel VAE); the tokenizers are the CLIP tokenizer
+CLIP-L and CLIP-G with projections, the T5-XXL encoder, the 16-channel VAE) and FLUX.1-dev (the 12 B transformer,
+CLIP-L, T5-XXL, the 16-channel VAE); the tokenizers are the CLIP tokenizer
 built offline (SDXL's and SD3's second one pads with "!", as OpenCLIP's does) and, for T5, the small-vocabulary T5
 tokenizer: its ids lie within T5's vocabulary and it pads to the same sequence length, which is what cost depends on.
 Qwen-Image (the 20 B MMDiT, Qwen2.5-VL-7B with its vision tower, the 3-D VAE) and FLUX.2-dev (the 32 B transformer,
@@ -21,6 +22,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -64,6 +67,19 @@ def sd3_pipeline(root: Path) -> StableDiffusion3Pipeline:
         tokenizer_2=build_clip_tokenizer(pad_token="!"),
         text_encoder_3=T5EncoderModel(T5Config.from_pretrained(root / "text_encoder_3")),
         tokenizer_3=build_t5_tokenizer(),
+    )
+
+
+def flux_pipeline(root: Path) -> FluxPipeline:
+    """FLUX.1-dev: the 12 B transformer with guidance embedding, CLIP-L (pooled) and the T5-XXL encoder."""
+    return FluxPipeline(
+        transformer=_diffusers(FluxTransformer2DModel, root / "transformer"),
+        scheduler=_diffusers(FlowMatchEulerDiscreteScheduler, root / "scheduler"),
+        vae=_diffusers(AutoencoderKL, root / "vae"),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(T5Config.from_pretrained(root / "text_encoder_2")),
+        tokenizer_2=build_t5_tokenizer(),
     )
 
 

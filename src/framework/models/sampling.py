@@ -135,14 +135,22 @@ def flow_coefficients(sigma: float, sigma_next: float, eta: float, sigma_after_f
     return s, s * (-dt) ** 0.5, (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
 
 
-def sampler_steps(backbone: Backbone, num_steps: int, eta: float, final_step_noise: bool = True) -> list[Step]:
+def sampler_steps(
+    backbone: Backbone,
+    num_steps: int,
+    eta: float,
+    final_step_noise: bool = True,
+    sde_window: tuple[int, int] | None = None,
+) -> list[Step]:
     """The steps of `num_steps`-step sampling with the backbone's own schedule, noisiest first; η > 0 makes the
-    first `num_noises(...)` of them stochastic."""
+    first `num_noises(...)` of them stochastic, or (`sde_window` = (start, stop)) only steps start..stop−1, the others
+    deterministic (MixGRPO's mixed ODE–SDE sampling)."""
     stochastic = num_noises(num_steps, eta, final_step_noise)
+    start, stop = sde_window or (0, num_steps)
     schedule = backbone.schedule(num_steps)
     steps = []
     for i, (t, a, b) in enumerate(schedule):
-        level = eta if i < stochastic else 0.0
+        level = eta if i < stochastic and start <= i < stop else 0.0
         if backbone.flow_matching:  # (t, σ, σ')
             s, std, c = flow_coefficients(a, b, level, schedule[1][1] if len(schedule) > 1 else 0.0)
             steps.append(FlowStep(t, std, c, sigma=a, sigma_next=b, diffusion=s))
@@ -192,18 +200,19 @@ def sample(
     grad_steps: int | None = None,
     mix: Callable[[int], float] | None = None,
     final_step_noise: bool = True,
+    sde_window: tuple[int, int] | None = None,
 ) -> Trajectory:
     """Run the backbone's sampler from x_T. `noises[i]` is ξ of step i (shape [num_noises(...), *x_T.shape]);
     required when η > 0. `mix(i)` = γ_i mixes the fine-tuned and adapter-free predictions at step i (AIG); None =
     the backbone as is. `final_step_noise=False` makes the last step deterministic (as DNO's sampler; diffusers'
-    DDIM adds std·ξ there)."""
+    DDIM adds std·ξ there); `sde_window` keeps η only on its steps (`sampler_steps`; the others' ξ go unused)."""
     expected = num_noises(num_steps, eta, final_step_noise)
     if expected and (noises is None or noises.shape[0] != expected):
         raise ValueError(f"eta > 0 needs one noise per stochastic step: noises of shape [{expected}, ...]")
     first_grad_step = num_steps - grad_steps if grad_steps is not None else 0
     traj = Trajectory(latents=x_T)
     x = x_T
-    for i, step in enumerate(sampler_steps(backbone, num_steps, eta, final_step_noise)):
+    for i, step in enumerate(sampler_steps(backbone, num_steps, eta, final_step_noise, sde_window)):
         if i == first_grad_step and i > 0:
             x = x.detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_grad_step):
