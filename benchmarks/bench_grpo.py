@@ -15,10 +15,10 @@ Plain sampling: the same number of images, the rollout's step count, no log-prob
 
 import argparse
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
+from bench_sampler import seconds  # benchmarks/ is the script's directory
 from omegaconf import OmegaConf
 
 import framework  # noqa: F401  (torchvision workaround)
@@ -30,14 +30,6 @@ from framework.methods.grpo import GRPO
 from framework.models import load_backbone
 from framework.models.sampling import sample
 from framework.rewards import load_named_reward
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ from framework.models import load_backbone
 from framework.rewards import build_reward
 
 
-def _seconds(fn) -> float:
+def seconds(fn) -> float:
+    """Wall time of one call, the GPU's queue drained."""
     start = time.perf_counter()
     fn()
     if torch.cuda.is_available():
@@ -39,7 +40,7 @@ def paired(fn_a, fn_b, repeats: int) -> tuple[float, float, float]:
     """Median ratio a/b over interleaved pairs (robust to the machine's speed drifting during the run), and the
     median seconds of each."""
     fn_a(), fn_b()  # warm-up
-    pairs = [(_seconds(fn_a), _seconds(fn_b)) for _ in range(repeats)]
+    pairs = [(seconds(fn_a), seconds(fn_b)) for _ in range(repeats)]
     return (
         statistics.median(a / b for a, b in pairs),
         statistics.median(a for a, _ in pairs),

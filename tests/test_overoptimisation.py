@@ -134,6 +134,8 @@ def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp
         curves = list(csv.DictReader(f))
     with open(out / "tables" / "testbed" / "over_fits.csv") as f:
         fits = {r["form"]: r for r in csv.DictReader(f)}
+    low, high = (float(v) for v in fits["rl"]["alpha_ci"].split("–"))  # plain numbers that a reader can parse
+    assert low <= high
 
     [bon_dir] = (out / "runs" / "testbed").glob("Best-of-N-*")
     records = read_records(bon_dir)

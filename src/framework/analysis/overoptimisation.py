@@ -250,7 +250,7 @@ def _text(value, digits: int | None = None) -> str:
     if isinstance(value, tuple):
         return "–".join(_text(v, digits) for v in value)
     if isinstance(value, float):
-        return "—" if math.isnan(value) else (f"{value:.{digits}f}" if digits else repr(value))
+        return "—" if math.isnan(value) else (f"{value:.{digits}f}" if digits else repr(float(value)))  # not np.float64
     return str(value)
 
 

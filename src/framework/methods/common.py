@@ -22,6 +22,16 @@ def sampler_options(sampling: SamplingConfig) -> dict:
     return {key: getattr(sampling, key) for key in ("num_steps", "eta", "guidance_scale", "final_step_noise")}
 
 
+def sampler_path_kl(backbone: Backbone, sampling: SamplingConfig, traj: Trajectory, cond) -> list[float] | None:
+    """Per image, the KL of the adapted sampler of `sampling` that drew `traj` from the adapter-free one
+    (`sampling.path_kl`); None at η = 0, where both samplers are deterministic and the KL is not defined."""
+    if sampling.eta <= 0:
+        return None
+    options = sampler_options(sampling)
+    steps = sampler_steps(backbone, options["num_steps"], options["eta"], options["final_step_noise"])
+    return path_kl(backbone, traj, cond, options["guidance_scale"], steps).tolist()
+
+
 def draw_noise(backbone: Backbone, sampling: SamplingConfig, seeds: list[int]) -> tuple[Tensor, Tensor | None]:
     """x_T [B, ...] and one ξ per stochastic step [S', B, ...] (None at η = 0), drawn on the CPU from each seed so
     that they are the same on every device and in any batch layout. S + 1 draws are made whatever S' is, so
@@ -101,15 +111,6 @@ class Problem:
             rewards.append(self.score(chunk_images, rows[chunk]))
         return torch.cat(images), torch.cat(latents), torch.cat(rewards)
 
-    def path_kl(self, traj: Trajectory) -> list[float] | None:
-        """Per item, the KL of the adapted sampler that drew `traj` from the adapter-free one (`sampling.path_kl`);
-        None at η = 0, where both samplers are deterministic and the KL is not defined."""
-        if self.sampling.eta <= 0:
-            return None
-        options = sampler_options(self.sampling)
-        steps = sampler_steps(self.backbone, options["num_steps"], options["eta"], options["final_step_noise"])
-        return path_kl(self.backbone, traj, self.cond, self.sampling.guidance_scale, steps).tolist()
-
     def score(self, images: Tensor, rows: list[int] | None = None) -> Tensor:
         """The reward of each image for its item's prompt: [len(images)]."""
         return self.reward(images, [self.items[i].prompt for i in self._rows(len(images), rows)])
@@ -144,7 +145,8 @@ def paired_results(
     """Each item's result from its base and final image, both scored in one reward call; given the trajectory that
     drew the final images with adapters, each item's `kl` from the adapter-free sampler (η > 0)."""
     rewards = problem.score(torch.cat([base, final])).view(2, -1).T.tolist()
-    kls = (problem.path_kl(traj) if traj is not None else None) or [None] * len(base)
+    kls = traj is not None and sampler_path_kl(problem.backbone, problem.sampling, traj, problem.cond)
+    kls = kls or [None] * len(base)
     return [
         ItemResult(b, f, rb, rf, info=dict(info or {}) | ({"kl": kl} if kl is not None else {}))
         for b, f, (rb, rf), kl in zip(base, final, rewards, kls)

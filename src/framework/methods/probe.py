@@ -16,10 +16,10 @@ from framework.core.atomic import atomic_open, write_text
 from framework.core.hacking import ROWS, Flag, ProbeRow, decision, detect, probe_signals, read_probe_rows
 from framework.core.images import save_png
 from framework.core.items import derive_seed
-from framework.methods.common import draw_noise, sampler_options
+from framework.methods.common import draw_noise, sampler_options, sampler_path_kl
 from framework.metrics.sets import cmmd, mean_pairwise_distance, vendi_score
 from framework.models.lora import save_lora
-from framework.models.sampling import path_kl, sample, sampler_steps
+from framework.models.sampling import sample
 
 BEST_ADAPTER = "adapter-best"
 GRID_PROMPTS = 4  # images in each sample grid: the first seed of the first probe prompts
@@ -60,12 +60,8 @@ class ProbeMonitor(L.Callback):
         prompts, seeds = self.probe(module)
         x_T, noises = draw_noise(module.backbone, module.cfg, [seeds[i] for i in units])
         cond = module.backbone.encode([prompts[i] for i in units])
-        options = sampler_options(module.cfg)
-        traj = sample(module.backbone, cond, x_T, noises, **options)
-        kl = None
-        if with_kl and options["eta"] > 0:
-            steps = sampler_steps(module.backbone, options["num_steps"], options["eta"], options["final_step_noise"])
-            kl = path_kl(module.backbone, traj, cond, options["guidance_scale"], steps).tolist()
+        traj = sample(module.backbone, cond, x_T, noises, **sampler_options(module.cfg))
+        kl = sampler_path_kl(module.backbone, module.cfg, traj, cond) if with_kl else None
         return module.backbone.decode(traj.latents), kl
 
     def on_train_start(self, trainer, module) -> None:
