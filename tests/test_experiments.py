@@ -563,25 +563,46 @@ QUICK_SPEC = {
 }
 
 
-def start_experiments(specs: Path, out: Path) -> subprocess.Popen:
+def start_experiments(specs: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
     """`python -m framework.analysis.experiments` on the specs of `specs`, one run at a time, in its own session (as a
     terminal's foreground job: Ctrl-C reaches its whole group)."""
     return subprocess.Popen(
         [sys.executable, "-m", "framework.analysis.experiments", "--specs", str(specs), "--out", str(out)]
         + ["--jobs", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip
 
 
-def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_what_is_missing(tmp_path):
+SLOW_REWARD = """
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def score(images, prompts):
+    \"\"\"Brightness, slowly while the file 'slow' exists; the file 'computing' says a run reached its reward.\"\"\"
+    (HERE / "computing").touch()
+    if (HERE / "slow").exists():
+        time.sleep(2)
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_what_is_missing(tmp_path, monkeypatch):
     """Ctrl-C while the second of three runs computes (the first finished earlier): it stops after its finished
     items, the third never starts, nothing is marked failed or half-written, exit 130 within seconds; the rerun
-    finishes the second and third run and leaves the first as it was."""
+    finishes the second and third run and leaves the first as it was. The second run's reward takes 2 s a call, so
+    that the stop reaches it long before it could finish (its 4 calls of 3 steps and the final images)."""
+    (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
+    (tmp_path / "slow").touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    slow = ["reward=callable", "reward.target=slow_reward:score", "reward.differentiable=true"]
     spec = QUICK_SPEC | {
         "runs": {
             "A": ["method=base"],
-            "B": ["method=dno", "method.opt_steps=5"],
+            "B": ["method=dno", "method.opt_steps=3", *slow],
             "C": ["method=base", "seed=1"],
         },
     }
@@ -589,24 +610,19 @@ def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_
     out = tmp_path / "out"
     _, (a, _, _) = prepare("quick", "testbed", out, tmp_path, {})
     assert run_missing([(a, "quick-testbed")], launch_in_process) == {}
-    process = start_experiments(tmp_path, out)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("running B"):
-            break
-    run_dirs = {path.name.split("-")[0]: path for path in (out / "runs" / "testbed").iterdir()}
-    wait_for(lambda: (run_dirs["B"] / "run.json").exists(), process, timeout=120)  # B is loading or computing
+    process = start_experiments(tmp_path, out, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    wait_for(lambda: (tmp_path / "computing").exists(), process, timeout=120)  # B reached its reward
     stopped_at = time.monotonic()
     os.kill(process.pid, signal.SIGINT)  # as `kill -INT`; a terminal's Ctrl-C reaches the same process (its runs
     # have sessions of their own, so that they get the stop once, from it)
     assert process.wait(timeout=60) == 130
     assert time.monotonic() - stopped_at < 30
-    lines += process.stdout.read().splitlines(keepends=True)
+    lines = process.stdout.read().splitlines(keepends=True)
     assert "  stopped B\n" in lines and not any(
         line.startswith(("running A", "running C", "  failed")) for line in lines
     )
     assert process.stderr.read().startswith("stopped: SIGINT during experiments: the runs in progress stopped")
+    run_dirs = {path.name.split("-")[0]: path for path in (out / "runs" / "testbed").iterdir()}
     first = run_dirs["A"] / "summary.json"
     assert json.loads((run_dirs["A"] / "status.json").read_text())["exit_code"] == 0
     assert json.loads((run_dirs["B"] / "status.json").read_text())["exit_code"] == 130
@@ -614,6 +630,7 @@ def test_ctrl_c_stops_the_experiments_marks_nothing_failed_and_a_rerun_finishes_
     assert not (out / "tables").exists() and not list(out.rglob("*.tmp"))
     before = first.stat().st_mtime_ns
 
+    (tmp_path / "slow").unlink()
     written = reproduce_all(["quick"], "testbed", out, experiments_dir=tmp_path, launch=launch_in_process)
     rows = read_csv(written[0])
     assert set(rows) == {"A", "B", "C"} and all(row.get("status", "ok") == "ok" for row in rows.values())
