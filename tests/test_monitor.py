@@ -193,7 +193,7 @@ def test_the_study_scores_the_rule_against_gold():
 def test_at_real_scale_composed_on_tiny_models(tmp_path):
     """HPS optimised with PickScore and aesthetic held out (tiny random stand-ins, as the real ones compose): the
     probe records both held-out rewards and the rule reads them (random-weight models have no image features, so no
-    diversity or embedding drift)."""
+    embedding drift; the detector's diversity reads pixels)."""
     run_dir = tmp_path / "run"
     result = run_cli(
         "model=tiny_sd",
@@ -221,6 +221,6 @@ def test_at_real_scale_composed_on_tiny_models(tmp_path):
         and {"eval_tiny_pickscore", "eval_tiny_aesthetic", "eval_tiny_imagereward", "eval_tiny_hpsv3", "drift_rmse"}
         <= rows[0].keys()
     )
-    assert "diversity_vendi" not in rows[0]
+    assert "drift_embedding" not in rows[0] and "diversity_vendi" in rows[0]
     best = max(rows, key=lambda step: rows[step]["eval_tiny_pickscore"])  # the first held-out reward selects
     assert json.loads((run_dir / "monitor.json").read_text())["best_held_out_step"] == best

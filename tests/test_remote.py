@@ -556,3 +556,17 @@ def test_the_server_merges_requests_by_image_size_and_a_failing_request_fails_al
     assert isinstance(response, JSONResponse) and response.status_code == 500
     assert json.loads(response.body) == {"detail": "reward callable raised ValueError: cannot score a bad prompt"}
     assert api.encode_response(answers[0]) == {"scores": answers[0]}
+
+
+def test_a_served_reward_is_an_ensemble_member(server):
+    """An ensemble of the served tiny ImageReward and the same reward in-process: both members score alike, so their
+    mean is the in-process score and they never disagree; a served member makes the ensemble a black box."""
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    served = {"name": "remote", "url": server, "image_format": "tensor"}
+    cfg = RewardConfig(name="ensemble", members=[served, "tiny_imagereward"], normalise="none")
+    ensemble, local = build_reward(cfg), build_reward(RewardConfig(name="imagereward", tiny=True))
+    assert not ensemble.differentiable and list(ensemble.members) == ["remote", "tiny_imagereward"]
+    with torch.no_grad():
+        scores, disagreement = ensemble.scored(images, PROMPTS)
+        torch.testing.assert_close(scores, local(images, PROMPTS), rtol=0, atol=1e-6)
+    assert disagreement.abs().max() < 1e-5

@@ -243,7 +243,7 @@ def mean_pixel(images, prompts):
 
 def test_the_registry_says_truly_which_rewards_gradients_reach_the_images_through():
     """For every reward that needs no weights: a gradient reaches the images exactly when the registry says so (the
-    remote reward, which needs a server: test_remote)."""
+    remote reward, which needs a server: test_remote); an ensemble is differentiable when every member is."""
     import torch
 
     from framework.config.rewards import REWARDS, is_differentiable
@@ -252,8 +252,9 @@ def test_the_registry_says_truly_which_rewards_gradients_reach_the_images_throug
     configs = [
         RewardConfig(name=name)
         for name, entry in REWARDS.items()
-        if not entry.network and name not in ("callable", "remote")
+        if not entry.network and name not in ("callable", "remote", "ensemble")
     ]
+    configs += [RewardConfig(name="ensemble", members=["brightness", other]) for other in ("contrast", "jpeg")]
     target = "test_validation:mean_pixel"
     configs += [RewardConfig(name="callable", target=target, differentiable=flag) for flag in (True, False)]
     images = torch.rand(2, 3, 32, 32)

@@ -79,6 +79,7 @@ def run(cfg: DictConfig):
     from framework.models import load_backbone
     from framework.rewards import build_reward
     from framework.runner.alignment import InferenceTimeAlignment, ItemsDataModule, make_items
+    from framework.runner.reference import normalise_ensemble
     from framework.runner.store import ItemStore
     from framework.runner.summary import failure_line, print_summary, run_decision
     from framework.runner.tracking import log_to_wandb
@@ -92,7 +93,8 @@ def run(cfg: DictConfig):
     backbone = load_backbone(cfg.model)
     if cfg.model.offload_text_encoder:  # the run's prompts, encoded once where the run computes
         backbone.offload_text_encoders(prompts, trainer.strategy.root_device)
-    metrics = build_metrics(cfg.eval, cfg.model)
+    metrics = build_metrics(cfg.eval, cfg.model, reward)
+    normalise_ensemble(cfg, reward, backbone, prompts, trainer.strategy.root_device, store.run_dir)
     method = method.prepare(cfg, trainer, backbone, reward, metrics)  # e.g. load an adapter, or fine-tune (draft)
     module = InferenceTimeAlignment(backbone, reward, method, store, metrics, held_out_reward(cfg))
     trainer.predict(module, datamodule=ItemsDataModule(items, store, method.cfg.batch_size), return_predictions=False)

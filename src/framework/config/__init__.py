@@ -14,9 +14,8 @@ from omegaconf import MISSING, OmegaConf
 
 from framework.config.families import FAMILIES, flow_kinds
 from framework.config.methods import METHODS, method_kind, reward_options
-from framework.config.rewards import DTYPES, RewardConfig
+from framework.config.rewards import DTYPES, RewardConfig, preset
 from framework.core.errors import FrameworkError
-from framework.core.options import CONF_DIR
 from framework.core.validation import COUNT, POSITIVE, OneOf, Range, Text, valid
 from framework.testbed import MODEL_DIR
 
@@ -141,6 +140,9 @@ class MonitorConfig:
     prompts: int = valid(4, COUNT)  # the first N prompts of the run's prompt set ...
     seeds: int = valid(2, COUNT)  # ... × N fixed seeds each (diversity needs 2 or more)
     z: float = valid(3.0, POSITIVE)  # standard errors (over probe units) a held-out signal must fall by
+    # set (e.g. 0.05): z is instead the smallest that keeps the rule's flags on pure noise, simulated under the run's
+    # conditions (its evaluations, units, signals and their correlation across evaluations), at this rate
+    false_alarms: float | None = valid(None, Range(0, 1, low_open=True, high_open=True))
     patience: int = valid(2, COUNT)  # evaluations in a row the rule must hold before it flags
     stop: bool = False  # end training at the flag
     # last | best_held_out: sample the items with the adapter of the evaluation the first held-out reward scored best
@@ -210,10 +212,10 @@ def held_out_relations(c) -> Iterator[tuple[str, str]]:
 
 def reward_config(name: str) -> RewardConfig:
     """The config of conf/reward/<name>.yaml (e.g. a held-out evaluation reward), as `reward=<name>` composes it."""
-    path = CONF_DIR / "reward" / f"{name}.yaml"
-    if not path.is_file():
-        raise FrameworkError(f"eval.rewards: no reward config {name!r}; choose from: {', '.join(reward_options())}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path)))
+    try:
+        return preset(name)
+    except FrameworkError as e:
+        raise FrameworkError(f"eval.rewards: {e}") from None
 
 
 def same_reward(a, b) -> bool:

@@ -184,12 +184,19 @@ class AdapterTrainingConfig(SamplingConfig):
     train_steps: int = valid(200, COUNT)  # optimiser steps
     save_every: int = valid(50, COUNT)  # adapter + resumable training state every N steps
     sample_every: int = valid(50, Range(0))  # a grid of probe images, with their reward, every N steps (0 = never)
+    # GARDO's gate: the KL term (kl_weight) on only this fraction of each batch's samples, those whose ensemble
+    # members disagree most (reward=ensemble); 1: on every sample
+    kl_gate: float = valid(1.0, Range(0, 1, low_open=True))
     implementation: ClassVar[str] = "framework.methods.fine_tune:FineTuneThenSample"
     kind: ClassVar[str] = "fine_tunes"
     trainer: ClassVar[str]  # "module:Class" of its Lightning module (framework.methods.fine_tune.AdapterTraining)
 
     @staticmethod
     def relations(c, run) -> Iterator[tuple[str, str]]:
+        if c.kl_gate < 1 and run.reward.name != "ensemble":
+            yield "method.kl_gate", "it gates the KL by the disagreement of an ensemble: use reward=ensemble"
+        elif c.kl_gate < 1 and not c.kl_weight:
+            yield "method.kl_gate", "there is no KL term to gate: set method.kl_weight > 0"
         if "float16" in (run.model.dtype, run.model.vae_dtype):
             yield (
                 "model.dtype",

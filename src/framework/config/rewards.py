@@ -6,13 +6,17 @@ reward of your own (docs/extending.md)."""
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-from framework.core.validation import POSITIVE, OneOf, Range, Text, valid
-from framework.testbed import PROXY_SIZES
+from framework.core.errors import FrameworkError, first_line
+from framework.core.options import CONF_DIR, options
+from framework.core.validation import NON_NEGATIVE, POSITIVE, OneOf, Range, Text, check_fields, valid
+from framework.testbed import ENSEMBLE_SIZE, PROXY_SIZES
 
 DTYPES = ("float32", "float16", "bfloat16")
+AGGREGATES = ("mean", "wco", "uwo")  # how an ensemble combines its members' normalised scores
 IMAGE_FORMATS = ("png", "tensor")  # how a remote reward's images travel
 API_KEY_ENV = "REWARD_SERVER_KEY"  # the environment variable of a reward server's API key, on both sides
 Weights = list[tuple[str, str, str]]  # (kind "file" | "pretrained", hub id or path, config key) of each weight
@@ -65,6 +69,16 @@ class RewardConfig:
     api_key_env: str = valid(API_KEY_ENV, Text())
     # proxy: the shipped testbed proxy trained on this many comparisons (reward.checkpoint: one you trained)
     comparisons: int = valid(PROXY_SIZES[0], OneOf(PROXY_SIZES))
+    # proxy: member k of the shipped ensemble of 1000-comparison proxies (bootstraps; reward=proxy_ensemble)
+    member: int | None = valid(None, Range(0, ENSEMBLE_SIZE - 1))
+    # ensemble: its members, each a conf/reward name (tiny_hps) or a reward's options ({name: remote, url: ...});
+    # each member's score is a z-score on the reference (normalise=base: the run's first `reference_images` base
+    # samples; none: raw scores); aggregate: mean | wco (the lowest) | uwo (mean − uwo_lambda · variance)
+    members: list[Any] = valid([], Text())
+    aggregate: str = valid("mean", OneOf(AGGREGATES))
+    uwo_lambda: float = valid(1.0, NON_NEGATIVE)
+    normalise: str = valid("base", OneOf(("base", "none")))
+    reference_images: int = valid(16, Range(2))
     # Score the images clamped to [0, 1] (true) or as decoded (false); null = the reward's own default: the toy
     # statistics read the raw decoder output as DNO does, every model-based reward, JPEG and callables clamp.
     clamp: bool | None = None
@@ -74,6 +88,16 @@ class RewardConfig:
 
     @staticmethod
     def relations(c, run) -> Iterator[tuple[str, str]]:
+        if (c.name == "ensemble") != bool(c.members):
+            yield "reward.members", "reward=ensemble needs reward.members (two or more rewards), and only it reads them"
+        elif c.name == "ensemble" and len(c.members) < 2:
+            yield "reward.members", "an ensemble needs two or more members"
+        elif c.name == "ensemble":
+            member_configs(c)  # each member valid, or one error naming it
+        if c.member is not None and c.name != "proxy":
+            yield "reward.member", "only reward=proxy has ensemble members"
+        elif c.member is not None and c.comparisons != PROXY_SIZES[0]:
+            yield "reward.member", f"the ensemble's members are proxies of {PROXY_SIZES[0]} comparisons"
         networks = [name for name, entry in REWARDS.items() if entry.network]
         if c.name == "callable" and (not c.target or c.target.count(":") != 1):
             yield "reward.target", "reward=callable needs reward.target='package.module:function'"
@@ -91,8 +115,54 @@ class RewardConfig:
             )
 
 
+def preset(name: str) -> RewardConfig:
+    """The config of conf/reward/<name>.yaml, as `reward=<name>` composes it."""
+    path = CONF_DIR / "reward" / f"{name}.yaml"
+    if not path.is_file():
+        raise FrameworkError(f"no reward config {name!r}; choose from: {', '.join(options('reward'))}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), OmegaConf.load(path)))
+
+
+def member_configs(cfg) -> list[RewardConfig]:
+    """The configs of an ensemble's members (`reward.members`), each checked as `reward=` is: one error line naming
+    the member that is not a valid reward."""
+    configs = []
+    for k, member in enumerate(cfg.members):
+        where = f"reward.members[{k}]"
+        try:
+            if isinstance(member, str):
+                member_cfg = preset(member)
+            else:
+                node = OmegaConf.merge(OmegaConf.structured(RewardConfig), member)
+                check_fields(f"{where}.", node, RewardConfig)
+                member_cfg = OmegaConf.to_object(node)
+            if member_cfg.name == "ensemble":
+                raise FrameworkError("an ensemble cannot be a member of an ensemble")
+            for key, why in RewardConfig.relations(member_cfg, None):
+                raise FrameworkError(f"{key.replace('reward.', where + '.', 1)}: {why}")
+        except FrameworkError as e:
+            raise FrameworkError(f"{where}={_shown(member)!r} is not a valid reward: {e}") from None
+        except Exception as e:  # OmegaConf's refusal of an unknown key or a wrongly typed value
+            raise FrameworkError(f"{where}={_shown(member)!r} is not a valid reward: {first_line(e)}") from None
+        configs.append(member_cfg)
+    return configs
+
+
+def _shown(member):
+    return OmegaConf.to_container(member) if OmegaConf.is_config(member) else member
+
+
+def member_labels(cfg) -> list[str]:
+    """Each member's name in records (`member_<label>`): its conf/reward name, or its reward's name; a name two
+    members share gets the member's index."""
+    names = [m if isinstance(m, str) else m["name"] for m in cfg.members]
+    return [f"{name}{k}" if names.count(name) > 1 else name for k, name in enumerate(names)]
+
+
 def is_differentiable(cfg) -> bool:
     """Whether gradients reach the images through reward config `cfg`, known before the reward is built."""
+    if cfg.name == "ensemble":
+        return all(is_differentiable(member) for member in member_configs(cfg))
     declared = REWARDS[cfg.name].differentiable
     return cfg.differentiable if declared is None else declared
 
@@ -159,6 +229,7 @@ REWARDS: dict[str, RewardEntry] = {
     "proxy": RewardEntry(f"{BUILDERS}:proxy", weights=_checkpoint_if_set, bradley_terry=True),
     "callable": RewardEntry(f"{BUILDERS}:user_callable", differentiable=None),
     "remote": RewardEntry(f"{BUILDERS}:remote", differentiable=False),
+    "ensemble": RewardEntry(f"{BUILDERS}:ensemble", differentiable=None),
 }
 
 
@@ -170,4 +241,7 @@ def register_reward(name: str, entry: RewardEntry) -> None:
 
 def required_weights(cfg, prefix: str) -> Weights:
     """Every weight `build_reward(cfg)` reads; none for a reward built in-process (tiny or random weights)."""
+    if cfg.name == "ensemble":
+        members = member_configs(cfg)
+        return [w for k, m in enumerate(members) for w in required_weights(m, f"{prefix}.members[{k}]")]
     return [] if cfg.tiny or cfg.random_weights else REWARDS[cfg.name].weights(cfg, prefix)

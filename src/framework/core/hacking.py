@@ -13,13 +13,18 @@ difference over units (the spread of h[b, i] − h[k, i] across the probe set, d
 own sampling noise does not explain. Reward hacking is flagged at the first evaluation where, for `patience`
 evaluations in a row, some held-out signal has turned while the optimised reward has kept rising since that
 signal's best, by more than `z` standard errors too (mean r[k, i] − r[b, i]): the optimiser still gains on its
-reward, and what it does not see gets worse. The best earlier evaluation is the largest of several noisy means, so
-one evaluation alone fires on noise more often than z suggests: on pure noise (8 evaluations of 16 units, the
-reward rising) 6.8 % of runs at z = 3 and patience 1, 0.4 % at the default patience 2 (tests/test_monitor.py).
-Nothing here reads a ground truth (gold, adherence), so the rule runs on
-real models as on the testbed, where gold measures it (docs/experiments.md).
+reward, and what it does not see gets worse. The best earlier evaluation is the largest of several noisy means, and
+a run watches several signals at many evaluations, so the rule fires on noise more often than z suggests: on pure
+independent noise (8 evaluations of 16 units, one signal, the reward rising) 6.8 % of runs at z = 3 and patience 1,
+0.4 % at the default patience 2 (tests/test_monitor.py), and more with more evaluations, signals and correlated
+noise. `null_flag_rate` simulates that rate under a run's own conditions (its evaluations, units, signals, and
+noise correlated across evaluations), and `calibrated_z` picks the smallest z that holds it at a chosen rate
+(`monitor.false_alarms`): the correction for watching several signals and comparing against the best earlier
+evaluation. Nothing here reads a ground truth (gold, adherence), so the rule runs on real models as on the testbed,
+where gold measures it (docs/experiments.md).
 """
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -111,6 +116,78 @@ def detect(steps: list[int], reward: np.ndarray, signals: list[Signal], z: float
     return None
 
 
+def null_flag_rate(
+    evaluations: int,
+    units: int,
+    signals: int,
+    z: float,
+    patience: int,
+    rho: float = 0.0,
+    runs: int = 2000,
+    seed: int = 0,
+) -> float:
+    """The share of pure-noise runs the rule flags: `signals` held-out signals of `units` units each, measured at
+    `evaluations` evaluations as AR(1) noise with lag-one correlation `rho` between evaluations and no trend, the
+    reward rising (so only the held-out side decides). The rule of `detect`, vectorised over runs."""
+    rng = np.random.default_rng(seed)
+    shocks = rng.standard_normal((runs, signals, evaluations, units))
+    noise = np.empty_like(shocks)
+    noise[:, :, 0] = shocks[:, :, 0]
+    for k in range(1, evaluations):
+        noise[:, :, k] = rho * noise[:, :, k - 1] + math.sqrt(1 - rho**2) * shocks[:, :, k]
+    means = noise.mean(3)  # [runs, signals, evaluations]
+    hits = np.zeros((runs, evaluations), bool)
+    for k in range(1, evaluations):
+        best = means[:, :, :k].argmax(2)  # the best earlier evaluation of each run and signal
+        at_best = np.take_along_axis(noise, best[:, :, None, None], 2)[:, :, 0]
+        fall = at_best - noise[:, :, k]  # [runs, signals, units]
+        se = fall.std(2, ddof=1) / math.sqrt(units)
+        hits[:, k] = (fall.mean(2) > z * se).any(1)
+    in_a_row = np.zeros(runs, int)
+    flagged = np.zeros(runs, bool)
+    for k in range(1, evaluations):
+        in_a_row = np.where(hits[:, k], in_a_row + 1, 0)
+        flagged |= in_a_row >= patience
+    return float(flagged.mean())
+
+
+@functools.lru_cache(maxsize=256)
+def calibrated_z(
+    evaluations: int, units: int, signals: int, patience: int, rate: float, rho: float = 0.0, runs: int = 2000
+) -> float:
+    """The smallest z (in steps of 0.25, at most 10) whose `null_flag_rate` under these conditions is ≤ `rate`."""
+    for z in np.arange(1.0, 10.25, 0.25):
+        if null_flag_rate(evaluations, units, signals, float(z), patience, rho, runs) <= rate:
+            return float(z)
+    return 10.0
+
+
+def lag_one_correlation(signals: list[Signal]) -> float:
+    """The signals' noise correlation between consecutive evaluations: of each unit's deviation from the mean over
+    units, pooled over units, evaluations and signals (0 where it cannot be estimated; negative values count as 0)."""
+    pairs = []
+    for signal in signals:
+        deviation = signal.values - np.nanmean(signal.values, axis=1, keepdims=True)
+        a, b = deviation[:-1].ravel(), deviation[1:].ravel()
+        keep = np.isfinite(a) & np.isfinite(b)
+        pairs.append((a[keep], b[keep]))
+    a, b = (np.concatenate([p[i] for p in pairs]) if pairs else np.zeros(0) for i in (0, 1))
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return max(0.0, float(np.corrcoef(a, b)[0, 1]))
+
+
+def rule_z(z: float, false_alarms: float | None, patience: int, evaluations: int, signals: list[Signal]) -> float:
+    """The rule's z: `z` as set, or, with `false_alarms` set, the z calibrated to that rate on pure noise under the
+    run's conditions: its planned `evaluations`, the fewest units of its signals, their number, and their lag-one
+    correlation so far (rounded to 0.1)."""
+    if false_alarms is None:
+        return z
+    units = min(signal.values.shape[1] for signal in signals)
+    rho = round(lag_one_correlation(signals), 1)
+    return calibrated_z(evaluations, units, len(signals), patience, false_alarms, rho)
+
+
 def velocity(drift: np.ndarray) -> np.ndarray:
     """Drift added since the previous evaluation, [K, units]; NaN at k = 0."""
     return np.concatenate([np.full((1, drift.shape[1]), np.nan), np.diff(drift, axis=0)])
@@ -124,11 +201,13 @@ def record_table(records: list[ItemRecord], key: str, steps: list[int]) -> np.nd
 def record_signals(records: list[ItemRecord], held_out: list[str]) -> tuple[list[int], np.ndarray, list[Signal]]:
     """The rule's inputs from a noise method's per-step records (each item is a probe unit; the evaluations are the
     steps every item recorded, then the final images): the optimised reward, the held-out rewards
-    (`eval_<name>` for each name in `held_out`) and the velocity of pixel drift."""
+    (`eval_<name>` for each name in `held_out`), the velocity of pixel drift and an ensemble's disagreement."""
     length = min(len(r.steps) for r in records)
     steps = list(range(length)) + ([length] if all(len(r.steps) == length for r in records) else [])
     signals = [Signal(f"eval_{name}", record_table(records, f"eval_{name}", steps)) for name in held_out]
     signals.append(Signal("drift_velocity", velocity(record_table(records, "drift_rmse", steps)), False))
+    if records[0].steps and "disagreement" in records[0].steps[0]:
+        signals.append(Signal("disagreement", record_table(records, "disagreement", steps), False))
     return steps, record_table(records, "reward", steps), signals
 
 
@@ -139,9 +218,11 @@ def probe_table(rows: list[ProbeRow], key: str) -> np.ndarray:
 
 def probe_signals(rows: list[ProbeRow], held_out: list[str]) -> tuple[list[int], np.ndarray, list[Signal]]:
     """The rule's inputs from probe evaluations (`monitor.jsonl` rows): the optimised reward, the held-out rewards,
-    diversity (its units are the probe prompts) and the velocity of pixel drift."""
+    diversity (its units are the probe prompts), the velocity of pixel drift and an ensemble's disagreement."""
     signals = [Signal(f"eval_{name}", probe_table(rows, f"eval_{name}")) for name in held_out]
     if "diversity_vendi" in rows[0].units:
         signals.append(Signal("diversity_vendi", probe_table(rows, "diversity_vendi")))
     signals.append(Signal("drift_velocity", velocity(probe_table(rows, "drift_rmse")), higher_is_better=False))
+    if "disagreement" in rows[0].units:
+        signals.append(Signal("disagreement", probe_table(rows, "disagreement"), higher_is_better=False))
     return [row.step for row in rows], probe_table(rows, "reward"), signals

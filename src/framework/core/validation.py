@@ -98,26 +98,31 @@ def _schema_nodes(cfg) -> Iterator[tuple[str, Any, type]]:
             yield f"{group}.", node, schema
 
 
+def check_fields(prefix: str, node, schema: type) -> None:
+    """Every key of `node` is declared by `schema`, set, and valid by its field's rule; else one FrameworkError."""
+    declared = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        if key not in declared:
+            raise unknown_key(prefix.rstrip("."), key, schema)
+    for name, spec in declared.items():
+        if OmegaConf.is_missing(node, name):
+            raise FrameworkError(f"{prefix}{name} is required (it has no default); set {prefix}{name}=...")
+        rule = spec.metadata.get("rule")
+        if rule is None or isinstance(rule, Text):  # bools are type-checked by OmegaConf; text where it is used
+            continue
+        value = node[name]
+        if value is not None and not rule.accepts(value):
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            raise FrameworkError(f"{prefix}{name}={shown!r} is not valid; {rule.describe()}")
+
+
 def validate(cfg) -> None:
     """Every value of a composed run config against its field's rule, then every schema's `relations`; the first
     problem is one FrameworkError naming the key, the value given and what is valid. Also rejects keys that no
     schema declares (added with Hydra's `+group.key=value`, which skips struct checks)."""
     nodes = list(_schema_nodes(cfg))
     for prefix, node, schema in nodes:
-        declared = {f.name: f for f in fields(schema)}
-        for key in node.keys():
-            if key not in declared:
-                raise unknown_key(prefix.rstrip("."), key, schema)
-        for name, spec in declared.items():
-            if OmegaConf.is_missing(node, name):
-                raise FrameworkError(f"{prefix}{name} is required (it has no default); set {prefix}{name}=...")
-            rule = spec.metadata.get("rule")
-            if rule is None or isinstance(rule, Text):  # bools are type-checked by OmegaConf; text where it is used
-                continue
-            value = node[name]
-            if value is not None and not rule.accepts(value):
-                shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-                raise FrameworkError(f"{prefix}{name}={shown!r} is not valid; {rule.describe()}")
+        check_fields(prefix, node, schema)
     for _, node, schema in nodes[1:] + nodes[:1]:  # the groups' rules first, then the run's
         for cls in schema.__mro__:  # each class states its own relations; subclasses inherit them
             relations = cls.__dict__.get("relations")

@@ -45,13 +45,13 @@ class DRaFT(AdapterTraining):
         if cfg.variant == "k":
             traj = sample(backbone, cond, x_T, noises, checkpoint=cfg.checkpoint, grad_steps=cfg.k, **sampler)
             first = cfg.num_steps - (cfg.k or cfg.num_steps)
-            rewards = self.reward(backbone.decode(traj.latents), prompts)
+            rewards, disagreement = self.score(backbone.decode(traj.latents), prompts)
             differentiated = list(zip(traj.x[first:], traj.timesteps[first:], traj.predictions[first:]))
         else:
             with torch.no_grad():
                 x0 = sample(backbone, cond, x_T, noises, **sampler).latents
             last = sampler_steps(backbone, cfg.num_steps, 0.0)[-1]
-            rewards, differentiated = 0, []
+            rewards, disagreement, differentiated = 0, None, []
             for i in range(cfg.lv_samples):
                 fresh = torch.stack(
                     [
@@ -64,13 +64,16 @@ class DRaFT(AdapterTraining):
                 x1 = last.signal * x0 + last.noise * fresh
                 pred = backbone.predict(x1, last.t, cond, cfg.guidance_scale)
                 x0_hat, _ = last.update(x1, pred)
-                rewards = rewards + self.reward(backbone.decode(x0_hat), prompts)
+                scores, spread = self.score(backbone.decode(x0_hat), prompts)
+                rewards = rewards + scores
+                disagreement = spread if disagreement is None else disagreement + spread  # gated by the sum
                 differentiated.append((x1, last.t, pred))
         eps_mse = torch.zeros((), device=x_T.device)
         if cfg.kl_weight > 0:
             with torch.no_grad(), backbone.adapters_disabled():
                 base = [backbone.predict(x.detach(), t, cond, cfg.guidance_scale) for x, t, _ in differentiated]
-            eps_mse = torch.stack([(p - b).square().mean() for (_, _, p), b in zip(differentiated, base)]).mean()
+            per_step = [(p - b).square().flatten(1).mean(1) for (_, _, p), b in zip(differentiated, base)]
+            eps_mse = self.gated(torch.stack(per_step).mean(0), disagreement)
         return -rewards.mean(), rewards.mean() / (1 if cfg.variant == "k" else cfg.lv_samples), eps_mse
 
     def training_step(self, batch, batch_idx) -> Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from framework.config import held_out_rewards
 from framework.config.methods import METHODS, LoRAScaleConfig, SamplingConfig
@@ -18,6 +19,7 @@ from framework.methods.common import Method
 from framework.methods.lora_scale import LoRAScale
 from framework.methods.probe import BEST_ADAPTER, ProbeMonitor
 from framework.models.lora import WEIGHT_NAME, add_lora, load_lora, restore_lora, save_lora
+from framework.rewards.ensemble import disagreement_gate
 
 INTERRUPTED_CKPT = "interrupted.ckpt"
 
@@ -37,6 +39,19 @@ class AdapterTraining(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen weights
 
     clips_its_gradients = False  # True for a module that makes its own optimiser steps (Lightning clips the others')
+
+    def score(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        """The reward of each image and, where the KL is gated (`method.kl_gate` < 1, an ensemble reward), the
+        members' disagreement on it."""
+        if self.cfg.kl_gate >= 1:
+            return self.reward(images, prompts), None
+        return self.reward.scored(images, prompts)
+
+    def gated(self, per_sample: Tensor, disagreement: Tensor | None) -> Tensor:
+        """The batch mean of a per-sample KL term, counted only on the gated samples (GARDO) when gating."""
+        if disagreement is None:
+            return per_sample.mean()
+        return (per_sample * disagreement_gate(disagreement, self.cfg.kl_gate)).mean()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -69,7 +84,9 @@ class FineTuneThenSample(Method):
         on_stop = OnExceptionCheckpoint(directory, filename=INTERRUPTED_CKPT.removesuffix(".ckpt"))
         probe = []
         if cfg.monitor.every or cfg.method.sample_every:
-            probe = [ProbeMonitor(cfg.monitor, held_out_rewards(cfg), Path(cfg.output_dir), cfg.method.sample_every)]
+            evaluations = cfg.method.train_steps // cfg.monitor.every + 1 if cfg.monitor.every else 0
+            held_out, out_dir = held_out_rewards(cfg), Path(cfg.output_dir)
+            probe = [ProbeMonitor(cfg.monitor, held_out, out_dir, cfg.method.sample_every, evaluations=evaluations)]
         return {
             "max_steps": cfg.method.train_steps,
             # a module that makes its own optimiser steps (GRPO) clips its gradients itself

@@ -51,6 +51,7 @@ class Rollout:
     old_log_prob: list[Tensor]
     rewards: Tensor  # [B]
     advantages: Tensor  # [B]
+    disagreement: Tensor | None  # [B], an ensemble's, where the KL is gated (method.kl_gate < 1)
 
 
 def log_prob(x_next: Tensor, mean: Tensor, std: float) -> Tensor:
@@ -136,12 +137,10 @@ class GRPO(AdapterTraining):
         x_next = traj.x[1:] + [traj.latents]
         old = [log_prob(x_next[i], steps[i].update(traj.x[i], traj.predictions[i])[1], steps[i].std) for i in trained]
         images = backbone.decode(traj.latents)
-        rewards = torch.cat(
-            [
-                self.reward(images[i : i + self.cfg.batch_size], prompts[i : i + self.cfg.batch_size])
-                for i in range(0, len(prompts), self.cfg.batch_size)
-            ]
-        ).float()
+        size = self.cfg.batch_size
+        scored = [self.score(images[i : i + size], prompts[i : i + size]) for i in range(0, len(prompts), size)]
+        rewards = torch.cat([scores for scores, _ in scored]).float()
+        disagreement = None if scored[0][1] is None else torch.cat([spread for _, spread in scored])
         everyone = self.all_gather(rewards).reshape(-1) if self.trainer.world_size > 1 else rewards
         cfg, entry = self.cfg, REWARDS.get(self.reward.name)  # a reward built outside the registry has no entry
         bradley_terry = entry is not None and entry.bradley_terry
@@ -155,7 +154,8 @@ class GRPO(AdapterTraining):
         )
         if self.trainer.world_size > 1:  # gathered rank after rank: this process's share
             advantages = advantages.reshape(self.trainer.world_size, -1)[self.trainer.global_rank]
-        return Rollout(cond, [traj.x[i] for i in trained], [x_next[i] for i in trained], old, rewards, advantages)
+        kept = [traj.x[i] for i in trained], [x_next[i] for i in trained]
+        return Rollout(cond, *kept, old, rewards, advantages, disagreement)
 
     def steps(self, epoch: int) -> list[Step]:
         return sampler_steps(self.backbone, self.cfg.rollout_steps, self.cfg.noise_level, sde_window=self.window(epoch))
@@ -177,7 +177,7 @@ class GRPO(AdapterTraining):
             with torch.no_grad(), backbone.adapters_disabled():
                 ref, _ = backbone.predict_branches(rollout.x[j], step.t, rollout.cond, cfg.guidance_scale)
                 ref_mean = step.update(rollout.x[j], ref)[1]
-            kl = ((mean - ref_mean) ** 2).flatten(1).mean(1).mean() / (2 * step.std**2)
+            kl = self.gated(((mean - ref_mean) ** 2).flatten(1).mean(1), rollout.disagreement) / (2 * step.std**2)
         stats = {
             "clip_fraction": ((ratio - 1).abs() > cfg.clip_range).float().mean(),
             "approx_kl": 0.5 * (ratio.detach().log() ** 2).mean(),

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from framework.core.atomic import atomic_open, write_text
-from framework.core.hacking import ROWS, Flag, ProbeRow, decision, detect, probe_signals, read_probe_rows
+from framework.core.hacking import ROWS, Flag, ProbeRow, decision, detect, probe_signals, read_probe_rows, rule_z
 from framework.core.images import save_png
 from framework.core.items import derive_seed
 from framework.methods.common import draw_noise, sampler_options, sampler_path_kl
@@ -30,17 +30,21 @@ class ProbeMonitor(L.Callback):
     current adapter at step 0 and every `every` optimiser steps. Each evaluation records the optimised reward, the
     policy's KL from the base sampler (`kl`, a sampler with η > 0 only), every held-out reward, drift from the base
     model's images at the same noises (pixel and embedding), diversity across the seeds of each prompt (Vendi and mean
-    pairwise distance), CMMD against the base images and, on the testbed, adherence and gold: per probe unit in
-    `monitor.jsonl` (what the rule and a resumed run read), as means in `monitor.csv` and to the training loggers (W&B:
-    `probe/<metric>`). After each evaluation the rule (framework.core.hacking) runs over the evaluations so far: its
-    decision goes to `monitor.json` (with `monitor.stop`, training ends at a flag); the adapter of the evaluation the
-    first held-out reward scores best is kept in `checkpoints/adapter-best/` (`monitor.select=best_held_out` makes it
-    the run's adapter). Every `sample_every` steps the first seed of the first prompts is saved as `samples/step<N>.png`
-    and logged with its mean reward (`samples/reward`), so the same images can be watched across training."""
+    pairwise distance, on the detector's features: CLIP's, or pixels where the features are the testbed judge's), an
+    ensemble reward's members and disagreement, CMMD against the base images and, on the testbed, adherence and gold:
+    per probe unit in `monitor.jsonl` (what the rule and a resumed run read), as means in `monitor.csv` and to the
+    training loggers (W&B: `probe/<metric>`). After each evaluation the rule (framework.core.hacking) runs over the
+    evaluations so far: its decision goes to `monitor.json` (with `monitor.stop`, training ends at a flag); the adapter
+    of the evaluation the first held-out reward scores best is kept in `checkpoints/adapter-best/`
+    (`monitor.select=best_held_out` makes it the run's adapter). Every `sample_every` steps the first seed of the first
+    prompts is saved as `samples/step<N>.png` and logged with its mean reward (`samples/reward`), so the same images can
+    be watched across training."""
 
-    def __init__(self, cfg, held_out: list[str], out_dir: Path, sample_every: int = 0, metrics=None):
+    def __init__(
+        self, cfg, held_out: list[str], out_dir: Path, sample_every: int = 0, metrics=None, evaluations: int = 0
+    ):
         self.cfg, self.metrics, self.held_out, self.out_dir = cfg, metrics, held_out, Path(out_dir)
-        self.sample_every = sample_every
+        self.sample_every, self.evaluations, self.z = sample_every, evaluations, cfg.z  # evaluations: planned
         self.rows: list[ProbeRow] = []
         self.base: Tensor | None = None
         self.flag: Flag | None = None
@@ -108,12 +112,13 @@ class ProbeMonitor(L.Callback):
         for key in records[0]:
             units[key] = [r[key] for r in records]
         sets = {}
+        if self.cfg.seeds >= 2:  # on the detector's features (never the testbed judge's)
+            embeds = self.metrics.detector_embed(shown).cpu()
+            groups = [embeds[i : i + self.cfg.seeds] for i in range(0, len(embeds), self.cfg.seeds)]
+            units["diversity_vendi"] = [vendi_score(g) for g in groups]
+            units["diversity_pairwise"] = [mean_pairwise_distance(g) for g in groups]
         embeds, base_embeds = self.metrics.embed(shown), self.metrics.embed(base)
         if embeds is not None:
-            groups = [embeds[i : i + self.cfg.seeds].cpu() for i in range(0, len(embeds), self.cfg.seeds)]
-            if self.cfg.seeds >= 2:
-                units["diversity_vendi"] = [vendi_score(g) for g in groups]
-                units["diversity_pairwise"] = [mean_pairwise_distance(g) for g in groups]
             sets["cmmd"] = cmmd(embeds.cpu(), base_embeds.cpu())
         cost = {"probe_evals": module.backbone.num_evals - evals, "probe_seconds": time.perf_counter() - start}
         row = ProbeRow(step, {k: float(np.mean(v)) for k, v in units.items()} | sets, units, cost)
@@ -139,7 +144,9 @@ class ProbeMonitor(L.Callback):
 
     def write(self, trainer) -> None:
         """The files of the curves so far, and the rule's decision over them."""
-        self.flag = detect(*probe_signals(self.rows, self.held_out), z=self.cfg.z, patience=self.cfg.patience)
+        steps, reward, signals = probe_signals(self.rows, self.held_out)
+        self.z = rule_z(self.cfg.z, self.cfg.false_alarms, self.cfg.patience, self.evaluations, signals)
+        self.flag = detect(steps, reward, signals, z=self.z, patience=self.cfg.patience)
         if self.flag is not None and self.cfg.stop:
             trainer.should_stop = True
         if not trainer.is_global_zero:
@@ -151,7 +158,7 @@ class ProbeMonitor(L.Callback):
             writer.writeheader()
             writer.writerows(table)
         best = self.best()
-        chosen = decision(self.flag) | {"best_held_out_step": None if best is None else best.step}
+        chosen = decision(self.flag) | {"z": self.z, "best_held_out_step": None if best is None else best.step}
         write_text(self.out_dir / "monitor.json", json.dumps(chosen, indent=1))
 
     def best(self) -> ProbeRow | None:

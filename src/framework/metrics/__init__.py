@@ -34,13 +34,21 @@ FEATURE_BATCH = 64
 class ImageMetrics(nn.Module):
     """`features`: "clip" (the CLIP model of `clip`), "judge" (the testbed judge's penultimate layer) or None.
     `cmmd_clip`: the CLIP whose embeddings CMMD uses when features are CLIP's (ViT-L/14-336 for published CMMD).
-    `eval_rewards`: held-out rewards reported as `eval_<name>`. Every model is a submodule, so it moves with the
-    runner to the run's device."""
+    `eval_rewards`: held-out rewards reported as `eval_<name>`. `ensemble`: the optimised reward when it is an
+    ensemble, whose members' scores and disagreement every record keeps. Every model is a submodule, so it moves
+    with the runner to the run's device."""
 
     def __init__(
-        self, judge=None, features: str | None = None, clip=None, eval_rewards: dict | None = None, cmmd_clip=None
+        self,
+        judge=None,
+        features: str | None = None,
+        clip=None,
+        eval_rewards: dict | None = None,
+        cmmd_clip=None,
+        ensemble=None,
     ):
         super().__init__()
+        self.ensemble = ensemble
         self.judge, self.clip, self.features = judge, clip, features  # judge: testbed.judge.Judge; clip: CLIPSimilarity
         self.cmmd_clip = cmmd_clip
         self.eval_rewards = nn.ModuleDict(eval_rewards or {})
@@ -56,6 +64,16 @@ class ImageMetrics(nn.Module):
         chunks = [images[i : i + FEATURE_BATCH].to(self._device(images)) for i in range(0, len(images), FEATURE_BATCH)]
         return torch.cat([F.normalize(embed(c.float()).float(), dim=-1) for c in chunks])
 
+    @torch.no_grad()
+    def detector_embed(self, images: Tensor) -> Tensor:
+        """The embeddings the hacking monitor's diversity signal reads: CLIP's where the features are CLIP's, else
+        the images' own pixels at 16×16 (normalised). Never the testbed judge's: the detector must not read the
+        truth it is scored against."""
+        if self.features == "clip":
+            return self.embed(images)
+        small = F.interpolate(images.float(), size=(16, 16), mode="area", antialias=False)
+        return F.normalize(small.flatten(1), dim=-1)
+
     def _device(self, images: Tensor) -> torch.device:
         parameter = next(self.parameters(), None)
         return images.device if parameter is None else parameter.device
@@ -69,7 +87,8 @@ class ImageMetrics(nn.Module):
     def measure(self, images: Tensor, prompts: list[str], base: Tensor | None = None) -> list[dict[str, float]]:
         """One record per image (image i was prompted with `prompts[i]`; `base[i]` is its base image): `drift_rmse`
         (pixel RMSE to the base), `drift_embedding` (1 − cos of the embeddings), `clipscore` (100·cos(image,
-        prompt), clamped at 0), `eval_<name>`, and for shapes-world prompts `adherence` (judge: colour and shape both
+        prompt), clamped at 0), `eval_<name>`, an ensemble's `member_<label>` and `disagreement`, and for shapes-world
+        prompts `adherence` (judge: colour and shape both
         right), `judge_log_prob` and `gold`. Every value of an image depends on that image alone, never on its batch."""
         columns = {}
         if base is not None:
@@ -83,6 +102,8 @@ class ImageMetrics(nn.Module):
             columns[f"eval_{name}"] = reward(on_device, prompts)
             if not torch.isfinite(columns[f"eval_{name}"]).all():  # cannot be averaged or ranked: the items fail
                 raise ValueError(f"held-out reward {name} returned a non-finite score")
+        if self.ensemble is not None:
+            columns |= self.ensemble.details(on_device, prompts)
         columns = {key: column.tolist() for key, column in columns.items()}  # one device sync per metric
         records = [{key: column[i] for key, column in columns.items()} for i in range(len(images))]
         captions = [i for i, prompt in enumerate(prompts) if self.judge is not None and is_caption(prompt)]
@@ -141,11 +162,12 @@ def resolve_features(eval_cfg, model_cfg) -> str:
     return features
 
 
-def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
-    """The metrics `eval` asks for."""
+def build_metrics(eval_cfg, model_cfg, reward=None) -> ImageMetrics:
+    """The metrics `eval` asks for, and the members of the optimised `reward` if it is an ensemble."""
     from framework.config.rewards import RewardConfig
     from framework.core.errors import FrameworkError
     from framework.rewards import build_reward, load_named_reward
+    from framework.rewards.ensemble import EnsembleReward
     from framework.testbed.judge import load_judge
 
     features = resolve_features(eval_cfg, model_cfg)
@@ -173,4 +195,5 @@ def build_metrics(eval_cfg, model_cfg) -> ImageMetrics:
             raise FrameworkError(str(e).replace("reward.url", "eval.remote_url")) from None
 
     rewards = {name: held_out(name) for name in eval_cfg.rewards}
-    return ImageMetrics(judge, None if features == "none" else features, clip, rewards, cmmd_clip)
+    ensemble = reward if isinstance(reward, EnsembleReward) else None
+    return ImageMetrics(judge, None if features == "none" else features, clip, rewards, cmmd_clip, ensemble)

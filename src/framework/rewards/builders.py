@@ -173,7 +173,16 @@ def proxy(cfg: RewardConfig, dtype) -> Reward:
     from framework.rewards.proxy import load_proxy
     from framework.testbed import proxy_file
 
-    return load_proxy(_weight_file(cfg) if cfg.checkpoint else proxy_file(cfg.comparisons)).to(dtype)
+    return load_proxy(_weight_file(cfg) if cfg.checkpoint else proxy_file(cfg.comparisons, cfg.member)).to(dtype)
+
+
+def ensemble(cfg: RewardConfig, dtype) -> Reward:
+    from framework.config.rewards import member_configs, member_labels
+    from framework.rewards import build_reward
+    from framework.rewards.ensemble import EnsembleReward
+
+    members = dict(zip(member_labels(cfg), map(build_reward, member_configs(cfg))))
+    return EnsembleReward(members, cfg.aggregate, cfg.uwo_lambda)
 
 
 def remote(cfg: RewardConfig, dtype) -> Reward:

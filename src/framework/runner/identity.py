@@ -16,6 +16,21 @@ from framework.config import RUNTIME_OPTIONS
 from framework.testbed import MODEL_DIR
 
 EXECUTION_GROUPS = ("logger", "trainer", "output_dir")
+# Keys added after runs existed, with their defaults: at the default a key is left out, so a run that does not use it
+# keeps the identity (and the results) it had before the key existed.
+ADDED_KEYS = {
+    "model": {"height": None, "width": None},
+    "reward": {
+        "member": None,
+        "members": [],
+        "aggregate": "mean",
+        "uwo_lambda": 1.0,
+        "normalise": "base",
+        "reference_images": 16,
+    },
+    "method": {"kl_gate": 1.0},
+    "monitor": {"false_alarms": None},
+}
 
 
 def run_identity(cfg) -> dict:
@@ -29,9 +44,10 @@ def run_identity(cfg) -> dict:
         identity.pop("monitor")
     for key in RUNTIME_OPTIONS:
         identity["model"].pop(key)
-    for side in ("height", "width"):  # unset: the square model.resolution, as before these keys existed
-        if identity["model"][side] is None:
-            identity["model"].pop(side)
+    for group, defaults in ADDED_KEYS.items():
+        for key, default in defaults.items() if group in identity else ():
+            if identity[group].get(key, default) == default:
+                identity[group].pop(key, None)
     if identity["model"]["source"] == str(MODEL_DIR):  # the shipped testbed: the same run wherever the package lies
         identity["model"]["source"] = "${testbed_model:}"
     return identity

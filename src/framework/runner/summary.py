@@ -6,7 +6,7 @@ from pathlib import Path
 
 from framework.config import held_out_rewards
 from framework.config.methods import method_kind
-from framework.core.hacking import decision, detect, record_signals
+from framework.core.hacking import decision, detect, record_signals, rule_z
 from framework.core.records import ItemRecord, RunSummary
 
 
@@ -18,9 +18,10 @@ def run_decision(cfg, run_dir: Path, records: list[ItemRecord]) -> dict | None:
         return json.loads(path.read_text())
     if method_kind(cfg.method) != "optimises_noise" or not records or not all(r.steps for r in records):
         return None
-    return decision(
-        detect(*record_signals(records, held_out_rewards(cfg)), z=cfg.monitor.z, patience=cfg.monitor.patience)
-    )
+    steps, reward, signals = record_signals(records, held_out_rewards(cfg))
+    m = cfg.monitor
+    z = rule_z(m.z, m.false_alarms, m.patience, cfg.method.opt_steps + 1, signals)
+    return decision(detect(steps, reward, signals, z=z, patience=m.patience)) | {"z": z}
 
 
 def failure_line(summary: RunSummary, named: int = 3) -> str:

@@ -9,6 +9,12 @@ on preference data sets. Each proxy sees the first N comparisons of one stream (
 networks and training steps are equal), then is tested on held-out pairs from fresh images: accuracy against gold's
 ranking, against held-out noisy labels, and the noise ceiling (the rater's own expected accuracy against gold).
 Writes `proxy_<N>.safetensors` and updates `proxy_report.json` in the testbed directory (or `--out`).
+
+`--members K` also trains the K members of `reward=proxy_ensemble` (`proxy_1000_member<k>.safetensors`): each on a
+bootstrap resample of the smallest proxy's comparisons, from its own initialisation and batch order, as Coste et
+al. and Eisenstein et al. build reward ensembles. The report adds each member's accuracy, the ensemble mean's, and
+whether the members are linearly connected (WARM's premise): the accuracy of the midpoint of each pair of members
+and of their uniform weight average, against their endpoints'.
 """
 
 import argparse
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from framework.rewards.proxy import ProxyNet, TextFeatures
-from framework.testbed import MODEL_DIR, PROXY_SIZES, TESTBED_DIR
+from framework.testbed import MODEL_DIR, PROXY_SIZES, TESTBED_DIR, proxy_file
 from framework.testbed.gold import fit_scene, score
 from framework.testbed.shapes import all_captions
 from framework.tools.train_testbed import fit
@@ -126,9 +132,50 @@ def evaluate(net: ProxyNet, images, text, pairs, labels, gap) -> dict:
     }
 
 
+def averaged(nets: list[ProxyNet]) -> ProxyNet:
+    """The uniform weight average of `nets` (WARM's merge)."""
+    net = ProxyNet()
+    net.load_state_dict({k: torch.stack([n.state_dict()[k] for n in nets]).mean(0) for k in net.state_dict()})
+    return net.eval()
+
+
+def train_members(count: int, images, text, stream, labels, steps: int, seed: int, evaluate_on) -> dict:
+    """The ensemble's members on bootstraps of the first PROXY_SIZES[0] comparisons, and their report."""
+    n, members, rows = PROXY_SIZES[0], [], []
+    for k in range(count):
+        generator = torch.Generator().manual_seed(seed + 1000 + k)
+        sample = torch.randint(n, (n,), generator=generator)  # bootstrap of the smallest proxy's comparisons
+        members.append(train(images, text, stream[:n][sample], labels[:n][sample], steps, seed + 1 + k))
+        rows.append(evaluate_on(members[-1]))
+        print(json.dumps({f"member {k}": rows[-1]}), flush=True)
+
+    class Mean(torch.nn.Module):
+        def forward(self, images, text):
+            return torch.stack([m(images, text) for m in members]).mean(0)
+
+    midpoints = [
+        {"members": [a, b], **evaluate_on(averaged([members[a], members[b]]))}
+        for a in range(count)
+        for b in range(a + 1, count)
+    ]
+    endpoint = sum(row["accuracy_vs_gold"] for row in rows) / count
+    barrier = endpoint - min(row["accuracy_vs_gold"] for row in midpoints) if midpoints else 0.0
+    report = {
+        "members": rows,
+        "mean_of_members": evaluate_on(Mean()),
+        "weight_average": evaluate_on(averaged(members)),
+        "pair_midpoints": midpoints,
+        # Frankle et al.'s barrier on accuracy: the members' mean accuracy minus the worst midpoint's
+        "largest_barrier": round(barrier, 4),
+        "linearly_connected": barrier <= 0.01,
+    }
+    return members, report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comparisons", type=int, nargs="+", default=list(PROXY_SIZES))
+    parser.add_argument("--comparisons", type=int, nargs="*", default=list(PROXY_SIZES))
+    parser.add_argument("--members", type=int, default=0, help="ensemble members to train (reward=proxy_ensemble)")
     parser.add_argument("--images", type=int, default=4096, help="training images (the comparisons share them)")
     parser.add_argument("--eval-images", type=int, default=1024)
     parser.add_argument("--eval-pairs", type=int, default=4000)
@@ -152,26 +199,31 @@ def main(argv: list[str] | None = None) -> None:
     data_minutes = (time.perf_counter() - started) / 60
     report_path = args.out / "proxy_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
     for n in args.comparisons:
         started = time.perf_counter()
         net = train(train_images, text, stream[:n], stream_labels[:n], args.steps, args.seed)
-        args.out.mkdir(parents=True, exist_ok=True)
         save_file(net.state_dict(), args.out / f"proxy_{n}.safetensors")
         report[str(n)] = {
             **evaluate(net, eval_images, text, held_out, held_out_labels, held_out_gap),
             "train_minutes": round((time.perf_counter() - started) / 60, 1),
         }
         print(json.dumps({n: report[str(n)]}), flush=True)
-    report["data"] = {
-        "minutes": round(data_minutes, 1),
-        "label_temperature": LABEL_TEMPERATURE,
-        "command": "python -m framework.tools.train_proxy "
-        + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()
-            if k != "out"
-        ),
-    }
+    command = "python -m framework.tools.train_proxy " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}".strip()
+        for k, v in vars(args).items()
+        if k != "out"
+    )
+    if args.members:
+        evaluate_on = lambda net: evaluate(net, eval_images, text, held_out, held_out_labels, held_out_gap)  # noqa: E731
+        members, report["ensemble"] = train_members(
+            args.members, train_images, text, stream, stream_labels, args.steps, args.seed, evaluate_on
+        )
+        report["ensemble"]["command"] = command
+        for k, net in enumerate(members):
+            save_file(net.state_dict(), args.out / proxy_file(PROXY_SIZES[0], k).name)
+    if args.comparisons:
+        report["data"] = {"minutes": round(data_minutes, 1), "label_temperature": LABEL_TEMPERATURE, "command": command}
     report_path.write_text(json.dumps(report, indent=1))
 
 
