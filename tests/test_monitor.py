@@ -12,8 +12,9 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
+from framework.analysis import monitor_study
 from framework.analysis.monitor_study import DEFAULT, Trajectory, outcome, summarise
-from framework.core.hacking import Signal, detect, velocity
+from framework.core.hacking import Signal, calibrated_z, detect, lag_one_correlation, null_flag_rate, velocity
 from framework.core.records import read_records
 
 STEPS = [0, 5, 10, 15, 20, 25, 30, 35]
@@ -74,6 +75,7 @@ DRAFT = [
     "method.sample_every=0",
     "monitor.every=2",
     "monitor.prompts=2",
+    "monitor.false_alarms=null",  # z = 3 as set: the calibrated z of 4 probe images is too high to flag in 6 steps
     "logger=none",
 ]
 
@@ -145,7 +147,8 @@ def test_best_held_out_selection_keeps_the_adapter_of_the_best_probe_evaluation(
 
 def test_the_rule_runs_over_a_noise_methods_step_records(tmp_path):
     """DNO raising brightness with darkness held out: summary.json's `monitor` flags the step where darkness has
-    fallen beyond its spread over the items while the reward rose, as the records themselves show."""
+    fallen beyond its spread over the items while the reward rose, as the records themselves show, by the z calibrated
+    to 5 % false alarms under this run's conditions."""
     run_dir = tmp_path / "run"
     args = ["method=dno", "reward=brightness", "eval.rewards=[darkness]", "prompts.limit=3", "samples_per_prompt=2"]
     args += ["method.num_steps=4", "method.opt_steps=6", "method.lr=0.05", "logger=none"]
@@ -158,7 +161,7 @@ def test_the_rule_runs_over_a_noise_methods_step_records(tmp_path):
     fall = np.array([r.after(b, "eval_darkness") - r.after(k, "eval_darkness") for r in records])
     gain = np.array([r.after(k, "reward") - r.after(b, "reward") for r in records])
     for d in (fall, gain):
-        assert d.mean() > 3 * d.std(ddof=1) / np.sqrt(len(d))
+        assert d.mean() > decision["z"] * d.std(ddof=1) / np.sqrt(len(d))
 
 
 def trajectory_of(gold_curve, signal_fall_from, cell="c", units=16, seed=0):
@@ -188,6 +191,69 @@ def test_the_study_scores_the_rule_against_gold():
     expected = {"runs": 3, "hacking": 2, "detected": 1, "missed": 1, "false alarm": 1}
     assert {key: counts[key] for key in expected} == expected
     assert counts["median_lag"] == STEPS[6] - STEPS[3]
+    assert counts["precision"] == 0.5 and counts["recall"] == 0.5
+
+
+def ar1(rng, runs: int, signals: int, evaluations: int, units: int, rho: float) -> np.ndarray:
+    noise = rng.standard_normal((runs, signals, evaluations, units))
+    for k in range(1, evaluations):
+        noise[:, :, k] = rho * noise[:, :, k - 1] + np.sqrt(1 - rho**2) * noise[:, :, k]
+    return noise
+
+
+def test_the_simulated_false_alarm_rate_is_the_rules_own_on_correlated_noise():
+    """`null_flag_rate` (vectorised) against `detect` itself on pure noise drawn here: 3 signals of 12 units at 12
+    evaluations, correlated 0.5 between evaluations, the reward rising; the two rates agree within Monte-Carlo
+    error, and watching more signals fires more often."""
+    runs, steps = 600, list(range(12))
+    noise = ar1(np.random.default_rng(7), runs, 3, 12, 12, 0.5)
+    reward = np.arange(12.0)[:, None] + 0.01 * np.random.default_rng(8).standard_normal((12, 12))
+    fired = [detect(steps, reward, [Signal(f"s{j}", run[j]) for j in range(3)], z=2.0, patience=2) for run in noise]
+    observed = np.mean([flag is not None for flag in fired])
+    simulated = null_flag_rate(12, 12, 3, 2.0, 2, rho=0.5, runs=4000)
+    assert abs(observed - simulated) < 4 * np.sqrt(simulated * (1 - simulated) / runs) + 0.01
+    assert null_flag_rate(12, 12, 1, 2.0, 2, rho=0.5) < simulated
+
+
+def test_the_calibrated_z_is_the_smallest_that_holds_the_rate():
+    z = calibrated_z(20, 12, 3, 2, 0.05, rho=0.5)
+    assert null_flag_rate(20, 12, 3, z, 2, rho=0.5) <= 0.05 < null_flag_rate(20, 12, 3, z - 0.25, 2, rho=0.5)
+    assert calibrated_z(20, 12, 3, 2, 0.01, rho=0.5) > z  # a lower rate needs a larger z
+
+
+def test_the_noise_correlation_between_evaluations_is_recovered():
+    noise = ar1(np.random.default_rng(3), 1, 2, 40, 24, 0.8)[0]
+    assert lag_one_correlation([Signal("a", noise[0]), Signal("b", noise[1])]) == pytest.approx(0.8, abs=0.06)
+    assert lag_one_correlation([Signal("a", np.random.default_rng(4).standard_normal((40, 24)))]) < 0.06
+
+
+def test_the_study_tunes_on_one_cell_reports_on_the_other_and_beats_a_fixed_stop(monkeypatch):
+    """Four runs per cell (two hack, two do not): the rule is tuned on cell T and reported on cell R at the tuned,
+    default and calibrated settings; the fixed-step stop is tuned on T too, and every row carries the simulated
+    false-alarm rate at the z it used."""
+
+    class Run:
+        def __init__(self, name, cell, t):
+            self.name, self.cell, self.t = name, {"reward": cell}, t
+
+    hacked, rising = [0.5, 0.55, 0.6, 0.65, 0.6, 0.5, 0.4, 0.3], [0.5, 0.52, 0.54, 0.56, 0.58, 0.6, 0.62, 0.64]
+    runs = [
+        Run(f"{cell}{i}", cell, trajectory_of(gold, fall, cell=cell, seed=i))
+        for cell in ("T", "R")
+        for i, (gold, fall) in enumerate(((hacked, 4), (hacked, 5), (rising, None), (rising, None)))
+    ]
+    monkeypatch.setattr(monitor_study, "trajectory", lambda run, axis: run.t)
+    tuned, rows, summaries = monitor_study.analyse(runs, "T", "R")
+    assert tuned["tuned_on"] == "T" and tuned["fixed_stop_fraction"] == pytest.approx(3 / 7, abs=0.05)
+    assert [(s["cell"], s["setting"].split(" ")[0]) for s in summaries] == [
+        (cell, name) for cell in ("T", "R") for name in ("tuned", "default", "calibrated")
+    ]
+    report = next(s for s in summaries if s["cell"] == "R" and s["setting"].startswith("calibrated"))
+    assert report["detected"] == 2 and report["false alarm"] <= 1 and report["recall"] == 1.0
+    assert report["gold_at_flag"] > report["gold_final"]
+    assert all(0 <= row["simulated_false_alarms"] <= 1 for row in rows)
+    calibrated = [row for row in rows if row["setting"].startswith("calibrated")]
+    assert all(row["simulated_false_alarms"] <= 0.05 for row in calibrated)
 
 
 def test_at_real_scale_composed_on_tiny_models(tmp_path):

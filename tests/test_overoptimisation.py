@@ -67,7 +67,7 @@ def test_a_proxy_rebuilt_on_a_tiny_budget_is_a_differentiable_reward_and_determi
     from framework.tools.train_proxy import main
 
     args = ["--images", "48", "--eval-images", "24", "--eval-pairs", "50", "--steps", "3"]
-    main(["--comparisons", "40", "60", *args, "--out", str(tmp_path / "a")])
+    main(["--comparisons", "40", "60", "--members", "2", *args, "--out", str(tmp_path / "a")])
     main(["--comparisons", "40", *args, "--out", str(tmp_path / "b")])  # rebuilding one proxy alone reproduces it
     first, second = (load_file(tmp_path / out / "proxy_40.safetensors") for out in ("a", "b"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -76,7 +76,9 @@ def test_a_proxy_rebuilt_on_a_tiny_budget_is_a_differentiable_reward_and_determi
         k: v for k, v in alone["40"].items() if k != "train_minutes"
     }
     assert 0 <= report["40"]["accuracy_vs_gold"] <= 1 and 0.5 <= report["40"]["noise_ceiling"] <= 1
-    assert alone["data"]["command"].startswith("python -m framework.tools.train_proxy --comparisons 40 --images")
+    assert alone["data"]["command"].startswith("python -m framework.tools.train_proxy --comparisons 40 --members 0")
+    assert len(report["ensemble"]["members"]) == 2 and len(report["ensemble"]["pair_midpoints"]) == 1
+    assert all((tmp_path / "a" / f"proxy_1000_member{k}.safetensors").is_file() for k in range(2))
     reward = load_proxy(tmp_path / "a" / "proxy_40.safetensors")
     images = torch.rand(2, 3, 32, 32, requires_grad=True)
     scores = reward(images, ["a red circle", "a blue square"])
@@ -90,6 +92,29 @@ def test_the_shipped_proxies_are_small_and_better_with_more_data():
     accuracies = [report[str(n)]["accuracy_vs_gold"] for n in PROXY_SIZES]
     assert all(proxy_file(n).stat().st_size < 1 << 20 for n in PROXY_SIZES)
     assert accuracies == sorted(accuracies) and accuracies[0] > 0.6  # the data set is the knob
+
+
+def test_the_shipped_proxy_ensemble_has_five_members_and_its_report():
+    """Five members of the smallest proxy's size, small, each about as accurate as that proxy; the report says
+    whether they are linearly connected by the accuracy of their pairwise midpoints (WARM's premise), and
+    reward=proxy_ensemble builds them as one differentiable reward."""
+    from framework.config.rewards import preset
+    from framework.rewards import build_reward
+    from framework.testbed import ENSEMBLE_SIZE, PROXY_SIZES, TESTBED_DIR, proxy_file
+
+    report = json.loads((TESTBED_DIR / "proxy_report.json").read_text())["ensemble"]
+    members = [proxy_file(PROXY_SIZES[0], k) for k in range(ENSEMBLE_SIZE)]
+    assert all(path.stat().st_size < 1 << 20 for path in members) and len(report["members"]) == ENSEMBLE_SIZE
+    assert all(abs(m["accuracy_vs_gold"] - report["members"][0]["accuracy_vs_gold"]) < 0.05 for m in report["members"])
+    worst = min(m["accuracy_vs_gold"] for m in report["pair_midpoints"])
+    mean = sum(m["accuracy_vs_gold"] for m in report["members"]) / ENSEMBLE_SIZE
+    assert report["largest_barrier"] == pytest.approx(mean - worst, abs=1e-3)
+    assert report["linearly_connected"] == (report["largest_barrier"] <= 0.01)
+    reward = build_reward(preset("proxy_ensemble"))
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    scores = reward(images, ["a red circle", "a blue square"])
+    assert list(reward.members) == [f"proxy{k}" for k in range(ENSEMBLE_SIZE)]
+    assert torch.autograd.grad(scores.sum(), images)[0].abs().sum() > 0
 
 
 def test_an_overoptimisation_experiment_writes_its_paths_peaks_and_both_fits(tmp_path):

@@ -13,7 +13,12 @@ DRaFT run's probe evaluations (`monitor.jsonl`). Per run and rule setting (z, pa
 
 The rule is tuned on one grid cell (`monitor: {tune: <option>}`: the (z, patience) of GRID that keeps the most mean
 gold by stopping, ties to the larger z and patience, i.e. fewer alarms) and reported on another
-(`report: <option>`), at the tuned setting and at the defaults.
+(`report: <option>`), at the tuned setting, at the default (z = 3, patience 2) and calibrated (patience 2, z per run
+such that the rule flags at most 5 % of pure-noise runs simulated under that run's conditions:
+framework.core.hacking.calibrated_z). Every row also carries the false-alarm rate simulated under its run's
+conditions (evaluations, units, signals, their lag-one correlation) at the z it used, and the gold kept by the
+baseline the rule must beat: stopping every run at a fixed fraction of its evaluations, the fraction tuned on the
+same cell as the rule. Summaries add precision (detected / flagged) and recall (detected / hacking).
 """
 
 import csv
@@ -28,17 +33,22 @@ from framework.core.atomic import atomic_open, write_text
 from framework.core.hacking import (
     Signal,
     detect,
+    lag_one_correlation,
+    null_flag_rate,
     paired_gap,
     probe_signals,
     probe_table,
     read_probe_rows,
     record_signals,
     record_table,
+    rule_z,
 )
 from framework.core.records import read_records
 
 GRID = [(z, patience) for z in (1.0, 2.0, 3.0, 4.0, 5.0) for patience in (1, 2, 3)]
 DEFAULT = (3.0, 2)
+CALIBRATED = (None, 2, 0.05)  # (z: calibrated per run, patience, simulated false-alarm rate)
+FRACTIONS = np.linspace(0, 1, 11)  # where a fixed-step early stop may stop, as a fraction of a run's evaluations
 HACKED_SE = 2.0  # standard errors gold must fall by after its peak for a run to count as hacking
 
 
@@ -72,15 +82,19 @@ def trajectory(run, cell_axis: str) -> Trajectory | None:
     return Trajectory(run.name, run.cell.get(cell_axis, ""), steps, reward, signals, table("gold"), held_out)
 
 
-def outcome(t: Trajectory, z: float, patience: int) -> dict:
-    """What the rule at (z, patience) decides on `t`, against gold (module docstring)."""
+def outcome(t: Trajectory, z: float | None, patience: int, false_alarms: float | None = None, fixed=0.0) -> dict:
+    """What the rule at (z, patience), or calibrated to `false_alarms`, decides on `t`, against gold (module
+    docstring); `fixed`: the fraction of the evaluations where the fixed-step baseline stops."""
     gold = t.gold.mean(1)
     peak, last = int(np.argmax(gold)), len(t.steps) - 1
     fall, fall_se = paired_gap(t.gold[peak], t.gold[last])
     hacked = bool(fall > HACKED_SE * fall_se)
+    z = rule_z(z, false_alarms, patience, len(t.steps), t.signals)
     flag = detect(t.steps, t.reward, t.signals, z=z, patience=patience)
     stop = last if flag is None else t.steps.index(flag.step)
     best = last if t.held_out is None else int(np.argmax(t.held_out.mean(1)))
+    units = min(signal.values.shape[1] for signal in t.signals)
+    rho = lag_one_correlation(t.signals)
     kind = {(True, True): "detected", (True, False): "missed", (False, True): "false alarm", (False, False): "quiet"}
     return {
         "run": t.run,
@@ -91,9 +105,12 @@ def outcome(t: Trajectory, z: float, patience: int) -> dict:
         "signal": None if flag is None else flag.signal,
         "lag": None if flag is None or not hacked else flag.step - t.steps[peak],
         "outcome": kind[hacked, flag is not None],
+        "z_used": z,
+        "simulated_false_alarms": null_flag_rate(len(t.steps), units, len(t.signals), z, patience, rho, runs=1000),
         "gold_base": float(gold[0]),
         "gold_final": float(gold[last]),
         "gold_at_flag": float(gold[stop]),
+        "gold_fixed_stop": float(gold[round(fixed * last)]),
         "gold_best_held_out": float(gold[best]),
         "gold_peak": float(gold[peak]),
     }
@@ -103,35 +120,66 @@ def summarise(rows: list[dict]) -> dict:
     """Counts, the median lag of the detected runs and the mean gold kept, over `rows` (one per run)."""
     lags = [r["lag"] for r in rows if r["outcome"] == "detected"]
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else float("nan")  # noqa: E731
+    counts = {name: sum(r["outcome"] == name for r in rows) for name in ("detected", "missed", "false alarm")}
+    flagged, hacking = counts["detected"] + counts["false alarm"], sum(r["hacks"] for r in rows)
     return {
         "runs": len(rows),
-        "hacking": sum(r["hacks"] for r in rows),
-        **{name: sum(r["outcome"] == name for r in rows) for name in ("detected", "missed", "false alarm")},
+        "hacking": hacking,
+        **counts,
+        "precision": counts["detected"] / flagged if flagged else float("nan"),
+        "recall": counts["detected"] / hacking if hacking else float("nan"),
         "median_lag": float(np.median(lags)) if lags else float("nan"),
-        **{key: mean(key) for key in ("gold_final", "gold_at_flag", "gold_best_held_out", "gold_peak")},
+        "simulated_false_alarms": mean("simulated_false_alarms"),
+        **{
+            key: mean(key)
+            for key in ("gold_final", "gold_at_flag", "gold_fixed_stop", "gold_best_held_out", "gold_peak")
+        },
     }
 
 
 def analyse(runs: list, tune: str, report: str) -> tuple[dict, list[dict], list[dict]]:
-    """The tuned setting, the per-run outcomes and the summaries (each cell), at the tuned setting and the default."""
+    """The tuned setting, the per-run outcomes and the summaries (each cell), at the tuned setting, the default and
+    the calibrated one."""
     axis = next(a for a in runs[0].cell if {tune, report} <= {r.cell[a] for r in runs})
     trajectories = [t for run in runs if (t := trajectory(run, axis)) is not None]
     tuning = [t for t in trajectories if t.cell == tune]
 
     def kept(setting) -> tuple:
-        rows = [outcome(t, *setting) for t in tuning]
-        return float(np.mean([r["gold_at_flag"] for r in rows])), setting
+        z, patience = setting
+        gold = [float(t.gold.mean(1)[_stop(t, z, patience)]) for t in tuning]
+        return float(np.mean(gold)), setting
+
+    def kept_fixed(fraction: float) -> float:
+        return float(np.mean([t.gold.mean(1)[round(fraction * (len(t.steps) - 1))] for t in tuning]))
 
     z, patience = max(GRID, key=kept)
-    settings = list(dict.fromkeys([(z, patience), DEFAULT]))
-    rows = [{"z": s[0], "patience": s[1]} | outcome(t, *s) for s in settings for t in trajectories]
+    fixed = float(max(FRACTIONS, key=kept_fixed))
+    settings = list(dict.fromkeys([(z, patience, None), (*DEFAULT, None), CALIBRATED]))
+    rows = [
+        {"setting": _name(s, (z, patience)), "z": s[0], "patience": s[1]} | outcome(t, *s, fixed=fixed)
+        for s in settings
+        for t in trajectories
+    ]
     summaries = [
-        {"cell": cell, "split": split, "z": setting[0], "patience": setting[1]}
-        | summarise([row for row in rows if row["cell"] == cell and (row["z"], row["patience"]) == setting])
+        {"cell": cell, "split": split, "setting": _name(setting, (z, patience)), "patience": setting[1]}
+        | summarise([row for row in rows if row["cell"] == cell and row["setting"] == _name(setting, (z, patience))])
         for cell, split in ((tune, "tune"), (report, "report"))
         for setting in settings
     ]
-    return {"z": z, "patience": patience, "tuned_on": tune, "reported_on": report}, rows, summaries
+    tuned = {"z": z, "patience": patience, "fixed_stop_fraction": fixed, "tuned_on": tune, "reported_on": report}
+    return tuned, rows, summaries
+
+
+def _stop(t: Trajectory, z: float, patience: int) -> int:
+    flag = detect(t.steps, t.reward, t.signals, z=z, patience=patience)
+    return len(t.steps) - 1 if flag is None else t.steps.index(flag.step)
+
+
+def _name(setting: tuple, tuned: tuple) -> str:
+    if setting[0] is None:
+        return f"calibrated ({setting[2]:.0%} simulated false alarms)"
+    label = "tuned" if setting[:2] == tuned else "default"
+    return f"{label} (z = {setting[0]:g}, patience {setting[1]})"
 
 
 def write_outputs(tuned: dict, rows: list[dict], summaries: list[dict], title: str, stem: Path) -> list[Path]:
@@ -141,12 +189,13 @@ def write_outputs(tuned: dict, rows: list[dict], summaries: list[dict], title: s
         (
             stem.with_name(f"{stem.name}_runs"),
             rows,
-            f"{title}: per run at z = {tuned['z']}, patience {tuned['patience']}",
+            f"{title}: per run and setting",
         ),
         (
             stem.with_name(f"{stem.name}_summary"),
             summaries,
-            f"{title}: z = {tuned['z']}, patience {tuned['patience']} tuned on {tuned['tuned_on']}",
+            f"{title}: z = {tuned['z']:g}, patience {tuned['patience']} and the fixed stop at "
+            f"{tuned['fixed_stop_fraction']:.0%} of the evaluations tuned on {tuned['tuned_on']}",
         ),
     ):
         keys = list(table[0]) if table else []

@@ -18,7 +18,8 @@ every run at each scale, an optional grid per scale (every run in every cell), a
                                                  # and the run exists only at the scales it names; with
                                                  # `cells: [option, ...]` beside them, at a scale with a grid only
                                                  # in the cells that have one of these options (a λ grid per reward)
-    versus: LABEL                                # win_rate: share of items where LABEL's image beats the row's
+    versus: LABEL                                # win_rate: share of items where LABEL's image beats the row's;
+                                                 # paired.<metric>: the row's minus LABEL's, item by item
     judges: [adherence, eval_pickscore, reward]  # ... one win-rate column per judge (`win_rate:<judge>`): the
                                                  # optimised reward or any recorded final metric; a judge that no run
                                                  # of the scale recorded is left out
@@ -32,8 +33,10 @@ every run at each scale, an optional grid per scale (every run in every cell), a
 Metrics: per-item final values (`reward` = the optimised reward, `adherence`, `drift_rmse`, `eval_<name>`, ...,
 and compute: `evals`, `seconds`; mean and bootstrap interval over items), `last.<key>` (the value at the last
 optimisation step, e.g. `last.r_mira`), `held_out.<key>` (the value at the step a noise method's held-out
-stopping rule chose: `method.select`, `method.held_out`), run-level `sets.<key>` of summary.json (CMMD, diversity,
-spectral distance; a single value) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric
+stopping rule chose: `method.select`, `method.held_out`), `paired.<metric>` (the per-item difference from the
+`versus` run's same item, with ±2 paired standard errors), run-level `sets.<key>` of summary.json (CMMD, diversity,
+spectral distance; a single value), `monitor.hacking_step` and `monitor.z` (the hacking monitor's flag in summary.json
+and the z it used) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric
 that no run of the scale recorded (e.g. `sets.cmmd_judge` off the testbed) is left out of the table, with a note.
 """
 
@@ -66,6 +69,7 @@ ITEM_METRICS = (
     "drift_embedding",
     "clipscore",
     "kl",
+    "disagreement",
     "evals",
     "seconds",
     "peak_memory_mb",
@@ -99,6 +103,7 @@ STEP_KEYS = (
     "drift_rmse",
     "drift_embedding",
     "clipscore",
+    "disagreement",
 )
 
 
@@ -113,9 +118,13 @@ def item_metric(name: str) -> bool:
 def metric_known(metric: str) -> bool:
     if metric.startswith("sets."):
         return metric.removeprefix("sets.") in SET_METRICS
+    if metric.startswith("monitor."):
+        return metric.removeprefix("monitor.") in ("hacking_step", "z")
     if metric.startswith(("last.", "held_out.")):
         key = metric.partition(".")[2]
         return key in STEP_KEYS or item_metric(key)
+    if metric.startswith("paired."):
+        return item_metric(metric.removeprefix("paired."))
     return metric == "win_rate" or item_metric(metric)
 
 
@@ -147,7 +156,7 @@ def load_experiment(path: Path) -> dict:
         if not metric_known(metric):
             raise FrameworkError(
                 f"{path}: metrics: unknown metric {metric!r}; item metrics: "
-                f"{', '.join(ITEM_METRICS)}, eval_<reward>, last.<step key>, sets.<"
+                f"{', '.join(ITEM_METRICS)}, eval_<reward>, last.<step key>, paired.<item metric>, sets.<"
                 f"{'|'.join(SET_METRICS)}> or win_rate"
             )
     for judge in spec.get("judges", []):
@@ -158,9 +167,10 @@ def load_experiment(path: Path) -> dict:
     for key in spec.get("curves", []):
         if key not in STEP_KEYS:
             raise FrameworkError(f"{path}: curves: {key!r} is not a per-step key; choose from: {', '.join(STEP_KEYS)}")
-    if "win_rate" in spec["metrics"] and spec.get("versus") not in spec["runs"]:
+    compared = [m for m in spec["metrics"] if m == "win_rate" or m.startswith("paired.")]
+    if compared and spec.get("versus") not in spec["runs"]:
         raise FrameworkError(
-            f"{path}: metric win_rate needs `versus:` naming one of the runs "
+            f"{path}: metric {compared[0]} needs `versus:` naming one of the runs "
             f"({', '.join(map(str, spec['runs']))}); got {spec.get('versus')!r}"
         )
     options = {o for grid in (spec.get("grid") or {}).values() for axis in grid.values() for o in axis}  # names

@@ -28,10 +28,11 @@ def run_metric(metric: str, run, spec: dict, runs: list) -> tuple[int, tuple]:
     """(items, (value, low, high)) of one metric of one run; low/high are NaN for single run-level values."""
     from framework.analysis.report import versus
 
-    if metric.startswith("sets."):
-        sets = (RunSummary.load(run.dir).sets or {}) if (run.dir / SUMMARY).is_file() else {}
-        value = sets.get(metric.removeprefix("sets."), float("nan"))
-        return 0, (value, float("nan"), float("nan"))
+    if metric.startswith(("sets.", "monitor.")):
+        group, _, key = metric.partition(".")
+        found = (getattr(RunSummary.load(run.dir), group) or {}) if (run.dir / SUMMARY).is_file() else {}
+        value = found.get(key)
+        return 0, (float("nan") if value is None else value, float("nan"), float("nan"))
     if metric.startswith("win_rate:"):
         judge = metric.removeprefix("win_rate:")
         other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)
@@ -39,8 +40,24 @@ def run_metric(metric: str, run, spec: dict, runs: list) -> tuple[int, tuple]:
             return 0, (float("nan"),) * 3  # not recorded at this scale
         result = versus(other.dir, run.dir, judge)
         return result["items"], (result["rate"], result["low"], result["high"])
+    if metric.startswith("paired."):
+        other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)
+        return paired_difference(run.dir, other.dir, metric.removeprefix("paired."))
     values = final_values(run.dir, metric)
     return len(values), mean_ci(values)
+
+
+def paired_difference(run_dir: Path, other_dir: Path, metric: str) -> tuple[int, tuple[float, float, float]]:
+    """(items, (mean, mean − 2 SE, mean + 2 SE)) of the per-item difference of `metric` between two runs' final
+    images, over the items both finished (the same prompts and seeds): a difference is significant where the
+    interval excludes 0."""
+    theirs = {r.id: r.final(metric) for r in read_records(other_dir)}
+    pairs = [(r.final(metric), theirs.get(r.id)) for r in read_records(run_dir)]
+    d = np.array([a - b for a, b in pairs if a is not None and b is not None], float)
+    if len(d) < 2:
+        return len(d), (float(d.mean()) if len(d) else float("nan"), float("nan"), float("nan"))
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    return len(d), (float(d.mean()), float(d.mean() - 2 * se), float(d.mean() + 2 * se))
 
 
 def mean_ci(values: np.ndarray, num_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -139,10 +139,10 @@ class MonitorConfig:
     every: int = valid(0, Range(0))  # optimiser steps between probe evaluations (0: no probe set); method=draft
     prompts: int = valid(4, COUNT)  # the first N prompts of the run's prompt set ...
     seeds: int = valid(2, COUNT)  # ... × N fixed seeds each (diversity needs 2 or more)
-    z: float = valid(3.0, POSITIVE)  # standard errors (over probe units) a held-out signal must fall by
-    # set (e.g. 0.05): z is instead the smallest that keeps the rule's flags on pure noise, simulated under the run's
-    # conditions (its evaluations, units, signals and their correlation across evaluations), at this rate
-    false_alarms: float | None = valid(None, Range(0, 1, low_open=True, high_open=True))
+    # The share of pure-noise runs the rule may flag, simulated under the run's conditions (its evaluations, units,
+    # signals and their correlation across evaluations): z is the smallest that keeps it (null: z as set below)
+    false_alarms: float | None = valid(0.05, Range(0, 1, low_open=True, high_open=True))
+    z: float = valid(3.0, POSITIVE)  # with false_alarms=null: standard errors a held-out signal must fall by
     patience: int = valid(2, COUNT)  # evaluations in a row the rule must hold before it flags
     stop: bool = False  # end training at the flag
     # last | best_held_out: sample the items with the adapter of the evaluation the first held-out reward scored best

@@ -83,7 +83,8 @@ def load_proxy(path) -> ProxyReward:
 
     if not path.is_file():
         raise FrameworkError(
-            f"proxy reward '{path}' not found; rebuild the shipped ones with `python -m framework.tools.train_proxy`"
+            f"proxy reward '{path}' not found; rebuild the shipped ones with `python -m framework.tools.train_proxy` "
+            "(the ensemble's members: `--comparisons --members 5`)"
         )
     net, why = ProxyNet(), None
     try:

@@ -29,7 +29,6 @@ ADDED_KEYS = {
         "reference_images": 16,
     },
     "method": {"kl_gate": 1.0},
-    "monitor": {"false_alarms": None},
 }
 
 
