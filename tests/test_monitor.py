@@ -14,7 +14,15 @@ from safetensors.torch import load_file
 
 from framework.analysis import monitor_study
 from framework.analysis.monitor_study import DEFAULT, Trajectory, outcome, summarise
-from framework.core.hacking import Signal, calibrated_z, detect, lag_one_correlation, null_flag_rate, velocity
+from framework.core.hacking import (
+    Signal,
+    calibrated_z,
+    detect,
+    lag_one_correlation,
+    null_flag_rate,
+    rule_z,
+    velocity,
+)
 from framework.core.records import read_records
 
 STEPS = [0, 5, 10, 15, 20, 25, 30, 35]
@@ -219,6 +227,10 @@ def test_the_calibrated_z_is_the_smallest_that_holds_the_rate():
     z = calibrated_z(20, 12, 3, 2, 0.05, rho=0.5)
     assert null_flag_rate(20, 12, 3, z, 2, rho=0.5) <= 0.05 < null_flag_rate(20, 12, 3, z - 0.25, 2, rho=0.5)
     assert calibrated_z(20, 12, 3, 2, 0.01, rho=0.5) > z  # a lower rate needs a larger z
+    # signals whose noise never changes (correlation 1) are simulated at 0.9: at 1 the simulation could never fire
+    persistent = [Signal("a", np.tile(np.random.default_rng(0).standard_normal(24), (31, 1)))]
+    assert rule_z(3.0, 0.05, 2, 31, persistent) == calibrated_z(31, 24, 1, 2, 0.05, rho=0.9) > 1
+    assert rule_z(3.0, None, 2, 31, persistent) == 3.0  # false_alarms=null: z as set
 
 
 def test_the_noise_correlation_between_evaluations_is_recovered():

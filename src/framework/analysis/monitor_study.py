@@ -33,7 +33,6 @@ from framework.core.atomic import atomic_open, write_text
 from framework.core.hacking import (
     Signal,
     detect,
-    lag_one_correlation,
     null_flag_rate,
     paired_gap,
     probe_signals,
@@ -42,6 +41,7 @@ from framework.core.hacking import (
     record_signals,
     record_table,
     rule_z,
+    simulated_rho,
 )
 from framework.core.records import read_records
 
@@ -94,7 +94,7 @@ def outcome(t: Trajectory, z: float | None, patience: int, false_alarms: float |
     stop = last if flag is None else t.steps.index(flag.step)
     best = last if t.held_out is None else int(np.argmax(t.held_out.mean(1)))
     units = min(signal.values.shape[1] for signal in t.signals)
-    rho = lag_one_correlation(t.signals)
+    rho = simulated_rho(t.signals)
     kind = {(True, True): "detected", (True, False): "missed", (False, True): "false alarm", (False, False): "quiet"}
     return {
         "run": t.run,

@@ -105,16 +105,22 @@ def _nan(value) -> float:
 
 def peak(values: np.ndarray, seed: int = 0) -> dict:
     """The highest point of the item-mean curve of `values` [items, points] and its bootstrap interval: value,
-    its place (point index), each with (low, high)."""
+    its place (point index), the rise from the first point to the peak and the fall from the peak to the last point
+    (both paired: the same items resampled at every point), each with (low, high)."""
     curve = np.nanmean(values, 0)
     draws = np.random.default_rng(seed).integers(0, len(values), size=(BOOTSTRAP, len(values)))
     curves = np.nanmean(values[draws], 1)  # [BOOTSTRAP, points]
     tops, places = curves.max(1), curves.argmax(1)
+    interval = lambda draws: tuple(np.percentile(draws, [2.5, 97.5]))  # noqa: E731
     return {
         "value": float(curve.max()),
-        "value_ci": tuple(np.percentile(tops, [2.5, 97.5])),
+        "value_ci": interval(tops),
         "at": int(curve.argmax()),
         "at_ci": tuple(int(v) for v in np.percentile(places, [2.5, 97.5])),
+        "rise": float(curve.max() - curve[0]),
+        "rise_ci": interval(tops - curves[:, 0]),
+        "fall": float(curve.max() - curve[-1]),
+        "fall_ci": interval(tops - curves[:, -1]),
     }
 
 
@@ -195,6 +201,8 @@ def analyse(runs: list) -> tuple[list[RunPath], list[dict], list[dict]]:
                 **top,
                 "at": "{} at {} {}".format(*labels[top["at"]]),
                 "at_ci": "",
+                "fall": float("nan"),  # the family's points are several runs': no one last point
+                "fall_ci": "",
                 "proxy_at_peak": float("nan"),
                 "last_gold": float("nan"),
                 "last_proxy": float("nan"),

@@ -35,8 +35,7 @@ and compute: `evals`, `seconds`; mean and bootstrap interval over items), `last.
 optimisation step, e.g. `last.r_mira`), `held_out.<key>` (the value at the step a noise method's held-out
 stopping rule chose: `method.select`, `method.held_out`), `paired.<metric>` (the per-item difference from the
 `versus` run's same item, with ±2 paired standard errors), run-level `sets.<key>` of summary.json (CMMD, diversity,
-spectral distance; a single value), `monitor.hacking_step` and `monitor.z` (the hacking monitor's flag in summary.json
-and the z it used) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric
+spectral distance; a single value) and `win_rate` (one column per judge; bootstrap interval over prompts). A metric
 that no run of the scale recorded (e.g. `sets.cmmd_judge` off the testbed) is left out of the table, with a note.
 """
 
@@ -118,8 +117,6 @@ def item_metric(name: str) -> bool:
 def metric_known(metric: str) -> bool:
     if metric.startswith("sets."):
         return metric.removeprefix("sets.") in SET_METRICS
-    if metric.startswith("monitor."):
-        return metric.removeprefix("monitor.") in ("hacking_step", "z")
     if metric.startswith(("last.", "held_out.")):
         key = metric.partition(".")[2]
         return key in STEP_KEYS or item_metric(key)

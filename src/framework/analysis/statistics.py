@@ -28,11 +28,10 @@ def run_metric(metric: str, run, spec: dict, runs: list) -> tuple[int, tuple]:
     """(items, (value, low, high)) of one metric of one run; low/high are NaN for single run-level values."""
     from framework.analysis.report import versus
 
-    if metric.startswith(("sets.", "monitor.")):
-        group, _, key = metric.partition(".")
-        found = (getattr(RunSummary.load(run.dir), group) or {}) if (run.dir / SUMMARY).is_file() else {}
-        value = found.get(key)
-        return 0, (float("nan") if value is None else value, float("nan"), float("nan"))
+    if metric.startswith("sets."):
+        sets = (RunSummary.load(run.dir).sets or {}) if (run.dir / SUMMARY).is_file() else {}
+        value = sets.get(metric.removeprefix("sets."), float("nan"))
+        return 0, (value, float("nan"), float("nan"))
     if metric.startswith("win_rate:"):
         judge = metric.removeprefix("win_rate:")
         other = next(r for r in runs if r.label == spec["versus"] and r.cell == run.cell)

@@ -183,15 +183,21 @@ def lag_one_correlation(signals: list[Signal]) -> float:
     return max(0.0, float(np.corrcoef(a, b)[0, 1]))
 
 
+def simulated_rho(signals: list[Signal]) -> float:
+    """The correlation the null simulation uses: the signals' lag-one correlation rounded to 0.1 and at most 0.9.
+    Nearer 1 the simulated noise would stop changing between evaluations and could never fire, while real signals
+    keep some fresh noise at every evaluation."""
+    return min(0.9, round(lag_one_correlation(signals), 1))
+
+
 def rule_z(z: float, false_alarms: float | None, patience: int, evaluations: int, signals: list[Signal]) -> float:
     """The rule's z: `z` as set, or, with `false_alarms` set, the z calibrated to that rate on pure noise under the
     run's conditions: its planned `evaluations`, the fewest units of its signals, their number, and their lag-one
-    correlation so far (rounded to 0.1)."""
+    correlation so far (`simulated_rho`)."""
     if false_alarms is None:
         return z
     units = min(signal.values.shape[1] for signal in signals)
-    rho = round(lag_one_correlation(signals), 1)
-    return calibrated_z(evaluations, units, len(signals), patience, false_alarms, rho)
+    return calibrated_z(evaluations, units, len(signals), patience, false_alarms, simulated_rho(signals))
 
 
 def velocity(drift: np.ndarray) -> np.ndarray:
