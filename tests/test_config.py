@@ -38,6 +38,8 @@ def test_every_model_reward_method_pair_composes():
                 overrides.append("reward.target=math:fsum")
             if reward == "remote":
                 overrides.append("reward.url=http://127.0.0.1:8000")
+            if reward == "ensemble":
+                overrides.append("reward.members=[brightness,contrast]")
             if method in ("lora_scale", "aig"):
                 overrides.append("method.adapter=some/adapter")
             check_composed(hydra_compose("config", overrides=overrides), reward, method)
