@@ -42,6 +42,15 @@ def test_the_gate_keeps_the_top_fraction_by_disagreement():
     assert disagreement_gate(spread, 0.25).tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
     assert disagreement_gate(spread, 0.1).tolist() == [0, 0, 0, 1, 0, 0, 0, 0]  # at least one sample
     assert disagreement_gate(spread, 1.0).sum() == len(spread)
+    # the gated KL of the fine-tuning methods: summed over the gated samples, divided by the whole batch
+    from types import SimpleNamespace
+
+    from framework.methods.fine_tune import AdapterTraining
+
+    kl = torch.arange(1.0, 9.0)
+    module = SimpleNamespace(cfg=SimpleNamespace(kl_gate=0.25))
+    assert AdapterTraining.gated(module, kl, spread).item() == pytest.approx((4 + 7) / 8)
+    assert AdapterTraining.gated(module, kl, None).item() == pytest.approx(kl.mean().item())  # not gating
 
 
 @pytest.mark.parametrize(

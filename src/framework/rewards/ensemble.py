@@ -23,15 +23,19 @@ class EnsembleReward(Reward):
         self.register_buffer("std", torch.ones(len(members)))
 
     def normalise(self, mean: list[float], std: list[float]) -> None:
-        self.mean.copy_(torch.tensor(mean)), self.std.copy_(torch.tensor(std))
+        self.mean.copy_(torch.tensor(mean))
+        self.std.copy_(torch.tensor(std))
 
-    def member_scores(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """Each member's z-score of each image: [members, B] (each member's errors fail the items they concern). With
-        a member gradients do not reach the images through, none do: a partial gradient would mislead."""
+    def raw_scores(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Each member's own score of each image: [members, B] (each member's errors fail the items they concern).
+        With a member gradients do not reach the images through, none do: a partial gradient would mislead."""
         if not self.differentiable:
             images = images.detach()
-        raw = torch.stack([member(images, prompts) for member in self.members.values()])
-        return (raw - self.mean[:, None]) / self.std[:, None]
+        return torch.stack([member(images, prompts) for member in self.members.values()])
+
+    def member_scores(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Each member's z-score of each image: [members, B]."""
+        return (self.raw_scores(images, prompts) - self.mean[:, None]) / self.std[:, None]
 
     def combine(self, z: Tensor) -> Tensor:
         if self.aggregate == "wco":

@@ -37,24 +37,27 @@ def normalise_ensemble(cfg, reward, backbone, prompts: list[str], device, run_di
     if path.is_file():
         stats = json.loads(path.read_text())
     else:
-        backbone.to(device), reward.to(device)
+        backbone.to(device)
+        reward.to(device)
         items = reference_items(prompts, cfg.seed, cfg.reward.reference_images)
         scores = []
         for start in range(0, len(items), cfg.method.batch_size):
             problem = Problem(backbone, reward, items[start : start + cfg.method.batch_size], cfg.method)
             images, _ = problem.render(*problem.noise())
-            scores.append(reward.member_scores(images, [item.prompt for item in problem.items]))
-        raw = torch.cat(scores, 1) * reward.std[:, None] + reward.mean[:, None]  # before any normalisation
-        stats = {label: {"mean": row.mean().item(), "std": row.std().item()} for label, row in zip(reward.members, raw)}
-        flat = [label for label, s in stats.items() if not s["std"] > 0]
+            scores.append(reward.raw_scores(images, [item.prompt for item in problem.items]))
+        members = {
+            label: {"mean": row.mean().item(), "std": row.std().item()}
+            for label, row in zip(reward.members, torch.cat(scores, 1))
+        }
+        flat = [label for label, s in members.items() if not s["std"] > 0]
         if flat:
             raise FrameworkError(
                 f"reward.members: {', '.join(flat)} scored the {len(items)} reference images alike (standard "
                 "deviation 0), so no z-score exists; set reward.normalise=none or raise reward.reference_images"
             )
+        stats = {"images": len(items), "members": members}
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps({"images": len(items), "members": stats}, indent=1))
-        stats = {"images": len(items), "members": stats}
+        write_text(path, json.dumps(stats, indent=1))
     members = stats["members"]
     reward.normalise([members[k]["mean"] for k in reward.members], [members[k]["std"] for k in reward.members])
     return stats

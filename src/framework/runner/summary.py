@@ -20,7 +20,7 @@ def run_decision(cfg, run_dir: Path, records: list[ItemRecord]) -> dict | None:
         return None
     steps, reward, signals = record_signals(records, held_out_rewards(cfg))
     m = cfg.monitor
-    z = rule_z(m.z, m.false_alarms, m.patience, cfg.method.opt_steps + 1, signals)
+    z = rule_z(m.z, m.false_alarms, m.patience, len(steps), signals)
     return decision(detect(steps, reward, signals, z=z, patience=m.patience)) | {"z": z}
 
 
