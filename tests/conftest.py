@@ -23,10 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one CPU thread per worker: OpenMP t
 import torch  # noqa: E402
 
 import framework  # noqa: E402,F401  (torchvision workaround before anything imports torchvision)
-from framework.config import ModelConfig, register_configs  # noqa: E402
+from framework.config import ModelConfig  # noqa: E402 (registers the configs in Hydra)
 from framework.models import load_backbone  # noqa: E402
-
-register_configs()  # Hydra's ConfigStore, as every entry point fills it before composing
 
 # Tolerances, by what the two sides of a comparison share. The same computation twice in one process, with the same
 # tensor shapes, is compared bitwise (CPU kernels are deterministic). REBATCHED: the same float32 maths on other tensor

@@ -108,9 +108,10 @@ def test_a_wheel_runs_from_an_empty_directory_with_a_user_config_directory(tmp_p
 
 # The house, lowest layer first: a module imports only from its own package or from a lower layer, and packages of
 # one layer (models and rewards; analysis and tools) never import each other. `framework.run` and `framework.serve`,
-# the package's top-level modules, are its applications.
+# the package's top-level modules, are its applications, and `framework.api` their Python face; the package's root,
+# above them all, is the API's front door (it imports framework.config on every import, framework.api on first use).
 LAYERS = (
-    ("framework.core",),  # with the package's root, which every import runs
+    ("framework.core", "framework.conf"),  # conf: the YAML configs' package, which imports nothing
     ("framework.testbed",),  # the testbed's world: scenes and their renderer, the judge, gold
     ("framework.config",),  # schemas: the run, model families, rewards, methods; prompts
     ("framework.models", "framework.rewards"),
@@ -119,13 +120,14 @@ LAYERS = (
     ("framework.runner",),
     ("framework.analysis", "framework.tools"),
     ("framework.run", "framework.serve"),
+    ("framework.api",),  # runs what framework.run runs, in the caller's process
 )
 
 
 def package_of(module: str) -> tuple[int, str]:
     """(layer, package) of a framework module: the longest entry of LAYERS it lies in."""
     if module == "framework":
-        return 0, "framework.core"
+        return len(LAYERS), "framework"
     found = [(len(p), i, p) for i, layer in enumerate(LAYERS) for p in layer if f"{module}.".startswith(f"{p}.")]
     assert found, f"{module} lies in no layer of LAYERS: place it"
     _, layer, package = max(found)

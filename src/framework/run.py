@@ -18,7 +18,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from framework.config import held_out_reward, register_configs
+from framework.config import held_out_reward
 from framework.config.methods import method_kind
 from framework.core import signals
 from framework.core.atomic import write_text
@@ -32,7 +32,7 @@ from framework.core.errors import (
     unwritable,
     worst,
 )
-from framework.core.hydra_errors import compose_error
+from framework.core.hydra_errors import check_group_lists, compose_error
 from framework.core.options import CONF_DIR
 from framework.core.validation import validate
 from framework.runner.identity import fingerprint
@@ -166,14 +166,19 @@ def job(cfg: DictConfig) -> int:
     with signals.stop_gracefully():  # Ctrl-C stops the run as SIGTERM does
         code, line = guarded(lambda: run(cfg), run_dir / "error.log")
     if _is_global_rank_zero():  # DDP processes started by Lightning leave the job's status to rank 0
-        try:
-            write_text(run_dir / STATUS_FILE, json.dumps({"exit_code": code, "error": line}))
-        except OSError:  # an unwritable directory has already been reported by the run itself
-            pass
+        write_status(run_dir, code, line)
     job_codes.append(code)
     if code in STOPPED.values():  # a stop signal ends the sweep too
         raise SystemExit(code)
     return code
+
+
+def write_status(run_dir: Path, code: int, line: str | None) -> None:
+    """<run dir>/status.json: how the run ended (what experiments and sweep tables read)."""
+    try:
+        write_text(run_dir / STATUS_FILE, json.dumps({"exit_code": code, "error": line}))
+    except OSError:  # an unwritable directory has already been reported by the run itself
+        pass
 
 
 def main() -> None:
@@ -181,7 +186,6 @@ def main() -> None:
     exit 2, as ours do."""
     global job_started
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them to us instead of printing several lines
-    register_configs()
     job_codes.clear()
     job_started = False
 
@@ -204,20 +208,6 @@ def main() -> None:
 
     code, _ = guarded(launch, process_error_log())
     sys.exit(code or worst(job_codes))
-
-
-def check_group_lists(args: list[str]) -> None:
-    """`method=[mira,dno]` outside a sweep: Hydra would merge both options into one config and fail obscurely."""
-    if {"--multirun", "-m"} & set(args):
-        return
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    for arg in args:
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key in groups and value.startswith("["):
-            raise FrameworkError(
-                f"{arg}: a config group takes one option; to run each, add --multirun and write {key}="
-                f"{value.strip('[]')}"
-            )
 
 
 if __name__ == "__main__":

@@ -201,27 +201,15 @@ def check_port(host: str, port: int) -> None:
 def compose_config(overrides: list[str]) -> ServeConfig:
     """conf/serve.yaml with `overrides`, validated, and every weight the reward reads present (checked without
     loading: the workers load it)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from framework.config import register_configs
+    from framework.config import compose
     from framework.config.rewards import required_weights
-    from framework.core.hydra_errors import compose_error
-    from framework.core.options import CONF_DIR
-    from framework.core.validation import validate
     from framework.core.weights import unavailable
 
-    register_configs()
     ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("serve", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise compose_error(e) from None
-    validate(cfg)
+    cfg = compose(overrides, "serve")
     if cfg.reward.name == "remote":
         raise FrameworkError("reward=remote: serve a reward of this machine (a server would only forward to another)")
     for kind, spec, key in required_weights(cfg.reward, "reward"):

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from framework.analysis.launch import launch_process, run_missing
 from framework.analysis.specs import EXPERIMENTS_DIR, kind_defaults, load_experiment, run_overrides
 from framework.analysis.tables import aggregate
-from framework.config.methods import method_kind
+from framework.config.methods import METHODS, method_kind
 from framework.core.errors import ArgumentParser, Failure, FrameworkError, guarded
 from framework.runner.identity import identity_hash
 
@@ -60,22 +60,20 @@ class Run:
 
 def compose_run(overrides: list[str], where: str):
     """The config `framework.run` would get from these overrides; a bad override is one clear error here."""
-    from hydra import compose
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from framework.core.hydra_errors import compose_error
-    from framework.core.validation import validate
+    from framework.config import compose
 
     try:
-        cfg = compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise FrameworkError(f"{where}: {compose_error(e)}") from None
-    try:
-        validate(cfg)
+        cfg = compose(overrides)
     except FrameworkError as e:
         raise FrameworkError(f"{where}: {e}") from None
     return cfg, identity_hash(cfg)
+
+
+def chosen_kind(overrides: list[str]) -> str | None:
+    """The kind of the method that `overrides` choose (the last `method=<name>`; each conf/method/<name>.yaml is
+    the schema of that name), without composing; None if they choose none or one this process does not know."""
+    chosen = [o.partition("=")[2] for o in overrides if o.startswith("method=")]
+    return METHODS[chosen[-1]].kind if chosen and chosen[-1] in METHODS else None
 
 
 def legacy_hash(cfg) -> str:
@@ -104,42 +102,35 @@ def plan(spec: dict, scale: str, runs_root: Path, experiment: str, claimed: dict
     """Every run of the experiment at `scale`: each run label in each grid cell, composed. A run's directory is
     named by its label and configuration hash; a directory of the same configuration that exists, or that an
     experiment planned earlier in this call claimed (`claimed`: hash -> directory), is reused."""
-    from hydra import initialize_config_dir
-
-    from framework.config import register_configs
-    from framework.core.options import CONF_DIR
-
-    register_configs()
     cells: list[dict] = [{}]
     for axis, options in (spec.get("grid") or {}).get(scale, {}).items():
         cells = [cell | {axis: (option, overrides)} for cell in cells for option, overrides in options.items()]
     runs = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for cell in cells:
-            done: dict[str, Run] = {}
-            cell_options = {axis: option for axis, (option, _) in cell.items()}
-            # in order: {run:X} names an earlier run of the cell
-            for label, overrides in run_overrides(spec, scale, tuple(cell_options.values())).items():
-                where = f"experiment {experiment}, run {label!r}"
-                needs = []
+    for cell in cells:
+        done: dict[str, Run] = {}
+        cell_options = {axis: option for axis, (option, _) in cell.items()}
+        # in order: {run:X} names an earlier run of the cell
+        for label, overrides in run_overrides(spec, scale, tuple(cell_options.values())).items():
+            where = f"experiment {experiment}, run {label!r}"
+            needs = []
 
-                def directory(match):
-                    if match.group(1) not in done:
-                        raise FrameworkError(f"{where}: {match.group(0)} must name an earlier run")
-                    needs.append(done[match.group(1)].dir)
-                    return str(needs[-1].resolve())
+            def directory(match):
+                if match.group(1) not in done:
+                    raise FrameworkError(f"{where}: {match.group(0)} must name an earlier run")
+                needs.append(done[match.group(1)].dir)
+                return str(needs[-1].resolve())
 
-                shared = [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra)]
-                full = [RUN_REF.sub(directory, o) for o in [*shared, *overrides]]
-                cfg, ident = compose_run(full, where)
-                if defaults := kind_defaults(spec, scale, method_kind(cfg.method), full):
-                    full = [*full[: len(shared)], *defaults, *full[len(shared) :]]
-                    cfg, ident = compose_run(full, where)
-                if ident not in claimed:
-                    name = " · ".join([label, *cell_options.values()])
-                    claimed[ident] = run_directory(runs_root, name, cfg, ident)
-                done[label] = Run(label, cell_options, full, ident, claimed[ident], cfg, needs)
-            runs += done.values()
+            shared = [*spec["scales"][scale], *(o for _, extra in cell.values() for o in extra)]
+            full = [RUN_REF.sub(directory, o) for o in [*shared, *overrides]]
+            kind = chosen_kind(full) or method_kind(compose_run(full, where)[0].method)
+            if defaults := kind_defaults(spec, scale, kind, full):
+                full = [*full[: len(shared)], *defaults, *full[len(shared) :]]
+            cfg, ident = compose_run(full, where)
+            if ident not in claimed:
+                name = " · ".join([label, *cell_options.values()])
+                claimed[ident] = run_directory(runs_root, name, cfg, ident)
+            done[label] = Run(label, cell_options, full, ident, claimed[ident], cfg, needs)
+        runs += done.values()
     return runs
 
 

@@ -6,11 +6,11 @@ Each YAML file in `conf/` is checked against its schema at compose time (an unkn
 framework.core.validation then checks every value against its rule and every schema's relations before anything loads.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from framework.config.families import FAMILIES, flow_kinds
 from framework.config.methods import METHODS, method_kind, reward_options
@@ -225,10 +225,48 @@ def same_reward(a, b) -> bool:
     return all(getattr(a, key) == getattr(b, key) for key in keys)
 
 
-def register_configs() -> None:
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """conf/<config_name>.yaml under Hydra `overrides` as the command line composes it, validated. Hydra's own node is
+    dropped and its run directory becomes `output_dir` unless an override sets that (`hydra.run.dir=...` chooses it
+    as on the command line). A bad override or value raises FrameworkError, one line naming it. A Hydra the caller
+    initialised (e.g. a notebook's `initialize_config_dir`) is set aside meanwhile and restored."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.core.hydra_errors import check_group_lists, compose_error
+    from framework.core.options import CONF_DIR
+    from framework.core.validation import validate
+
+    overrides = list(overrides)
+    check_group_lists(overrides)
+    callers = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    except (HydraException, OmegaConfBaseException) as e:
+        raise compose_error(e) from None
+    finally:
+        if callers is not None:  # (Hydra's context replaced the instance on leaving)
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(callers)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if "output_dir" in cfg and not any(o.lstrip("+").startswith("output_dir=") for o in overrides):
+            cfg.output_dir = run_dir
+    validate(cfg)
+    return cfg
+
+
+def _register_configs() -> None:
     """Hydra's ConfigStore: the root schema (which types every group) and each method's schema, which each
     conf/method/<name>.yaml starts from (`/schema/method/<name>`); `${testbed_model:}` in conf/model/shapes.yaml,
-    the trained testbed shipped inside the package. Called by every entry point before it composes."""
+    the trained testbed shipped inside the package. Run when this module is imported (as `import framework` does), so
+    Hydra's own compose API reads the package's configs with no further call."""
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("testbed_model", lambda: str(MODEL_DIR), replace=True)
@@ -236,3 +274,6 @@ def register_configs() -> None:
     store.store(name="schema", node=Config)
     for name, node in METHODS.items():
         store.store(group="schema/method", name=name, node=node)
+
+
+_register_configs()

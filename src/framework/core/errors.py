@@ -125,34 +125,35 @@ def guarded(work: Callable[[], object], error_log: Path) -> tuple[int, str | Non
     try:
         work()
         return OK, None
-    except FrameworkError as e:
-        code, line = BAD_INPUT, f"error: {e}"
-    except Failure as e:
-        code, line = FAILED, f"error: {e}"
-    except Interrupted as e:
-        code, line = e.code, f"stopped: {e}"
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loops: at once, nothing half-written
-        code, line = STOPPED["SIGINT"], "stopped: Ctrl-C; finished items are kept, rerun the same command to resume"
-    except Exception as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk anywhere (a checkpoint,
-            # a table): what finished was written atomically, so it stays valid
-            code, line = FAILED, f"error: {unwritable(e)}; what finished is kept, a rerun resumes"
-        else:  # a bug: keep the traceback, show one line
-            error_log = _write_traceback(Path(error_log))
-            code, line = (
-                INTERNAL_ERROR,
-                f"internal error: {type(e).__name__}: {first_line(e)}; full traceback in {error_log}",
-            )
+    except (Exception, KeyboardInterrupt) as e:
+        code, line = outcome(e, error_log)
     print(line, file=sys.stderr, flush=True)
     return code, line
 
 
-def _write_traceback(error_log: Path) -> Path:
-    """The current exception's traceback in `error_log`, or in the temporary directory if that cannot be written."""
+def outcome(e: BaseException, error_log: Path) -> tuple[int, str]:
+    """What exception `e` means under this policy: (exit code, its one line); a bug's traceback goes to `error_log`."""
+    if isinstance(e, FrameworkError):
+        return BAD_INPUT, f"error: {e}"
+    if isinstance(e, Failure):
+        return FAILED, f"error: {e}"
+    if isinstance(e, Interrupted):
+        return e.code, f"stopped: {e}"
+    if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C, or one outside the loops: at once, nothing half-written
+        return STOPPED["SIGINT"], "stopped: Ctrl-C; finished items are kept, rerun the same command to resume"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk anywhere (a checkpoint, a
+        # table): what finished was written atomically, so it stays valid
+        return FAILED, f"error: {unwritable(e)}; what finished is kept, a rerun resumes"
+    error_log = _write_traceback(Path(error_log), e)  # a bug: keep the traceback, show one line
+    return INTERNAL_ERROR, f"internal error: {type(e).__name__}: {first_line(e)}; full traceback in {error_log}"
+
+
+def _write_traceback(error_log: Path, e: BaseException) -> Path:
+    """The traceback of `e` in `error_log`, or in the temporary directory if that cannot be written."""
     for path in (error_log, process_error_log()):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(traceback.format_exc())
+            path.write_text("".join(traceback.format_exception(e)))
             return path
         except OSError:
             continue

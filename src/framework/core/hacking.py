@@ -27,6 +27,7 @@ where gold measures it (docs/experiments.md).
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,7 +174,9 @@ def lag_one_correlation(signals: list[Signal]) -> float:
     units, pooled over units, evaluations and signals (0 where it cannot be estimated; negative values count as 0)."""
     pairs = []
     for signal in signals:
-        deviation = signal.values - np.nanmean(signal.values, axis=1, keepdims=True)
+        with warnings.catch_warnings():  # an evaluation no unit recorded: its mean is NaN, and so its deviations
+            warnings.simplefilter("ignore", RuntimeWarning)
+            deviation = signal.values - np.nanmean(signal.values, axis=1, keepdims=True)
         a, b = deviation[:-1].ravel(), deviation[1:].ravel()
         keep = np.isfinite(a) & np.isfinite(b)
         pairs.append((a[keep], b[keep]))
@@ -194,9 +197,9 @@ def rule_z(z: float, false_alarms: float | None, patience: int, evaluations: int
     """The rule's z: `z` as set, or, with `false_alarms` set, the z calibrated to that rate on pure noise under the
     run's conditions: its planned `evaluations`, the fewest units of its signals, their number, and their lag-one
     correlation so far (`simulated_rho`)."""
-    if false_alarms is None:
+    units = min((signal.values.shape[1] for signal in signals), default=0)
+    if false_alarms is None or units < 2:  # one unit has no standard error: the rule cannot fire at any z
         return z
-    units = min(signal.values.shape[1] for signal in signals)
     return calibrated_z(evaluations, units, len(signals), patience, false_alarms, simulated_rho(signals))
 
 

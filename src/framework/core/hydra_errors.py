@@ -1,6 +1,7 @@
 """Hydra's and OmegaConf's errors as the one-line FrameworkError every entry point prints (exit 2)."""
 
 from framework.core.errors import FrameworkError, first_line
+from framework.core.options import CONF_DIR
 from framework.core.validation import unknown_key
 
 
@@ -34,3 +35,17 @@ def parse_error(e) -> str:
         f"cannot parse the override {e.override!r}: {detail}; write key=value, a list as key=[a,b], and quote a "
         "value holding brackets, commas, quotes or $ (key='a, b')"
     )
+
+
+def check_group_lists(args: list[str]) -> None:
+    """`method=[mira,dno]` outside a sweep: Hydra would merge both options into one config and fail obscurely."""
+    if {"--multirun", "-m"} & set(args):
+        return
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in groups and value.startswith("["):
+            raise FrameworkError(
+                f"{arg}: a config group takes one option; to run each, add --multirun and write {key}="
+                f"{value.strip('[]')}"
+            )
