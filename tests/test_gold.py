@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from framework.testbed import shapes
-from framework.testbed.gold import CENTRING_SCALE, PREFERRED_RADIUS, RESIDUAL_SCALE, fit_scene, gold
+from framework.testbed.gold import CENTRING_SCALE, PREFERRED_RADIUS, RESIDUAL_SCALE, fit_scene, gold, parts
 
 CENTRE = shapes.SIZE / 2
 
@@ -36,6 +36,11 @@ def test_gold_of_a_clean_render_is_its_stated_preference():
     residual = fit_scene(images).residual
     assert float(gold(images, prompts)) == pytest.approx(expected * (1 - float(residual) / RESIDUAL_SCALE), abs=0.02)
     assert float(gold(images, prompts)) == pytest.approx(expected, abs=0.1)
+    factors = {k: float(v) for k, v in parts(fit_scene(images), prompts).items()}  # as the records keep them
+    assert factors["match"] == 1 and factors["quality"] == pytest.approx(expected, abs=0.02)
+    assert factors["clean"] == pytest.approx(1 - factors["residual"] / RESIDUAL_SCALE) and factors["residual"] < 0.02
+    wrong = parts(fit_scene(images), [shapes.caption(3, 1)])  # the same image under another colour's caption
+    assert float(wrong["match"]) == 0 == float(wrong["gold"]) and float(wrong["clean"]) == factors["clean"]
 
 
 def test_gold_ranks_scenes_by_the_stated_preference():

@@ -24,6 +24,7 @@ a fitted optimum is reported only inside the range of d the path covers.
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from framework.core.atomic import atomic_open, write_text
 from framework.core.hacking import probe_table, read_probe_rows
 from framework.core.records import ItemRecord, read_records
 
-KEYS = ("reward", "gold", "adherence", "drift_rmse", "drift_embedding")
+KEYS = ("reward", "gold", "gold_match", "gold_quality", "gold_clean", "adherence", "drift_rmse", "drift_embedding")
 BOOTSTRAP = 2000
 
 
@@ -70,6 +71,7 @@ def best_of_n_d(n: int) -> float:
 def run_path(run, records: list[ItemRecord]) -> RunPath:
     comparisons = run.cfg.reward.get("comparisons") if run.cfg is not None else None
     family = run.label.split()[0] + (f" · proxy {comparisons}" if run.cfg.reward.name == "proxy" else "")
+    family = " · ".join([family, *run.cell.values()])  # items of different cells (e.g. seeds) are not the same
     ids = [r.id for r in records]
     if method_kind(run.cfg.method) == "optimises_noise":
         steps = min(len(r.steps) for r in records)
@@ -237,7 +239,9 @@ def write_outputs(paths: list[RunPath], peaks: list[dict], fits: list[dict], tit
         writer = csv.writer(f)
         writer.writerow(["run", "family", "x_kind", "x", "d", "items", *KEYS])
         for p in paths:
-            means = {key: np.nanmean(p.values[key], 0) for key in KEYS}
+            with warnings.catch_warnings():  # a key the run did not record (gold's factors before they were)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means = {key: np.nanmean(p.values[key], 0) for key in KEYS}
             for j, x in enumerate(p.x):
                 writer.writerow(
                     [

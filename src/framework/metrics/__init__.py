@@ -24,7 +24,7 @@ from framework.metrics.sets import (
     vendi_score,
     win_rate,
 )
-from framework.testbed.gold import gold
+from framework.testbed.gold import fit_scene, parts
 from framework.testbed.judge import judge_log_prob
 from framework.testbed.shapes import is_caption
 
@@ -88,8 +88,9 @@ class ImageMetrics(nn.Module):
         """One record per image (image i was prompted with `prompts[i]`; `base[i]` is its base image): `drift_rmse`
         (pixel RMSE to the base), `drift_embedding` (1 − cos of the embeddings), `clipscore` (100·cos(image,
         prompt), clamped at 0), `eval_<name>`, an ensemble's `member_<label>` and `disagreement`, and for shapes-world
-        prompts `adherence` (judge: colour and shape both
-        right), `judge_log_prob` and `gold`. Every value of an image depends on that image alone, never on its batch."""
+        prompts `adherence` (judge: colour and shape both right), `judge_log_prob`, `gold` and its factors
+        (`gold_match`, `gold_quality`, `gold_clean`, and the `gold_residual` clean is computed from). Every value of
+        an image depends on that image alone, never on its batch."""
         columns = {}
         if base is not None:
             columns["drift_rmse"] = (images - base).flatten(1).square().mean(1).sqrt()
@@ -110,9 +111,9 @@ class ImageMetrics(nn.Module):
         if captions:
             shown, named = on_device[captions].float(), [prompts[i] for i in captions]
             log_prob, correct = judge_log_prob(self.judge, shown, named)
-            truth = gold(shown, named)
-            for i, lp, right, g in zip(captions, log_prob.tolist(), correct.tolist(), truth.tolist()):
-                records[i] |= {"adherence": right, "judge_log_prob": lp, "gold": g}
+            truth = {(k if k == "gold" else f"gold_{k}"): v.tolist() for k, v in parts(fit_scene(shown), named).items()}
+            for j, (i, lp, right) in enumerate(zip(captions, log_prob.tolist(), correct.tolist())):
+                records[i] |= {"adherence": right, "judge_log_prob": lp} | {k: v[j] for k, v in truth.items()}
         return records
 
     def set_metrics(self, records: list[ItemRecord], load_image) -> dict[str, float]:

@@ -125,16 +125,29 @@ def fit_scene(images: Tensor) -> Scene:
     )
 
 
-def score(scene: Scene, prompts: list[str]) -> Tensor:
-    """Gold of recovered scenes for their prompts (see the module docstring)."""
+def parts(scene: Scene, prompts: list[str]) -> dict[str, Tensor]:
+    """Gold of recovered scenes for their prompts with its factors (see the module docstring): `match`, `quality`
+    = (size + centring + purity) / 3, `clean`, and the `residual` clean is computed from."""
     targets = torch.tensor([parse_caption(p) for p in prompts]).view(-1, 2)
     match = ((scene.colors == targets[:, 0]) & (scene.shapes == targets[:, 1])).float()
     size = (scene.radii / PREFERRED_RADIUS).clamp(max=1)
     centring = 1 - ((scene.centers - SIZE / 2).norm(dim=1) / CENTRING_SCALE).clamp(max=1)
     named = torch.tensor(list(COLORS.values()))[targets[:, 0]]
     purity = 1 - ((scene.fills - named).norm(dim=1) / PURITY_SCALE).clamp(max=1)
+    quality = (size + centring + purity) / 3
     clean = (1 - scene.residual / RESIDUAL_SCALE).clamp(min=0)
-    return match * (size + centring + purity) / 3 * clean
+    return {
+        "gold": match * quality * clean,
+        "match": match,
+        "quality": quality,
+        "clean": clean,
+        "residual": scene.residual,
+    }
+
+
+def score(scene: Scene, prompts: list[str]) -> Tensor:
+    """Gold of recovered scenes for their prompts."""
+    return parts(scene, prompts)["gold"]
 
 
 def gold(images: Tensor, prompts: list[str]) -> Tensor:
