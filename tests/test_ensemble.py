@@ -153,7 +153,10 @@ def test_no_detector_input_reads_the_judge_or_gold(tmp_path, monkeypatch):
         patch.setattr(
             "framework.metrics.judge_log_prob", lambda judge, images, named: (_garbled(images), _garbled(images) > 0)
         )
-        patch.setattr("framework.metrics.gold", lambda images, named: _garbled(images))
+        patch.setattr(  # gold and each of its factors
+            "framework.metrics.parts",
+            lambda scene, named: {k: _garbled(scene.radii) for k in ("gold", "match", "quality", "clean", "residual")},
+        )
         for name, overrides in {"draft": draft, "dno": dno}.items():
             assert run_cli(*testbed, *overrides, run_dir=tmp_path / f"{name}_sabotaged").returncode == 0
     for name in ("draft", "dno"):
